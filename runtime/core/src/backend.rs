@@ -1,0 +1,180 @@
+//! The seams between the runtime and the services it talks to.
+//!
+//! Each trait has one embedded implementation in [`crate::embedded`] and one cluster
+//! implementation in its own crate (Kafka, ScyllaDB/Cassandra, Redis). Backends know
+//! nothing of plugins: namespaces, prefixes and capability checks are applied by the
+//! host layer ([`crate::host`]) before a backend is touched.
+
+use crate::types::{Appended, Event, NewEvent, TopicPartition};
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// A failure of a backing service. Never shown to a guest: the host aborts the call and
+/// the dispatcher retries the event without counting it against the plugin's retry limit.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The service could not be reached or did not answer in time; retrying may help.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The request was refused as invalid (bad topic name, value too large, ...).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A topic that does not exist and will not be created.
+    #[error("unknown topic `{0}`")]
+    UnknownTopic(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+impl BackendError {
+    /// An [`BackendError::Unavailable`] from any displayable error.
+    pub fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// Result type of backend calls.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Where a new consumer group starts reading a topic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPosition {
+    /// From the first retained event.
+    #[default]
+    Earliest,
+    /// Only events appended after the group first subscribed.
+    Latest,
+}
+
+/// Appends events to topics and reads them back: where emits and dead letters go, and
+/// what the HTTP API's `events` routes use.
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Append `events` to `topic` (partitioned by key hash). All or none are appended; the
+    /// call returns once they are durable.
+    async fn append(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<Vec<Appended>>;
+
+    /// Up to `max` events of one partition starting at `from`, in offset order.
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> BackendResult<Vec<Event>>;
+
+    /// Number of partitions of `topic`, or `None` if it does not exist.
+    async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>>;
+
+    /// Create `topic` with `partitions` partitions if it does not exist; returns its
+    /// partition count either way.
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32>;
+
+    /// The next offset to be written in each partition of `topic` (its end).
+    async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>>;
+}
+
+/// What a subscription yields to the dispatcher.
+#[derive(Debug)]
+pub enum SourceMessage {
+    /// Events of one or more assigned partitions, each partition's in offset order.
+    Events(Vec<Event>),
+    /// Partitions now assigned to this consumer, with the offset reading resumes at.
+    Assigned(Vec<(TopicPartition, u64)>),
+    /// Partitions taken away: stop handling them and commit what is done.
+    Revoked(Vec<TopicPartition>),
+}
+
+/// A consumer group's live subscription to a set of topics.
+#[async_trait]
+pub trait Subscription: Send + 'static {
+    /// The next message; waits until there is one.
+    async fn next(&mut self) -> BackendResult<SourceMessage>;
+
+    /// Record that every event below `next_offset` of each partition is done.
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()>;
+
+    /// Stop fetching `partition` (its lanes are full) until resumed.
+    fn pause(&mut self, _partition: &TopicPartition) {}
+
+    /// Resume fetching a paused partition.
+    fn resume(&mut self, _partition: &TopicPartition) {}
+}
+
+/// Subscribes consumer groups to topics.
+#[async_trait]
+pub trait EventSource: Send + Sync + 'static {
+    /// Join `group` on `topics`. A group with no committed position starts at `start`.
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+        start: StartPosition,
+    ) -> BackendResult<Box<dyn Subscription>>;
+
+    /// Committed positions (next offset to handle) of `group` on each partition of `topic`.
+    async fn committed(&self, group: &str, topic: &str) -> BackendResult<Vec<Option<u64>>>;
+}
+
+/// One write of a state journal, applied atomically with the rest of its batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateWrite {
+    /// Key within the namespace.
+    pub key: String,
+    /// New value; `None` deletes the key.
+    pub value: Option<Vec<u8>>,
+    /// Expiry of the new value.
+    pub ttl: Option<Duration>,
+    /// `Some(expected)`: apply only if the stored value (`None` = absent) still equals
+    /// `expected`, otherwise the whole batch is refused with [`ApplyOutcome::Conflict`].
+    pub condition: Option<Option<Vec<u8>>>,
+}
+
+/// The result of applying a batch of state writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Every write was applied.
+    Applied,
+    /// A condition did not hold; nothing was applied.
+    Conflict {
+        /// The key whose condition failed.
+        key: String,
+    },
+}
+
+/// Durable key-value state, partitioned by namespace.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// The live (unexpired) value of `key` in `namespace`.
+    async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>>;
+
+    /// Up to `limit` live entries of `namespace` whose keys start with `prefix`, in key order.
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> BackendResult<Vec<(String, Vec<u8>)>>;
+
+    /// Apply `writes` to `namespace` as one unit, checking their conditions first.
+    async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome>;
+}
+
+/// A cache with expiry. Keys arrive fully prefixed by the host layer.
+#[async_trait]
+pub trait Cache: Send + Sync + 'static {
+    /// The cached value, if present and unexpired.
+    async fn get(&self, key: &str) -> BackendResult<Option<Vec<u8>>>;
+
+    /// Cache `value` for `ttl`.
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> BackendResult<()>;
+
+    /// Forget `key`.
+    async fn delete(&self, key: &str) -> BackendResult<()>;
+
+    /// Add `delta` to the decimal integer at `key` (missing = 0) and return the result.
+    /// A value that is not an integer is an [`BackendError::Invalid`].
+    async fn incr(&self, key: &str, delta: i64) -> BackendResult<i64>;
+}

@@ -1,0 +1,132 @@
+//! The dispatcher: from a subscription to handled, committed events.
+//!
+//! One [`Pipeline`] runs per plugin. It reads its consumer group's subscription, splits
+//! each partition into key lanes (FIFO per key, different keys concurrently, bounded by
+//! the plugin's concurrency), calls the plugin version that is active when an event
+//! starts, applies the call's journal on success, retries failures with backoff, dead-
+//! letters what cannot be handled, and commits each partition's contiguous watermark.
+//!
+//! The dispatcher does not know what a plugin is made of: the sandbox implements
+//! [`PluginVersion`] (and the benchmark's native handler does too).
+
+mod pipeline;
+pub mod watermark;
+
+pub use pipeline::{Pipeline, PipelineConfig};
+
+use crate::host::{Invocation, Journal, PluginInfo};
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Why a call trapped, classified by the host from typed errors (never by message text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrapKind {
+    /// The wall-clock deadline passed.
+    Deadline,
+    /// The memory cap was hit.
+    Memory,
+    /// The guest panicked or hit `unreachable`.
+    Panic,
+    /// A capability violation (emit to an undeclared topic, ...).
+    Capability,
+    /// A manifest limit was exceeded (emits per event, ...).
+    Limit,
+    /// The guest passed an argument the host refuses.
+    InvalidArgument,
+    /// A backing service failed; not the plugin's fault.
+    Infrastructure,
+    /// Any other trap (stack overflow, out-of-bounds access, instantiation failure, ...).
+    Other,
+}
+
+impl TrapKind {
+    /// Label used in metrics and dead-letter records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deadline => "deadline",
+            Self::Memory => "memory",
+            Self::Panic => "panic",
+            Self::Capability => "capability",
+            Self::Limit => "limit",
+            Self::InvalidArgument => "invalid-argument",
+            Self::Infrastructure => "infrastructure",
+            Self::Other => "other",
+        }
+    }
+
+    /// Whether retrying may help. Capability, limit and argument violations are
+    /// deterministic: they go to the dead-letter topic at once.
+    pub fn retryable(self) -> bool {
+        !matches!(self, Self::Capability | Self::Limit | Self::InvalidArgument)
+    }
+}
+
+/// How one call of a handler ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The handler accepted the event; its journal is to be applied.
+    Ok,
+    /// The handler asked for a retry.
+    Retry(String),
+    /// The handler rejected the event.
+    Reject(String),
+    /// The call trapped.
+    Trap(TrapKind, String),
+}
+
+/// The result of one call: how it ended and what it wants changed.
+#[derive(Debug)]
+pub struct CallResult {
+    /// How the call ended.
+    pub outcome: CallOutcome,
+    /// Its journal; applied only for [`CallOutcome::Ok`].
+    pub journal: Journal,
+}
+
+/// A loaded plugin version that the dispatcher can call.
+pub trait PluginVersion: Send + Sync + 'static {
+    /// What the host knows of this version.
+    fn info(&self) -> &Arc<PluginInfo>;
+
+    /// A new instance for one lane. A fresh-mode instance sets up a new sandbox on every
+    /// call; a warm-mode instance keeps one for up to the manifest's number of events.
+    fn instance(&self) -> Box<dyn Instance>;
+}
+
+/// Something that can handle calls for one lane.
+#[async_trait]
+pub trait Instance: Send + 'static {
+    /// Handle one event.
+    async fn call(&mut self, invocation: Invocation) -> CallResult;
+}
+
+/// The version of a plugin that new events start on. Swapped atomically on upload,
+/// activation and rollback; events already started keep the version they loaded.
+pub struct ActiveVersion {
+    slot: ArcSwapOption<Arc<dyn PluginVersion>>,
+}
+
+impl ActiveVersion {
+    /// A slot holding `version`.
+    pub fn new(version: Arc<dyn PluginVersion>) -> Arc<Self> {
+        Arc::new(Self {
+            slot: ArcSwapOption::from_pointee(version),
+        })
+    }
+
+    /// The version new events start on, or `None` once the plugin is removed.
+    pub fn load(&self) -> Option<Arc<dyn PluginVersion>> {
+        self.slot.load_full().map(|v| Arc::clone(&*v))
+    }
+
+    /// Make `version` the active one.
+    pub fn store(&self, version: Arc<dyn PluginVersion>) {
+        self.slot.store(Some(Arc::new(version)));
+    }
+
+    /// Remove the plugin: new events find no version and the pipeline stops.
+    pub fn clear(&self) {
+        self.slot.store(None);
+    }
+}

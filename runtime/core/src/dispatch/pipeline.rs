@@ -1,0 +1,569 @@
+//! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
+
+use super::watermark::Watermark;
+use super::{ActiveVersion, CallOutcome, Instance, PluginVersion, TrapKind};
+use crate::backend::{
+    ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+};
+use crate::host::{HostServices, Invocation, Journal, PluginInfo};
+use crate::manifest::Ordering;
+use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+/// Header carrying the 1-based attempt number of the call, visible to the guest.
+pub const ATTEMPT_HEADER: &str = "spate-attempt";
+
+/// Settings of one pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Plugin name (metrics label).
+    pub plugin: String,
+    /// Consumer group whose positions this pipeline commits.
+    pub group: String,
+    /// Topic consumed.
+    pub topic: String,
+    /// Where a new group starts.
+    pub start: StartPosition,
+    /// FIFO per key or per partition.
+    pub ordering: Ordering,
+    /// Most events read and not yet finished; reading pauses above it.
+    pub max_buffered: usize,
+    /// How often finished positions are committed.
+    pub commit_interval: Duration,
+    /// How long shutdown waits for in-flight events before abandoning them uncommitted.
+    pub drain_timeout: Duration,
+    /// Longest delay between retries of an infrastructure failure.
+    pub max_infra_backoff: Duration,
+}
+
+impl PipelineConfig {
+    /// Defaults for `plugin` consuming `topic`.
+    pub fn new(plugin: &str, topic: &str) -> Self {
+        Self {
+            plugin: plugin.to_string(),
+            group: format!("spate.{plugin}"),
+            topic: topic.to_string(),
+            start: StartPosition::Earliest,
+            ordering: Ordering::Key,
+            max_buffered: 4096,
+            commit_interval: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(10),
+            max_infra_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running consumer of one topic for one plugin.
+pub struct Pipeline {
+    config: PipelineConfig,
+    source: Arc<dyn EventSource>,
+    ctx: Arc<WorkerCtx>,
+}
+
+struct WorkerCtx {
+    plugin: String,
+    active: Arc<ActiveVersion>,
+    bus: Arc<dyn EventBus>,
+    services: HostServices,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    max_infra_backoff: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Key(u32, Vec<u8>),
+    Partition(u32),
+    /// Keyless events have no order to keep: each is a lane of its own.
+    Single(u32, u64),
+}
+
+type WarmInstance = (Arc<dyn PluginVersion>, Box<dyn Instance>);
+
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Event>,
+    busy: bool,
+    instance: Option<WarmInstance>,
+}
+
+/// How a worker left an event.
+enum Finish {
+    /// Handled or dead-lettered: the offset may be committed.
+    Done,
+    /// Given up at shutdown or because the plugin was removed: not committed.
+    Abandoned,
+}
+
+struct WorkerReport {
+    lane: LaneKey,
+    partition: u32,
+    offset: u64,
+    finish: Finish,
+    instance: Option<WarmInstance>,
+}
+
+impl Pipeline {
+    /// A pipeline feeding `active` from `source`. `permits` bounds the plugin's concurrent
+    /// calls across all its pipelines; cancelling `shutdown` drains and stops it.
+    pub fn new(
+        config: PipelineConfig,
+        active: Arc<ActiveVersion>,
+        source: Arc<dyn EventSource>,
+        bus: Arc<dyn EventBus>,
+        services: HostServices,
+        permits: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let ctx = Arc::new(WorkerCtx {
+            plugin: config.plugin.clone(),
+            active,
+            bus,
+            services,
+            permits,
+            shutdown,
+            max_infra_backoff: config.max_infra_backoff,
+        });
+        Self {
+            config,
+            source,
+            ctx,
+        }
+    }
+
+    /// Consume until shutdown, then drain in-flight events and commit what finished.
+    pub async fn run(&self) -> Result<(), BackendError> {
+        let cfg = &self.config;
+        let mut sub = self
+            .source
+            .subscribe(&cfg.group, std::slice::from_ref(&cfg.topic), cfg.start)
+            .await?;
+        let mut marks: HashMap<u32, Watermark> = HashMap::new();
+        let mut lanes: HashMap<LaneKey, Lane> = HashMap::new();
+        let mut tasks: JoinSet<WorkerReport> = JoinSet::new();
+        let mut buffered = 0usize;
+        let mut ticker = tokio::time::interval(cfg.commit_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.ctx.shutdown.clone();
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    let Ok(report) = joined else { continue };
+                    buffered = buffered.saturating_sub(1);
+                    self.finish(report, &mut marks, &mut lanes, &mut tasks, true);
+                }
+                msg = sub.next(), if buffered < cfg.max_buffered => match msg {
+                    Ok(SourceMessage::Assigned(parts)) => {
+                        for (tp, start) in parts {
+                            marks.insert(tp.partition, Watermark::new(start));
+                        }
+                    }
+                    Ok(SourceMessage::Revoked(parts)) => {
+                        self.commit(&mut *sub, &mut marks).await;
+                        for tp in parts {
+                            marks.remove(&tp.partition);
+                            lanes.retain(|k, _| lane_partition(k) != tp.partition);
+                        }
+                    }
+                    Ok(SourceMessage::Events(events)) => {
+                        for event in events {
+                            let Some(mark) = marks.get_mut(&event.partition) else { continue };
+                            if event.offset < mark.next_offset() {
+                                continue; // already tracked: a re-delivery
+                            }
+                            mark.track(event.offset);
+                            buffered += 1;
+                            let key = lane_key(cfg.ordering, &event);
+                            let lane = lanes.entry(key.clone()).or_default();
+                            lane.queue.push_back(event);
+                            if !lane.busy {
+                                self.start_next(key, lane, &mut tasks);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(plugin = %cfg.plugin, topic = %cfg.topic, error = %e, "subscription failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                },
+                _ = ticker.tick() => self.commit(&mut *sub, &mut marks).await,
+            }
+        }
+
+        // Drain: events already in a handler finish (each call is bounded by its deadline);
+        // queued events and retry back-offs are abandoned uncommitted.
+        let drain = tokio::time::sleep(cfg.drain_timeout);
+        tokio::pin!(drain);
+        while !tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = tasks.join_next() => {
+                    if let Ok(report) = joined {
+                        self.finish(report, &mut marks, &mut lanes, &mut tasks, false);
+                    }
+                }
+                _ = &mut drain => {
+                    warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain timeout; abandoning in-flight events uncommitted");
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.commit(&mut *sub, &mut marks).await;
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        report: WorkerReport,
+        marks: &mut HashMap<u32, Watermark>,
+        lanes: &mut HashMap<LaneKey, Lane>,
+        tasks: &mut JoinSet<WorkerReport>,
+        continue_lane: bool,
+    ) {
+        if let (Finish::Done, Some(mark)) = (&report.finish, marks.get_mut(&report.partition)) {
+            mark.complete(report.offset);
+        }
+        let Some(lane) = lanes.get_mut(&report.lane) else {
+            return;
+        };
+        lane.busy = false;
+        lane.instance = report.instance;
+        if matches!(report.finish, Finish::Abandoned) {
+            // The plugin is gone or we are stopping: later events of this lane must not
+            // overtake the abandoned one, so the lane stops here.
+            lane.queue.clear();
+        }
+        if continue_lane && !lane.queue.is_empty() {
+            self.start_next(report.lane, lane, tasks);
+        } else if lane.queue.is_empty() {
+            lanes.remove(&report.lane);
+        }
+    }
+
+    fn start_next(&self, key: LaneKey, lane: &mut Lane, tasks: &mut JoinSet<WorkerReport>) {
+        let Some(event) = lane.queue.pop_front() else {
+            return;
+        };
+        lane.busy = true;
+        let instance = lane.instance.take();
+        let ctx = Arc::clone(&self.ctx);
+        let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
+        tasks.spawn(
+            async move {
+                let (partition, offset) = (event.partition, event.offset);
+                let (finish, instance) = handle_event(&ctx, event, instance).await;
+                WorkerReport {
+                    lane: key,
+                    partition,
+                    offset,
+                    finish,
+                    instance,
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn commit(&self, sub: &mut dyn Subscription, marks: &mut HashMap<u32, Watermark>) {
+        let cfg = &self.config;
+        let mut offsets = Vec::new();
+        let mut previous = Vec::new();
+        for (p, mark) in marks.iter_mut() {
+            let before = mark.committed();
+            if let Some(next) = mark.take_commit() {
+                offsets.push((TopicPartition::new(cfg.topic.clone(), *p), next));
+                previous.push((*p, before));
+            }
+        }
+        if !offsets.is_empty()
+            && let Err(e) = sub.commit(&offsets).await
+        {
+            warn!(plugin = %cfg.plugin, error = %e, "commit failed; will retry");
+            // Forget the failed commit so the next tick tries again.
+            for (p, before) in previous {
+                if let Some(m) = marks.get_mut(&p) {
+                    m.revert_commit(before);
+                }
+            }
+            return;
+        }
+        if let Ok(ends) = self.ctx.bus.end_offsets(&cfg.topic).await {
+            let lag: u64 = marks
+                .iter()
+                .map(|(p, m)| {
+                    ends.get(*p as usize)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(m.committed())
+                })
+                .sum();
+            metrics::gauge!("spate_consumer_lag", "plugin" => cfg.plugin.clone(), "topic" => cfg.topic.clone())
+                .set(lag as f64);
+        }
+    }
+}
+
+fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {
+    match (ordering, &event.key) {
+        (Ordering::Partition, _) => LaneKey::Partition(event.partition),
+        (Ordering::Key, Some(k)) => LaneKey::Key(event.partition, k.clone()),
+        (Ordering::Key, None) => LaneKey::Single(event.partition, event.offset),
+    }
+}
+
+fn lane_partition(k: &LaneKey) -> u32 {
+    match k {
+        LaneKey::Key(p, _) | LaneKey::Partition(p) | LaneKey::Single(p, _) => *p,
+    }
+}
+
+/// What went wrong with one attempt.
+enum Failure {
+    /// Worth another attempt (counts against the plugin's limit).
+    Retryable(&'static str, String),
+    /// Never worth another attempt: dead-letter now.
+    Fatal(&'static str, String),
+    /// A backing service failed: retry without counting, never dead-letter.
+    Infrastructure(String),
+}
+
+async fn handle_event(
+    ctx: &WorkerCtx,
+    event: Event,
+    warm: Option<WarmInstance>,
+) -> (Finish, Option<WarmInstance>) {
+    let Some(version) = ctx.active.load() else {
+        return (Finish::Abandoned, None);
+    };
+    let info = Arc::clone(version.info());
+    let mut instance = match warm {
+        Some((v, i)) if Arc::ptr_eq(&v, &version) => i,
+        _ => version.instance(),
+    };
+    let policy = &info.manifest.retry;
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(policy.initial_backoff_ms))
+        .with_max_delay(Duration::from_millis(policy.max_backoff_ms))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut infra_backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(ctx.max_infra_backoff)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let plugin = ctx.plugin.clone();
+    let event = Arc::new(event);
+    let mut attempt: u32 = 1;
+    loop {
+        let failure = {
+            let Ok(_permit) = ctx.permits.acquire().await else {
+                return (Finish::Abandoned, None);
+            };
+            let invocation = Invocation::new(
+                Arc::clone(&info),
+                ctx.services.clone(),
+                Arc::new(with_attempt(&event, attempt)),
+            );
+            let started = Instant::now();
+            let result = instance.call(invocation).await;
+            metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.clone())
+                .record(started.elapsed().as_secs_f64());
+            match result.outcome {
+                CallOutcome::Ok => match apply(ctx, &info, result.journal).await {
+                    Ok(()) => {
+                        metrics::counter!("spate_events_total", "plugin" => plugin.clone(), "outcome" => "ok").increment(1);
+                        return (Finish::Done, Some((version, instance)));
+                    }
+                    Err(f) => f,
+                },
+                CallOutcome::Retry(reason) => Failure::Retryable("retries-exhausted", reason),
+                CallOutcome::Reject(reason) => Failure::Fatal("rejected", reason),
+                CallOutcome::Trap(kind, message) => {
+                    metrics::counter!("spate_traps_total", "plugin" => plugin.clone(), "kind" => kind.as_str()).increment(1);
+                    // A trapped instance is never reused.
+                    instance = version.instance();
+                    match kind {
+                        TrapKind::Infrastructure => Failure::Infrastructure(message),
+                        k if k.retryable() => Failure::Retryable(k.as_str(), message),
+                        k => Failure::Fatal(k.as_str(), message),
+                    }
+                }
+            }
+        };
+        match failure {
+            Failure::Infrastructure(message) => {
+                metrics::counter!("spate_infrastructure_errors_total", "plugin" => plugin.clone())
+                    .increment(1);
+                let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
+                warn!(error = %message, ?delay, "infrastructure failure; event will be retried");
+                if !sleep_or_shutdown(ctx, delay).await {
+                    return (Finish::Abandoned, None);
+                }
+            }
+            Failure::Retryable(kind, reason) if attempt < policy.max_attempts => {
+                metrics::counter!("spate_retries_total", "plugin" => plugin.clone()).increment(1);
+                let delay = backoff
+                    .next()
+                    .unwrap_or(Duration::from_millis(policy.max_backoff_ms));
+                debug!(attempt, kind, %reason, ?delay, "retrying");
+                if !sleep_or_shutdown(ctx, delay).await {
+                    return (Finish::Abandoned, None);
+                }
+                attempt += 1;
+            }
+            Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) => {
+                return match dead_letter(ctx, &info, &event, kind, &reason, attempt).await {
+                    true => (Finish::Done, Some((version, instance))),
+                    false => (Finish::Abandoned, None),
+                };
+            }
+        }
+    }
+}
+
+async fn sleep_or_shutdown(ctx: &WorkerCtx, delay: Duration) -> bool {
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+fn with_attempt(event: &Event, attempt: u32) -> Event {
+    let mut e = event.clone();
+    e.headers.retain(|h| h.name != ATTEMPT_HEADER);
+    e.headers
+        .push(Header::text(ATTEMPT_HEADER, attempt.to_string()));
+    e
+}
+
+/// Apply a successful call's journal: emits first (they carry idempotency ids, so a
+/// replay after a later failure does not duplicate them), then state, then the cache.
+async fn apply(ctx: &WorkerCtx, info: &PluginInfo, journal: Journal) -> Result<(), Failure> {
+    let writes = journal.state_writes();
+    let mut by_topic: Vec<(String, Vec<NewEvent>)> = Vec::new();
+    for emit in journal.emits {
+        match by_topic.iter_mut().find(|(t, _)| *t == emit.topic) {
+            Some((_, v)) => v.push(emit.event),
+            None => by_topic.push((emit.topic, vec![emit.event])),
+        }
+    }
+    for (topic, events) in by_topic {
+        ctx.bus
+            .append(&topic, events)
+            .await
+            .map_err(|e| backend_failure("emit", e))?;
+    }
+    if !writes.is_empty() {
+        match ctx.services.state.apply(&info.namespace, &writes).await {
+            Ok(ApplyOutcome::Applied) => {}
+            Ok(ApplyOutcome::Conflict { key }) => {
+                return Err(Failure::Retryable(
+                    "state-conflict",
+                    format!("compare-and-swap on `{key}` lost to a concurrent write"),
+                ));
+            }
+            Err(e) => return Err(backend_failure("state", e)),
+        }
+    }
+    for op in journal.cache {
+        use crate::host::CacheOp;
+        let r = match op {
+            CacheOp::Set { key, value, ttl } => ctx.services.cache.set(&key, value, ttl).await,
+            CacheOp::Delete { key } => ctx.services.cache.delete(&key).await,
+            CacheOp::Incr { key, delta } => ctx.services.cache.incr(&key, delta).await.map(|_| ()),
+        };
+        // The cache may forget anything at any time; a failed cache write must not fail
+        // an event whose durable effects are already applied.
+        if let Err(e) = r {
+            metrics::counter!("spate_cache_errors_total", "plugin" => ctx.plugin.clone())
+                .increment(1);
+            warn!(error = %e, "cache write failed after the event was applied");
+        }
+    }
+    Ok(())
+}
+
+fn backend_failure(what: &'static str, e: BackendError) -> Failure {
+    match e {
+        BackendError::Unavailable(m) => Failure::Infrastructure(format!("{what}: {m}")),
+        other => Failure::Fatal("backend-refused", format!("{what}: {other}")),
+    }
+}
+
+/// Write the event to the plugin's dead-letter topic. Retries the write until it succeeds
+/// or shutdown; returns whether it was written.
+async fn dead_letter(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+    kind: &str,
+    reason: &str,
+    attempts: u32,
+) -> bool {
+    let mut hdrs = event.headers.clone();
+    hdrs.retain(|h| !h.name.starts_with("spate-"));
+    hdrs.extend([
+        Header::text(headers::DLQ_REASON, reason),
+        Header::text(headers::DLQ_KIND, kind),
+        Header::text(headers::DLQ_ATTEMPTS, attempts.to_string()),
+        Header::text(headers::PLUGIN, info.name()),
+        Header::text(headers::PLUGIN_VERSION, info.manifest.version.to_string()),
+        Header::text(headers::PLUGIN_HASH, &info.hash),
+        Header::text(
+            headers::SOURCE,
+            format!("{}/{}/{}", event.topic, event.partition, event.offset),
+        ),
+        Header::text(
+            headers::IDEMPOTENCY_ID,
+            format!(
+                "dlq/{}/{}/{}/{}",
+                info.name(),
+                event.topic,
+                event.partition,
+                event.offset
+            ),
+        ),
+    ]);
+    let record = NewEvent {
+        key: event.key.clone(),
+        payload: event.payload.clone(),
+        headers: hdrs,
+    };
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match ctx
+            .bus
+            .append(&info.dead_letter_topic, vec![record.clone()])
+            .await
+        {
+            Ok(_) => {
+                metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.to_string()).increment(1);
+                metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
+                warn!(kind, %reason, attempts, "event dead-lettered");
+                return true;
+            }
+            Err(e) => {
+                warn!(error = %e, "dead-letter write failed; retrying");
+                if !sleep_or_shutdown(ctx, delay).await {
+                    return false;
+                }
+                delay = (delay * 2).min(ctx.max_infra_backoff);
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The contiguous commit watermark of one partition.
+//!
+//! Events of a partition finish out of order (different keys run concurrently), but an
+//! offset may only be committed once every event at or below it has finished. The
+//! watermark tracks the offsets handed out and not yet finished; what may be committed is
+//! the lowest unfinished offset, or one past the highest tracked when none is unfinished.
+
+use std::collections::BTreeSet;
+
+/// Commit bookkeeping for one partition.
+#[derive(Clone, Debug)]
+pub struct Watermark {
+    pending: BTreeSet<u64>,
+    /// Next offset to commit if nothing were pending: one past the highest tracked offset.
+    next: u64,
+    committed: u64,
+}
+
+impl Watermark {
+    /// A partition whose committed position (next offset to handle) is `start`.
+    pub fn new(start: u64) -> Self {
+        Self {
+            pending: BTreeSet::new(),
+            next: start,
+            committed: start,
+        }
+    }
+
+    /// An event at `offset` was handed to a lane. Offsets must be tracked in increasing order.
+    pub fn track(&mut self, offset: u64) {
+        debug_assert!(offset >= self.next, "offsets tracked out of order");
+        self.pending.insert(offset);
+        self.next = self.next.max(offset + 1);
+    }
+
+    /// The event at `offset` finished (handled, or dead-lettered).
+    pub fn complete(&mut self, offset: u64) {
+        self.pending.remove(&offset);
+    }
+
+    /// The position that may be committed now: every offset below it is finished.
+    pub fn committable(&self) -> u64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+
+    /// If the committable position moved past the last commit, mark it committed and return it.
+    pub fn take_commit(&mut self) -> Option<u64> {
+        let c = self.committable();
+        (c > self.committed).then(|| {
+            self.committed = c;
+            c
+        })
+    }
+
+    /// A commit taken with [`Watermark::take_commit`] failed: go back to `previous`.
+    pub fn revert_commit(&mut self, previous: u64) {
+        self.committed = previous.min(self.committed);
+    }
+
+    /// One past the highest offset tracked: anything below was already seen.
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
+    /// The last committed position.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Events tracked and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever order events finish in, the committable position is exactly the
+        /// smallest unfinished offset, and it never moves backwards.
+        #[test]
+        fn committable_is_lowest_unfinished(
+            start in 0u64..1000,
+            gaps in proptest::collection::vec(1u64..4, 1..200),
+            order in proptest::collection::vec(any::<prop::sample::Index>(), 1..200),
+        ) {
+            let mut w = Watermark::new(start);
+            let mut offsets = Vec::new();
+            let mut o = start;
+            for g in &gaps {
+                offsets.push(o);
+                w.track(o);
+                o += g;
+            }
+            let end = offsets.last().unwrap() + 1;
+            let mut unfinished: BTreeSet<u64> = offsets.iter().copied().collect();
+            let mut last = w.committable();
+            prop_assert_eq!(last, start);
+            for idx in order {
+                if unfinished.is_empty() { break; }
+                let pick = *idx.get(&unfinished.iter().copied().collect::<Vec<_>>());
+                unfinished.remove(&pick);
+                w.complete(pick);
+                let c = w.committable();
+                prop_assert!(c >= last, "watermark moved backwards");
+                let expect = unfinished.first().copied().unwrap_or(end);
+                prop_assert_eq!(c, expect);
+                // Nothing at or above an unfinished offset is ever committable.
+                for u in &unfinished { prop_assert!(c <= *u); }
+                last = c;
+                if let Some(taken) = w.take_commit() { prop_assert_eq!(taken, c); }
+            }
+        }
+    }
+
+    #[test]
+    fn commit_only_moves_forward() {
+        let mut w = Watermark::new(10);
+        assert_eq!(w.take_commit(), None);
+        w.track(10);
+        w.track(11);
+        w.complete(11);
+        assert_eq!(w.take_commit(), None);
+        w.complete(10);
+        assert_eq!(w.take_commit(), Some(12));
+        assert_eq!(w.take_commit(), None);
+        assert_eq!(w.committed(), 12);
+    }
+}

@@ -1,0 +1,1430 @@
+//! The embedded event log: topics split into partitions, events at offsets, consumer-group
+//! positions and emit idempotency ids, all in one `redb` file (`<dir>/log.redb`).
+//!
+//! It is the event source and the emit target of `spate up` on one machine. It does not
+//! balance partitions between consumers (every subscription of a group is assigned every
+//! partition of its topics) and does not expire old events.
+//!
+//! Writes (appends, topic creation, position commits) go through one group-commit writer,
+//! so an `append` returns once durable and concurrent appends share one fsync. End offsets
+//! live in memory, published after each commit together with a per-topic `watch` that
+//! wakes subscriptions.
+
+use super::group_commit::{Batcher, GroupWriter};
+use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, open_database, redb_error};
+use crate::backend::{
+    BackendError, BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+};
+use crate::types::{Appended, Event, Header, NewEvent, TopicPartition, headers, partition_for_key};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
+
+/// topic -> partition count.
+const TOPICS: TableDefinition<&str, u32> = TableDefinition::new("topics");
+/// (topic, partition, offset) -> encoded record (see [`encode_record`]).
+const EVENTS: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("events");
+/// (topic, idempotency id) -> (partition, offset) of the event first appended with it.
+const IDEMPOTENCY: TableDefinition<(&str, &[u8]), (u32, u64)> = TableDefinition::new("idempotency");
+/// (group, topic, partition) -> next offset to handle.
+const POSITIONS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("positions");
+
+/// Version byte leading every stored record.
+const RECORD_V1: u8 = 1;
+/// Longest topic name (Kafka's limit, so names stay portable to cluster mode).
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Settings of the embedded log.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// Partitions given to a topic created implicitly by `append` or `subscribe`.
+    /// Default 4.
+    pub default_partitions: u32,
+    /// Create a missing topic on `append`/`subscribe` (with `default_partitions`) instead
+    /// of failing with [`BackendError::UnknownTopic`]. Default true.
+    pub auto_create_topics: bool,
+    /// Most events in one [`SourceMessage::Events`]. Default 512.
+    pub max_fetch_events: usize,
+    /// Most write requests committed in one transaction. Default 1024.
+    pub max_group_commit: usize,
+    /// Most memory `redb` uses to cache the file's pages. Default 256 MiB.
+    pub cache_bytes: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            default_partitions: 4,
+            auto_create_topics: true,
+            max_fetch_events: 512,
+            max_group_commit: 1024,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// The durable embedded event log; see the [module docs](self).
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    topics: Arc<TopicMap>,
+    config: LogConfig,
+    writer: GroupWriter<LogWriter>,
+}
+
+type TopicMap = RwLock<HashMap<String, Arc<Topic>>>;
+
+/// Published state of one topic: what readers may see.
+struct Topic {
+    ends: Vec<AtomicU64>,
+    /// Bumped after every commit that appended to the topic.
+    changed: watch::Sender<u64>,
+}
+
+impl Topic {
+    fn new(ends: &[u64]) -> Self {
+        Self {
+            ends: ends.iter().map(|&e| AtomicU64::new(e)).collect(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn partitions(&self) -> u32 {
+        u32::try_from(self.ends.len()).unwrap_or(u32::MAX)
+    }
+
+    fn end(&self, partition: u32) -> u64 {
+        self.ends
+            .get(partition as usize)
+            .map_or(0, |e| e.load(Ordering::Acquire))
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens the log in `dir` (creating `dir/log.redb` if needed) and starts its writer
+    /// thread. Blocks while the file is opened and end offsets are loaded.
+    pub fn open(dir: &Path, config: LogConfig) -> BackendResult<Arc<Self>> {
+        if config.default_partitions == 0 {
+            return Err(BackendError::Invalid(
+                "default_partitions must be at least 1".into(),
+            ));
+        }
+        if config.max_fetch_events == 0 || config.max_group_commit == 0 {
+            return Err(BackendError::Invalid(
+                "max_fetch_events and max_group_commit must be at least 1".into(),
+            ));
+        }
+        let db = Arc::new(open_database(&dir.join("log.redb"), config.cache_bytes)?);
+        let known = load(&db)?;
+        let topics: Arc<TopicMap> = Arc::new(RwLock::new(
+            known
+                .iter()
+                .map(|(name, t)| (name.clone(), Arc::new(Topic::new(&t.ends))))
+                .collect(),
+        ));
+        let batcher = LogWriter {
+            topics: topics.clone(),
+            known,
+            config: config.clone(),
+        };
+        let writer = GroupWriter::spawn(
+            "spate-log-writer",
+            db.clone(),
+            batcher,
+            config.max_group_commit,
+        )?;
+        Ok(Arc::new(Self {
+            inner: Arc::new(Inner {
+                db,
+                topics,
+                config,
+                writer,
+            }),
+        }))
+    }
+
+    /// Every topic with its partition count, sorted by name.
+    pub fn topics(&self) -> Vec<(String, u32)> {
+        let map = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = map
+            .iter()
+            .map(|(name, t)| (name.clone(), t.partitions()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[cfg(test)]
+    fn commits(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+}
+
+impl Inner {
+    fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn known_topic(&self, name: &str) -> BackendResult<Arc<Topic>> {
+        self.topic(name)
+            .ok_or_else(|| BackendError::UnknownTopic(name.to_owned()))
+    }
+}
+
+/// Creates the tables of a new file and reads each topic's end offsets.
+fn load(db: &Database) -> BackendResult<HashMap<String, WriterTopic>> {
+    let txn = db.begin_write().map_err(redb_error)?;
+    for result in [
+        txn.open_table(TOPICS).map(drop),
+        txn.open_table(EVENTS).map(drop),
+        txn.open_table(IDEMPOTENCY).map(drop),
+        txn.open_table(POSITIONS).map(drop),
+    ] {
+        result.map_err(redb_error)?;
+    }
+    txn.commit().map_err(redb_error)?;
+
+    let txn = db.begin_read().map_err(redb_error)?;
+    let topics = txn.open_table(TOPICS).map_err(redb_error)?;
+    let events = txn.open_table(EVENTS).map_err(redb_error)?;
+    let mut known = HashMap::new();
+    for entry in topics.iter().map_err(redb_error)? {
+        let (name, partitions) = entry.map_err(redb_error)?;
+        let name = name.value().to_owned();
+        let mut ends = Vec::new();
+        for p in 0..partitions.value() {
+            let last = events
+                .range((name.as_str(), p, 0)..=(name.as_str(), p, u64::MAX))
+                .map_err(redb_error)?
+                .next_back()
+                .transpose()
+                .map_err(redb_error)?;
+            ends.push(last.map_or(0, |(k, _)| k.value().2 + 1));
+        }
+        known.insert(name, WriterTopic { ends, next_rr: 0 });
+    }
+    Ok(known)
+}
+
+fn validate_topic(name: &str) -> BackendResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TOPIC_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Invalid(format!(
+            "topic name `{name}` must be 1 to {MAX_TOPIC_NAME} characters of A-Z, a-z, 0-9, `.`, `_` and `-`"
+        )))
+    }
+}
+
+fn validate_partitions(partitions: u32) -> BackendResult<()> {
+    if partitions == 0 {
+        return Err(BackendError::Invalid(
+            "a topic needs at least 1 partition".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn unexpected_reply() -> BackendError {
+    BackendError::Unavailable("event log writer gave an unexpected reply".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Record encoding: version byte, timestamp, key, payload, headers; lengths as u32 LE.
+// ---------------------------------------------------------------------------------------
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> BackendResult<()> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| BackendError::Invalid("an event field is larger than 4 GiB".into()))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+fn encode_record(event: &NewEvent, timestamp_ms: i64) -> BackendResult<Vec<u8>> {
+    let size = 1
+        + 8
+        + 5
+        + event.key.as_ref().map_or(0, Vec::len)
+        + 4
+        + event.payload.len()
+        + 4
+        + event
+            .headers
+            .iter()
+            .map(|h| 8 + h.name.len() + h.value.len())
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.push(RECORD_V1);
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    match &event.key {
+        None => out.push(0),
+        Some(key) => {
+            out.push(1);
+            put_bytes(&mut out, key)?;
+        }
+    }
+    put_bytes(&mut out, &event.payload)?;
+    let count = u32::try_from(event.headers.len())
+        .map_err(|_| BackendError::Invalid("too many headers".into()))?;
+    out.extend_from_slice(&count.to_le_bytes());
+    for h in &event.headers {
+        put_bytes(&mut out, h.name.as_bytes())?;
+        put_bytes(&mut out, &h.value)?;
+    }
+    Ok(out)
+}
+
+struct RecordReader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> RecordReader<'a> {
+    fn take(&mut self, n: usize) -> BackendResult<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(BackendError::Corrupt("truncated event record".into()));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> BackendResult<[u8; N]> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn bytes(&mut self) -> BackendResult<&'a [u8]> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        self.take(len)
+    }
+}
+
+fn decode_event(topic: &str, partition: u32, offset: u64, record: &[u8]) -> BackendResult<Event> {
+    let mut r = RecordReader { buf: record };
+    let [version] = r.array()?;
+    if version != RECORD_V1 {
+        return Err(BackendError::Corrupt(format!(
+            "unknown event record version {version}"
+        )));
+    }
+    let timestamp_ms = i64::from_le_bytes(r.array()?);
+    let key = match r.array()? {
+        [0] => None,
+        [1] => Some(r.bytes()?.to_vec()),
+        [flag] => {
+            return Err(BackendError::Corrupt(format!(
+                "bad key flag {flag} in event record"
+            )));
+        }
+    };
+    let payload = r.bytes()?.to_vec();
+    let count = u32::from_le_bytes(r.array()?) as usize;
+    // The count is untrusted: reserve only what the remaining bytes could hold.
+    let mut headers = Vec::with_capacity(count.min(r.buf.len() / 8));
+    for _ in 0..count {
+        let name = std::str::from_utf8(r.bytes()?)
+            .map_err(|_| BackendError::Corrupt("header name is not UTF-8".into()))?
+            .to_owned();
+        let value = r.bytes()?.to_vec();
+        headers.push(Header { name, value });
+    }
+    if !r.buf.is_empty() {
+        return Err(BackendError::Corrupt(
+            "trailing bytes after event record".into(),
+        ));
+    }
+    Ok(Event {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        key,
+        payload,
+        headers,
+        timestamp_ms,
+    })
+}
+
+/// A half-open offset range `[from, to)` of one partition to read.
+#[derive(Clone, Debug)]
+struct FetchRange {
+    topic: String,
+    partition: u32,
+    from: u64,
+    to: u64,
+}
+
+/// Reads `ranges` in one snapshot, each in offset order, in the order given.
+fn read_ranges(db: &Database, ranges: &[FetchRange]) -> BackendResult<Vec<Event>> {
+    let txn = db.begin_read().map_err(redb_error)?;
+    let table = txn.open_table(EVENTS).map_err(redb_error)?;
+    let total: u64 = ranges.iter().map(|r| r.to.saturating_sub(r.from)).sum();
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0).min(4096));
+    for r in ranges {
+        let topic = r.topic.as_str();
+        let rows = table
+            .range((topic, r.partition, r.from)..(topic, r.partition, r.to))
+            .map_err(redb_error)?;
+        for row in rows {
+            let (key, value) = row.map_err(redb_error)?;
+            let (_, _, offset) = key.value();
+            out.push(decode_event(topic, r.partition, offset, value.value())?);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer
+// ---------------------------------------------------------------------------------------
+
+/// An event ready to store: encoded by the caller, so the writer thread only writes.
+struct Prepared {
+    key: Option<Vec<u8>>,
+    idempotency_id: Option<Vec<u8>>,
+    record: Vec<u8>,
+}
+
+enum LogOp {
+    Append {
+        topic: String,
+        events: Vec<Prepared>,
+    },
+    EnsureTopic {
+        topic: String,
+        partitions: u32,
+    },
+    Commit {
+        group: String,
+        offsets: Vec<(TopicPartition, u64)>,
+    },
+    /// Resolve a group's start positions, persisting the ones it did not have.
+    Join {
+        group: String,
+        topics: Vec<String>,
+        start: StartPosition,
+    },
+}
+
+enum LogOut {
+    Appended(Vec<Appended>),
+    Partitions(u32),
+    Committed,
+    Joined(Vec<(TopicPartition, u64)>),
+}
+
+/// The writer's own view of a topic; ahead of [`Topic`] while a group is uncommitted.
+#[derive(Clone)]
+struct WriterTopic {
+    ends: Vec<u64>,
+    /// Next partition for a keyless event.
+    next_rr: u32,
+}
+
+struct StagedTopic {
+    state: WriterTopic,
+    created: bool,
+    appended: bool,
+}
+
+#[derive(Default)]
+struct Staged {
+    topics: HashMap<String, StagedTopic>,
+}
+
+struct LogWriter {
+    topics: Arc<TopicMap>,
+    known: HashMap<String, WriterTopic>,
+    config: LogConfig,
+}
+
+impl LogWriter {
+    /// The topic as this group sees it so far, if it exists.
+    fn stage<'s>(&self, staged: &'s mut Staged, topic: &str) -> Option<&'s mut StagedTopic> {
+        if !staged.topics.contains_key(topic) {
+            let state = self.known.get(topic)?.clone();
+            staged.topics.insert(
+                topic.to_owned(),
+                StagedTopic {
+                    state,
+                    created: false,
+                    appended: false,
+                },
+            );
+        }
+        staged.topics.get_mut(topic)
+    }
+
+    fn exists(&self, staged: &Staged, topic: &str) -> bool {
+        staged.topics.contains_key(topic) || self.known.contains_key(topic)
+    }
+
+    fn create(
+        txn: &WriteTransaction,
+        staged: &mut Staged,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(), redb::Error> {
+        txn.open_table(TOPICS)?.insert(topic, partitions)?;
+        staged.topics.insert(
+            topic.to_owned(),
+            StagedTopic {
+                state: WriterTopic {
+                    ends: vec![0; partitions as usize],
+                    next_rr: 0,
+                },
+                created: true,
+                appended: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        txn: &WriteTransaction,
+        staged: &mut Staged,
+        topic: &str,
+        events: &[Prepared],
+    ) -> Result<BackendResult<LogOut>, redb::Error> {
+        if !self.exists(staged, topic) {
+            if !self.config.auto_create_topics {
+                return Ok(Err(BackendError::UnknownTopic(topic.to_owned())));
+            }
+            Self::create(txn, staged, topic, self.config.default_partitions)?;
+        }
+        let Some(st) = self.stage(staged, topic) else {
+            return Ok(Err(BackendError::UnknownTopic(topic.to_owned())));
+        };
+        let partitions = u32::try_from(st.state.ends.len()).unwrap_or(u32::MAX);
+        let mut index = txn.open_table(IDEMPOTENCY)?;
+        let mut table = txn.open_table(EVENTS)?;
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            if let Some(id) = &event.idempotency_id
+                && let Some(found) = index.get((topic, id.as_slice()))?
+            {
+                let (partition, offset) = found.value();
+                out.push(Appended { partition, offset });
+                continue;
+            }
+            let partition = match &event.key {
+                Some(key) => partition_for_key(key, partitions),
+                None => {
+                    let p = st.state.next_rr % partitions;
+                    st.state.next_rr = st.state.next_rr.wrapping_add(1);
+                    p
+                }
+            };
+            // In range: both arms above reduce modulo the partition count.
+            let end = &mut st.state.ends[partition as usize];
+            let offset = *end;
+            table.insert((topic, partition, offset), event.record.as_slice())?;
+            if let Some(id) = &event.idempotency_id {
+                index.insert((topic, id.as_slice()), (partition, offset))?;
+            }
+            *end += 1;
+            st.appended = true;
+            out.push(Appended { partition, offset });
+        }
+        Ok(Ok(LogOut::Appended(out)))
+    }
+
+    fn join(
+        &self,
+        txn: &WriteTransaction,
+        staged: &mut Staged,
+        group: &str,
+        topics: &[String],
+        start: StartPosition,
+    ) -> Result<BackendResult<LogOut>, redb::Error> {
+        let missing: Vec<&String> = topics.iter().filter(|t| !self.exists(staged, t)).collect();
+        if let Some(first) = missing.first()
+            && !self.config.auto_create_topics
+        {
+            return Ok(Err(BackendError::UnknownTopic((*first).clone())));
+        }
+        for topic in missing {
+            Self::create(txn, staged, topic, self.config.default_partitions)?;
+        }
+        let mut positions = txn.open_table(POSITIONS)?;
+        let mut out = Vec::new();
+        for topic in topics {
+            let Some(st) = self.stage(staged, topic) else {
+                continue;
+            };
+            for (p, &end) in st.state.ends.iter().enumerate() {
+                let p = u32::try_from(p).unwrap_or(u32::MAX);
+                let key = (group, topic.as_str(), p);
+                let stored = positions.get(key)?.map(|g| g.value());
+                let offset = match stored {
+                    Some(offset) => offset,
+                    None => {
+                        let offset = match start {
+                            StartPosition::Earliest => 0,
+                            StartPosition::Latest => end,
+                        };
+                        positions.insert(key, offset)?;
+                        offset
+                    }
+                };
+                out.push((TopicPartition::new(topic.clone(), p), offset));
+            }
+        }
+        Ok(Ok(LogOut::Joined(out)))
+    }
+}
+
+impl Batcher for LogWriter {
+    type Op = LogOp;
+    type Out = LogOut;
+    type Staged = Staged;
+
+    fn apply(
+        &mut self,
+        txn: &WriteTransaction,
+        op: &LogOp,
+        staged: &mut Staged,
+    ) -> Result<BackendResult<LogOut>, redb::Error> {
+        match op {
+            LogOp::Append { topic, events } => self.append(txn, staged, topic, events),
+            LogOp::EnsureTopic { topic, partitions } => {
+                if let Some(st) = self.stage(staged, topic) {
+                    let n = u32::try_from(st.state.ends.len()).unwrap_or(u32::MAX);
+                    return Ok(Ok(LogOut::Partitions(n)));
+                }
+                Self::create(txn, staged, topic, *partitions)?;
+                Ok(Ok(LogOut::Partitions(*partitions)))
+            }
+            LogOp::Commit { group, offsets } => {
+                let mut positions = txn.open_table(POSITIONS)?;
+                for (tp, offset) in offsets {
+                    positions.insert((group.as_str(), tp.topic.as_str(), tp.partition), offset)?;
+                }
+                Ok(Ok(LogOut::Committed))
+            }
+            LogOp::Join {
+                group,
+                topics,
+                start,
+            } => self.join(txn, staged, group, topics, *start),
+        }
+    }
+
+    fn committed(&mut self, staged: Staged) {
+        let mut wake = Vec::new();
+        {
+            let mut map = self.topics.write().unwrap_or_else(|e| e.into_inner());
+            for (name, st) in staged.topics {
+                if st.created {
+                    let topic = Arc::new(Topic::new(&st.state.ends));
+                    map.insert(name.clone(), topic);
+                } else if st.appended
+                    && let Some(topic) = map.get(&name)
+                {
+                    for (slot, &end) in topic.ends.iter().zip(&st.state.ends) {
+                        slot.store(end, Ordering::Release);
+                    }
+                    wake.push(topic.clone());
+                }
+                self.known.insert(name, st.state);
+            }
+        }
+        // Ends are stored before the wake-up, so a woken subscription sees the new data.
+        for topic in wake {
+            topic.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Trait implementations
+// ---------------------------------------------------------------------------------------
+
+#[async_trait]
+impl EventBus for EmbeddedLog {
+    async fn append(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<Vec<Appended>> {
+        validate_topic(topic)?;
+        if !self.inner.config.auto_create_topics {
+            self.inner.known_topic(topic)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let timestamp_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let mut prepared = Vec::with_capacity(events.len());
+        for event in events {
+            let record = encode_record(&event, timestamp_ms)?;
+            let idempotency_id = event
+                .headers
+                .iter()
+                .find(|h| h.name == headers::IDEMPOTENCY_ID)
+                .map(|h| h.value.clone());
+            prepared.push(Prepared {
+                key: event.key,
+                idempotency_id,
+                record,
+            });
+        }
+        let op = LogOp::Append {
+            topic: topic.to_owned(),
+            events: prepared,
+        };
+        match self.inner.writer.call(op).await? {
+            LogOut::Appended(appended) => Ok(appended),
+            _ => Err(unexpected_reply()),
+        }
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> BackendResult<Vec<Event>> {
+        let t = self.inner.known_topic(topic)?;
+        if partition >= t.partitions() {
+            return Err(BackendError::Invalid(format!(
+                "topic `{topic}` has no partition {partition} (it has {})",
+                t.partitions()
+            )));
+        }
+        let to = t
+            .end(partition)
+            .min(from.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let range = FetchRange {
+            topic: topic.to_owned(),
+            partition,
+            from,
+            to,
+        };
+        let db = self.inner.db.clone();
+        blocking(move || read_ranges(&db, &[range])).await
+    }
+
+    async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>> {
+        Ok(self.inner.topic(topic).map(|t| t.partitions()))
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
+        if let Some(t) = self.inner.topic(topic) {
+            return Ok(t.partitions());
+        }
+        validate_topic(topic)?;
+        validate_partitions(partitions)?;
+        let op = LogOp::EnsureTopic {
+            topic: topic.to_owned(),
+            partitions,
+        };
+        match self.inner.writer.call(op).await? {
+            LogOut::Partitions(n) => Ok(n),
+            _ => Err(unexpected_reply()),
+        }
+    }
+
+    async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>> {
+        let t = self.inner.known_topic(topic)?;
+        Ok((0..t.partitions()).map(|p| t.end(p)).collect())
+    }
+}
+
+#[async_trait]
+impl EventSource for EmbeddedLog {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+        start: StartPosition,
+    ) -> BackendResult<Box<dyn Subscription>> {
+        if group.is_empty() {
+            return Err(BackendError::Invalid("consumer group name is empty".into()));
+        }
+        if topics.is_empty() {
+            return Err(BackendError::Invalid(
+                "a subscription needs at least one topic".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut unique = Vec::new();
+        for topic in topics {
+            validate_topic(topic)?;
+            if seen.insert(topic.as_str()) {
+                unique.push(topic.clone());
+            }
+        }
+        let op = LogOp::Join {
+            group: group.to_owned(),
+            topics: unique.clone(),
+            start,
+        };
+        let LogOut::Joined(assigned) = self.inner.writer.call(op).await? else {
+            return Err(unexpected_reply());
+        };
+
+        let mut watches = Vec::with_capacity(unique.len());
+        let mut by_name = HashMap::new();
+        for name in &unique {
+            let topic = self.inner.known_topic(name)?;
+            watches.push(topic.changed.subscribe());
+            by_name.insert(name.as_str(), topic);
+        }
+        let mut parts = Vec::with_capacity(assigned.len());
+        let mut index = HashMap::with_capacity(assigned.len());
+        for (tp, offset) in &assigned {
+            let topic = by_name
+                .get(tp.topic.as_str())
+                .cloned()
+                .ok_or_else(|| BackendError::UnknownTopic(tp.topic.clone()))?;
+            index.insert(tp.clone(), parts.len());
+            parts.push(PartitionCursor {
+                tp: tp.clone(),
+                topic,
+                fetch: *offset,
+                paused: false,
+            });
+        }
+        Ok(Box::new(LogSubscription {
+            inner: self.inner.clone(),
+            group: group.to_owned(),
+            parts,
+            index,
+            watches,
+            assigned: Some(assigned),
+            rotate: 0,
+        }))
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> BackendResult<Vec<Option<u64>>> {
+        let partitions = self.inner.known_topic(topic)?.partitions();
+        let db = self.inner.db.clone();
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        blocking(move || {
+            let txn = db.begin_read().map_err(redb_error)?;
+            let table = txn.open_table(POSITIONS).map_err(redb_error)?;
+            (0..partitions)
+                .map(|p| {
+                    table
+                        .get((group.as_str(), topic.as_str(), p))
+                        .map(|g| g.map(|g| g.value()))
+                        .map_err(redb_error)
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+struct PartitionCursor {
+    tp: TopicPartition,
+    topic: Arc<Topic>,
+    /// Next offset to fetch (in memory only; commits are the dispatcher's call).
+    fetch: u64,
+    paused: bool,
+}
+
+/// A group's subscription to the embedded log.
+///
+/// `next` is cancel-safe: fetch positions advance only when a message is returned.
+struct LogSubscription {
+    inner: Arc<Inner>,
+    group: String,
+    parts: Vec<PartitionCursor>,
+    index: HashMap<TopicPartition, usize>,
+    watches: Vec<watch::Receiver<u64>>,
+    /// The `Assigned` message not yet handed out.
+    assigned: Option<Vec<(TopicPartition, u64)>>,
+    /// Where the next fetch starts looking, so no partition is always last in line.
+    rotate: usize,
+}
+
+impl LogSubscription {
+    /// Chooses what to read next: up to `max_fetch_events` spread evenly over the
+    /// unpaused partitions that have data, leftovers going round in rotating order.
+    fn plan(&self) -> Vec<(usize, FetchRange)> {
+        let n = self.parts.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.rotate % n;
+        let ready: Vec<(usize, u64)> = (0..n)
+            .map(|i| (start + i) % n)
+            .filter_map(|i| {
+                let part = &self.parts[i];
+                let available = part.topic.end(part.tp.partition).saturating_sub(part.fetch);
+                (!part.paused && available > 0).then_some((i, available))
+            })
+            .collect();
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let mut budget = self.inner.config.max_fetch_events as u64;
+        let share = budget.div_ceil(ready.len() as u64).max(1);
+        let mut take = vec![0u64; ready.len()];
+        for (slot, &(_, available)) in take.iter_mut().zip(&ready) {
+            let n = share.min(available).min(budget);
+            *slot = n;
+            budget -= n;
+        }
+        for (slot, &(_, available)) in take.iter_mut().zip(&ready) {
+            let n = (available - *slot).min(budget);
+            *slot += n;
+            budget -= n;
+        }
+        ready
+            .iter()
+            .zip(take)
+            .filter(|(_, n)| *n > 0)
+            .map(|(&(i, _), n)| {
+                let part = &self.parts[i];
+                let range = FetchRange {
+                    topic: part.tp.topic.clone(),
+                    partition: part.tp.partition,
+                    from: part.fetch,
+                    to: part.fetch + n,
+                };
+                (i, range)
+            })
+            .collect()
+    }
+
+    /// Waits until any subscribed topic has had an append since the last mark.
+    async fn wait_for_data(&mut self) -> BackendResult<()> {
+        let changes = self.watches.iter_mut().map(|w| Box::pin(w.changed()));
+        let (result, _, _) = futures::future::select_all(changes).await;
+        result.map_err(|_| BackendError::Unavailable("event log closed".into()))
+    }
+}
+
+#[async_trait]
+impl Subscription for LogSubscription {
+    async fn next(&mut self) -> BackendResult<SourceMessage> {
+        if let Some(assigned) = self.assigned.take() {
+            return Ok(SourceMessage::Assigned(assigned));
+        }
+        loop {
+            // Mark before looking, so an append landing after the look still wakes us.
+            for w in &mut self.watches {
+                w.mark_unchanged();
+            }
+            let plan = self.plan();
+            if plan.is_empty() {
+                self.wait_for_data().await?;
+                continue;
+            }
+            let ranges: Vec<FetchRange> = plan.iter().map(|(_, r)| r.clone()).collect();
+            let wanted: u64 = ranges.iter().map(|r| r.to - r.from).sum();
+            let db = self.inner.db.clone();
+            let events = blocking(move || read_ranges(&db, &ranges)).await?;
+            if events.len() as u64 != wanted {
+                return Err(BackendError::Corrupt(format!(
+                    "expected {wanted} events but found {}: the log has holes",
+                    events.len()
+                )));
+            }
+            for (i, range) in &plan {
+                self.parts[*i].fetch = range.to;
+            }
+            self.rotate = self.rotate.wrapping_add(1);
+            return Ok(SourceMessage::Events(events));
+        }
+    }
+
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let op = LogOp::Commit {
+            group: self.group.clone(),
+            offsets: offsets.to_vec(),
+        };
+        match self.inner.writer.call(op).await? {
+            LogOut::Committed => Ok(()),
+            _ => Err(unexpected_reply()),
+        }
+    }
+
+    fn pause(&mut self, partition: &TopicPartition) {
+        if let Some(&i) = self.index.get(partition) {
+            self.parts[i].paused = true;
+        }
+    }
+
+    fn resume(&mut self, partition: &TopicPartition) {
+        if let Some(&i) = self.index.get(partition) {
+            self.parts[i].paused = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::types::Header;
+    use std::time::Duration;
+
+    fn event(key: Option<&str>, payload: &str) -> NewEvent {
+        NewEvent {
+            key: key.map(|k| k.as_bytes().to_vec()),
+            payload: payload.as_bytes().to_vec(),
+            headers: vec![Header::text("h", payload)],
+        }
+    }
+
+    fn with_id(mut e: NewEvent, id: &str) -> NewEvent {
+        e.headers.push(Header::text(headers::IDEMPOTENCY_ID, id));
+        e
+    }
+
+    fn open(dir: &Path) -> Arc<EmbeddedLog> {
+        EmbeddedLog::open(dir, LogConfig::default()).unwrap()
+    }
+
+    async fn next_events(sub: &mut Box<dyn Subscription>) -> Vec<Event> {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("no message within 10 s")
+            .unwrap()
+        {
+            SourceMessage::Events(events) => events,
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+
+    async fn assigned(sub: &mut Box<dyn Subscription>) -> Vec<(TopicPartition, u64)> {
+        match sub.next().await.unwrap() {
+            SourceMessage::Assigned(a) => a,
+            other => panic!("expected assignment, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn append_partitions_by_key_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        assert_eq!(log.ensure_topic("orders", 3).await.unwrap(), 3);
+        assert_eq!(log.ensure_topic("orders", 9).await.unwrap(), 3);
+
+        let keys = ["alice", "bob", "carol", "dave", "erin", "alice", "bob"];
+        let events: Vec<_> = keys.iter().map(|k| event(Some(k), k)).collect();
+        let appended = log.append("orders", events).await.unwrap();
+        assert_eq!(appended.len(), keys.len());
+
+        let mut expected_next = [0u64; 3];
+        for (key, a) in keys.iter().zip(&appended) {
+            assert_eq!(a.partition, partition_for_key(key.as_bytes(), 3));
+            assert_eq!(a.offset, expected_next[a.partition as usize]);
+            expected_next[a.partition as usize] += 1;
+        }
+        assert_eq!(log.end_offsets("orders").await.unwrap(), expected_next);
+
+        let alice = partition_for_key(b"alice", 3);
+        let read = log.read("orders", alice, 0, 100).await.unwrap();
+        let alice_events: Vec<_> = read
+            .iter()
+            .filter(|e| e.key.as_deref() == Some(b"alice"))
+            .collect();
+        assert_eq!(alice_events.len(), 2);
+        let first = alice_events[0];
+        assert_eq!(first.topic, "orders");
+        assert_eq!(first.payload, b"alice");
+        assert_eq!(first.headers, vec![Header::text("h", "alice")]);
+        assert!(first.timestamp_ms > 0);
+        assert!(read.windows(2).all(|w| w[0].offset + 1 == w[1].offset));
+
+        // `from` and `max` bound the read.
+        let tail = log.read("orders", alice, 1, 1).await.unwrap();
+        assert_eq!(tail.len(), 1);
+        assert_eq!(tail[0].offset, 1);
+        assert!(log.read("orders", alice, 99, 10).await.unwrap().is_empty());
+        assert!(matches!(
+            log.read("orders", 3, 0, 10).await,
+            Err(BackendError::Invalid(_))
+        ));
+        assert!(matches!(
+            log.read("nope", 0, 0, 10).await,
+            Err(BackendError::UnknownTopic(_))
+        ));
+        assert_eq!(log.partitions("orders").await.unwrap(), Some(3));
+        assert_eq!(log.partitions("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn keyless_events_spread_round_robin() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.ensure_topic("t", 4).await.unwrap();
+        let events = (0..8).map(|i| event(None, &i.to_string())).collect();
+        log.append("t", events).await.unwrap();
+        assert_eq!(log.end_offsets("t").await.unwrap(), vec![2, 2, 2, 2]);
+    }
+
+    #[tokio::test]
+    async fn auto_create_uses_default_partitions_and_can_be_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append("auto", vec![event(Some("k"), "v")])
+            .await
+            .unwrap();
+        assert_eq!(log.partitions("auto").await.unwrap(), Some(4));
+        drop(log);
+
+        let strict = LogConfig {
+            auto_create_topics: false,
+            ..LogConfig::default()
+        };
+        let log = EmbeddedLog::open(dir.path(), strict).unwrap();
+        assert!(matches!(
+            log.append("missing", vec![event(None, "x")]).await,
+            Err(BackendError::UnknownTopic(t)) if t == "missing"
+        ));
+        assert!(matches!(
+            log.subscribe("g", &["missing".into()], StartPosition::Earliest)
+                .await,
+            Err(BackendError::UnknownTopic(_))
+        ));
+        assert_eq!(log.partitions("missing").await.unwrap(), None);
+        log.append("auto", vec![event(None, "x")]).await.unwrap();
+        assert!(matches!(
+            log.append("bad topic!", vec![event(None, "x")]).await,
+            Err(BackendError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn topics_events_and_positions_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            log.ensure_topic("a", 2).await.unwrap();
+            let events = (0..10)
+                .map(|i| event(Some(&format!("k{i}")), "x"))
+                .collect();
+            log.append("a", events).await.unwrap();
+            let mut sub = log
+                .subscribe("g", &["a".into()], StartPosition::Earliest)
+                .await
+                .unwrap();
+            assert_eq!(
+                assigned(&mut sub).await,
+                vec![
+                    (TopicPartition::new("a", 0), 0),
+                    (TopicPartition::new("a", 1), 0)
+                ]
+            );
+            let got = next_events(&mut sub).await;
+            assert_eq!(got.len(), 10);
+            sub.commit(&[(TopicPartition::new("a", 0), 2)])
+                .await
+                .unwrap();
+        }
+        let log = open(dir.path());
+        assert_eq!(log.topics(), vec![("a".to_owned(), 2)]);
+        let ends = log.end_offsets("a").await.unwrap();
+        assert_eq!(ends.iter().sum::<u64>(), 10);
+        assert_eq!(
+            log.read("a", 0, 0, 100).await.unwrap().len() as u64,
+            ends[0]
+        );
+        assert_eq!(
+            log.committed("g", "a").await.unwrap(),
+            vec![Some(2), Some(0)]
+        );
+        assert_eq!(log.committed("other", "a").await.unwrap(), vec![None, None]);
+        let mut sub = log
+            .subscribe("g", &["a".into()], StartPosition::Latest)
+            .await
+            .unwrap();
+        assert_eq!(
+            assigned(&mut sub).await,
+            vec![
+                (TopicPartition::new("a", 0), 2),
+                (TopicPartition::new("a", 1), 0)
+            ]
+        );
+        let got = next_events(&mut sub).await;
+        assert_eq!(got.len() as u64, 10 - 2);
+        assert!(got.iter().all(|e| e.partition == 1 || e.offset >= 2));
+    }
+
+    #[tokio::test]
+    async fn latest_start_is_persisted_at_subscribe() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            log.ensure_topic("t", 1).await.unwrap();
+            log.append("t", vec![event(None, "old1"), event(None, "old2")])
+                .await
+                .unwrap();
+            let mut sub = log
+                .subscribe("g", &["t".into()], StartPosition::Latest)
+                .await
+                .unwrap();
+            assert_eq!(
+                assigned(&mut sub).await,
+                vec![(TopicPartition::new("t", 0), 2)]
+            );
+            // Nothing committed before the "crash"; the start position must still hold.
+            log.append("t", vec![event(None, "new1")]).await.unwrap();
+        }
+        let log = open(dir.path());
+        log.append("t", vec![event(None, "new2")]).await.unwrap();
+        assert_eq!(log.committed("g", "t").await.unwrap(), vec![Some(2)]);
+        let mut sub = log
+            .subscribe("g", &["t".into()], StartPosition::Latest)
+            .await
+            .unwrap();
+        assert_eq!(
+            assigned(&mut sub).await,
+            vec![(TopicPartition::new("t", 0), 2)]
+        );
+        let payloads: Vec<_> = next_events(&mut sub)
+            .await
+            .into_iter()
+            .map(|e| e.payload)
+            .collect();
+        assert_eq!(payloads, vec![b"new1".to_vec(), b"new2".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn fetching_does_not_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.ensure_topic("t", 1).await.unwrap();
+        log.append("t", vec![event(None, "a"), event(None, "b")])
+            .await
+            .unwrap();
+        let mut sub = log
+            .subscribe("g", &["t".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assigned(&mut sub).await;
+        assert_eq!(next_events(&mut sub).await.len(), 2);
+        assert_eq!(log.committed("g", "t").await.unwrap(), vec![Some(0)]);
+        sub.commit(&[(TopicPartition::new("t", 0), 2)])
+            .await
+            .unwrap();
+        assert_eq!(log.committed("g", "t").await.unwrap(), vec![Some(2)]);
+    }
+
+    #[tokio::test]
+    async fn subscription_wakes_on_new_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let mut sub = log
+            .subscribe("g", &["a".into(), "b".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assert_eq!(assigned(&mut sub).await.len(), 8);
+        let waiter = tokio::spawn(async move { next_events(&mut sub).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "next() returned without data");
+        log.append("b", vec![event(Some("k"), "hello")])
+            .await
+            .unwrap();
+        let got = waiter.await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].topic, "b");
+        assert_eq!(got[0].payload, b"hello");
+    }
+
+    #[tokio::test]
+    async fn paused_partitions_are_not_fetched_until_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.ensure_topic("t", 2).await.unwrap();
+        let mut sub = log
+            .subscribe("g", &["t".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assigned(&mut sub).await;
+        let p0 = TopicPartition::new("t", 0);
+        sub.pause(&p0);
+        // Keyless events alternate partitions: two land in each.
+        log.append("t", (0..4).map(|i| event(None, &i.to_string())).collect())
+            .await
+            .unwrap();
+        let got = next_events(&mut sub).await;
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| e.partition == 1));
+        let idle = tokio::time::timeout(Duration::from_millis(100), sub.next()).await;
+        assert!(idle.is_err(), "a paused partition was fetched");
+        sub.resume(&p0);
+        let got = next_events(&mut sub).await;
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| e.partition == 0));
+    }
+
+    #[tokio::test]
+    async fn busy_partitions_do_not_starve_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.ensure_topic("busy", 1).await.unwrap();
+        log.ensure_topic("quiet", 1).await.unwrap();
+        let flood: Vec<_> = (0..2000).map(|i| event(None, &i.to_string())).collect();
+        log.append("busy", flood).await.unwrap();
+        log.append("quiet", vec![event(None, "q1"), event(None, "q2")])
+            .await
+            .unwrap();
+        let mut sub = log
+            .subscribe(
+                "g",
+                &["busy".into(), "quiet".into()],
+                StartPosition::Earliest,
+            )
+            .await
+            .unwrap();
+        assigned(&mut sub).await;
+        let first = next_events(&mut sub).await;
+        assert_eq!(first.len(), 512);
+        assert_eq!(first.iter().filter(|e| e.topic == "quiet").count(), 2);
+        let busy: Vec<u64> = first
+            .iter()
+            .filter(|e| e.topic == "busy")
+            .map(|e| e.offset)
+            .collect();
+        assert_eq!(busy, (0..510).collect::<Vec<_>>());
+        let mut total = first.len();
+        while total < 2002 {
+            total += next_events(&mut sub).await.len();
+        }
+        assert_eq!(total, 2002);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_share_commits_and_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.ensure_topic("t", 4).await.unwrap();
+        let before = log.commits();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    log.append("t", vec![event(Some(&format!("k{i}")), &i.to_string())])
+                        .await
+                })
+            })
+            .collect();
+        let mut coords = HashSet::new();
+        for task in tasks {
+            let appended = task.await.unwrap().unwrap();
+            assert!(coords.insert((appended[0].partition, appended[0].offset)));
+        }
+        let commits = log.commits() - before;
+        assert!(
+            commits <= 50,
+            "{commits} transactions for 200 concurrent appends: not group-committed"
+        );
+        drop(log);
+
+        let log = open(dir.path());
+        assert_eq!(log.end_offsets("t").await.unwrap().iter().sum::<u64>(), 200);
+        let mut payloads = HashSet::new();
+        for p in 0..4 {
+            for e in log.read("t", p, 0, 1000).await.unwrap() {
+                assert!(coords.contains(&(e.partition, e.offset)));
+                payloads.insert(e.payload);
+            }
+        }
+        assert_eq!(payloads.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn idempotency_ids_dedupe_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let log = open(dir.path());
+            log.ensure_topic("out", 4).await.unwrap();
+            let a = log
+                .append(
+                    "out",
+                    vec![
+                        with_id(event(None, "one"), "id-1"),
+                        with_id(event(None, "two"), "id-2"),
+                        // A repeat inside one call lands once too.
+                        with_id(event(None, "one again"), "id-1"),
+                    ],
+                )
+                .await
+                .unwrap();
+            assert_eq!(a[0], a[2]);
+            assert_ne!(a[0], a[1]);
+            assert_eq!(log.end_offsets("out").await.unwrap().iter().sum::<u64>(), 2);
+            let again = log
+                .append("out", vec![with_id(event(None, "one"), "id-1")])
+                .await
+                .unwrap();
+            assert_eq!(again[0], a[0]);
+            a
+        };
+        let log = open(dir.path());
+        let replay = log
+            .append(
+                "out",
+                vec![
+                    with_id(event(None, "two"), "id-2"),
+                    with_id(event(None, "three"), "id-3"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(replay[0], first[1]);
+        assert_eq!(log.end_offsets("out").await.unwrap().iter().sum::<u64>(), 3);
+        // The id is per topic: the same id on another topic is a new event.
+        log.append("other", vec![with_id(event(None, "one"), "id-1")])
+            .await
+            .unwrap();
+        assert_eq!(
+            log.end_offsets("other").await.unwrap().iter().sum::<u64>(),
+            1
+        );
+        let stored = log
+            .read("out", first[0].partition, first[0].offset, 1)
+            .await
+            .unwrap();
+        assert_eq!(stored[0].payload, b"one");
+    }
+
+    #[test]
+    fn corrupt_records_are_reported_not_panicked() {
+        let record = encode_record(&event(Some("k"), "payload"), 7).unwrap();
+        let back = decode_event("t", 1, 2, &record).unwrap();
+        assert_eq!(back.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(back.timestamp_ms, 7);
+        for cut in 0..record.len() {
+            assert!(matches!(
+                decode_event("t", 1, 2, &record[..cut]),
+                Err(BackendError::Corrupt(_))
+            ));
+        }
+        let mut bad = record.clone();
+        bad[0] = 9;
+        assert!(matches!(
+            decode_event("t", 1, 2, &bad),
+            Err(BackendError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,607 @@
+//! The embedded state store: namespaced key-value state with expiry in one `redb` file
+//! (`<dir>/state.redb`).
+//!
+//! It owns storage, expiry and the atomicity of a batch; namespaces arrive already chosen
+//! by the host layer. Entries are keyed by the tuple `(namespace, key)`, so namespaces never
+//! overlap (a scan of `a` cannot reach `ab`). Each value carries its expiry time; expired
+//! values are invisible at once and are deleted later, a bounded number at a time, by the
+//! writer when it next commits.
+//!
+//! Durability: `apply` goes through a group-commit writer. Concurrent applies share one
+//! write transaction committed with `Durability::Immediate` (one fsync per group), and each
+//! call returns only after its group is durable. Conditions are checked inside that
+//! transaction, after the earlier applies of the same group, so compare-and-swap stays
+//! exact under concurrency.
+
+use super::group_commit::{Batcher, GroupWriter};
+use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, open_database, redb_error};
+use crate::backend::{ApplyOutcome, BackendError, BackendResult, StateStore, StateWrite};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// (namespace, key) -> expires-at millis (u64 LE, 0 = never) followed by the value.
+const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
+/// (expires-at millis, namespace, key) -> (): which entries to purge, oldest first.
+const EXPIRIES: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("expiries");
+
+/// Bytes of the expiry prefix of a stored value.
+const EXPIRY_LEN: usize = 8;
+
+/// Settings of the embedded state store.
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    /// Least time between two purges of expired entries. Default 1 s.
+    pub purge_interval: Duration,
+    /// Most expired entries deleted per purge. Default 1024.
+    pub purge_batch: usize,
+    /// Most `apply` calls committed in one transaction. Default 1024.
+    pub max_group_commit: usize,
+    /// Most memory `redb` uses to cache the file's pages. Default 256 MiB.
+    pub cache_bytes: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            purge_interval: Duration::from_secs(1),
+            purge_batch: 1024,
+            max_group_commit: 1024,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// The durable embedded state store; see the [module docs](self).
+pub struct EmbeddedStateStore {
+    db: Arc<Database>,
+    writer: GroupWriter<StateWriter>,
+}
+
+impl EmbeddedStateStore {
+    /// Opens the store in `dir` (creating `dir/state.redb` if needed) with default
+    /// settings. Blocks while the file is opened and already-expired entries are purged.
+    pub fn open(dir: &Path) -> BackendResult<Arc<Self>> {
+        Self::open_with(dir, StateConfig::default())
+    }
+
+    /// Opens the store in `dir` with `config`.
+    pub fn open_with(dir: &Path, config: StateConfig) -> BackendResult<Arc<Self>> {
+        if config.purge_batch == 0 || config.max_group_commit == 0 {
+            return Err(BackendError::Invalid(
+                "purge_batch and max_group_commit must be at least 1".into(),
+            ));
+        }
+        let db = Arc::new(open_database(&dir.join("state.redb"), config.cache_bytes)?);
+        // Create the tables, and clear what expired while the store was closed.
+        loop {
+            let txn = db.begin_write().map_err(redb_error)?;
+            txn.open_table(ENTRIES).map_err(redb_error)?;
+            let purged = purge(&txn, now_ms(), config.purge_batch).map_err(redb_error)?;
+            txn.commit().map_err(redb_error)?;
+            if purged < config.purge_batch {
+                break;
+            }
+        }
+        let batcher = StateWriter {
+            last_purge: Instant::now(),
+            config: config.clone(),
+        };
+        let writer = GroupWriter::spawn(
+            "spate-state-writer",
+            db.clone(),
+            batcher,
+            config.max_group_commit,
+        )?;
+        Ok(Arc::new(Self { db, writer }))
+    }
+
+    #[cfg(test)]
+    fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+}
+
+/// Expiry time of a write made at `now`; 0 means never. A zero TTL expires at once.
+fn expires_at(now: u64, ttl: Option<Duration>) -> u64 {
+    match ttl {
+        None => 0,
+        Some(ttl) => {
+            let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+            now.saturating_add(ms).max(1)
+        }
+    }
+}
+
+fn encode(expires_at: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EXPIRY_LEN + value.len());
+    out.extend_from_slice(&expires_at.to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn split(stored: &[u8]) -> BackendResult<(u64, &[u8])> {
+    if stored.len() < EXPIRY_LEN {
+        return Err(BackendError::Corrupt("truncated state entry".into()));
+    }
+    let (head, value) = stored.split_at(EXPIRY_LEN);
+    let mut exp = [0; EXPIRY_LEN];
+    exp.copy_from_slice(head);
+    Ok((u64::from_le_bytes(exp), value))
+}
+
+/// The value of a stored entry if it has not expired by `now`.
+fn live(stored: &[u8], now: u64) -> BackendResult<Option<&[u8]>> {
+    let (exp, value) = split(stored)?;
+    Ok((exp == 0 || exp > now).then_some(value))
+}
+
+/// Deletes up to `limit` entries that expired by `now`; returns how many index rows it
+/// cleared.
+fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, redb::Error> {
+    let mut expiries = txn.open_table(EXPIRIES)?;
+    let due = expiries
+        .range(..(now.saturating_add(1), "", ""))?
+        .take(limit)
+        .map(|row| {
+            row.map(|(k, _)| {
+                let (exp, ns, key) = k.value();
+                (exp, ns.to_owned(), key.to_owned())
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut entries = txn.open_table(ENTRIES)?;
+    for (exp, ns, key) in &due {
+        expiries.remove((*exp, ns.as_str(), key.as_str()))?;
+        let current = entries
+            .get((ns.as_str(), key.as_str()))?
+            .and_then(|g| split(g.value()).ok().map(|(e, _)| e));
+        // Only if the entry was not rewritten with another expiry since.
+        if current == Some(*exp) {
+            entries.remove((ns.as_str(), key.as_str()))?;
+        }
+    }
+    Ok(due.len())
+}
+
+struct ApplyOp {
+    namespace: String,
+    writes: Vec<StateWrite>,
+}
+
+struct StateWriter {
+    last_purge: Instant,
+    config: StateConfig,
+}
+
+impl Batcher for StateWriter {
+    type Op = ApplyOp;
+    type Out = ApplyOutcome;
+    type Staged = ();
+
+    fn apply(
+        &mut self,
+        txn: &WriteTransaction,
+        op: &ApplyOp,
+        _staged: &mut (),
+    ) -> Result<BackendResult<ApplyOutcome>, redb::Error> {
+        let now = now_ms();
+        let ns = op.namespace.as_str();
+        let mut entries = txn.open_table(ENTRIES)?;
+        for write in &op.writes {
+            let Some(expected) = &write.condition else {
+                continue;
+            };
+            let stored = entries.get((ns, write.key.as_str()))?;
+            let current = match stored.as_ref().map(|g| live(g.value(), now)).transpose() {
+                Ok(current) => current.flatten(),
+                Err(e) => return Ok(Err(e)),
+            };
+            if current != expected.as_deref() {
+                return Ok(Ok(ApplyOutcome::Conflict {
+                    key: write.key.clone(),
+                }));
+            }
+        }
+        let mut expiries = txn.open_table(EXPIRIES)?;
+        for write in &op.writes {
+            let key = write.key.as_str();
+            let (new_exp, old) = match &write.value {
+                Some(value) => {
+                    let exp = expires_at(now, write.ttl);
+                    let old = entries.insert((ns, key), encode(exp, value).as_slice())?;
+                    (exp, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
+                }
+                None => {
+                    let old = entries.remove((ns, key))?;
+                    (0, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
+                }
+            };
+            if let Some(old_exp) = old
+                && old_exp != 0
+                && old_exp != new_exp
+            {
+                expiries.remove((old_exp, ns, key))?;
+            }
+            if new_exp != 0 {
+                expiries.insert((new_exp, ns, key), ())?;
+            }
+        }
+        Ok(Ok(ApplyOutcome::Applied))
+    }
+
+    fn before_commit(&mut self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+        if self.last_purge.elapsed() >= self.config.purge_interval {
+            self.last_purge = Instant::now();
+            purge(txn, now_ms(), self.config.purge_batch)?;
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, _staged: ()) {}
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStateStore {
+    async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+        let db = self.db.clone();
+        let (ns, key) = (namespace.to_owned(), key.to_owned());
+        blocking(move || {
+            let txn = db.begin_read().map_err(redb_error)?;
+            let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            let stored = table.get((ns.as_str(), key.as_str())).map_err(redb_error)?;
+            match stored {
+                None => Ok(None),
+                Some(g) => Ok(live(g.value(), now_ms())?.map(<[u8]>::to_vec)),
+            }
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> BackendResult<Vec<(String, Vec<u8>)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let db = self.db.clone();
+        let (ns, prefix) = (namespace.to_owned(), prefix.to_owned());
+        blocking(move || {
+            let txn = db.begin_read().map_err(redb_error)?;
+            let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            let now = now_ms();
+            let limit = limit as usize;
+            let mut out = Vec::new();
+            for row in table
+                .range((ns.as_str(), prefix.as_str())..)
+                .map_err(redb_error)?
+            {
+                let (k, v) = row.map_err(redb_error)?;
+                let (row_ns, row_key) = k.value();
+                // Keys with the prefix are contiguous in key order: stop at the first miss.
+                if row_ns != ns || !row_key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if let Some(value) = live(v.value(), now)? {
+                    out.push((row_key.to_owned(), value.to_vec()));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
+        if writes.is_empty() {
+            return Ok(ApplyOutcome::Applied);
+        }
+        self.writer
+            .call(ApplyOp {
+                namespace: namespace.to_owned(),
+                writes: writes.to_vec(),
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn put(key: &str, value: &str) -> StateWrite {
+        StateWrite {
+            key: key.into(),
+            value: Some(value.as_bytes().to_vec()),
+            ttl: None,
+            condition: None,
+        }
+    }
+
+    fn put_ttl(key: &str, value: &str, ttl: Duration) -> StateWrite {
+        StateWrite {
+            ttl: Some(ttl),
+            ..put(key, value)
+        }
+    }
+
+    fn delete(key: &str) -> StateWrite {
+        StateWrite {
+            key: key.into(),
+            value: None,
+            ttl: None,
+            condition: None,
+        }
+    }
+
+    fn when(mut write: StateWrite, expected: Option<&str>) -> StateWrite {
+        write.condition = Some(expected.map(|v| v.as_bytes().to_vec()));
+        write
+    }
+
+    fn val(v: &str) -> Option<Vec<u8>> {
+        Some(v.as_bytes().to_vec())
+    }
+
+    fn raw_entries(store: &EmbeddedStateStore) -> usize {
+        let txn = store.db.begin_read().unwrap();
+        let entries = txn.open_table(ENTRIES).unwrap().iter().unwrap().count();
+        let expiries = txn.open_table(EXPIRIES).unwrap().iter().unwrap().count();
+        entries + expiries
+    }
+
+    #[tokio::test]
+    async fn get_put_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("ns", "k").await.unwrap(), None);
+        assert_eq!(
+            s.apply("ns", &[put("k", "v1")]).await.unwrap(),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(s.get("ns", "k").await.unwrap(), val("v1"));
+        s.apply("ns", &[put("k", "v2")]).await.unwrap();
+        assert_eq!(s.get("ns", "k").await.unwrap(), val("v2"));
+        assert_eq!(s.get("other", "k").await.unwrap(), None);
+        s.apply("ns", &[delete("k")]).await.unwrap();
+        assert_eq!(s.get("ns", "k").await.unwrap(), None);
+        // Deleting what is not there is fine.
+        s.apply("ns", &[delete("k")]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ttl_hides_then_purges_expired_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StateConfig {
+            purge_interval: Duration::ZERO,
+            ..StateConfig::default()
+        };
+        let s = EmbeddedStateStore::open_with(dir.path(), config).unwrap();
+        s.apply(
+            "ns",
+            &[
+                put_ttl("short", "x", Duration::from_millis(50)),
+                put_ttl("long", "y", Duration::from_secs(3600)),
+                put("forever", "z"),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.get("ns", "short").await.unwrap(), val("x"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(s.get("ns", "short").await.unwrap(), None);
+        assert_eq!(s.get("ns", "long").await.unwrap(), val("y"));
+        let keys: Vec<_> = s
+            .scan("ns", "", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec!["forever", "long"]);
+        // An expired value counts as absent for conditions.
+        assert_eq!(
+            s.apply("ns", &[when(put("short", "again"), None)])
+                .await
+                .unwrap(),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(s.get("ns", "short").await.unwrap(), val("again"));
+
+        // Rewriting without a TTL makes a value permanent.
+        s.apply("ns", &[put_ttl("k", "1", Duration::from_millis(50))])
+            .await
+            .unwrap();
+        s.apply("ns", &[put("k", "2")]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(s.get("ns", "k").await.unwrap(), val("2"));
+
+        // The next commit purges what expired: only live rows remain on disk
+        // ("long" has an entry and an expiry row; "forever", "short", "k", "touch" one each).
+        s.apply("ns", &[put_ttl("gone", "g", Duration::ZERO)])
+            .await
+            .unwrap();
+        assert_eq!(s.get("ns", "gone").await.unwrap(), None);
+        s.apply("ns", &[put("touch", "t")]).await.unwrap();
+        assert_eq!(raw_entries(&s), 2 + 1 + 1 + 1 + 1);
+    }
+
+    #[tokio::test]
+    async fn failed_condition_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        s.apply("ns", &[put("balance", "10")]).await.unwrap();
+        let outcome = s
+            .apply(
+                "ns",
+                &[
+                    put("log", "debited"),
+                    when(put("balance", "5"), Some("11")),
+                    delete("other"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            ApplyOutcome::Conflict {
+                key: "balance".into()
+            }
+        );
+        assert_eq!(s.get("ns", "log").await.unwrap(), None);
+        assert_eq!(s.get("ns", "balance").await.unwrap(), val("10"));
+
+        // Matching conditions apply, including "must be absent".
+        let outcome = s
+            .apply(
+                "ns",
+                &[
+                    when(put("balance", "5"), Some("10")),
+                    when(put("created", "yes"), None),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, ApplyOutcome::Applied);
+        assert_eq!(s.get("ns", "balance").await.unwrap(), val("5"));
+        assert_eq!(
+            s.apply("ns", &[when(put("created", "again"), None)])
+                .await
+                .unwrap(),
+            ApplyOutcome::Conflict {
+                key: "created".into()
+            }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_compare_and_swap_loses_no_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        s.apply("ns", &[put("n", "0")]).await.unwrap();
+        let before = s.commits();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        loop {
+                            let cur = s.get("ns", "n").await.unwrap().unwrap();
+                            let n: u64 = std::str::from_utf8(&cur).unwrap().parse().unwrap();
+                            let write = StateWrite {
+                                condition: Some(Some(cur)),
+                                ..put("n", &(n + 1).to_string())
+                            };
+                            if s.apply("ns", &[write]).await.unwrap() == ApplyOutcome::Applied {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.get("ns", "n").await.unwrap(), val("160"));
+        assert!(s.commits() > before);
+    }
+
+    #[tokio::test]
+    async fn scan_respects_prefix_limit_order_and_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        s.apply(
+            "a",
+            &[
+                put("user:3", "c"),
+                put("user:1", "a"),
+                put("user:2", "b"),
+                put("order:1", "o"),
+                put("", "empty key"),
+            ],
+        )
+        .await
+        .unwrap();
+        s.apply("ab", &[put("user:0", "other ns"), put("", "x")])
+            .await
+            .unwrap();
+        s.apply("", &[put("a", "empty ns")]).await.unwrap();
+
+        let users = s.scan("a", "user:", 10).await.unwrap();
+        assert_eq!(
+            users,
+            vec![
+                ("user:1".to_owned(), b"a".to_vec()),
+                ("user:2".to_owned(), b"b".to_vec()),
+                ("user:3".to_owned(), b"c".to_vec()),
+            ]
+        );
+        let limited: Vec<_> = s
+            .scan("a", "user:", 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(limited, vec!["user:1", "user:2"]);
+        let all: Vec<_> = s
+            .scan("a", "", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(all, vec!["", "order:1", "user:1", "user:2", "user:3"]);
+        assert_eq!(s.scan("", "", 100).await.unwrap().len(), 1);
+        assert_eq!(s.scan("ab", "", 100).await.unwrap().len(), 2);
+        assert!(s.scan("a", "zzz", 10).await.unwrap().is_empty());
+        assert!(s.scan("a", "", 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStateStore::open(dir.path()).unwrap();
+            let tasks: Vec<_> = (0..50)
+                .map(|i| {
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        s.apply("ns", &[put(&format!("k{i:02}"), &i.to_string())])
+                            .await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap().unwrap(), ApplyOutcome::Applied);
+            }
+            s.apply(
+                "ns",
+                &[
+                    put_ttl("ttl-long", "y", Duration::from_secs(3600)),
+                    put_ttl("ttl-short", "n", Duration::from_millis(50)),
+                ],
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("ns", "k07").await.unwrap(), val("7"));
+        assert_eq!(s.scan("ns", "k", 100).await.unwrap().len(), 50);
+        assert_eq!(s.get("ns", "ttl-long").await.unwrap(), val("y"));
+        assert_eq!(s.get("ns", "ttl-short").await.unwrap(), None);
+        // Opening purged the expired entry: 50 + "ttl-long" and its expiry row.
+        assert_eq!(raw_entries(&s), 50 + 2);
+    }
+}

@@ -1,0 +1,433 @@
+//! The plugin manifest (`spate.toml`): what a plugin subscribes to, what it may touch,
+//! and the limits it runs under. Parsed strictly: unknown fields are errors, and every
+//! problem is reported at once.
+
+use crate::backend::StartPosition;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Upper bounds the runtime accepts for manifest limits, whatever a plugin asks for.
+#[derive(Clone, Debug)]
+pub struct LimitCeilings {
+    /// Largest per-event wall-clock deadline.
+    pub max_timeout_ms: u64,
+    /// Largest per-instance linear memory.
+    pub max_memory_mb: u64,
+    /// Largest number of concurrent events per plugin.
+    pub max_concurrency: u32,
+}
+
+impl Default for LimitCeilings {
+    fn default() -> Self {
+        Self {
+            max_timeout_ms: 60_000,
+            max_memory_mb: 512,
+            max_concurrency: 1024,
+        }
+    }
+}
+
+/// A plugin manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Manifest {
+    /// Plugin name: lowercase letters, digits and `-`, 1–64 characters.
+    pub name: String,
+    /// Semantic version of this upload; a name and version identify one component.
+    pub version: semver::Version,
+    /// One line on what the plugin does.
+    #[serde(default)]
+    pub description: String,
+    /// Topics the plugin handles.
+    pub subscriptions: Vec<Subscription>,
+    /// What the plugin may touch.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// Resource limits per event.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What happens when the handler fails.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// How events are ordered.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Instance reuse.
+    #[serde(default)]
+    pub execution: Execution,
+    /// Topic for events that could not be handled; default `<name>.dlq`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// One subscribed topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Subscription {
+    /// Topic name.
+    pub topic: String,
+    /// Where to start when the plugin has never read this topic.
+    #[serde(default)]
+    pub start: StartPosition,
+}
+
+/// Capabilities granted to the plugin; everything else is denied.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Capabilities {
+    /// State namespace; default the plugin name. No two plugins may share one.
+    #[serde(default)]
+    pub state_namespace: Option<String>,
+    /// Cache key prefix; default `<name>:`. No two plugins may share one.
+    #[serde(default)]
+    pub cache_prefix: Option<String>,
+    /// Topics `emit` may write to.
+    #[serde(default)]
+    pub emit_topics: Vec<String>,
+    /// Workflow names `start-workflow` may start; `["*"]` allows any.
+    #[serde(default)]
+    pub workflows: Vec<String>,
+}
+
+/// Per-event limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Wall-clock deadline of one call, in milliseconds.
+    #[serde(default = "Limits::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Linear memory cap of one instance, in MiB.
+    #[serde(default = "Limits::default_memory_mb")]
+    pub memory_mb: u64,
+    /// Most emits (including workflow starts) per event.
+    #[serde(default = "Limits::default_max_emits")]
+    pub max_emits: u32,
+    /// Most payload bytes emitted per event.
+    #[serde(default = "Limits::default_max_emit_bytes")]
+    pub max_emit_bytes: u64,
+    /// Most events of this plugin handled at once.
+    #[serde(default = "Limits::default_concurrency")]
+    pub concurrency: u32,
+}
+
+impl Limits {
+    fn default_timeout_ms() -> u64 {
+        1_000
+    }
+    fn default_memory_mb() -> u64 {
+        64
+    }
+    fn default_max_emits() -> u32 {
+        64
+    }
+    fn default_max_emit_bytes() -> u64 {
+        1 << 20
+    }
+    fn default_concurrency() -> u32 {
+        32
+    }
+
+    /// The call deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The memory cap in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        (self.memory_mb as usize).saturating_mul(1 << 20)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout_ms: Self::default_timeout_ms(),
+            memory_mb: Self::default_memory_mb(),
+            max_emits: Self::default_max_emits(),
+            max_emit_bytes: Self::default_max_emit_bytes(),
+            concurrency: Self::default_concurrency(),
+        }
+    }
+}
+
+/// Retry policy for `retry` outcomes and traps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; then the event is dead-lettered.
+    #[serde(default = "RetryPolicy::default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds (doubles each time, with jitter).
+    #[serde(default = "RetryPolicy::default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Longest delay between attempts, in milliseconds.
+    #[serde(default = "RetryPolicy::default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl RetryPolicy {
+    fn default_max_attempts() -> u32 {
+        3
+    }
+    fn default_initial_backoff_ms() -> u64 {
+        100
+    }
+    fn default_max_backoff_ms() -> u64 {
+        10_000
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: Self::default_max_attempts(),
+            initial_backoff_ms: Self::default_initial_backoff_ms(),
+            max_backoff_ms: Self::default_max_backoff_ms(),
+        }
+    }
+}
+
+/// How strictly events are ordered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ordering {
+    /// FIFO per key; different keys run concurrently.
+    #[default]
+    Key,
+    /// FIFO per partition: one event of a partition at a time.
+    Partition,
+}
+
+/// Instance reuse.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Execution {
+    /// `fresh` (default): a new sandbox per event. `warm`: an instance serves up to
+    /// `max-events-per-instance` events of one lane and is dropped on any error.
+    #[serde(default)]
+    pub mode: ExecutionMode,
+    /// Events one warm instance serves before it is replaced.
+    #[serde(default = "Execution::default_max_events")]
+    pub max_events_per_instance: u32,
+}
+
+impl Execution {
+    fn default_max_events() -> u32 {
+        1_000
+    }
+}
+
+impl Default for Execution {
+    fn default() -> Self {
+        Self {
+            mode: ExecutionMode::Fresh,
+            max_events_per_instance: Self::default_max_events(),
+        }
+    }
+}
+
+/// Instance reuse mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutionMode {
+    /// A fresh instance per event: full isolation.
+    #[default]
+    Fresh,
+    /// Reuse an instance within a lane: faster, less isolated.
+    Warm,
+}
+
+/// Every problem found in a manifest.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid manifest: {}", .problems.join("; "))]
+pub struct ManifestError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+/// Whether `s` is an acceptable topic name: 1–249 of `[A-Za-z0-9._-]`, as in Kafka.
+pub fn valid_topic(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 249
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Manifest {
+    /// Parse and validate a manifest against the runtime's ceilings.
+    pub fn parse(text: &str, ceilings: &LimitCeilings) -> Result<Self, ManifestError> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError {
+            problems: vec![e.message().to_string()],
+        })?;
+        manifest.validate(ceilings)?;
+        Ok(manifest)
+    }
+
+    /// Check every rule and report all violations together.
+    pub fn validate(&self, ceilings: &LimitCeilings) -> Result<(), ManifestError> {
+        let mut p = Vec::new();
+        if !valid_name(&self.name) {
+            p.push(format!(
+                "name `{}` must be 1-64 characters of a-z, 0-9 and `-`",
+                self.name
+            ));
+        }
+        if self.subscriptions.is_empty() {
+            p.push("subscriptions must name at least one topic".into());
+        }
+        for s in &self.subscriptions {
+            if !valid_topic(&s.topic) {
+                p.push(format!(
+                    "subscription topic `{}` is not a valid topic name",
+                    s.topic
+                ));
+            }
+        }
+        for t in &self.capabilities.emit_topics {
+            if !valid_topic(t) {
+                p.push(format!("emit topic `{t}` is not a valid topic name"));
+            }
+        }
+        if let Some(t) = &self.dead_letter_topic
+            && !valid_topic(t)
+        {
+            p.push(format!("dead-letter-topic `{t}` is not a valid topic name"));
+        }
+        if let Some(ns) = &self.capabilities.state_namespace
+            && (ns.is_empty() || ns.len() > 128)
+        {
+            p.push("capabilities.state-namespace must be 1-128 characters".into());
+        }
+        if let Some(prefix) = &self.capabilities.cache_prefix
+            && (prefix.is_empty() || prefix.len() > 128)
+        {
+            p.push("capabilities.cache-prefix must be 1-128 characters".into());
+        }
+        let l = &self.limits;
+        if l.timeout_ms == 0 || l.timeout_ms > ceilings.max_timeout_ms {
+            p.push(format!(
+                "limits.timeout-ms must be 1..={} (got {})",
+                ceilings.max_timeout_ms, l.timeout_ms
+            ));
+        }
+        if l.memory_mb == 0 || l.memory_mb > ceilings.max_memory_mb {
+            p.push(format!(
+                "limits.memory-mb must be 1..={} (got {})",
+                ceilings.max_memory_mb, l.memory_mb
+            ));
+        }
+        if l.concurrency == 0 || l.concurrency > ceilings.max_concurrency {
+            p.push(format!(
+                "limits.concurrency must be 1..={} (got {})",
+                ceilings.max_concurrency, l.concurrency
+            ));
+        }
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
+            p.push(format!(
+                "retry.max-attempts must be 1..=100 (got {})",
+                self.retry.max_attempts
+            ));
+        }
+        if self.retry.initial_backoff_ms > self.retry.max_backoff_ms {
+            p.push("retry.initial-backoff-ms must not exceed retry.max-backoff-ms".into());
+        }
+        if self.execution.max_events_per_instance == 0 {
+            p.push("execution.max-events-per-instance must be at least 1".into());
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError { problems: p })
+        }
+    }
+
+    /// The plugin's state namespace.
+    pub fn state_namespace(&self) -> &str {
+        self.capabilities
+            .state_namespace
+            .as_deref()
+            .unwrap_or(&self.name)
+    }
+
+    /// The plugin's cache key prefix.
+    pub fn cache_prefix(&self) -> String {
+        self.capabilities
+            .cache_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}:", self.name))
+    }
+
+    /// The plugin's dead-letter topic.
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.name))
+    }
+
+    /// Whether the plugin may start workflow `name`.
+    pub fn may_start_workflow(&self, name: &str) -> bool {
+        self.capabilities
+            .workflows
+            .iter()
+            .any(|w| w == "*" || w == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "order-totals"
+version = "1.2.0"
+subscriptions = [{ topic = "orders" }]
+[capabilities]
+emit-topics = ["alerts"]
+workflows = ["review-order"]
+[limits]
+timeout-ms = 500
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let m = Manifest::parse(GOOD, &LimitCeilings::default()).unwrap();
+        assert_eq!(m.name, "order-totals");
+        assert_eq!(m.limits.timeout_ms, 500);
+        assert_eq!(m.limits.memory_mb, 64);
+        assert_eq!(m.state_namespace(), "order-totals");
+        assert_eq!(m.cache_prefix(), "order-totals:");
+        assert_eq!(m.dead_letter_topic(), "order-totals.dlq");
+        assert!(m.may_start_workflow("review-order"));
+        assert!(!m.may_start_workflow("other"));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let text = format!("{GOOD}\nbogus = 1\n");
+        let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let text = r#"
+name = "Bad Name"
+version = "1.0.0"
+subscriptions = []
+[limits]
+timeout-ms = 0
+memory-mb = 100000
+"#;
+        let err = Manifest::parse(text, &LimitCeilings::default()).unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+//! Event types shared by every backend, the dispatcher and the host API.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One header of an event: a name and an opaque value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Header value bytes.
+    pub value: Vec<u8>,
+}
+
+impl Header {
+    /// A header with a UTF-8 value.
+    pub fn text(name: impl Into<String>, value: impl AsRef<str>) -> Self {
+        Self {
+            name: name.into(),
+            value: value.as_ref().as_bytes().to_vec(),
+        }
+    }
+}
+
+/// The first header called `name`, as text if it is UTF-8.
+pub fn header_str<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name == name)
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+}
+
+/// A topic and one of its partitions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number, from 0.
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    /// A topic partition.
+    pub fn new(topic: impl Into<String>, partition: u32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// An event as stored in a topic: its coordinates plus what was appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Topic the event belongs to.
+    pub topic: String,
+    /// Partition within the topic.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: u64,
+    /// Partition key.
+    pub key: Option<Vec<u8>>,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Headers, in order.
+    pub headers: Vec<Header>,
+    /// Append time, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+impl Event {
+    /// The event's topic partition.
+    pub fn topic_partition(&self) -> TopicPartition {
+        TopicPartition::new(self.topic.clone(), self.partition)
+    }
+}
+
+/// An event to append: the topic assigns partition (by key hash) and offset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// Partition key; `None` spreads events over partitions.
+    pub key: Option<Vec<u8>>,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<Header>,
+}
+
+/// Where an appended event landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Partition it went to.
+    pub partition: u32,
+    /// Its offset there.
+    pub offset: u64,
+}
+
+/// The partition a key maps to: a stable hash, the same in every process and release.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    let p = partitions.max(1) as u64;
+    (xxhash_rust::xxh3::xxh3_64(key) % p) as u32
+}
+
+/// Well-known header names that the runtime writes.
+pub mod headers {
+    /// Idempotency id of an emitted event (derived from the input coordinates and emit index).
+    pub const IDEMPOTENCY_ID: &str = "spate-idempotency-id";
+    /// Name of the plugin that produced an emitted or dead-lettered event.
+    pub const PLUGIN: &str = "spate-plugin";
+    /// Version of the plugin that produced the event.
+    pub const PLUGIN_VERSION: &str = "spate-plugin-version";
+    /// Content hash (sha256) of the plugin component that produced the event.
+    pub const PLUGIN_HASH: &str = "spate-plugin-hash";
+    /// Input coordinates (`topic/partition/offset`) of the event that caused this one.
+    pub const SOURCE: &str = "spate-source";
+    /// Workflow name, on workflow-start events.
+    pub const WORKFLOW: &str = "spate-workflow";
+    /// Workflow run id, on workflow-start events.
+    pub const WORKFLOW_ID: &str = "spate-workflow-id";
+    /// Dead-letter reason.
+    pub const DLQ_REASON: &str = "spate-dlq-reason";
+    /// Dead-letter failure kind (`rejected`, `retries-exhausted`, `deadline`, ...).
+    pub const DLQ_KIND: &str = "spate-dlq-kind";
+    /// Number of attempts made before dead-lettering.
+    pub const DLQ_ATTEMPTS: &str = "spate-dlq-attempts";
+}

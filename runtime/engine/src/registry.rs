@@ -1,0 +1,463 @@
+//! The plugin registry: uploaded versions stored by content hash, the active version of
+//! each plugin, activation, rollback and removal — persisted in the data directory so a
+//! restart serves the same versions without recompiling.
+//!
+//! Every change is validated and compiled before it is recorded; the switch is a single
+//! swap that subscribers (the runtime's supervisor) observe through [`Registry::changes`].
+
+use crate::sandbox::{LoadError, Sandbox, WasmPlugin, write_atomic};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use spate_core::dispatch::PluginVersion;
+use spate_core::host::PluginInfo;
+use spate_core::manifest::{LimitCeilings, Manifest, ManifestError};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// Why a registry operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The manifest is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The component is unusable.
+    #[error(transparent)]
+    Component(#[from] LoadError),
+    /// The component exceeds the upload size limit.
+    #[error("component of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size received.
+        size: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// The version exists with different content, or a namespace is taken.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// No such plugin or version.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Storage failure.
+    #[error("registry storage error: {0}")]
+    Storage(String),
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+/// One stored version of a plugin.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VersionRecord {
+    /// Semantic version.
+    pub version: String,
+    /// Hex sha256 of the component.
+    pub hash: String,
+    /// The manifest as uploaded.
+    pub manifest: String,
+    /// Component size in bytes.
+    pub size: usize,
+    /// Upload time, milliseconds since the Unix epoch.
+    pub uploaded_ms: i64,
+}
+
+/// A plugin's versions and which one serves.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PluginRecord {
+    /// Versions in upload order.
+    pub versions: Vec<VersionRecord>,
+    /// The serving version.
+    pub active: Option<String>,
+    /// Versions that served before, most recent last (what rollback returns to).
+    pub history: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RegistryFile {
+    plugins: BTreeMap<String, PluginRecord>,
+}
+
+/// A change to the set of active plugins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryChange {
+    /// `name` has a new active version.
+    Activated(String),
+    /// `name` was removed.
+    Removed(String),
+}
+
+/// What an upload did.
+#[derive(Clone, Debug, Serialize)]
+pub struct UploadOutcome {
+    /// Plugin name.
+    pub name: String,
+    /// Version stored.
+    pub version: String,
+    /// Content hash.
+    pub hash: String,
+    /// Whether it is now the active version.
+    pub active: bool,
+    /// Whether this exact version was already stored (an idempotent re-upload).
+    pub unchanged: bool,
+    /// Compile time in milliseconds (0 when the compiled artifact was cached).
+    pub compile_ms: u64,
+}
+
+/// The plugin registry.
+pub struct Registry {
+    sandbox: Arc<Sandbox>,
+    dir: PathBuf,
+    ceilings: LimitCeilings,
+    max_component_bytes: usize,
+    file: tokio::sync::Mutex<RegistryFile>,
+    loaded: Mutex<HashMap<String, Arc<WasmPlugin>>>,
+    active: Mutex<HashMap<String, Arc<WasmPlugin>>>,
+    changes: broadcast::Sender<RegistryChange>,
+}
+
+fn loaded_key(name: &str, version: &str) -> String {
+    format!("{name}@{version}")
+}
+
+/// Hex sha256 of `bytes`.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Open the registry in `dir` and load every active version (from the compiled
+    /// cache when possible).
+    pub async fn open(
+        sandbox: Arc<Sandbox>,
+        dir: &Path,
+        ceilings: LimitCeilings,
+        max_component_bytes: usize,
+    ) -> Result<Arc<Self>, RegistryError> {
+        std::fs::create_dir_all(dir.join("blobs")).map_err(storage)?;
+        let index = dir.join("registry.json");
+        let file: RegistryFile = match std::fs::read(&index) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(storage)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
+            Err(e) => return Err(storage(e)),
+        };
+        let (changes, _) = broadcast::channel(256);
+        let registry = Arc::new(Self {
+            sandbox,
+            dir: dir.to_path_buf(),
+            ceilings,
+            max_component_bytes,
+            file: tokio::sync::Mutex::new(file.clone()),
+            loaded: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            changes,
+        });
+        for (name, record) in &file.plugins {
+            let Some(active) = &record.active else {
+                continue;
+            };
+            let Some(v) = record.versions.iter().find(|v| &v.version == active) else {
+                continue;
+            };
+            match registry.load_version(name, v).await {
+                Ok(plugin) => {
+                    lock(&registry.active).insert(name.clone(), plugin);
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, version = %active, error = %e, "could not load active version")
+                }
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Subscribe to activations and removals.
+    pub fn changes(&self) -> broadcast::Receiver<RegistryChange> {
+        self.changes.subscribe()
+    }
+
+    /// The active version of `name`.
+    pub fn active(&self, name: &str) -> Option<Arc<dyn PluginVersion>> {
+        lock(&self.active)
+            .get(name)
+            .map(|p| Arc::clone(p) as Arc<dyn PluginVersion>)
+    }
+
+    /// Names of every plugin with an active version.
+    pub fn active_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.active).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Every plugin and its versions.
+    pub async fn list(&self) -> BTreeMap<String, PluginRecord> {
+        self.file.lock().await.plugins.clone()
+    }
+
+    /// One plugin and its versions.
+    pub async fn show(&self, name: &str) -> Option<PluginRecord> {
+        self.file.lock().await.plugins.get(name).cloned()
+    }
+
+    fn blob_path(&self, hash: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("{hash}.wasm"))
+    }
+
+    async fn load_version(
+        &self,
+        name: &str,
+        v: &VersionRecord,
+    ) -> Result<Arc<WasmPlugin>, RegistryError> {
+        let key = loaded_key(name, &v.version);
+        if let Some(p) = lock(&self.loaded).get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let manifest = Manifest::parse(&v.manifest, &self.ceilings)?;
+        let bytes = std::fs::read(self.blob_path(&v.hash)).map_err(storage)?;
+        let sandbox = Arc::clone(&self.sandbox);
+        let hash = v.hash.clone();
+        let component = tokio::task::spawn_blocking(move || sandbox.load_cached(&hash, &bytes))
+            .await
+            .map_err(storage)??;
+        let info = Arc::new(PluginInfo::new(manifest, v.hash.clone()));
+        let plugin = self.sandbox.plugin(&component, info)?;
+        lock(&self.loaded).insert(key, Arc::clone(&plugin));
+        Ok(plugin)
+    }
+
+    async fn persist(&self, file: &RegistryFile) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(file).map_err(storage)?;
+        let path = self.dir.join("registry.json");
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(storage)?
+            .map_err(storage)
+    }
+
+    /// Validate, compile and store a new version; with `activate`, switch to it.
+    /// Compilation runs off the async runtime. Nothing changes if any check fails.
+    pub async fn upload(
+        &self,
+        manifest_text: &str,
+        component: Vec<u8>,
+        activate: bool,
+    ) -> Result<UploadOutcome, RegistryError> {
+        if component.len() > self.max_component_bytes {
+            return Err(RegistryError::TooLarge {
+                size: component.len(),
+                limit: self.max_component_bytes,
+            });
+        }
+        let manifest = Manifest::parse(manifest_text, &self.ceilings)?;
+        let name = manifest.name.clone();
+        let version = manifest.version.to_string();
+        let hash = content_hash(&component);
+
+        // Compile before taking the registry lock: an upload never blocks serving.
+        let started = std::time::Instant::now();
+        let cached = self.sandbox.is_cached(&hash);
+        let sandbox = Arc::clone(&self.sandbox);
+        let h = hash.clone();
+        let bytes = component.clone();
+        let compiled = tokio::task::spawn_blocking(move || sandbox.load_cached(&h, &bytes))
+            .await
+            .map_err(storage)??;
+        let compile_ms = if cached {
+            0
+        } else {
+            started.elapsed().as_millis() as u64
+        };
+
+        let mut file = self.file.lock().await;
+        check_namespaces(&file, &manifest)?;
+        let record = file.plugins.entry(name.clone()).or_default().clone();
+        let existing = record.versions.iter().find(|v| v.version == version);
+        if let Some(v) = existing
+            && v.hash != hash
+        {
+            return Err(RegistryError::Conflict(format!(
+                "{name}@{version} already exists with different content; bump the version"
+            )));
+        }
+        let unchanged = existing.is_some_and(|v| v.manifest == manifest_text);
+        if existing.is_some() && !unchanged {
+            return Err(RegistryError::Conflict(format!(
+                "{name}@{version} already exists with a different manifest; bump the version"
+            )));
+        }
+        let blob = self.blob_path(&hash);
+        if !blob.exists() {
+            let path = blob.clone();
+            tokio::task::spawn_blocking(move || write_atomic(&path, &component))
+                .await
+                .map_err(storage)?
+                .map_err(storage)?;
+        }
+        let info = Arc::new(PluginInfo::new(manifest, hash.clone()));
+        let plugin = self.sandbox.plugin(&compiled, info)?;
+        let mut new_file = file.clone();
+        let rec = new_file.plugins.entry(name.clone()).or_default();
+        if !unchanged {
+            rec.versions.push(VersionRecord {
+                version: version.clone(),
+                hash: hash.clone(),
+                manifest: manifest_text.to_string(),
+                size: blob_len(&blob),
+                uploaded_ms: now_ms(),
+            });
+        }
+        let switching = activate && rec.active.as_deref() != Some(version.as_str());
+        if switching {
+            if let Some(prev) = rec.active.take() {
+                rec.history.push(prev);
+            }
+            rec.active = Some(version.clone());
+        }
+        self.persist(&new_file).await?;
+        *file = new_file;
+        lock(&self.loaded).insert(loaded_key(&name, &version), Arc::clone(&plugin));
+        let is_active =
+            file.plugins.get(&name).and_then(|r| r.active.as_deref()) == Some(version.as_str());
+        if switching {
+            lock(&self.active).insert(name.clone(), plugin);
+            let _ = self.changes.send(RegistryChange::Activated(name.clone()));
+        }
+        Ok(UploadOutcome {
+            name,
+            version,
+            hash,
+            active: is_active,
+            unchanged,
+            compile_ms,
+        })
+    }
+
+    /// Make a stored version the active one.
+    pub async fn activate(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        let mut file = self.file.lock().await;
+        let record = file
+            .plugins
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("plugin `{name}`")))?;
+        let v = record
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))?;
+        if record.active.as_deref() == Some(version) {
+            return Ok(());
+        }
+        let plugin = self.load_version(name, &v).await?;
+        let mut new_file = file.clone();
+        if let Some(rec) = new_file.plugins.get_mut(name) {
+            if let Some(prev) = rec.active.take() {
+                rec.history.push(prev);
+            }
+            rec.active = Some(version.to_string());
+        }
+        self.persist(&new_file).await?;
+        *file = new_file;
+        lock(&self.active).insert(name.to_string(), plugin);
+        let _ = self
+            .changes
+            .send(RegistryChange::Activated(name.to_string()));
+        Ok(())
+    }
+
+    /// Switch back to the version that served before the current one. Returns it.
+    pub async fn rollback(&self, name: &str) -> Result<String, RegistryError> {
+        let mut file = self.file.lock().await;
+        let record = file
+            .plugins
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("plugin `{name}`")))?;
+        let previous = record.history.last().cloned().ok_or_else(|| {
+            RegistryError::Conflict(format!(
+                "plugin `{name}` has no previous version to roll back to"
+            ))
+        })?;
+        let v = record
+            .versions
+            .iter()
+            .find(|v| v.version == previous)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{previous}")))?;
+        let plugin = self.load_version(name, &v).await?;
+        let mut new_file = file.clone();
+        if let Some(rec) = new_file.plugins.get_mut(name) {
+            rec.history.pop();
+            rec.active = Some(previous.clone());
+        }
+        self.persist(&new_file).await?;
+        *file = new_file;
+        lock(&self.active).insert(name.to_string(), plugin);
+        let _ = self
+            .changes
+            .send(RegistryChange::Activated(name.to_string()));
+        Ok(previous)
+    }
+
+    /// Remove a plugin and all its versions. Its consumer positions are kept, so a
+    /// re-upload under the same name resumes where it stopped.
+    pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let mut file = self.file.lock().await;
+        if !file.plugins.contains_key(name) {
+            return Err(RegistryError::NotFound(format!("plugin `{name}`")));
+        }
+        let mut new_file = file.clone();
+        new_file.plugins.remove(name);
+        self.persist(&new_file).await?;
+        *file = new_file;
+        lock(&self.active).remove(name);
+        lock(&self.loaded).retain(|k, _| !k.starts_with(&format!("{name}@")));
+        let _ = self.changes.send(RegistryChange::Removed(name.to_string()));
+        Ok(())
+    }
+}
+
+fn blob_len(p: &Path) -> usize {
+    std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// No two plugins may share a state namespace, and no cache prefix may be a prefix of
+/// another plugin's: otherwise one plugin could read the other's data.
+fn check_namespaces(file: &RegistryFile, manifest: &Manifest) -> Result<(), RegistryError> {
+    let ns = manifest.state_namespace();
+    let prefix = manifest.cache_prefix();
+    for (other, record) in &file.plugins {
+        if *other == manifest.name {
+            continue;
+        }
+        for v in &record.versions {
+            let Ok(m) = toml::from_str::<Manifest>(&v.manifest) else {
+                continue;
+            };
+            if m.state_namespace() == ns {
+                return Err(RegistryError::Conflict(format!(
+                    "state namespace `{ns}` belongs to plugin `{other}`"
+                )));
+            }
+            let p = m.cache_prefix();
+            if p.starts_with(&prefix) || prefix.starts_with(&p) {
+                return Err(RegistryError::Conflict(format!(
+                    "cache prefix `{prefix}` overlaps `{p}` of plugin `{other}`"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,640 @@
+//! The wasmtime sandbox: one engine and linker per process, the host API bound to the
+//! WIT, per-call stores with a memory cap and a wall-clock deadline, and trap
+//! classification from typed errors.
+
+use crate::bindings::spate::plugin::{cache, emit, log, state, types};
+use crate::bindings::{EventHandler, EventHandlerPre};
+use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
+use spate_core::host::{HostError, Invocation, PluginInfo};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Settings of the process-wide engine.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Largest linear memory any plugin may have (the pool reserves this per slot).
+    pub max_memory_bytes: usize,
+    /// Instances the pool holds at once (bounds total concurrency across plugins).
+    pub pool_instances: u32,
+    /// Resolution of wall-clock deadlines.
+    pub epoch_tick: Duration,
+    /// Directory of compiled artifacts (`*.cwasm`), so a restart does not recompile.
+    pub compiled_dir: PathBuf,
+}
+
+impl SandboxConfig {
+    /// Defaults with compiled artifacts under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            max_memory_bytes: 512 << 20,
+            pool_instances: 1000,
+            epoch_tick: Duration::from_millis(2),
+            compiled_dir: dir.into(),
+        }
+    }
+}
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not a WebAssembly binary at all.
+    #[error("not a WebAssembly binary: expected the `\\0asm` magic header")]
+    NotWasm,
+    /// A core module instead of a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build for `wasm32-wasip2` or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// The binary does not parse or validate.
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component imports something the host does not provide, or does not export the handler.
+    #[error("component does not target the `spate:plugin/event-handler` world: {0}")]
+    WrongWorld(String),
+    /// Engine or file-system failure.
+    #[error("engine error: {0}")]
+    Engine(String),
+}
+
+fn engine_err(e: impl std::fmt::Display) -> LoadError {
+    LoadError::Engine(e.to_string())
+}
+
+/// The process-wide sandbox.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: SandboxConfig,
+    engine_hash: String,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, AtomicOrdering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    /// Build the engine (pooling allocator, epoch interruption) and the linker with WASI
+    /// and the Spate host API, and start the epoch ticker.
+    pub fn new(config: SandboxConfig) -> Result<Arc<Self>, LoadError> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(config.pool_instances)
+            .total_core_instances(config.pool_instances.saturating_mul(4))
+            .total_memories(config.pool_instances.saturating_mul(2))
+            .total_tables(config.pool_instances.saturating_mul(4))
+            .total_stacks(config.pool_instances)
+            .max_memory_size(config.max_memory_bytes)
+            // Keep a little of each slot resident and decommit in batches: measured here
+            // to halve the cost of a fresh instance per event (DESIGN.md §6).
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10)
+            .decommit_batch_size(32)
+            .pagemap_scan(Enabled::Auto);
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_reservation(config.max_memory_bytes as u64)
+            .memory_guard_size(64 << 10)
+            .memory_reservation_for_growth(0);
+        let engine = Engine::new(&cfg).map_err(engine_err)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
+        EventHandler::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+
+        let engine_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
+        std::fs::create_dir_all(&config.compiled_dir).map_err(engine_err)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = Arc::clone(&ticker_stop);
+            let tick = config.epoch_tick;
+            std::thread::Builder::new()
+                .name("spate-epoch".into())
+                .spawn(move || {
+                    while !stop.load(AtomicOrdering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(engine_err)?;
+        }
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            config,
+            engine_hash,
+            ticker_stop,
+        }))
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Check the header, compile, and check the component against the host's world.
+    /// CPU-heavy: call it off the async runtime (e.g. in `spawn_blocking`).
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+            return Err(LoadError::NotWasm);
+        }
+        if wasmparser::Parser::is_core_wasm(bytes) {
+            return Err(LoadError::CoreModule);
+        }
+        if !wasmparser::Parser::is_component(bytes) {
+            return Err(LoadError::Invalid(
+                "unknown WebAssembly layer or version".into(),
+            ));
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        self.check_world(&component)?;
+        Ok(component)
+    }
+
+    fn check_world(&self, component: &Component) -> Result<EventHandlerPre<HostState>, LoadError> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        EventHandlerPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+    }
+
+    fn compiled_path(&self, hash: &str) -> PathBuf {
+        self.config
+            .compiled_dir
+            .join(format!("{hash}-{}.cwasm", self.engine_hash))
+    }
+
+    /// Load the component with content hash `hash`: from the compiled-artifact cache if
+    /// present, else compile `bytes` and write the cache. Blocking.
+    pub fn load_cached(&self, hash: &str, bytes: &[u8]) -> Result<Component, LoadError> {
+        let path = self.compiled_path(hash);
+        if path.exists() {
+            match deserialize(&self.engine, &path) {
+                Ok(c) => {
+                    self.check_world(&c)?;
+                    return Ok(c);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "compiled artifact unusable; recompiling")
+                }
+            }
+        }
+        let component = self.compile(bytes)?;
+        let serialized = component.serialize().map_err(engine_err)?;
+        write_atomic(&path, &serialized).map_err(engine_err)?;
+        Ok(component)
+    }
+
+    /// Whether a compiled artifact for `hash` is cached.
+    pub fn is_cached(&self, hash: &str) -> bool {
+        self.compiled_path(hash).exists()
+    }
+
+    /// Bind a compiled component to its plugin metadata: pre-instantiated once, ready to
+    /// create a sandbox per event.
+    pub fn plugin(
+        self: &Arc<Self>,
+        component: &Component,
+        info: Arc<PluginInfo>,
+    ) -> Result<Arc<WasmPlugin>, LoadError> {
+        let pre = self.check_world(component)?;
+        Ok(Arc::new(WasmPlugin {
+            info,
+            pre,
+            sandbox: Arc::clone(self),
+        }))
+    }
+
+    fn deadline_ticks(&self, timeout: Duration) -> u64 {
+        let tick = self.config.epoch_tick.as_nanos().max(1);
+        (timeout.as_nanos().div_ceil(tick) as u64).max(1) + 1
+    }
+}
+
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, path: &Path) -> Result<Component, LoadError> {
+    // SAFETY: the file was written by `Component::serialize` of this engine configuration
+    // (the name carries the engine's compatibility hash) into the runtime's own data
+    // directory, which only the runtime writes; wasmtime also checks the header.
+    unsafe { Component::deserialize_file(engine, path) }.map_err(engine_err)
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename, so a crash never leaves
+/// a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The memory cap of one store. Growing past it traps with [`MemoryCapExceeded`] instead
+/// of returning -1 to the guest, so the cause is known exactly.
+struct MemoryCap {
+    cap: usize,
+}
+
+/// The typed trap raised when a guest grows memory past its cap.
+#[derive(Debug, thiserror::Error)]
+#[error("memory cap of {cap} bytes exceeded (wanted {desired})")]
+pub struct MemoryCapExceeded {
+    cap: usize,
+    desired: usize,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            return Err(wasmtime::Error::new(MemoryCapExceeded {
+                cap: self.cap,
+                desired,
+            }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// Per-store state: the call's invocation, a deny-by-default WASI context, and limits.
+pub struct HostState {
+    invocation: Option<Invocation>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryCap,
+}
+
+impl HostState {
+    fn new(memory_cap: usize) -> Self {
+        // No preopened directories, no environment, no arguments, no network, stdio
+        // discarded: WASI imports link but can reach nothing.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        Self {
+            invocation: None,
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryCap { cap: memory_cap },
+        }
+    }
+
+    fn inv(&mut self) -> wasmtime::Result<&mut Invocation> {
+        self.invocation
+            .as_mut()
+            .ok_or_else(|| wasmtime::Error::msg("host API called outside of a handler call"))
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn trap(e: HostError) -> wasmtime::Error {
+    wasmtime::Error::new(e)
+}
+
+fn ttl(ms: Option<u64>) -> Option<Duration> {
+    ms.map(Duration::from_millis)
+}
+
+impl types::Host for HostState {}
+
+impl state::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.inv()?.state_get(&key).await.map_err(trap)
+    }
+
+    async fn put(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<()> {
+        self.inv()?
+            .state_put(&key, value, ttl(ttl_ms))
+            .map_err(trap)
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.inv()?.state_delete(&key).map_err(trap)
+    }
+
+    async fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<bool> {
+        self.inv()?
+            .state_cas(&key, expected, new, ttl(ttl_ms))
+            .await
+            .map_err(trap)
+    }
+
+    async fn scan(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<state::Entry>> {
+        let entries = self.inv()?.state_scan(&prefix, limit).await.map_err(trap)?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, value)| state::Entry { key, value })
+            .collect())
+    }
+}
+
+impl cache::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.inv()?.cache_get(&key).await.map_err(trap)
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: u64) -> wasmtime::Result<()> {
+        self.inv()?
+            .cache_set(&key, value, Duration::from_millis(ttl_ms))
+            .map_err(trap)
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.inv()?.cache_delete(&key).map_err(trap)
+    }
+
+    async fn incr(&mut self, key: String, delta: i64) -> wasmtime::Result<i64> {
+        self.inv()?.cache_incr(&key, delta).await.map_err(trap)
+    }
+}
+
+impl emit::Host for HostState {
+    async fn emit(
+        &mut self,
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<types::Header>,
+    ) -> wasmtime::Result<()> {
+        let headers = headers
+            .into_iter()
+            .map(|h| spate_core::Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect();
+        self.inv()?
+            .emit(&topic, key, payload, headers)
+            .map_err(trap)
+    }
+
+    async fn start_workflow(
+        &mut self,
+        name: String,
+        id: String,
+        input: Vec<u8>,
+    ) -> wasmtime::Result<()> {
+        self.inv()?.start_workflow(&name, &id, input).map_err(trap)
+    }
+}
+
+/// Longest log line kept from a guest.
+const MAX_LOG_LINE: usize = 4096;
+
+impl log::Host for HostState {
+    async fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
+        let inv = self.inv()?;
+        let plugin = inv.plugin().name().to_string();
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        match level {
+            types::Level::Trace => tracing::trace!(target: "spate::guest", %plugin, "{message}"),
+            types::Level::Debug => tracing::debug!(target: "spate::guest", %plugin, "{message}"),
+            types::Level::Info => tracing::info!(target: "spate::guest", %plugin, "{message}"),
+            types::Level::Warn => tracing::warn!(target: "spate::guest", %plugin, "{message}"),
+            types::Level::Error => tracing::error!(target: "spate::guest", %plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+/// A loaded plugin version: its compiled component pre-instantiated against the host.
+pub struct WasmPlugin {
+    info: Arc<PluginInfo>,
+    pre: EventHandlerPre<HostState>,
+    sandbox: Arc<Sandbox>,
+}
+
+impl PluginVersion for WasmPlugin {
+    fn info(&self) -> &Arc<PluginInfo> {
+        &self.info
+    }
+
+    fn instance(&self) -> Box<dyn Instance> {
+        let warm = matches!(
+            self.info.manifest.execution.mode,
+            spate_core::manifest::ExecutionMode::Warm
+        );
+        Box::new(WasmInstance {
+            pre: self.pre.clone(),
+            sandbox: Arc::clone(&self.sandbox),
+            memory_cap: self.info.manifest.limits.memory_bytes(),
+            timeout: self.info.manifest.limits.timeout(),
+            max_uses: if warm {
+                self.info.manifest.execution.max_events_per_instance
+            } else {
+                1
+            },
+            live: None,
+        })
+    }
+}
+
+struct Live {
+    store: Store<HostState>,
+    bindings: EventHandler,
+    uses: u32,
+}
+
+/// Calls for one lane: a fresh store per call, or (warm mode) one store reused for up to
+/// `max_uses` calls and dropped after any failure.
+struct WasmInstance {
+    pre: EventHandlerPre<HostState>,
+    sandbox: Arc<Sandbox>,
+    memory_cap: usize,
+    timeout: Duration,
+    max_uses: u32,
+    live: Option<Live>,
+}
+
+fn to_wit(e: &spate_core::Event) -> types::Event {
+    types::Event {
+        topic: e.topic.clone(),
+        partition: e.partition,
+        offset: e.offset,
+        key: e.key.clone(),
+        payload: e.payload.clone(),
+        headers: e
+            .headers
+            .iter()
+            .map(|h| types::Header {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+        timestamp_ms: e.timestamp_ms,
+    }
+}
+
+/// Classify a call's error from its type: host errors, the memory cap, wasm traps.
+pub fn classify(err: &wasmtime::Error) -> (TrapKind, String) {
+    if let Some(h) = err.downcast_ref::<HostError>() {
+        let kind = match h {
+            HostError::Capability(_) => TrapKind::Capability,
+            HostError::Limit(_) => TrapKind::Limit,
+            HostError::Invalid(_) => TrapKind::InvalidArgument,
+            HostError::Backend(_) => TrapKind::Infrastructure,
+        };
+        return (kind, h.to_string());
+    }
+    if let Some(m) = err.downcast_ref::<MemoryCapExceeded>() {
+        return (TrapKind::Memory, m.to_string());
+    }
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        let kind = match trap {
+            Trap::Interrupt => TrapKind::Deadline,
+            Trap::UnreachableCodeReached => TrapKind::Panic,
+            _ => TrapKind::Other,
+        };
+        let message = match kind {
+            TrapKind::Deadline => "wall-clock deadline exceeded (limits.timeout-ms)".to_string(),
+            TrapKind::Panic => "guest panicked (wasm `unreachable` executed)".to_string(),
+            _ => trap.to_string(),
+        };
+        return (kind, message);
+    }
+    (TrapKind::Other, format!("{err:#}"))
+}
+
+/// A new store with the plugin's limits and an instance in it. Takes its parts rather
+/// than `&WasmInstance` so the future stays `Send` (a store is not `Sync`).
+async fn fresh_live(
+    pre: EventHandlerPre<HostState>,
+    sandbox: Arc<Sandbox>,
+    memory_cap: usize,
+    timeout: Duration,
+) -> wasmtime::Result<Live> {
+    let mut store = Store::new(sandbox.engine(), HostState::new(memory_cap));
+    store.limiter(|s| &mut s.limiter);
+    // Instantiation runs guest start code too: it is under the same deadline.
+    store.set_epoch_deadline(sandbox.deadline_ticks(timeout));
+    store.epoch_deadline_trap();
+    let bindings = pre.instantiate_async(&mut store).await?;
+    Ok(Live {
+        store,
+        bindings,
+        uses: 0,
+    })
+}
+
+#[async_trait::async_trait]
+impl Instance for WasmInstance {
+    async fn call(&mut self, invocation: Invocation) -> CallResult {
+        let event = to_wit(invocation.event());
+        let mut live = match self.live.take() {
+            Some(l) => l,
+            None => match fresh_live(
+                self.pre.clone(),
+                Arc::clone(&self.sandbox),
+                self.memory_cap,
+                self.timeout,
+            )
+            .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    let (kind, message) = classify(&e);
+                    let mut inv = invocation;
+                    return CallResult {
+                        outcome: CallOutcome::Trap(kind, message),
+                        journal: inv.take_journal(),
+                    };
+                }
+            },
+        };
+        live.store.data_mut().invocation = Some(invocation);
+        live.store
+            .set_epoch_deadline(self.sandbox.deadline_ticks(self.timeout));
+        let result = live
+            .bindings
+            .spate_plugin_handler()
+            .call_handle(&mut live.store, &event)
+            .await;
+        let journal = live
+            .store
+            .data_mut()
+            .invocation
+            .take()
+            .map(|mut i| i.take_journal())
+            .unwrap_or_default();
+        let outcome = match result {
+            Ok(Ok(())) => CallOutcome::Ok,
+            Ok(Err(types::HandleError::Retry(r))) => CallOutcome::Retry(r),
+            Ok(Err(types::HandleError::Reject(r))) => CallOutcome::Reject(r),
+            Err(e) => {
+                let (kind, message) = classify(&e);
+                CallOutcome::Trap(kind, message)
+            }
+        };
+        live.uses += 1;
+        if outcome == CallOutcome::Ok && live.uses < self.max_uses {
+            self.live = Some(live);
+        }
+        CallResult { outcome, journal }
+    }
+}

@@ -1,0 +1,263 @@
+//! `spate plugin ...`: deploy a manifest and component, list, show, activate, roll back
+//! and remove plugins.
+
+use super::PluginCommand;
+use super::client::ApiClient;
+use anyhow::Context as _;
+use clap::Args;
+use reqwest::Method;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// Help text after `spate plugin deploy --help`.
+pub const DEPLOY_HELP: &str = "\
+PATH is a plugin directory (its spate.toml is the manifest) or a manifest file; without it,
+./spate.toml. Without --component, the component is looked for as <manifest dir>/<name>.wasm
+and as target/wasm32-wasip2/{release,debug}/<name_with_underscores>.wasm in the manifest's
+directory and the directories above it (the newest found wins).
+
+The new version is validated and compiled before it takes traffic; events already running
+finish on the version they started with. Re-deploying the same version with the same
+component and manifest changes nothing.
+
+Examples:
+  cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+  spate plugin deploy plugins/order-totals
+  spate plugin deploy plugins/order-totals/spate.toml --component order_totals.wasm
+  spate plugin deploy --manifest spate.toml --component plugin.wasm --no-activate";
+
+/// Options of `spate plugin deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Plugin directory or manifest file [default: ./spate.toml].
+    #[arg(value_name = "PATH", conflicts_with = "manifest")]
+    pub path: Option<PathBuf>,
+    /// Manifest file (the same as giving it as PATH).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Compiled component (.wasm) [default: looked up from the manifest's name].
+    #[arg(long, value_name = "FILE")]
+    pub component: Option<PathBuf>,
+    /// Store the version without making it active (activate later with `spate plugin activate`).
+    #[arg(long)]
+    pub no_activate: bool,
+}
+
+/// Run a `spate plugin` command.
+pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::Deploy(args) => deploy(client, args).await,
+        PluginCommand::Ls => list(client).await,
+        PluginCommand::Show { name } => {
+            let v = client
+                .read(client.request(Method::GET, &format!("/v1/plugins/{name}")))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        PluginCommand::Activate { name, version } => {
+            client
+                .write(
+                    client
+                        .request(Method::POST, &format!("/v1/plugins/{name}/activate"))
+                        .json(&json!({ "version": version })),
+                )
+                .await?;
+            println!("{name}: version {version} is now active");
+            Ok(())
+        }
+        PluginCommand::Rollback { name } => {
+            let v = client
+                .write(client.request(Method::POST, &format!("/v1/plugins/{name}/rollback")))
+                .await?;
+            let active = v.get("active").and_then(Value::as_str).unwrap_or("?");
+            println!("{name}: rolled back; version {active} is now active");
+            Ok(())
+        }
+        PluginCommand::Rm { name } => {
+            client
+                .write(client.request(Method::DELETE, &format!("/v1/plugins/{name}")))
+                .await?;
+            println!("removed plugin {name} and all its versions");
+            Ok(())
+        }
+    }
+}
+
+async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
+    let manifest_path = match args.manifest.or(args.path) {
+        Some(p) if p.is_dir() => p.join("spate.toml"),
+        Some(p) => p,
+        None => PathBuf::from("spate.toml"),
+    };
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading the manifest {}", manifest_path.display()))?;
+    let component_path = match args.component {
+        Some(c) => c,
+        None => find_component(&manifest_path, &manifest)?,
+    };
+    let component = std::fs::read(&component_path)
+        .with_context(|| format!("reading the component {}", component_path.display()))?;
+    eprintln!(
+        "deploying {} with {} ({} bytes)...",
+        manifest_path.display(),
+        component_path.display(),
+        component.len()
+    );
+    let form = Form::new()
+        .part(
+            "manifest",
+            Part::text(manifest).file_name("spate.toml").mime_str("application/toml")?,
+        )
+        .part(
+            "component",
+            Part::bytes(component)
+                .file_name("plugin.wasm")
+                .mime_str("application/wasm")?,
+        );
+    let activate = if args.no_activate { "false" } else { "true" };
+    let v = client
+        .write(
+            client
+                .request(Method::POST, "/v1/plugins")
+                .query(&[("activate", activate)])
+                .multipart(form),
+        )
+        .await?;
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let hash = s("hash");
+    let short = hash.get(..12).unwrap_or(&hash);
+    let what = if b("unchanged") {
+        "already stored, unchanged".to_string()
+    } else {
+        let ms = v.get("compile_ms").and_then(Value::as_u64).unwrap_or(0);
+        if ms == 0 {
+            "stored (compiled artifact reused)".to_string()
+        } else {
+            format!("stored, compiled in {ms} ms")
+        }
+    };
+    let state = if b("active") {
+        "active".to_string()
+    } else {
+        format!(
+            "not active (activate with `spate plugin activate {} {}`)",
+            s("name"),
+            s("version")
+        )
+    };
+    println!("{}@{} sha256:{short} {what}; {state}", s("name"), s("version"));
+    Ok(())
+}
+
+/// The newest `.wasm` found where a build of the manifest's plugin would put it.
+fn find_component(manifest_path: &Path, manifest: &str) -> anyhow::Result<PathBuf> {
+    let name = toml::from_str::<toml::Table>(manifest)
+        .ok()
+        .and_then(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .with_context(|| {
+            format!(
+                "{} has no `name`, so the component cannot be found by name; pass --component FILE",
+                manifest_path.display()
+            )
+        })?;
+    let crate_file = format!("{}.wasm", name.replace('-', "_"));
+    let dir = manifest_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut candidates = vec![dir.join(format!("{name}.wasm")), dir.join(&crate_file)];
+    for ancestor in dir.ancestors().chain(std::iter::once(Path::new("."))) {
+        for profile in ["release", "debug"] {
+            candidates.push(
+                ancestor
+                    .join("target/wasm32-wasip2")
+                    .join(profile)
+                    .join(&crate_file),
+            );
+        }
+    }
+    candidates
+        .into_iter()
+        .filter_map(|p| {
+            let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            Some((modified, p))
+        })
+        .max_by_key(|(m, _)| *m)
+        .map(|(_, p)| p)
+        .with_context(|| {
+            format!(
+                "no component found for plugin `{name}` (looked for {crate_file} under target/wasm32-wasip2/ \
+                 next to and above {}); build it with `cargo build --release --target wasm32-wasip2` \
+                 or pass --component FILE",
+                dir.display()
+            )
+        })
+}
+
+async fn list(client: &ApiClient) -> anyhow::Result<()> {
+    let v = client
+        .read(client.request(Method::GET, "/v1/plugins"))
+        .await?;
+    let plugins = v
+        .get("plugins")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if plugins.is_empty() {
+        println!("no plugins deployed; deploy one with `spate plugin deploy DIR`");
+        return Ok(());
+    }
+    let rows: Vec<[String; 3]> = plugins
+        .iter()
+        .map(|p| {
+            let name = p.get("name").and_then(Value::as_str).unwrap_or("?");
+            let active = p.get("active").and_then(Value::as_str).unwrap_or("-");
+            let versions = p
+                .get("versions")
+                .and_then(Value::as_array)
+                .map(|vs| {
+                    vs.iter()
+                        .filter_map(|v| v.get("version").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            [name.to_string(), active.to_string(), versions]
+        })
+        .collect();
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(4);
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0).max(6);
+    println!("{:w0$}  {:w1$}  VERSIONS", "NAME", "ACTIVE");
+    for [name, active, versions] in rows {
+        println!("{name:w0$}  {active:w1$}  {versions}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn finds_the_newest_build_of_the_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("plugins/order-totals");
+        std::fs::create_dir_all(&plugin).unwrap();
+        let manifest = plugin.join("spate.toml");
+        let text = "name = \"order-totals\"\n";
+        std::fs::write(&manifest, text).unwrap();
+        assert!(find_component(&manifest, text).is_err());
+        let built = dir.path().join("plugins/target/wasm32-wasip2/release");
+        std::fs::create_dir_all(&built).unwrap();
+        std::fs::write(built.join("order_totals.wasm"), b"x").unwrap();
+        assert_eq!(
+            find_component(&manifest, text).unwrap(),
+            built.join("order_totals.wasm")
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! Runtime assembly: backends chosen by configuration, the sandbox and registry, and the
+//! supervisor that keeps one pipeline per subscription of every active plugin.
+
+use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
+use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
+use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+use spate_core::host::HostServices;
+use spate_core::manifest::{Manifest, Ordering};
+use spate_engine::{Registry, RegistryChange, Sandbox, SandboxConfig};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::Duration;
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// The backends a runtime talks to.
+#[derive(Clone)]
+pub struct Backends {
+    /// Where emits and dead letters go; what the HTTP API reads.
+    pub bus: Arc<dyn EventBus>,
+    /// Where subscriptions come from.
+    pub source: Arc<dyn EventSource>,
+    /// Durable state.
+    pub state: Arc<dyn StateStore>,
+    /// Cache.
+    pub cache: Arc<dyn Cache>,
+}
+
+impl Backends {
+    /// Build the backends the configuration selects.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let (bus, source): (Arc<dyn EventBus>, Arc<dyn EventSource>) = match &config.events {
+            EventsConfig::Embedded {
+                default_partitions,
+                auto_create_topics,
+            } => {
+                let log = EmbeddedLog::open(
+                    &config.data_dir.join("log"),
+                    LogConfig {
+                        default_partitions: *default_partitions,
+                        auto_create_topics: *auto_create_topics,
+                        ..LogConfig::default()
+                    },
+                )
+                .context("opening the embedded event log")?;
+                (log.clone(), log)
+            }
+        };
+        let state: Arc<dyn StateStore> = match &config.state {
+            StateConfig::Embedded => EmbeddedStateStore::open(&config.data_dir.join("state"))
+                .context("opening the embedded state store")?,
+        };
+        let cache: Arc<dyn Cache> = match &config.cache {
+            CacheConfig::Memory { max_bytes } => Arc::new(MokaCache::new(*max_bytes)),
+        };
+        Ok(Self {
+            bus,
+            source,
+            state,
+            cache,
+        })
+    }
+}
+
+/// A running runtime: registry, backends and supervisor.
+pub struct Runtime {
+    /// Configuration it was built from.
+    pub config: Config,
+    /// Backends.
+    pub backends: Backends,
+    /// Plugin registry.
+    pub registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    supervisor: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Runtime {
+    /// Build everything and start consuming for every active plugin.
+    pub async fn start(config: Config, backends: Backends) -> anyhow::Result<Arc<Self>> {
+        let mut sandbox_config = SandboxConfig::new(config.data_dir.join("compiled"));
+        sandbox_config.max_memory_bytes = (config.sandbox.max_memory_mb as usize) << 20;
+        sandbox_config.pool_instances = config.sandbox.pool_instances;
+        let sandbox = Sandbox::new(sandbox_config)?;
+        let registry = Registry::open(
+            sandbox,
+            &config.data_dir.join("plugins"),
+            config.ceilings(),
+            config.api.max_upload_bytes,
+        )
+        .await?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let shutdown = CancellationToken::new();
+        let supervisor = Supervisor {
+            registry: Arc::clone(&registry),
+            backends: backends.clone(),
+            config: config.clone(),
+            runs: HashMap::new(),
+            shutdown: shutdown.clone(),
+        };
+        let changes = registry.changes();
+        let ready_flag = Arc::clone(&ready);
+        let handle = tokio::spawn(supervisor.run(changes, ready_flag));
+        Ok(Arc::new(Self {
+            config,
+            backends,
+            registry,
+            ready,
+            shutdown,
+            supervisor: tokio::sync::Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// Whether active plugins are loaded and their pipelines started.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(AtomicOrdering::Acquire) && !self.shutdown.is_cancelled()
+    }
+
+    /// Stop reading, drain in-flight events, commit, and return when done.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.supervisor.lock().await.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+/// What decides a plugin's pipelines: when it changes, the pipelines restart.
+#[derive(Clone, Debug, PartialEq)]
+struct Shape {
+    subscriptions: Vec<(String, spate_core::StartPosition)>,
+    ordering: Ordering,
+    concurrency: u32,
+}
+
+impl Shape {
+    fn of(m: &Manifest) -> Self {
+        Self {
+            subscriptions: m
+                .subscriptions
+                .iter()
+                .map(|s| (s.topic.clone(), s.start))
+                .collect(),
+            ordering: m.ordering,
+            concurrency: m.limits.concurrency,
+        }
+    }
+}
+
+struct PluginRun {
+    active: Arc<ActiveVersion>,
+    shape: Shape,
+    token: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+struct Supervisor {
+    registry: Arc<Registry>,
+    backends: Backends,
+    config: Config,
+    runs: HashMap<String, PluginRun>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut changes: broadcast::Receiver<RegistryChange>, ready: Arc<AtomicBool>) {
+        for name in self.registry.active_names() {
+            self.sync(&name).await;
+        }
+        ready.store(true, AtomicOrdering::Release);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                change = changes.recv() => match change {
+                    Ok(RegistryChange::Activated(name) | RegistryChange::Removed(name)) => self.sync(&name).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let mut names: Vec<String> = self.runs.keys().cloned().collect();
+                        names.extend(self.registry.active_names());
+                        names.sort();
+                        names.dedup();
+                        for n in names {
+                            self.sync(&n).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        let runs: Vec<PluginRun> = self.runs.drain().map(|(_, r)| r).collect();
+        let mut stopping = JoinSet::new();
+        for run in runs {
+            stopping.spawn(stop(run));
+        }
+        while stopping.join_next().await.is_some() {}
+        info!("all pipelines drained");
+    }
+
+    /// Bring the pipelines of `name` in line with its active version.
+    async fn sync(&mut self, name: &str) {
+        let Some(version) = self.registry.active(name) else {
+            if let Some(run) = self.runs.remove(name) {
+                run.active.clear();
+                stop(run).await;
+                info!(plugin = name, "plugin removed; pipelines stopped");
+            }
+            return;
+        };
+        let shape = Shape::of(&version.info().manifest);
+        if let Some(run) = self.runs.get(name)
+            && run.shape == shape
+        {
+            // Same subscriptions: an atomic swap. Events already started finish on the
+            // version they loaded; new events start on this one.
+            run.active.store(version);
+            info!(plugin = name, "hot-swapped active version");
+            return;
+        }
+        if let Some(run) = self.runs.remove(name) {
+            stop(run).await;
+        }
+        let run = self.start(name, version, shape);
+        self.runs.insert(name.to_string(), run);
+    }
+
+    fn start(&self, name: &str, version: Arc<dyn PluginVersion>, shape: Shape) -> PluginRun {
+        let active = ActiveVersion::new(version);
+        let token = self.shutdown.child_token();
+        let permits = Arc::new(Semaphore::new(shape.concurrency as usize));
+        let services = HostServices {
+            state: Arc::clone(&self.backends.state),
+            cache: Arc::clone(&self.backends.cache),
+            workflow_topic: self.config.workflow_topic.clone(),
+        };
+        let mut tasks = JoinSet::new();
+        for (topic, start) in &shape.subscriptions {
+            let mut cfg = PipelineConfig::new(name, topic);
+            cfg.start = *start;
+            cfg.ordering = shape.ordering;
+            cfg.max_buffered = self.config.dispatch.max_buffered;
+            cfg.commit_interval = Duration::from_millis(self.config.dispatch.commit_interval_ms);
+            cfg.drain_timeout = Duration::from_millis(self.config.dispatch.drain_timeout_ms);
+            let pipeline = Pipeline::new(
+                cfg,
+                Arc::clone(&active),
+                Arc::clone(&self.backends.source),
+                Arc::clone(&self.backends.bus),
+                services.clone(),
+                Arc::clone(&permits),
+                token.clone(),
+            );
+            let plugin = name.to_string();
+            let topic = topic.clone();
+            let token = token.clone();
+            tasks.spawn(async move {
+                // A pipeline that fails to subscribe retries until stopped.
+                loop {
+                    match pipeline_clone_run(&pipeline).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
+                            tokio::select! {
+                                _ = token.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        info!(plugin = name, topics = shape.subscriptions.len(), "pipelines started");
+        PluginRun {
+            active,
+            shape,
+            token,
+            tasks,
+        }
+    }
+}
+
+async fn pipeline_clone_run(p: &Pipeline) -> Result<(), spate_core::BackendError> {
+    p.run().await
+}
+
+async fn stop(mut run: PluginRun) {
+    run.token.cancel();
+    while run.tasks.join_next().await.is_some() {}
+}

@@ -1,0 +1,142 @@
+//! Process-wide telemetry: the Prometheus metrics recorder behind `GET /metrics` and the
+//! `tracing` subscriber for logs.
+//!
+//! Both are global and installed at most once per process, so tests that build many
+//! runtimes and routers in one process share them. Metric names and labels are the ones
+//! the dispatcher records (low cardinality: plugin, outcome, kind, topic — never keys or
+//! offsets).
+
+use metrics::Unit;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// Histogram buckets for handler durations, in seconds: 50 µs up to 10 s.
+pub const HANDLER_DURATION_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often histogram data is drained when nobody scrapes `/metrics`.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the Prometheus recorder (first call only) and return a handle that renders
+/// the scrape text. Later calls return the same handle.
+///
+/// If another recorder was installed first (say, by an embedding program), metrics
+/// recorded through the `metrics` macros go there and this handle renders nothing; the
+/// process keeps running either way.
+pub fn metrics() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Full("spate_handler_duration_seconds".into()),
+                HANDLER_DURATION_BUCKETS,
+            ) {
+                Ok(b) => b,
+                // Only fails for an empty bucket list, which the constant is not.
+                Err(_) => PrometheusBuilder::new(),
+            };
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => describe(),
+                Err(e) => tracing::warn!(error = %e, "a metrics recorder was already installed; /metrics will be empty"),
+            }
+            let upkeep = handle.clone();
+            // Histograms buffer samples until upkeep drains them; without a scraper that
+            // would grow without bound. A named thread keeps this independent of tokio.
+            let spawned = std::thread::Builder::new()
+                .name("spate-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// HELP lines for every metric the runtime records.
+fn describe() {
+    metrics::describe_counter!(
+        "spate_events_total",
+        Unit::Count,
+        "Events finished per plugin, by outcome (ok, dead-lettered)."
+    );
+    metrics::describe_histogram!(
+        "spate_handler_duration_seconds",
+        Unit::Seconds,
+        "Wall-clock time of one handler call, including instantiation."
+    );
+    metrics::describe_counter!(
+        "spate_retries_total",
+        Unit::Count,
+        "Handler attempts that failed and were retried."
+    );
+    metrics::describe_counter!(
+        "spate_dead_letters_total",
+        Unit::Count,
+        "Events sent to the dead-letter topic, by failure kind."
+    );
+    metrics::describe_counter!(
+        "spate_traps_total",
+        Unit::Count,
+        "Handler calls that trapped, by kind (deadline, memory, panic, ...)."
+    );
+    metrics::describe_gauge!(
+        "spate_consumer_lag",
+        Unit::Count,
+        "Events appended to a subscribed topic but not yet committed by the plugin."
+    );
+    metrics::describe_counter!(
+        "spate_infrastructure_errors_total",
+        Unit::Count,
+        "Backend failures (state, emit, source) that made an event be retried without counting an attempt."
+    );
+    metrics::describe_counter!(
+        "spate_cache_errors_total",
+        Unit::Count,
+        "Cache writes that failed after an event's durable effects were applied."
+    );
+}
+
+/// Install the `tracing` subscriber: human-readable logs to stderr, filtered by
+/// `RUST_LOG` (default `info`). Does nothing if a subscriber is already installed.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn recorder_is_installed_once_and_renders_buckets_and_help() {
+        let a = metrics();
+        let b = metrics();
+        metrics::histogram!("spate_handler_duration_seconds", "plugin" => "t").record(0.0002);
+        metrics::counter!("spate_events_total", "plugin" => "t", "outcome" => "ok").increment(1);
+        let text = b.render();
+        assert!(text.contains("# HELP spate_events_total"), "{text}");
+        assert!(
+            text.contains("spate_handler_duration_seconds_bucket{plugin=\"t\",le=\"0.00025\"} 1"),
+            "{text}"
+        );
+        assert_eq!(a.render().is_empty(), text.is_empty());
+    }
+}

@@ -1,0 +1,325 @@
+//! End-to-end behaviour of the dispatcher and sandbox on embedded defaults, with real
+//! plugins built from `plugins/`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use serde_json::json;
+use spate_core::types::headers;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_emits_with_idempotency_id_and_provenance() {
+    let h = Harness::start().await;
+    let up = h
+        .deploy(&chaos_manifest("chaos", "1.0.0", "in", ""), chaos_wasm())
+        .await;
+    h.send("in", "k1", json!({"op": "emit", "n": 7, "seq": 1})).await;
+    let out = h.wait_events("out", 1, WAIT).await;
+    assert_eq!(out.len(), 1);
+    let e = &out[0];
+    assert_eq!(json(e)["n"], 7);
+    assert_eq!(e.key.as_deref(), Some(&b"k1"[..]));
+    let id = header(e, headers::IDEMPOTENCY_ID).unwrap();
+    assert!(id.starts_with("chaos/in/"), "{id}");
+    assert!(id.ends_with("/0/0") || id.ends_with("/0"), "{id}");
+    assert_eq!(header(e, headers::PLUGIN), Some("chaos"));
+    assert_eq!(header(e, headers::PLUGIN_VERSION), Some("1.0.0"));
+    assert_eq!(header(e, headers::PLUGIN_HASH), Some(up.hash.as_str()));
+    assert!(header(e, headers::SOURCE).unwrap().starts_with("in/"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_are_emitted_to_the_workflow_topic_once_per_id() {
+    let h = Harness::start().await;
+    h.deploy(&chaos_manifest("chaos", "1.0.0", "in", ""), chaos_wasm())
+        .await;
+    // Two events asking for the same workflow run id: one run.
+    for _ in 0..2 {
+        h.send(
+            "in",
+            "k1",
+            json!({"op": "workflow", "name": "review-order", "id": "order-9", "input": {"x": 1}}),
+        )
+        .await;
+    }
+    h.send("in", "k2", json!({"op": "emit", "seq": "barrier"})).await;
+    h.wait_events("out", 1, WAIT).await;
+    // The first two events are on one key lane, before the barrier only by partition;
+    // wait until both were handled by waiting for the committed watermark via a third.
+    h.send("in", "k1", json!({"op": "emit", "seq": "after"})).await;
+    h.wait_events("out", 2, WAIT).await;
+    let wf = h.events("workflows").await;
+    assert_eq!(wf.len(), 1, "{:#?}", wf.iter().map(describe).collect::<Vec<_>>());
+    assert_eq!(header(&wf[0], headers::WORKFLOW), Some("review-order"));
+    assert_eq!(header(&wf[0], headers::WORKFLOW_ID), Some("order-9"));
+    assert_eq!(json(&wf[0]), json!({"x": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_reads_its_own_writes_and_failed_calls_apply_nothing() {
+    let h = Harness::start().await;
+    h.deploy(
+        &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 2\ninitial-backoff-ms = 5\n"),
+        chaos_wasm(),
+    )
+    .await;
+    h.send("in", "a", json!({"op": "put", "key": "colour", "value": "blue"})).await;
+    let out = h.wait_events("out", 1, WAIT).await;
+    assert_eq!(json(&out[0])["value"], "blue", "read-your-writes inside the call");
+
+    // Writes state and cache and emits, then fails: none of it may be applied.
+    h.send("in", "a", json!({"op": "put-then-fail", "key": "colour", "value": "red"}))
+        .await;
+    let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
+    assert_eq!(header(&dlq[0], headers::DLQ_ATTEMPTS), Some("2"));
+    h.send("in", "a", json!({"op": "get", "key": "colour"})).await;
+    h.send("in", "a", json!({"op": "cache-get", "key": "colour"})).await;
+    let out = h.wait_events("out", 3, WAIT).await;
+    assert_eq!(out.len(), 3, "the failed call's emit must not appear");
+    assert_eq!(json(&out[1])["value"], "blue", "state untouched by the failed call");
+    assert_eq!(json(&out[2])["value"], serde_json::Value::Null, "cache untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_then_success_emits_exactly_once() {
+    let h = Harness::start().await;
+    h.deploy(
+        &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 5\nmax-backoff-ms = 20\n"),
+        chaos_wasm(),
+    )
+    .await;
+    h.send("in", "f", json!({"op": "flaky", "succeed-on": 3, "id": "f1"})).await;
+    h.send("in", "f", json!({"op": "get", "key": "flaky/f1"})).await;
+    let out = h.wait_events("out", 2, WAIT).await;
+    assert_eq!(out.len(), 2);
+    assert_eq!(json(&out[0])["attempt"], 3, "only the successful attempt's emit");
+    assert_eq!(json(&out[1])["value"], "3", "only the successful attempt's state write");
+    assert!(h.events("chaos.dlq").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_is_dead_lettered_at_once_with_reason_and_coordinates() {
+    let h = Harness::start().await;
+    let up = h
+        .deploy(
+            &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 1000\n"),
+            chaos_wasm(),
+        )
+        .await;
+    let started = Instant::now();
+    h.send("in", "r", json!({"op": "reject", "reason": "bad order"})).await;
+    let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
+    assert!(started.elapsed() < Duration::from_millis(900), "rejects are not retried");
+    let d = &dlq[0];
+    assert_eq!(header(d, headers::DLQ_KIND), Some("rejected"));
+    assert_eq!(header(d, headers::DLQ_REASON), Some("bad order"));
+    assert_eq!(header(d, headers::DLQ_ATTEMPTS), Some("1"));
+    assert_eq!(header(d, headers::PLUGIN_VERSION), Some("1.0.0"));
+    assert_eq!(header(d, headers::PLUGIN_HASH), Some(up.hash.as_str()));
+    assert!(header(d, headers::SOURCE).unwrap().starts_with("in/"));
+    assert_eq!(d.key.as_deref(), Some(&b"r"[..]));
+    assert_eq!(json(d)["op"], "reject", "original payload kept");
+}
+
+/// A bad event of each trap kind is retried up to the limit and dead-lettered with its
+/// kind, while events of other keys keep flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_are_classified_retried_and_dead_lettered_without_stalling_other_keys() {
+    let h = Harness::start().await;
+    h.deploy(
+        &chaos_manifest(
+            "chaos",
+            "1.0.0",
+            "in",
+            "[limits]\ntimeout-ms = 200\nmemory-mb = 16\n[retry]\nmax-attempts = 2\ninitial-backoff-ms = 10\n",
+        ),
+        chaos_wasm(),
+    )
+    .await;
+    for (key, op) in [("bad-loop", "loop"), ("bad-mem", "membomb"), ("bad-panic", "panic")] {
+        h.send("in", key, json!({"op": op})).await;
+    }
+    let started = Instant::now();
+    for i in 0..50 {
+        h.send("in", &format!("good-{i}"), json!({"op": "emit", "seq": i})).await;
+    }
+    let out = h.wait_events("out", 50, WAIT).await;
+    let good_done = started.elapsed();
+    let dlq = h.wait_events("chaos.dlq", 3, WAIT).await;
+    let kinds: HashMap<String, String> = dlq
+        .iter()
+        .map(|d| {
+            (
+                String::from_utf8(d.key.clone().unwrap()).unwrap(),
+                header(d, headers::DLQ_KIND).unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(kinds["bad-loop"], "deadline");
+    assert_eq!(kinds["bad-mem"], "memory");
+    assert_eq!(kinds["bad-panic"], "panic");
+    for d in &dlq {
+        assert_eq!(header(d, headers::DLQ_ATTEMPTS), Some("2"), "{}", describe(d));
+    }
+    assert_eq!(out.len(), 50);
+    // Two attempts of a 200 ms loop take > 400 ms; the good keys were not behind them.
+    assert!(
+        good_done < Duration::from_secs(5),
+        "good events took {good_done:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_under_concurrency() {
+    let h = Harness::start().await;
+    h.deploy(
+        &chaos_manifest("chaos", "1.0.0", "in", "[limits]\nconcurrency = 16\n"),
+        chaos_wasm(),
+    )
+    .await;
+    let keys = 10;
+    let per_key = 30;
+    for i in 0..per_key {
+        for k in 0..keys {
+            // Uneven work so that lanes finish out of order.
+            let op = if (i + k) % 7 == 0 {
+                json!({"op": "sleep-ms", "ms": 3, "seq": i})
+            } else {
+                json!({"op": "emit", "seq": i})
+            };
+            h.send("in", &format!("key-{k}"), op).await;
+        }
+    }
+    let out = h.wait_events("out", keys * per_key, WAIT).await;
+    let mut by_key: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+    let mut by_partition_offset: Vec<(u32, u64, Vec<u8>, i64)> = out
+        .iter()
+        .map(|e| (e.partition, e.offset, e.key.clone().unwrap(), json(e)["seq"].as_i64().unwrap()))
+        .collect();
+    by_partition_offset.sort();
+    for (_, _, k, seq) in by_partition_offset {
+        by_key.entry(k).or_default().push(seq);
+    }
+    assert_eq!(by_key.len(), keys);
+    for (k, seqs) in by_key {
+        let expected: Vec<i64> = (0..per_key as i64).collect();
+        assert_eq!(seqs, expected, "order of key {}", String::from_utf8_lossy(&k));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_read_another_plugins_state_or_emit_to_undeclared_topics() {
+    let h = Harness::start().await;
+    h.deploy(&chaos_manifest("alpha", "1.0.0", "in-a", ""), chaos_wasm())
+        .await;
+    h.deploy(&chaos_manifest("beta", "1.0.0", "in-b", ""), chaos_wasm())
+        .await;
+    h.send("in-a", "k", json!({"op": "put", "key": "secret", "value": "s3cret"})).await;
+    h.wait_events("out", 1, WAIT).await;
+    h.send("in-b", "k", json!({"op": "get", "key": "secret"})).await;
+    let out = h.wait_events("out", 2, WAIT).await;
+    let beta = out
+        .iter()
+        .find(|e| header(e, headers::PLUGIN) == Some("beta"))
+        .unwrap();
+    assert_eq!(json(beta)["value"], serde_json::Value::Null);
+
+    h.send("in-b", "k", json!({"op": "emit", "topic": "not-declared"})).await;
+    let dlq = h.wait_events("beta.dlq", 1, WAIT).await;
+    assert_eq!(header(&dlq[0], headers::DLQ_KIND), Some("capability"));
+    assert_eq!(header(&dlq[0], headers::DLQ_ATTEMPTS), Some("1"));
+    assert!(header(&dlq[0], headers::DLQ_REASON).unwrap().contains("not-declared"));
+    assert!(h.events("not-declared").await.is_empty());
+
+    // Claiming another plugin's namespace is refused at upload.
+    let stealer = chaos_manifest(
+        "gamma",
+        "1.0.0",
+        "in-c",
+        "",
+    )
+    .replace("[capabilities]", "[capabilities]\nstate-namespace = \"alpha\"");
+    let err = h.rt.registry.upload(&stealer, chaos_wasm(), true).await.unwrap_err();
+    assert!(err.to_string().contains("alpha"), "{err}");
+}
+
+/// Hot swap under load: no failed event, each event handled by exactly one version, and
+/// both versions served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_loses_nothing_and_each_event_has_one_version() {
+    let h = Harness::start().await;
+    h.deploy(&chaos_manifest("chaos", "1.0.0", "in", ""), chaos_wasm())
+        .await;
+    let total = 1500;
+    let bus = h.bus().clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..total {
+            send(&bus, "in", &format!("k{}", i % 40), json!({"op": "emit", "seq": i})).await;
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    h.wait_events("out", 300, WAIT).await;
+    h.deploy(&chaos_manifest("chaos", "2.0.0", "in", ""), chaos_wasm())
+        .await;
+    sender.await.unwrap();
+    let out = h.wait_events("out", total, WAIT).await;
+    let mut seen = HashSet::new();
+    let mut versions: HashMap<String, usize> = HashMap::new();
+    for e in &out {
+        assert!(seen.insert(json(e)["seq"].as_i64().unwrap()), "duplicate {}", describe(e));
+        *versions
+            .entry(header(e, headers::PLUGIN_VERSION).unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), total);
+    assert!(versions.get("1.0.0").copied().unwrap_or(0) > 0, "{versions:?}");
+    assert!(versions.get("2.0.0").copied().unwrap_or(0) > 0, "{versions:?}");
+    assert!(h.events("chaos.dlq").await.is_empty());
+
+    // Rollback is one call and the old version serves again.
+    let back = h.rt.registry.rollback("chaos").await.unwrap();
+    assert_eq!(back, "1.0.0");
+    h.send("in", "z", json!({"op": "emit", "seq": "after-rollback"})).await;
+    let out = h.wait_events("out", total + 1, WAIT).await;
+    let last = out
+        .iter()
+        .find(|e| json(e)["seq"] == "after-rollback")
+        .unwrap();
+    assert_eq!(header(last, headers::PLUGIN_VERSION), Some("1.0.0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_plugin_updates_totals_and_starts_review_workflows() {
+    let h = Harness::start().await;
+    let manifest = std::fs::read_to_string(plugins_dir().join("order-totals/spate.toml")).unwrap();
+    h.deploy(&manifest, order_totals_wasm()).await;
+    h.send(
+        "orders",
+        "c-1",
+        json!({"order_id": "o-1", "customer_id": "c-1", "amount_cents": 2000, "currency": "EUR"}),
+    )
+    .await;
+    h.send(
+        "orders",
+        "c-1",
+        json!({"order_id": "o-2", "customer_id": "c-1", "amount_cents": 250000, "currency": "EUR"}),
+    )
+    .await;
+    h.send("orders", "c-2", json!({"order_id": "o-3"})).await;
+    let wf = h.wait_events("workflows", 1, WAIT).await;
+    assert_eq!(header(&wf[0], headers::WORKFLOW), Some("review-order"));
+    assert_eq!(header(&wf[0], headers::WORKFLOW_ID), Some("o-2"));
+    let dlq = h.wait_events("order-totals.dlq", 1, WAIT).await;
+    assert_eq!(header(&dlq[0], headers::DLQ_KIND), Some("rejected"));
+    let totals = h.wait_events("customer-totals", 2, WAIT).await;
+    let last = json(totals.last().unwrap());
+    assert_eq!(last["total_cents"], 252000, "{last}");
+    assert_eq!(last["order_count"], 2, "{last}");
+}

@@ -1,0 +1,182 @@
+//! Shared harness of the end-to-end tests: a runtime on embedded defaults in a temporary
+//! data directory, the test plugins built from `plugins/`, and helpers to send events and
+//! wait for what the runtime writes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use serde_json::Value;
+use spate::{Backends, Config, Runtime};
+use spate_core::types::header_str;
+use spate_core::{Event, EventBus, NewEvent};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The test-chaos component.
+pub fn chaos_wasm() -> Vec<u8> {
+    std::fs::read(env!("SPATE_PLUGIN_TEST_CHAOS")).expect("test-chaos component")
+}
+
+/// The example plugin's component.
+pub fn order_totals_wasm() -> Vec<u8> {
+    std::fs::read(env!("SPATE_PLUGIN_ORDER_TOTALS")).expect("order-totals component")
+}
+
+/// A component of the wrong world (a WASI command).
+pub fn wrong_world_wasm() -> Vec<u8> {
+    std::fs::read(env!("SPATE_PLUGIN_TEST_WRONG_WORLD")).expect("wrong-world component")
+}
+
+/// The repository's `plugins/` directory.
+pub fn plugins_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins"))
+}
+
+/// A test-chaos manifest: `name`, `version`, subscribed to `topic`, emitting to `out`,
+/// with `extra` TOML appended (sections such as `[limits]`).
+pub fn chaos_manifest(name: &str, version: &str, topic: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = "{version}"
+subscriptions = [{{ topic = "{topic}" }}]
+[capabilities]
+emit-topics = ["out"]
+workflows = ["*"]
+{extra}
+"#
+    )
+}
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Configuration for a test runtime in `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.dispatch.commit_interval_ms = 20;
+    c.dispatch.drain_timeout_ms = 5_000;
+    c.api.token = Some(TOKEN.into());
+    c.sandbox.pool_instances = 128;
+    c
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub rt: Arc<Runtime>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = start_runtime(dir.path()).await;
+        Self { dir, rt }
+    }
+
+    pub fn bus(&self) -> &Arc<dyn EventBus> {
+        &self.rt.backends.bus
+    }
+
+    pub async fn deploy(&self, manifest: &str, wasm: Vec<u8>) -> spate_engine::UploadOutcome {
+        self.rt
+            .registry
+            .upload(manifest, wasm, true)
+            .await
+            .unwrap_or_else(|e| panic!("upload failed: {e}"))
+    }
+
+    pub async fn send(&self, topic: &str, key: &str, payload: Value) {
+        send(self.bus(), topic, key, payload).await;
+    }
+
+    pub async fn events(&self, topic: &str) -> Vec<Event> {
+        read_all(self.bus(), topic).await
+    }
+
+    /// Wait until `topic` holds at least `n` events; panics after `timeout`.
+    pub async fn wait_events(&self, topic: &str, n: usize, timeout: Duration) -> Vec<Event> {
+        wait_events(self.bus(), topic, n, timeout).await
+    }
+}
+
+pub async fn start_runtime(dir: &Path) -> Arc<Runtime> {
+    let config = test_config(dir);
+    let backends = Backends::from_config(&config).unwrap();
+    Runtime::start(config, backends).await.unwrap()
+}
+
+pub async fn send(bus: &Arc<dyn EventBus>, topic: &str, key: &str, payload: Value) {
+    bus.append(
+        topic,
+        vec![NewEvent {
+            key: Some(key.as_bytes().to_vec()),
+            payload: serde_json::to_vec(&payload).unwrap(),
+            headers: vec![],
+        }],
+    )
+    .await
+    .unwrap();
+}
+
+pub async fn read_all(bus: &Arc<dyn EventBus>, topic: &str) -> Vec<Event> {
+    let Some(parts) = bus.partitions(topic).await.unwrap() else {
+        return Vec::new();
+    };
+    let mut all = Vec::new();
+    for p in 0..parts {
+        let mut from = 0;
+        loop {
+            let batch = bus.read(topic, p, from, 1000).await.unwrap();
+            let Some(last) = batch.last() else { break };
+            from = last.offset + 1;
+            all.extend(batch);
+        }
+    }
+    all
+}
+
+pub async fn wait_events(
+    bus: &Arc<dyn EventBus>,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Event> {
+    let start = Instant::now();
+    loop {
+        let events = read_all(bus, topic).await;
+        if events.len() >= n {
+            return events;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {n} events on `{topic}`; have {}: {:#?}",
+                events.len(),
+                events.iter().map(describe).collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn json(e: &Event) -> Value {
+    serde_json::from_slice(&e.payload).unwrap_or(Value::Null)
+}
+
+pub fn header<'a>(e: &'a Event, name: &str) -> Option<&'a str> {
+    header_str(&e.headers, name)
+}
+
+pub fn describe(e: &Event) -> String {
+    let headers: Vec<String> = e
+        .headers
+        .iter()
+        .map(|h| format!("{}={}", h.name, String::from_utf8_lossy(&h.value)))
+        .collect();
+    format!(
+        "{}/{}/{} key={:?} payload={} headers=[{}]",
+        e.topic,
+        e.partition,
+        e.offset,
+        e.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        String::from_utf8_lossy(&e.payload),
+        headers.join(", ")
+    )
+}
