@@ -1,1 +1,392 @@
-fn main() {}
+//! `spate-bench`: measures the embedded path end to end and the price of the sandbox.
+//!
+//! It loads the `trivial` and `order-totals` components (built for `wasm32-wasip2`), runs
+//! them and a native Rust twin of `trivial` through the real dispatcher against the
+//! embedded log, state store and cache in temporary directories, and prints throughput,
+//! append-to-visible latency and per-call costs. It owns measurement only: everything it
+//! drives is the runtime's own code (`spate-core`, `spate-engine`), wired as `spate up`
+//! wires it. Run it through `scripts/bench`, which builds the plugins first.
+
+mod harness;
+mod micro;
+mod native;
+mod report;
+mod workload;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use harness::{RunSettings, Subject, THROUGHPUT_BATCH};
+use micro::Reuse;
+use native::NativeTrivial;
+use report::{Machine, PluginLoad, Ratios, Report, Run, Settings};
+use spate_core::dispatch::PluginVersion;
+use spate_core::host::PluginInfo;
+use spate_core::manifest::{ExecutionMode, LimitCeilings, Manifest};
+use spate_engine::{Sandbox, SandboxConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use workload::Workload;
+
+/// Manifest of the `trivial` plugin, as in the tree.
+const TRIVIAL_MANIFEST: &str = include_str!("../../../plugins/trivial/spate.toml");
+/// Manifest of the `order-totals` plugin, as in the tree.
+const ORDER_TOTALS_MANIFEST: &str = include_str!("../../../plugins/order-totals/spate.toml");
+/// Sandbox memory ceiling per slot and pool size: the server's defaults.
+const SANDBOX_MAX_MEMORY_MB: usize = 256;
+const SANDBOX_POOL_INSTANCES: u32 = 512;
+/// Untimed calls before each microbenchmark.
+const MICRO_WARMUP: usize = 500;
+/// One-event appends timed for the append floor.
+const FLOOR_APPENDS: usize = 200;
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spate-bench",
+    about = "Benchmark the embedded path: Wasm plugins vs a native handler through the same dispatcher."
+)]
+struct Args {
+    /// Events appended in each throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Directory holding `trivial.wasm` and `order_totals.wasm` (wasm32-wasip2, release).
+    /// Default: `${SPATE_CACHE:-$HOME/.cache/spate}/plugins-target/wasm32-wasip2/release`.
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
+    /// Events per second appended in the paced latency runs.
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// Seconds each paced latency run lasts.
+    #[arg(long, default_value_t = 5.0)]
+    paced_secs: f64,
+    /// Timed calls per microbenchmark.
+    #[arg(long, default_value_t = 20_000)]
+    micro_calls: usize,
+    /// Distinct keys of the trivial workloads.
+    #[arg(long, default_value_t = 1024)]
+    keys: u32,
+    /// Distinct customers of the order workload.
+    #[arg(long, default_value_t = 32)]
+    customers: u32,
+    /// Override `limits.concurrency` in every manifest.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Dispatcher commit interval, milliseconds.
+    #[arg(long, default_value_t = 10)]
+    commit_interval_ms: u64,
+    /// Directory for the temporary data directories (default: the system temp dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the results as JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    check(&args)?;
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(&args))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        );
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+fn check(args: &Args) -> Result<()> {
+    if args.events == 0 || args.micro_calls == 0 || args.keys == 0 || args.customers == 0 {
+        bail!("--events, --micro-calls, --keys and --customers must be at least 1");
+    }
+    if !(args.rate > 0.0 && args.rate <= 1_000_000.0) {
+        bail!("--rate must be in (0, 1000000]");
+    }
+    if !(args.paced_secs > 0.0 && args.paced_secs <= 600.0) {
+        bail!("--paced-secs must be in (0, 600]");
+    }
+    if args.commit_interval_ms == 0 {
+        bail!("--commit-interval-ms must be at least 1");
+    }
+    Ok(())
+}
+
+fn default_plugins_dir() -> PathBuf {
+    let cache = std::env::var_os("SPATE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spate")))
+        .unwrap_or_else(|| PathBuf::from(".cache/spate"));
+    cache.join("plugins-target/wasm32-wasip2/release")
+}
+
+/// Progress goes to stderr so `--json` output stays clean.
+fn progress(line: &str) {
+    eprintln!("spate-bench: {line}");
+}
+
+/// A compiled component with its content hash.
+struct Loaded {
+    component: wasmtime::component::Component,
+    hash: String,
+    load: PluginLoad,
+}
+
+fn load(sandbox: &Sandbox, dir: &Path, file: &str, name: &str) -> Result<Loaded> {
+    let path = dir.join(file);
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {}; build the plugins first (scripts/bench does), or pass --plugins-dir",
+            path.display()
+        )
+    })?;
+    let hash = spate_engine::registry::content_hash(&bytes);
+    let start = Instant::now();
+    let component = sandbox
+        .compile(&bytes)
+        .with_context(|| format!("compiling {}", path.display()))?;
+    Ok(Loaded {
+        component,
+        hash,
+        load: PluginLoad {
+            name: name.to_string(),
+            path: path.display().to_string(),
+            bytes: bytes.len(),
+            compile_ms: start.elapsed().as_secs_f64() * 1e3,
+        },
+    })
+}
+
+fn manifest(text: &str, concurrency: Option<u32>, what: &str) -> Result<Manifest> {
+    let ceilings = LimitCeilings::default();
+    let mut m = Manifest::parse(text, &ceilings).with_context(|| format!("parsing {what}"))?;
+    if let Some(c) = concurrency {
+        m.limits.concurrency = c;
+        m.validate(&ceilings)
+            .with_context(|| format!("--concurrency {c} in {what}"))?;
+    }
+    Ok(m)
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+async fn run(args: &Args) -> Result<Report> {
+    let plugins_dir = args.plugins_dir.clone().unwrap_or_else(default_plugins_dir);
+    let parent = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("creating {}", parent.display()))?;
+    let root = tempfile::Builder::new()
+        .prefix("spate-bench-run-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a directory under {}", parent.display()))?;
+    let root_path = root.path().to_path_buf();
+
+    let mut sandbox_config = SandboxConfig::new(root_path.join("compiled"));
+    sandbox_config.max_memory_bytes = SANDBOX_MAX_MEMORY_MB << 20;
+    sandbox_config.pool_instances = SANDBOX_POOL_INSTANCES;
+    let sandbox = Sandbox::new(sandbox_config).context("starting the sandbox")?;
+
+    progress(&format!("compiling plugins from {}", plugins_dir.display()));
+    let (trivial, order_totals) = {
+        let sandbox = Arc::clone(&sandbox);
+        let dir = plugins_dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(Loaded, Loaded)> {
+            Ok((
+                load(&sandbox, &dir, "trivial.wasm", "trivial")?,
+                load(&sandbox, &dir, "order_totals.wasm", "order-totals")?,
+            ))
+        })
+        .await
+        .context("compile task panicked")??
+    };
+
+    // Manifests: the ones in the tree, with these changes (also printed).
+    let mut changes = Vec::new();
+    let fresh_m = manifest(TRIVIAL_MANIFEST, args.concurrency, "plugins/trivial/spate.toml")?;
+    let mut warm_m = fresh_m.clone();
+    warm_m.execution.mode = ExecutionMode::Warm;
+    changes.push(format!(
+        "trivial warm = plugins/trivial/spate.toml + [execution] mode = \"warm\" (max-events-per-instance {})",
+        warm_m.execution.max_events_per_instance
+    ));
+    let mut native_m = fresh_m.clone();
+    native_m.name = "native-trivial".into();
+    changes.push(
+        "native trivial = plugins/trivial/spate.toml with name = \"native-trivial\" (its own group and DLQ)"
+            .into(),
+    );
+    let orders_m = manifest(
+        ORDER_TOTALS_MANIFEST,
+        args.concurrency,
+        "plugins/order-totals/spate.toml",
+    )?;
+    match args.concurrency {
+        Some(c) => changes.push(format!("limits.concurrency = {c} in every manifest (--concurrency)")),
+        None => changes.push(format!(
+            "limits.concurrency unchanged ({} trivial, {} order-totals)",
+            fresh_m.limits.concurrency, orders_m.limits.concurrency
+        )),
+    }
+
+    let info = |m: Manifest, hash: &str| Arc::new(PluginInfo::new(m, hash.to_string()));
+    let trivial_fresh: Arc<dyn PluginVersion> =
+        sandbox.plugin(&trivial.component, info(fresh_m.clone(), &trivial.hash))?;
+    let trivial_warm: Arc<dyn PluginVersion> =
+        sandbox.plugin(&trivial.component, info(warm_m, &trivial.hash))?;
+    let orders: Arc<dyn PluginVersion> =
+        sandbox.plugin(&order_totals.component, info(orders_m, &order_totals.hash))?;
+    let native: Arc<dyn PluginVersion> =
+        Arc::new(NativeTrivial::new(info(native_m, &"0".repeat(64))));
+
+    let in_topic = fresh_m
+        .subscriptions
+        .first()
+        .map(|s| s.topic.clone())
+        .context("the trivial manifest subscribes to nothing")?;
+
+    // Per-call costs first, while nothing else runs.
+    let (services, _micro_dir) = micro::services(&root_path)?;
+    let mut micros = Vec::new();
+    for (label, version, reuse) in [
+        ("trivial wasm, fresh", &trivial_fresh, Reuse::InstancePerCall),
+        ("trivial wasm, warm", &trivial_warm, Reuse::OneInstance),
+        ("native trivial", &native, Reuse::InstancePerCall),
+    ] {
+        progress(&format!("microbenchmark: {label}"));
+        micros.push(
+            micro::run(
+                label,
+                version,
+                reuse,
+                &services,
+                &in_topic,
+                args.micro_calls,
+                MICRO_WARMUP,
+            )
+            .await?,
+        );
+    }
+    let median = |i: usize| micros.get(i).map(|m| m.median_ns).unwrap_or(0.0);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let ratios = Ratios {
+        wasm_fresh_over_native: ratio(median(0), median(2)),
+        wasm_warm_over_native: ratio(median(1), median(2)),
+    };
+    progress("append floor");
+    let floor = harness::append_floor(&root_path, FLOOR_APPENDS).await?;
+
+    let keyed = Workload::Keyed { keys: args.keys };
+    let subjects = [
+        Subject {
+            label: "trivial wasm, fresh".into(),
+            version: trivial_fresh,
+            input_topic: in_topic.clone(),
+            output_topic: "out".into(),
+            workload: keyed.clone(),
+        },
+        Subject {
+            label: "trivial wasm, warm".into(),
+            version: trivial_warm,
+            input_topic: in_topic.clone(),
+            output_topic: "out".into(),
+            workload: keyed.clone(),
+        },
+        Subject {
+            label: "order-totals wasm, fresh".into(),
+            version: orders,
+            input_topic: "orders".into(),
+            output_topic: "customer-totals".into(),
+            workload: Workload::Orders {
+                customers: args.customers,
+            },
+        },
+        Subject {
+            label: "native trivial".into(),
+            version: native,
+            input_topic: in_topic,
+            output_topic: "out".into(),
+            workload: keyed,
+        },
+    ];
+
+    let settings = RunSettings {
+        commit_interval: Duration::from_millis(args.commit_interval_ms),
+    };
+    let warmup = Duration::from_secs_f64((args.paced_secs / 5.0).min(0.5));
+    let mut runs = Vec::new();
+    for subject in &subjects {
+        progress(&format!("{}: throughput, {} events", subject.label, args.events),
+        );
+        let throughput = harness::throughput(subject, &root_path, &settings, args.events)
+            .await
+            .with_context(|| format!("{}: throughput run", subject.label))?;
+        progress(&format!(
+                "{}: paced latency, {} events/s for {} s",
+                subject.label, args.rate, args.paced_secs
+            ),
+        );
+        let latency = harness::latency(
+            subject,
+            &root_path,
+            &settings,
+            args.rate,
+            args.paced_secs,
+            warmup,
+        )
+        .await
+        .with_context(|| format!("{}: latency run", subject.label))?;
+        runs.push(Run {
+            label: subject.label.clone(),
+            concurrency: subject.version.info().manifest.limits.concurrency,
+            keys: subject.workload.keys(),
+            throughput,
+            latency,
+        });
+    }
+
+    Ok(Report {
+        machine: Machine {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model: cpu_model(),
+            data_root: parent.display().to_string(),
+        },
+        settings: Settings {
+            throughput_events: args.events,
+            throughput_batch: THROUGHPUT_BATCH,
+            paced_rate: args.rate,
+            paced_seconds: args.paced_secs,
+            paced_warmup_seconds: warmup.as_secs_f64(),
+            micro_calls: args.micro_calls,
+            commit_interval_ms: args.commit_interval_ms,
+            sandbox_max_memory_mb: SANDBOX_MAX_MEMORY_MB,
+            sandbox_pool_instances: SANDBOX_POOL_INSTANCES,
+        },
+        plugins: vec![trivial.load, order_totals.load],
+        append_floor_us: floor.as_secs_f64() * 1e6,
+        micro: micros,
+        ratios,
+        runs,
+        manifest_changes: changes,
+    })
+}

@@ -15,7 +15,11 @@ use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
     Store, Trap,
 };
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Bytes of guest stderr kept per store (for panic messages).
+const STDERR_CAPTURE: usize = 4096;
 
 /// Settings of the process-wide engine.
 #[derive(Clone, Debug)]
@@ -296,6 +300,9 @@ impl ResourceLimiter for MemoryCap {
 /// Per-store state: the call's invocation, a deny-by-default WASI context, and limits.
 pub struct HostState {
     invocation: Option<Invocation>,
+    /// The guest's stderr, bounded: a panic message lands here and goes into the
+    /// dead-letter reason.
+    stderr: MemoryOutputPipe,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryCap,
@@ -303,9 +310,11 @@ pub struct HostState {
 
 impl HostState {
     fn new(memory_cap: usize) -> Self {
-        // No preopened directories, no environment, no arguments, no network, stdio
+        // No preopened directories, no environment, no arguments, no network, stdout
         // discarded: WASI imports link but can reach nothing.
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -313,6 +322,7 @@ impl HostState {
             .build();
         Self {
             invocation: None,
+            stderr,
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryCap { cap: memory_cap },
@@ -627,7 +637,12 @@ impl Instance for WasmInstance {
             Ok(Err(types::HandleError::Retry(r))) => CallOutcome::Retry(r),
             Ok(Err(types::HandleError::Reject(r))) => CallOutcome::Reject(r),
             Err(e) => {
-                let (kind, message) = classify(&e);
+                let (kind, mut message) = classify(&e);
+                let stderr = live.store.data().stderr.contents();
+                if matches!(kind, TrapKind::Panic | TrapKind::Other) && !stderr.is_empty() {
+                    let text = String::from_utf8_lossy(&stderr);
+                    message = format!("{message}; guest stderr: {}", text.trim_end());
+                }
                 CallOutcome::Trap(kind, message)
             }
         };

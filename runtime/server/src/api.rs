@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::runtime::Runtime;
 use anyhow::Context as _;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, MultipartRejection, PathRejection, QueryRejection};
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -31,6 +32,7 @@ use spate_core::manifest::{Manifest, valid_topic};
 use spate_core::{BackendError, Event, Header, NewEvent};
 use spate_engine::{LoadError, RegistryError};
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,7 +65,11 @@ pub struct ApiState {
 
 impl ApiState {
     /// State for a runtime, its API token and the process's metrics handle.
-    pub fn new(runtime: Arc<Runtime>, token: impl Into<Arc<str>>, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        token: impl Into<Arc<str>>,
+        metrics: PrometheusHandle,
+    ) -> Self {
         Self {
             runtime,
             token: token.into(),
@@ -166,9 +172,9 @@ impl ApiError {
         match self {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden => "forbidden",
-            Self::BadRequest { code, .. } | Self::NotFound { code, .. } | Self::Other { code, .. } => {
-                code
-            }
+            Self::BadRequest { code, .. }
+            | Self::NotFound { code, .. }
+            | Self::Other { code, .. } => code,
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Conflict(_) => "conflict",
             Self::TooLarge(_) => "too_large",
@@ -196,14 +202,18 @@ impl ApiError {
                 "unsupported_media_type",
                 "unsupported content type for this route",
             ),
-            StatusCode::UNPROCESSABLE_ENTITY => ("unprocessable", "the request cannot be processed"),
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                ("unprocessable", "the request cannot be processed")
+            }
             // Everything this module answers with 503 is JSON already; a plain 503 comes
             // from the time-limit layer.
             StatusCode::SERVICE_UNAVAILABLE => (
                 "timeout",
                 "the request did not finish within the server's time limit (api.request-timeout-ms)",
             ),
-            s if s.is_server_error() => ("internal", "internal error; the server log has the details"),
+            s if s.is_server_error() => {
+                ("internal", "internal error; the server log has the details")
+            }
             _ => ("error", "the request failed"),
         };
         // Framework rejection texts say what is wrong (e.g. a bad query string); server
@@ -240,7 +250,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::Component(
                 l @ (LoadError::NotWasm | LoadError::CoreModule | LoadError::Invalid(_)),
             ) => Self::bad("invalid_component", l.to_string()),
-            RegistryError::Component(l @ LoadError::WrongWorld(_)) => Self::WrongWorld(l.to_string()),
+            RegistryError::Component(l @ LoadError::WrongWorld(_)) => {
+                Self::WrongWorld(l.to_string())
+            }
             RegistryError::Component(l @ LoadError::Engine(_)) => Self::internal(l),
             e @ RegistryError::TooLarge { .. } => Self::TooLarge(format!(
                 "{e}; raise api.max-upload-bytes on the server if this is expected"
@@ -282,14 +294,18 @@ pub fn router(state: ApiState) -> Router {
     let upload_timeout = timeout.saturating_mul(4);
     let body = api.max_body_bytes;
     let upload = api.max_upload_bytes;
-    let bounded = |route: MethodRouter<ApiState>, limit: usize, timeout: Duration| {
+    fn bounded(
+        route: MethodRouter<ApiState>,
+        limit: usize,
+        timeout: Duration,
+    ) -> MethodRouter<ApiState> {
         route
-            .layer(DefaultBodyLimit::max(limit))
+            .layer::<_, Infallible>(DefaultBodyLimit::max(limit))
             .layer(TimeoutLayer::with_status_code(
                 StatusCode::SERVICE_UNAVAILABLE,
                 timeout,
             ))
-    };
+    }
 
     Router::new()
         .route("/healthz", get(healthz))
@@ -362,10 +378,13 @@ pub fn resolve_token(config: &Config) -> anyhow::Result<String> {
     let path = token_path(config);
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().len() >= 8 => return Ok(text.trim().to_string()),
-        Ok(_) => tracing::warn!(path = %path.display(), "token file is too short; writing a new token"),
+        Ok(_) => {
+            tracing::warn!(path = %path.display(), "token file is too short; writing a new token")
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(e).with_context(|| format!("reading the API token from {}", path.display()));
+            return Err(e)
+                .with_context(|| format!("reading the API token from {}", path.display()));
         }
     }
     std::fs::create_dir_all(&config.data_dir)
@@ -422,7 +441,9 @@ fn check_token(expected: &str, headers: &HeaderMap) -> ApiResult<()> {
         configuration or, if unset, the contents of <data-dir>/api-token (the `spate` CLI reads it \
         from there, or pass --token / set SPATE_API_TOKEN)";
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::Unauthorized(format!("this route needs a token: {HOW}")));
+        return Err(ApiError::Unauthorized(format!(
+            "this route needs a token: {HOW}"
+        )));
     };
     let presented = value
         .to_str()
@@ -432,7 +453,9 @@ fn check_token(expected: &str, headers: &HeaderMap) -> ApiResult<()> {
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .ok_or_else(|| {
-            ApiError::Unauthorized(format!("the Authorization header is not a bearer token: {HOW}"))
+            ApiError::Unauthorized(format!(
+                "the Authorization header is not a bearer token: {HOW}"
+            ))
         })?;
     // Comparing digests keeps the comparison constant-time whatever the lengths.
     let a = Sha256::digest(presented.as_bytes());
@@ -571,16 +594,22 @@ async fn upload_plugin(
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(query_error)?;
     let mut multipart = multipart.map_err(|r| {
-        ApiError::bad("invalid_multipart", format!("{}; {HOW_TO_UPLOAD}", r.body_text()))
+        ApiError::bad(
+            "invalid_multipart",
+            format!("{}; {HOW_TO_UPLOAD}", r.body_text()),
+        )
     })?;
     let limit = state.runtime.config.api.max_upload_bytes;
-    let part_error = |e: axum::extract::multipart::MultipartError| {
+    let part_error = |e: MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!(
                 "the upload exceeds the limit of {limit} bytes (api.max-upload-bytes)"
             ))
         } else {
-            ApiError::bad("invalid_multipart", format!("{}; {HOW_TO_UPLOAD}", e.body_text()))
+            ApiError::bad(
+                "invalid_multipart",
+                format!("{}; {HOW_TO_UPLOAD}", e.body_text()),
+            )
         }
     };
     let mut manifest: Option<String> = None;
@@ -605,7 +634,10 @@ async fn upload_plugin(
         }
     }
     let missing = |part: &str| {
-        ApiError::bad("missing_part", format!("the `{part}` part is missing; {HOW_TO_UPLOAD}"))
+        ApiError::bad(
+            "missing_part",
+            format!("the `{part}` part is missing; {HOW_TO_UPLOAD}"),
+        )
     };
     let manifest = manifest.ok_or_else(|| missing("manifest"))?;
     let component = component.ok_or_else(|| missing("component"))?;
@@ -655,12 +687,15 @@ async fn show_plugin(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
     let Path(name) = name.map_err(path_error)?;
-    let record = state.runtime.registry.show(&name).await.ok_or_else(|| {
-        ApiError::NotFound {
+    let record = state
+        .runtime
+        .registry
+        .show(&name)
+        .await
+        .ok_or_else(|| ApiError::NotFound {
             code: "not_found",
             message: format!("no plugin named `{name}`; `GET /v1/plugins` lists them"),
-        }
-    })?;
+        })?;
     let manifest = record
         .active
         .as_deref()
@@ -816,7 +851,10 @@ fn parse_events(body: &[u8]) -> ApiResult<Vec<NewEvent>> {
             ));
         }
         let Value::Array(events) = events else {
-            return Err(ApiError::bad("invalid_event", "`events` must be an array of events"));
+            return Err(ApiError::bad(
+                "invalid_event",
+                "`events` must be an array of events",
+            ));
         };
         if events.is_empty() {
             return Err(ApiError::bad("invalid_event", "`events` is empty"));
@@ -902,7 +940,9 @@ async fn topic_partitions(state: &ApiState, topic: &str) -> ApiResult<u32> {
         .await?
         .ok_or_else(|| ApiError::NotFound {
             code: "unknown_topic",
-            message: format!("topic `{topic}` does not exist (yet): it is created by its first event"),
+            message: format!(
+                "topic `{topic}` does not exist (yet): it is created by its first event"
+            ),
         })
 }
 
@@ -933,7 +973,12 @@ async fn read_events(
         return Err(ApiError::bad("invalid_query", "`limit` must be at least 1"));
     }
     let partitions = topic_partitions(&state, &topic).await?;
-    let cursors = q.from.as_deref().map(parse_cursors).transpose()?.unwrap_or_default();
+    let cursors = q
+        .from
+        .as_deref()
+        .map(parse_cursors)
+        .transpose()?
+        .unwrap_or_default();
     let default_offset = q.offset.unwrap_or(0);
     let targets: Vec<u32> = match q.partition {
         Some(p) if p >= partitions => {
@@ -948,7 +993,9 @@ async fn read_events(
     if let Some(p) = cursors.keys().find(|p| **p >= partitions) {
         return Err(ApiError::bad(
             "invalid_query",
-            format!("`from` names partition {p}, but topic `{topic}` has partitions 0..{partitions}"),
+            format!(
+                "`from` names partition {p}, but topic `{topic}` has partitions 0..{partitions}"
+            ),
         ));
     }
     // An equal share per partition keeps one busy partition from starving the others.
@@ -962,7 +1009,12 @@ async fn read_events(
         let batch = if want == 0 {
             Vec::new()
         } else {
-            state.runtime.backends.bus.read(&topic, p, start, want).await?
+            state
+                .runtime
+                .backends
+                .bus
+                .read(&topic, p, start, want)
+                .await?
         };
         remaining -= batch.len();
         let after = batch.last().map_or(start, |e| e.offset + 1);

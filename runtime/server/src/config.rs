@@ -209,7 +209,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("SPATE_").split("__").ignore(&["API_TOKEN"]));
+        // `SPATE_API` is the CLI's API URL, not this section; the token is merged below.
+        // Fields are kebab-case, so `_` inside a name means `-` (`SPATE_DATA_DIR`).
+        fig = fig.merge(
+            Env::prefixed("SPATE_")
+                .ignore(&["API", "API_TOKEN"])
+                .map(|k| k.as_str().replace("__", ".").replace('_', "-").into()),
+        );
         if let Ok(t) = std::env::var("SPATE_API_TOKEN") {
             fig = fig.merge(Serialized::default("api.token", t));
         }

@@ -63,13 +63,22 @@ async fn up(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     let token_note = if config.api.token.is_some() {
         "from configuration (api.token / SPATE_API_TOKEN)".to_string()
     } else {
-        format!("{} (the CLI reads it from there)", data_dir.join(api::TOKEN_FILE).display())
+        format!(
+            "{} (the CLI reads it from there)",
+            data_dir.join(api::TOKEN_FILE).display()
+        )
     };
     println!("spate {} is up", env!("CARGO_PKG_VERSION"));
-    println!("  API        http://{}", listener.local_addr().unwrap_or(config.api.listen));
+    println!(
+        "  API        http://{}",
+        listener.local_addr().unwrap_or(config.api.listen)
+    );
     println!("  data dir   {}", data_dir.display());
     println!("  API token  {token_note}");
-    println!("  metrics    http://{}/metrics", listener.local_addr().unwrap_or(config.api.listen));
+    println!(
+        "  metrics    http://{}/metrics",
+        listener.local_addr().unwrap_or(config.api.listen)
+    );
     println!("Ctrl-C stops it after in-flight events finish. Next: `spate plugin deploy --help`.");
 
     let state = ApiState::new(Arc::clone(&runtime), token, metrics);

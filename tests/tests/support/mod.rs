@@ -50,8 +50,10 @@ pub const TOKEN: &str = "test-token-0123456789";
 
 /// Configuration for a test runtime in `dir`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.dispatch.commit_interval_ms = 20;
     c.dispatch.drain_timeout_ms = 5_000;
     c.api.token = Some(TOKEN.into());

@@ -35,7 +35,10 @@ impl ApiClient {
     pub fn new(global: &GlobalArgs) -> anyhow::Result<Self> {
         let base = global.api.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            anyhow::bail!("--api must be an http:// or https:// URL, got `{}`", global.api);
+            anyhow::bail!(
+                "--api must be an http:// or https:// URL, got `{}`",
+                global.api
+            );
         }
         let token_file = global
             .data_dir
@@ -111,12 +114,14 @@ impl ApiClient {
                 return Ok(Value::Null);
             }
             return serde_json::from_slice(&bytes).with_context(|| {
-                format!("the API at {} answered with something that is not JSON", self.base)
+                format!(
+                    "the API at {} answered with something that is not JSON",
+                    self.base
+                )
             });
         }
-        let parsed: Option<(String, String)> = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| {
+        let parsed: Option<(String, String)> =
+            serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| {
                 let e = v.get("error")?;
                 Some((
                     e.get("code")?.as_str()?.to_string(),
@@ -126,7 +131,10 @@ impl ApiClient {
         let (code, message) = parsed.unwrap_or_else(|| {
             let text = String::from_utf8_lossy(&bytes).trim().to_string();
             let message = if text.is_empty() {
-                status.canonical_reason().unwrap_or("request failed").to_string()
+                status
+                    .canonical_reason()
+                    .unwrap_or("request failed")
+                    .to_string()
             } else {
                 text
             };

@@ -137,7 +137,14 @@ struct Line {
     size: usize,
 }
 
-const LINE_FIELDS: &[&str] = &["topic", "key", "key_base64", "payload", "payload_base64", "headers"];
+const LINE_FIELDS: &[&str] = &[
+    "topic",
+    "key",
+    "key_base64",
+    "payload",
+    "payload_base64",
+    "headers",
+];
 
 /// Parse and check every line; the first problem is an error naming its line.
 fn parse_jsonl(text: &str, default_topic: Option<&str>) -> anyhow::Result<Vec<Line>> {
@@ -171,13 +178,18 @@ fn parse_jsonl(text: &str, default_topic: Option<&str>) -> anyhow::Result<Vec<Li
         }
         let has_payload = obj.contains_key("payload");
         if has_payload == obj.contains_key("payload_base64") {
-            return Err(fail("give exactly one of `payload` (JSON) and `payload_base64`".into()));
+            return Err(fail(
+                "give exactly one of `payload` (JSON) and `payload_base64`".into(),
+            ));
         }
         if obj.contains_key("key") && obj.contains_key("key_base64") {
             return Err(fail("give `key` or `key_base64`, not both".into()));
         }
         for field in ["key", "key_base64", "payload_base64"] {
-            if obj.get(field).is_some_and(|v| !v.is_string() && !v.is_null()) {
+            if obj
+                .get(field)
+                .is_some_and(|v| !v.is_string() && !v.is_null())
+            {
                 return Err(fail(format!("`{field}` must be a string")));
             }
         }
@@ -186,7 +198,8 @@ fn parse_jsonl(text: &str, default_topic: Option<&str>) -> anyhow::Result<Vec<Li
             Some(Value::Object(h)) if h.values().all(Value::is_string) => {}
             Some(_) => {
                 return Err(fail(
-                    "`headers` must be an object of string values, e.g. {\"source\":\"import\"}".into(),
+                    "`headers` must be an object of string values, e.g. {\"source\":\"import\"}"
+                        .into(),
                 ));
             }
         }
@@ -224,10 +237,10 @@ async fn send_file(
     default_topic: Option<&str>,
     file: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading {}", file.display()))?;
-    let lines = parse_jsonl(&text, default_topic)
-        .with_context(|| format!("in {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let lines =
+        parse_jsonl(&text, default_topic).with_context(|| format!("in {}", file.display()))?;
     let total = lines.len() as u64;
     let bar = ProgressBar::new(total);
     if let Ok(style) =
@@ -333,7 +346,9 @@ pub async fn tail(client: &ApiClient, args: TailArgs) -> anyhow::Result<()> {
     let ends = match end_offsets(client, topic).await? {
         Some(ends) => ends,
         None if args.follow => {
-            eprintln!("topic `{topic}` does not exist yet; waiting for its first event (Ctrl-C to stop)");
+            eprintln!(
+                "topic `{topic}` does not exist yet; waiting for its first event (Ctrl-C to stop)"
+            );
             loop {
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
@@ -344,7 +359,9 @@ pub async fn tail(client: &ApiClient, args: TailArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        None => anyhow::bail!("topic `{topic}` does not exist (yet): it is created by its first event"),
+        None => {
+            anyhow::bail!("topic `{topic}` does not exist (yet): it is created by its first event")
+        }
     };
 
     let mut from;
@@ -428,7 +445,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("line 2"), "{err}");
-        let err = parse_jsonl("{\"payload\":1}\n", None).err().unwrap().to_string();
+        let err = parse_jsonl("{\"payload\":1}\n", None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no `topic`"), "{err}");
     }
 

@@ -30,7 +30,7 @@ from .spate/api-token, which `spate up` writes; pass --token or --data-dir if yo
 
 /// Spate: run sandboxed WebAssembly handlers for every event on your topics.
 #[derive(Debug, Parser)]
-#[command(name = "spate", version, after_help = ROOT_EXAMPLES, propagate_version = true)]
+#[command(name = "spate", version, after_help = ROOT_EXAMPLES)]
 pub struct Cli {
     /// Options shared by every command.
     #[command(flatten)]
@@ -200,11 +200,17 @@ mod tests {
             "--no-activate",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Command::Plugin(PluginCommand::Deploy(_))));
+        assert!(matches!(
+            cli.command,
+            Command::Plugin(PluginCommand::Deploy(_))
+        ));
         let cli = Cli::try_parse_from([
             "spate", "events", "send", "orders", "--key", "c-1", "--header", "a=b", "{}",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Command::Events(EventsCommand::Send(_))));
+        assert!(matches!(
+            cli.command,
+            Command::Events(EventsCommand::Send(_))
+        ));
     }
 }

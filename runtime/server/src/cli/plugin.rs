@@ -108,7 +108,9 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
     let form = Form::new()
         .part(
             "manifest",
-            Part::text(manifest).file_name("spate.toml").mime_str("application/toml")?,
+            Part::text(manifest)
+                .file_name("spate.toml")
+                .mime_str("application/toml")?,
         )
         .part(
             "component",
@@ -148,7 +150,11 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
             s("version")
         )
     };
-    println!("{}@{} sha256:{short} {what}; {state}", s("name"), s("version"));
+    println!(
+        "{}@{} sha256:{short} {what}; {state}",
+        s("name"),
+        s("version")
+    );
     Ok(())
 }
 

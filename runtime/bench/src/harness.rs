@@ -1,0 +1,521 @@
+//! Runs one handler through the real embedded path and measures it: a fresh data
+//! directory with an `EmbeddedLog`, `EmbeddedStateStore` and `MokaCache`, one dispatcher
+//! [`Pipeline`] per subscribed topic (as `spate up` starts them), a producer appending to
+//! the input topic, and an observer subscribed to the output topic in its own consumer
+//! group that notes when each output event becomes visible.
+//!
+//! Outputs are matched to inputs by the `spate-source` header (`topic/partition/offset`)
+//! that the host adds to every emitted event, so handlers need not echo anything.
+
+use crate::workload::Workload;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use spate_core::backend::{EventBus, EventSource, SourceMessage, StartPosition};
+use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+use spate_core::host::HostServices;
+use spate_core::types::{header_str, headers};
+use spate_core::{BackendError, NewEvent, StateStore};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Topic `start-workflow` emits to (the server's default).
+pub const WORKFLOW_TOPIC: &str = "workflows";
+/// Cache size of each run (the server's default).
+const CACHE_BYTES: u64 = 256 << 20;
+/// Consumer group of the observer.
+const OBSERVER_GROUP: &str = "bench-observer";
+/// Events per `append` call in throughput runs.
+pub const THROUGHPUT_BATCH: usize = 500;
+/// Longest wait for a run's outputs after its last append.
+const OUTPUT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for seed events to be handled.
+const SEED_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the pipelines get to drain at the end of a run.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One handler under test.
+pub struct Subject {
+    /// Row label.
+    pub label: String,
+    /// The plugin version the pipelines call.
+    pub version: Arc<dyn PluginVersion>,
+    /// Topic the measured events are appended to.
+    pub input_topic: String,
+    /// Topic whose events mark an input as handled.
+    pub output_topic: String,
+    /// What is appended.
+    pub workload: Workload,
+}
+
+/// Dispatcher settings shared by every run.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    /// Commit interval of the pipelines.
+    pub commit_interval: Duration,
+}
+
+/// Result of a throughput run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    /// Events appended.
+    pub events: usize,
+    /// Output events seen.
+    pub outputs: usize,
+    /// Whether every output arrived before the timeout.
+    pub complete: bool,
+    /// Seconds the producer took to append everything.
+    pub append_seconds: f64,
+    /// Seconds from the first append to the last output visible.
+    pub seconds: f64,
+    /// Outputs per second over `seconds`.
+    pub events_per_second: f64,
+    /// CPU seconds the whole process used during the run (producer and observer included).
+    pub cpu_seconds: Option<f64>,
+    /// Workflow starts appended during the run.
+    pub workflows: u64,
+    /// Events dead-lettered during the run.
+    pub dead_letters: u64,
+}
+
+/// Result of a paced latency run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    /// Events per second asked for.
+    pub target_rate: f64,
+    /// Events per second actually appended.
+    pub achieved_rate: f64,
+    /// Events appended.
+    pub events: usize,
+    /// Events measured (appended after the warm-up, with a visible output).
+    pub samples: usize,
+    /// Appended events whose output never became visible before the timeout.
+    pub missing: usize,
+    /// Median append-to-visible latency, microseconds.
+    pub p50_us: f64,
+    /// 90th percentile, microseconds.
+    pub p90_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// Largest, microseconds.
+    pub max_us: f64,
+    /// Workflow starts appended during the run.
+    pub workflows: u64,
+    /// Events dead-lettered during the run.
+    pub dead_letters: u64,
+}
+
+/// A running handler: its data directory, backends and pipelines.
+struct Env {
+    log: Arc<EmbeddedLog>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), BackendError>>,
+    group: String,
+    dead_letter_topic: String,
+    // Last, so the files are closed before the directory is removed.
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Open fresh backends under `root` and start one pipeline per subscription of the
+    /// subject's manifest, sharing one concurrency semaphore (as the server does).
+    async fn start(subject: &Subject, root: &Path, settings: &RunSettings) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("spate-bench-")
+            .tempdir_in(root)
+            .with_context(|| format!("creating a data dir under {}", root.display()))?;
+        let log = EmbeddedLog::open(&dir.path().join("log"), LogConfig::default())
+            .context("opening the embedded log")?;
+        let state: Arc<dyn StateStore> = EmbeddedStateStore::open(&dir.path().join("state"))
+            .context("opening the embedded state store")?;
+        let info = Arc::clone(subject.version.info());
+        let manifest = &info.manifest;
+        let partitions = LogConfig::default().default_partitions;
+        let mut topics: Vec<&str> = manifest
+            .subscriptions
+            .iter()
+            .map(|s| s.topic.as_str())
+            .collect();
+        topics.extend([
+            subject.output_topic.as_str(),
+            WORKFLOW_TOPIC,
+            info.dead_letter_topic.as_str(),
+        ]);
+        for topic in topics {
+            log.ensure_topic(topic, partitions)
+                .await
+                .with_context(|| format!("creating topic {topic}"))?;
+        }
+
+        let services = HostServices {
+            state,
+            cache: Arc::new(MokaCache::new(CACHE_BYTES)),
+            workflow_topic: WORKFLOW_TOPIC.to_string(),
+        };
+        let active = ActiveVersion::new(Arc::clone(&subject.version));
+        let permits = Arc::new(Semaphore::new(manifest.limits.concurrency as usize));
+        let shutdown = CancellationToken::new();
+        let source: Arc<dyn EventSource> = log.clone();
+        let bus: Arc<dyn EventBus> = log.clone();
+        let mut tasks = JoinSet::new();
+        let mut group = String::new();
+        for sub in &manifest.subscriptions {
+            let mut cfg = PipelineConfig::new(&manifest.name, &sub.topic);
+            cfg.start = sub.start;
+            cfg.ordering = manifest.ordering;
+            cfg.commit_interval = settings.commit_interval;
+            cfg.drain_timeout = DRAIN_TIMEOUT;
+            group.clone_from(&cfg.group);
+            let pipeline = Pipeline::new(
+                cfg,
+                Arc::clone(&active),
+                Arc::clone(&source),
+                Arc::clone(&bus),
+                services.clone(),
+                Arc::clone(&permits),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move { pipeline.run().await });
+        }
+        Ok(Self {
+            log,
+            shutdown,
+            tasks,
+            group,
+            dead_letter_topic: info.dead_letter_topic.clone(),
+            _dir: dir,
+        })
+    }
+
+    /// Append the workload's seed events and wait until their groups committed them.
+    async fn seed(&self, events: Vec<(String, NewEvent)>) -> Result<()> {
+        let mut by_topic: HashMap<String, Vec<NewEvent>> = HashMap::new();
+        for (topic, event) in events {
+            by_topic.entry(topic).or_default().push(event);
+        }
+        for (topic, events) in by_topic {
+            self.log
+                .append(&topic, events)
+                .await
+                .with_context(|| format!("appending seed events to {topic}"))?;
+            self.wait_committed(&topic, SEED_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_committed(&self, topic: &str, timeout: Duration) -> Result<()> {
+        let ends = self.log.end_offsets(topic).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let committed = self.log.committed(&self.group, topic).await?;
+            if committed
+                .iter()
+                .zip(&ends)
+                .all(|(c, e)| c.unwrap_or(0) >= *e)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("seed events on {topic} not handled within {timeout:?}: {committed:?} of {ends:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Events in `topic` so far (0 if it does not exist).
+    async fn total(&self, topic: &str) -> u64 {
+        self.log
+            .end_offsets(topic)
+            .await
+            .map(|ends| ends.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Stop the pipelines (draining in-flight events) and close the files.
+    async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            joined
+                .context("pipeline task panicked")?
+                .context("pipeline failed")?;
+        }
+        Ok(())
+    }
+}
+
+/// One output event seen by the observer.
+struct Arrival {
+    /// Partition and offset of the input that caused it.
+    source: Option<(u32, u64)>,
+    at: Instant,
+}
+
+/// Watches the output topic in its own consumer group.
+struct Observer {
+    stop: CancellationToken,
+    count: watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<Result<Vec<Arrival>>>,
+}
+
+impl Observer {
+    async fn start(log: &Arc<EmbeddedLog>, topic: &str) -> Result<Self> {
+        let mut sub = log
+            .subscribe(OBSERVER_GROUP, &[topic.to_string()], StartPosition::Earliest)
+            .await
+            .context("subscribing the observer")?;
+        let stop = CancellationToken::new();
+        let (tx, count) = watch::channel(0usize);
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut arrivals = Vec::new();
+            loop {
+                let msg = tokio::select! {
+                    _ = token.cancelled() => return Ok(arrivals),
+                    msg = sub.next() => msg.context("observer subscription failed")?,
+                };
+                if let SourceMessage::Events(events) = msg {
+                    let at = Instant::now();
+                    arrivals.extend(events.iter().map(|e| Arrival {
+                        source: header_str(&e.headers, headers::SOURCE).and_then(parse_source),
+                        at,
+                    }));
+                    tx.send_replace(arrivals.len());
+                }
+            }
+        });
+        Ok(Self { stop, count, task })
+    }
+
+    /// Wait until `n` outputs were seen or `timeout` passed; returns whether they were.
+    async fn wait_for(&mut self, n: usize, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.count.wait_for(|c| *c >= n)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn finish(self) -> Result<Vec<Arrival>> {
+        self.stop.cancel();
+        self.task.await.context("observer task panicked")?
+    }
+}
+
+/// `topic/partition/offset` -> (partition, offset).
+fn parse_source(s: &str) -> Option<(u32, u64)> {
+    let mut parts = s.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    Some((partition, offset))
+}
+
+/// CPU seconds (user + system) used by this process so far, from `/proc/self/stat`.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name start at field 3 (state); utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Append `n` events in batches as fast as the log takes them and time until the last
+/// output is visible.
+pub async fn throughput(
+    subject: &Subject,
+    root: &Path,
+    settings: &RunSettings,
+    n: usize,
+) -> Result<Throughput> {
+    let env = Env::start(subject, root, settings).await?;
+    env.seed(subject.workload.seed_events()).await?;
+    let mut observer = Observer::start(&env.log, &subject.output_topic).await?;
+    let events = subject.workload.events(n, "tp", 1);
+    let workflows_before = env.total(WORKFLOW_TOPIC).await;
+    let dead_before = env.total(&env.dead_letter_topic).await;
+
+    let cpu_start = process_cpu_seconds();
+    let start = Instant::now();
+    for batch in events.chunks(THROUGHPUT_BATCH) {
+        env.log
+            .append(&subject.input_topic, batch.to_vec())
+            .await
+            .context("appending input events")?;
+    }
+    let append_seconds = start.elapsed().as_secs_f64();
+    let complete = observer.wait_for(n, OUTPUT_TIMEOUT).await;
+    let cpu_end = process_cpu_seconds();
+    let arrivals = observer.finish().await?;
+    let last = arrivals.iter().map(|a| a.at).max().unwrap_or(start);
+    let seconds = last.saturating_duration_since(start).as_secs_f64();
+    let outputs = arrivals.len();
+    let workflows = env.total(WORKFLOW_TOPIC).await - workflows_before;
+    let dead_letters = env.total(&env.dead_letter_topic).await - dead_before;
+    env.stop().await?;
+    Ok(Throughput {
+        events: n,
+        outputs,
+        complete,
+        append_seconds,
+        seconds,
+        events_per_second: if seconds > 0.0 {
+            outputs as f64 / seconds
+        } else {
+            0.0
+        },
+        cpu_seconds: cpu_start.zip(cpu_end).map(|(a, b)| b - a),
+        workflows,
+        dead_letters,
+    })
+}
+
+/// Append at `rate` events per second for `seconds` (each tick's due events in one
+/// append, appends running concurrently like independent producers) and measure each
+/// event's time from the start of its append to its output being visible. Events
+/// appended during the first `warmup` are not counted.
+pub async fn latency(
+    subject: &Subject,
+    root: &Path,
+    settings: &RunSettings,
+    rate: f64,
+    seconds: f64,
+    warmup: Duration,
+) -> Result<Latency> {
+    let env = Env::start(subject, root, settings).await?;
+    env.seed(subject.workload.seed_events()).await?;
+    let mut observer = Observer::start(&env.log, &subject.output_topic).await?;
+    let total = (rate * seconds).round().max(1.0) as usize;
+    let events = subject.workload.events(total, "lat", 2);
+    let workflows_before = env.total(WORKFLOW_TOPIC).await;
+    let dead_before = env.total(&env.dead_letter_topic).await;
+
+    let started: Arc<Mutex<HashMap<(u32, u64), Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    let mut appends: JoinSet<Result<()>> = JoinSet::new();
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(total);
+        if due > sent {
+            let batch = events[sent..due].to_vec();
+            sent = due;
+            let log = Arc::clone(&env.log);
+            let topic = subject.input_topic.clone();
+            let started = Arc::clone(&started);
+            appends.spawn(async move {
+                let at = Instant::now();
+                let coords = log.append(&topic, batch).await?;
+                let mut map = started.lock().unwrap_or_else(|e| e.into_inner());
+                for c in coords {
+                    map.insert((c.partition, c.offset), at);
+                }
+                Ok(())
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let append_seconds = start.elapsed().as_secs_f64();
+    while let Some(joined) = appends.join_next().await {
+        joined
+            .context("append task panicked")?
+            .context("appending input events")?;
+    }
+    observer.wait_for(total, OUTPUT_TIMEOUT).await;
+    let arrivals = observer.finish().await?;
+    let workflows = env.total(WORKFLOW_TOPIC).await - workflows_before;
+    let dead_letters = env.total(&env.dead_letter_topic).await - dead_before;
+    env.stop().await?;
+
+    let started = std::mem::take(&mut *started.lock().unwrap_or_else(|e| e.into_inner()));
+    let arrived: HashMap<(u32, u64), Instant> = arrivals
+        .iter()
+        .filter_map(|a| a.source.map(|s| (s, a.at)))
+        .collect();
+    let cutoff = start + warmup;
+    let mut samples: Vec<Duration> = started
+        .iter()
+        .filter(|(_, at)| **at >= cutoff)
+        .filter_map(|(coords, at)| arrived.get(coords).map(|done| done.saturating_duration_since(*at)))
+        .collect();
+    samples.sort_unstable();
+    let missing = started.keys().filter(|c| !arrived.contains_key(c)).count();
+    let us = |q: f64| percentile(&samples, q).as_secs_f64() * 1e6;
+    Ok(Latency {
+        target_rate: rate,
+        achieved_rate: if append_seconds > 0.0 {
+            total as f64 / append_seconds
+        } else {
+            0.0
+        },
+        events: total,
+        samples: samples.len(),
+        missing,
+        p50_us: us(0.50),
+        p90_us: us(0.90),
+        p99_us: us(0.99),
+        max_us: us(1.0),
+        workflows,
+        dead_letters,
+    })
+}
+
+/// The `q` quantile (0..=1) of sorted `samples`, nearest rank; zero if empty.
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Median time of a durable one-event append to an idle log: the floor under every
+/// append-to-visible latency (the input append and the emit append each pay one).
+pub async fn append_floor(root: &Path, appends: usize) -> Result<Duration> {
+    let dir = tempfile::Builder::new()
+        .prefix("spate-bench-")
+        .tempdir_in(root)
+        .with_context(|| format!("creating a data dir under {}", root.display()))?;
+    let log = EmbeddedLog::open(&dir.path().join("log"), LogConfig::default())
+        .context("opening the embedded log")?;
+    let mut samples = Vec::with_capacity(appends);
+    for i in 0..appends {
+        let event = NewEvent {
+            key: Some(format!("k-{i}").into_bytes()),
+            payload: b"{}".to_vec(),
+            headers: Vec::new(),
+        };
+        let start = Instant::now();
+        log.append("floor", vec![event]).await?;
+        samples.push(start.elapsed());
+    }
+    drop(log);
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_header_parses() {
+        assert_eq!(parse_source("bench-in/3/1234"), Some((3, 1234)));
+        assert_eq!(parse_source("a.b-c_d/0/0"), Some((0, 0)));
+        assert_eq!(parse_source("nope"), None);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&s, 0.5), Duration::from_micros(51));
+        assert_eq!(percentile(&s, 0.99), Duration::from_micros(99));
+        assert_eq!(percentile(&s, 1.0), Duration::from_micros(100));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}
