@@ -323,3 +323,56 @@ async fn the_example_plugin_updates_totals_and_starts_review_workflows() {
     assert_eq!(last["total_cents"], 252000, "{last}");
     assert_eq!(last["order_count"], 2, "{last}");
 }
+
+/// Warm mode reuses one instance per lane for up to N events and drops it after a trap;
+/// fresh mode (the default) gives every event a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_mode_reuses_instances_and_drops_them_after_a_trap() {
+    let h = Harness::start().await;
+    h.deploy(&chaos_manifest("fresh", "1.0.0", "in-fresh", ""), chaos_wasm())
+        .await;
+    h.deploy(
+        &chaos_manifest(
+            "warm",
+            "1.0.0",
+            "in-warm",
+            "[execution]\nmode = \"warm\"\nmax-events-per-instance = 3\n[retry]\nmax-attempts = 1\n",
+        ),
+        chaos_wasm(),
+    )
+    .await;
+    for _ in 0..3 {
+        h.send("in-fresh", "k", json!({"op": "instance-count"})).await;
+    }
+    // 3 events fill one warm instance; the 4th gets a new one; a panic drops the
+    // instance, so the event after it starts from 1 again.
+    for op in ["instance-count", "instance-count", "instance-count", "instance-count", "panic", "instance-count"] {
+        h.send("in-warm", "k", json!({"op": op})).await;
+    }
+    let out = h.wait_events("out", 8, WAIT).await;
+    let counts = |plugin: &str| -> Vec<i64> {
+        out.iter()
+            .filter(|e| header(e, headers::PLUGIN) == Some(plugin))
+            .map(|e| json(e)["instance_events"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(counts("fresh"), vec![1, 1, 1]);
+    assert_eq!(counts("warm"), vec![1, 2, 3, 1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_the_emit_limit_dead_letters_the_event_with_nothing_emitted() {
+    let h = Harness::start().await;
+    h.deploy(
+        &chaos_manifest("chaos", "1.0.0", "in", "[limits]\nmax-emits = 3\n"),
+        chaos_wasm(),
+    )
+    .await;
+    h.send("in", "k", json!({"op": "emit-many", "count": 4})).await;
+    h.send("in", "k", json!({"op": "emit-many", "count": 3})).await;
+    let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
+    assert_eq!(header(&dlq[0], headers::DLQ_KIND), Some("limit"));
+    assert!(header(&dlq[0], headers::DLQ_REASON).unwrap().contains("max-emits"));
+    let out = h.wait_events("out", 3, WAIT).await;
+    assert_eq!(out.len(), 3, "only the event within the limit emitted");
+}

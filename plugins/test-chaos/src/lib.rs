@@ -15,9 +15,13 @@
 use serde_json::{Map, Value, json};
 use spate_sdk::{Event, Handler, HandlerError, Outcome, cache, emit, log, state};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 struct Chaos;
+
+/// Events handled by this instance (see the `instance-count` op).
+static INSTANCE_EVENTS: AtomicU64 = AtomicU64::new(0);
 
 impl Handler for Chaos {
     fn handle(event: Event) -> Outcome {
@@ -225,6 +229,12 @@ impl Call<'_> {
                 };
                 log::log(level, message);
                 Ok(())
+            }
+            "instance-count" => {
+                // Events this instance has handled, itself included: always 1 with a fresh
+                // instance per event; counts up in warm mode until the instance is replaced.
+                let n = INSTANCE_EVENTS.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+                self.emit(json!({ "instance_events": n }))
             }
             other => Err(HandlerError::reject(format!(
                 "test-chaos: unknown op `{other}`"
