@@ -18,7 +18,8 @@ async fn a_handler_emits_with_idempotency_id_and_provenance() {
     let up = h
         .deploy(&chaos_manifest("chaos", "1.0.0", "in", ""), chaos_wasm())
         .await;
-    h.send("in", "k1", json!({"op": "emit", "n": 7, "seq": 1})).await;
+    h.send("in", "k1", json!({"op": "emit", "n": 7, "seq": 1}))
+        .await;
     let out = h.wait_events("out", 1, WAIT).await;
     assert_eq!(out.len(), 1);
     let e = &out[0];
@@ -47,14 +48,21 @@ async fn workflows_are_emitted_to_the_workflow_topic_once_per_id() {
         )
         .await;
     }
-    h.send("in", "k2", json!({"op": "emit", "seq": "barrier"})).await;
+    h.send("in", "k2", json!({"op": "emit", "seq": "barrier"}))
+        .await;
     h.wait_events("out", 1, WAIT).await;
     // The first two events are on one key lane, before the barrier only by partition;
     // wait until both were handled by waiting for the committed watermark via a third.
-    h.send("in", "k1", json!({"op": "emit", "seq": "after"})).await;
+    h.send("in", "k1", json!({"op": "emit", "seq": "after"}))
+        .await;
     h.wait_events("out", 2, WAIT).await;
     let wf = h.events("workflows").await;
-    assert_eq!(wf.len(), 1, "{:#?}", wf.iter().map(describe).collect::<Vec<_>>());
+    assert_eq!(
+        wf.len(),
+        1,
+        "{:#?}",
+        wf.iter().map(describe).collect::<Vec<_>>()
+    );
     assert_eq!(header(&wf[0], headers::WORKFLOW), Some("review-order"));
     assert_eq!(header(&wf[0], headers::WORKFLOW_ID), Some("order-9"));
     assert_eq!(json(&wf[0]), json!({"x": 1}));
@@ -64,41 +72,88 @@ async fn workflows_are_emitted_to_the_workflow_topic_once_per_id() {
 async fn state_reads_its_own_writes_and_failed_calls_apply_nothing() {
     let h = Harness::start().await;
     h.deploy(
-        &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 2\ninitial-backoff-ms = 5\n"),
+        &chaos_manifest(
+            "chaos",
+            "1.0.0",
+            "in",
+            "[retry]\nmax-attempts = 2\ninitial-backoff-ms = 5\n",
+        ),
         chaos_wasm(),
     )
     .await;
-    h.send("in", "a", json!({"op": "put", "key": "colour", "value": "blue"})).await;
+    h.send(
+        "in",
+        "a",
+        json!({"op": "put", "key": "colour", "value": "blue"}),
+    )
+    .await;
     let out = h.wait_events("out", 1, WAIT).await;
-    assert_eq!(json(&out[0])["value"], "blue", "read-your-writes inside the call");
+    assert_eq!(
+        json(&out[0])["value"],
+        "blue",
+        "read-your-writes inside the call"
+    );
 
     // Writes state and cache and emits, then fails: none of it may be applied.
-    h.send("in", "a", json!({"op": "put-then-fail", "key": "colour", "value": "red"}))
-        .await;
+    h.send(
+        "in",
+        "a",
+        json!({"op": "put-then-fail", "key": "colour", "value": "red"}),
+    )
+    .await;
     let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
     assert_eq!(header(&dlq[0], headers::DLQ_ATTEMPTS), Some("2"));
-    h.send("in", "a", json!({"op": "get", "key": "colour"})).await;
-    h.send("in", "a", json!({"op": "cache-get", "key": "colour"})).await;
+    h.send("in", "a", json!({"op": "get", "key": "colour"}))
+        .await;
+    h.send("in", "a", json!({"op": "cache-get", "key": "colour"}))
+        .await;
     let out = h.wait_events("out", 3, WAIT).await;
     assert_eq!(out.len(), 3, "the failed call's emit must not appear");
-    assert_eq!(json(&out[1])["value"], "blue", "state untouched by the failed call");
-    assert_eq!(json(&out[2])["value"], serde_json::Value::Null, "cache untouched");
+    assert_eq!(
+        json(&out[1])["value"],
+        "blue",
+        "state untouched by the failed call"
+    );
+    assert_eq!(
+        json(&out[2])["value"],
+        serde_json::Value::Null,
+        "cache untouched"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_then_success_emits_exactly_once() {
     let h = Harness::start().await;
     h.deploy(
-        &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 5\nmax-backoff-ms = 20\n"),
+        &chaos_manifest(
+            "chaos",
+            "1.0.0",
+            "in",
+            "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 5\nmax-backoff-ms = 20\n",
+        ),
         chaos_wasm(),
     )
     .await;
-    h.send("in", "f", json!({"op": "flaky", "succeed-on": 3, "id": "f1"})).await;
-    h.send("in", "f", json!({"op": "get", "key": "flaky/f1"})).await;
+    h.send(
+        "in",
+        "f",
+        json!({"op": "flaky", "succeed-on": 3, "id": "f1"}),
+    )
+    .await;
+    h.send("in", "f", json!({"op": "get", "key": "flaky/f1"}))
+        .await;
     let out = h.wait_events("out", 2, WAIT).await;
     assert_eq!(out.len(), 2);
-    assert_eq!(json(&out[0])["attempt"], 3, "only the successful attempt's emit");
-    assert_eq!(json(&out[1])["value"], "3", "only the successful attempt's state write");
+    assert_eq!(
+        json(&out[0])["attempt"],
+        3,
+        "only the successful attempt's emit"
+    );
+    assert_eq!(
+        json(&out[1])["value"],
+        "3",
+        "only the successful attempt's state write"
+    );
     assert!(h.events("chaos.dlq").await.is_empty());
 }
 
@@ -107,14 +162,23 @@ async fn reject_is_dead_lettered_at_once_with_reason_and_coordinates() {
     let h = Harness::start().await;
     let up = h
         .deploy(
-            &chaos_manifest("chaos", "1.0.0", "in", "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 1000\n"),
+            &chaos_manifest(
+                "chaos",
+                "1.0.0",
+                "in",
+                "[retry]\nmax-attempts = 5\ninitial-backoff-ms = 1000\n",
+            ),
             chaos_wasm(),
         )
         .await;
     let started = Instant::now();
-    h.send("in", "r", json!({"op": "reject", "reason": "bad order"})).await;
+    h.send("in", "r", json!({"op": "reject", "reason": "bad order"}))
+        .await;
     let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
-    assert!(started.elapsed() < Duration::from_millis(900), "rejects are not retried");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "rejects are not retried"
+    );
     let d = &dlq[0];
     assert_eq!(header(d, headers::DLQ_KIND), Some("rejected"));
     assert_eq!(header(d, headers::DLQ_REASON), Some("bad order"));
@@ -141,12 +205,17 @@ async fn traps_are_classified_retried_and_dead_lettered_without_stalling_other_k
         chaos_wasm(),
     )
     .await;
-    for (key, op) in [("bad-loop", "loop"), ("bad-mem", "membomb"), ("bad-panic", "panic")] {
+    for (key, op) in [
+        ("bad-loop", "loop"),
+        ("bad-mem", "membomb"),
+        ("bad-panic", "panic"),
+    ] {
         h.send("in", key, json!({"op": op})).await;
     }
     let started = Instant::now();
     for i in 0..50 {
-        h.send("in", &format!("good-{i}"), json!({"op": "emit", "seq": i})).await;
+        h.send("in", &format!("good-{i}"), json!({"op": "emit", "seq": i}))
+            .await;
     }
     let out = h.wait_events("out", 50, WAIT).await;
     let good_done = started.elapsed();
@@ -164,7 +233,12 @@ async fn traps_are_classified_retried_and_dead_lettered_without_stalling_other_k
     assert_eq!(kinds["bad-mem"], "memory");
     assert_eq!(kinds["bad-panic"], "panic");
     for d in &dlq {
-        assert_eq!(header(d, headers::DLQ_ATTEMPTS), Some("2"), "{}", describe(d));
+        assert_eq!(
+            header(d, headers::DLQ_ATTEMPTS),
+            Some("2"),
+            "{}",
+            describe(d)
+        );
     }
     assert_eq!(out.len(), 50);
     // Two attempts of a 200 ms loop take > 400 ms; the good keys were not behind them.
@@ -199,7 +273,14 @@ async fn per_key_order_holds_under_concurrency() {
     let mut by_key: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
     let mut by_partition_offset: Vec<(u32, u64, Vec<u8>, i64)> = out
         .iter()
-        .map(|e| (e.partition, e.offset, e.key.clone().unwrap(), json(e)["seq"].as_i64().unwrap()))
+        .map(|e| {
+            (
+                e.partition,
+                e.offset,
+                e.key.clone().unwrap(),
+                json(e)["seq"].as_i64().unwrap(),
+            )
+        })
         .collect();
     by_partition_offset.sort();
     for (_, _, k, seq) in by_partition_offset {
@@ -208,7 +289,12 @@ async fn per_key_order_holds_under_concurrency() {
     assert_eq!(by_key.len(), keys);
     for (k, seqs) in by_key {
         let expected: Vec<i64> = (0..per_key as i64).collect();
-        assert_eq!(seqs, expected, "order of key {}", String::from_utf8_lossy(&k));
+        assert_eq!(
+            seqs,
+            expected,
+            "order of key {}",
+            String::from_utf8_lossy(&k)
+        );
     }
 }
 
@@ -219,9 +305,15 @@ async fn a_plugin_cannot_read_another_plugins_state_or_emit_to_undeclared_topics
         .await;
     h.deploy(&chaos_manifest("beta", "1.0.0", "in-b", ""), chaos_wasm())
         .await;
-    h.send("in-a", "k", json!({"op": "put", "key": "secret", "value": "s3cret"})).await;
+    h.send(
+        "in-a",
+        "k",
+        json!({"op": "put", "key": "secret", "value": "s3cret"}),
+    )
+    .await;
     h.wait_events("out", 1, WAIT).await;
-    h.send("in-b", "k", json!({"op": "get", "key": "secret"})).await;
+    h.send("in-b", "k", json!({"op": "get", "key": "secret"}))
+        .await;
     let out = h.wait_events("out", 2, WAIT).await;
     let beta = out
         .iter()
@@ -229,22 +321,28 @@ async fn a_plugin_cannot_read_another_plugins_state_or_emit_to_undeclared_topics
         .unwrap();
     assert_eq!(json(beta)["value"], serde_json::Value::Null);
 
-    h.send("in-b", "k", json!({"op": "emit", "topic": "not-declared"})).await;
+    h.send("in-b", "k", json!({"op": "emit", "topic": "not-declared"}))
+        .await;
     let dlq = h.wait_events("beta.dlq", 1, WAIT).await;
     assert_eq!(header(&dlq[0], headers::DLQ_KIND), Some("capability"));
     assert_eq!(header(&dlq[0], headers::DLQ_ATTEMPTS), Some("1"));
-    assert!(header(&dlq[0], headers::DLQ_REASON).unwrap().contains("not-declared"));
+    assert!(
+        header(&dlq[0], headers::DLQ_REASON)
+            .unwrap()
+            .contains("not-declared")
+    );
     assert!(h.events("not-declared").await.is_empty());
 
     // Claiming another plugin's namespace is refused at upload.
-    let stealer = chaos_manifest(
-        "gamma",
-        "1.0.0",
-        "in-c",
-        "",
-    )
-    .replace("[capabilities]", "[capabilities]\nstate-namespace = \"alpha\"");
-    let err = h.rt.registry.upload(&stealer, chaos_wasm(), true).await.unwrap_err();
+    let stealer = chaos_manifest("gamma", "1.0.0", "in-c", "").replace(
+        "[capabilities]",
+        "[capabilities]\nstate-namespace = \"alpha\"",
+    );
+    let err =
+        h.rt.registry
+            .upload(&stealer, chaos_wasm(), true)
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains("alpha"), "{err}");
 }
 
@@ -259,7 +357,13 @@ async fn hot_swap_under_load_loses_nothing_and_each_event_has_one_version() {
     let bus = h.bus().clone();
     let sender = tokio::spawn(async move {
         for i in 0..total {
-            send(&bus, "in", &format!("k{}", i % 40), json!({"op": "emit", "seq": i})).await;
+            send(
+                &bus,
+                "in",
+                &format!("k{}", i % 40),
+                json!({"op": "emit", "seq": i}),
+            )
+            .await;
             if i % 100 == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -273,20 +377,31 @@ async fn hot_swap_under_load_loses_nothing_and_each_event_has_one_version() {
     let mut seen = HashSet::new();
     let mut versions: HashMap<String, usize> = HashMap::new();
     for e in &out {
-        assert!(seen.insert(json(e)["seq"].as_i64().unwrap()), "duplicate {}", describe(e));
+        assert!(
+            seen.insert(json(e)["seq"].as_i64().unwrap()),
+            "duplicate {}",
+            describe(e)
+        );
         *versions
             .entry(header(e, headers::PLUGIN_VERSION).unwrap().to_string())
             .or_default() += 1;
     }
     assert_eq!(seen.len(), total);
-    assert!(versions.get("1.0.0").copied().unwrap_or(0) > 0, "{versions:?}");
-    assert!(versions.get("2.0.0").copied().unwrap_or(0) > 0, "{versions:?}");
+    assert!(
+        versions.get("1.0.0").copied().unwrap_or(0) > 0,
+        "{versions:?}"
+    );
+    assert!(
+        versions.get("2.0.0").copied().unwrap_or(0) > 0,
+        "{versions:?}"
+    );
     assert!(h.events("chaos.dlq").await.is_empty());
 
     // Rollback is one call and the old version serves again.
     let back = h.rt.registry.rollback("chaos").await.unwrap();
     assert_eq!(back, "1.0.0");
-    h.send("in", "z", json!({"op": "emit", "seq": "after-rollback"})).await;
+    h.send("in", "z", json!({"op": "emit", "seq": "after-rollback"}))
+        .await;
     let out = h.wait_events("out", total + 1, WAIT).await;
     let last = out
         .iter()
@@ -329,8 +444,11 @@ async fn the_example_plugin_updates_totals_and_starts_review_workflows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_mode_reuses_instances_and_drops_them_after_a_trap() {
     let h = Harness::start().await;
-    h.deploy(&chaos_manifest("fresh", "1.0.0", "in-fresh", ""), chaos_wasm())
-        .await;
+    h.deploy(
+        &chaos_manifest("fresh", "1.0.0", "in-fresh", ""),
+        chaos_wasm(),
+    )
+    .await;
     h.deploy(
         &chaos_manifest(
             "warm",
@@ -342,11 +460,19 @@ async fn warm_mode_reuses_instances_and_drops_them_after_a_trap() {
     )
     .await;
     for _ in 0..3 {
-        h.send("in-fresh", "k", json!({"op": "instance-count"})).await;
+        h.send("in-fresh", "k", json!({"op": "instance-count"}))
+            .await;
     }
     // 3 events fill one warm instance; the 4th gets a new one; a panic drops the
     // instance, so the event after it starts from 1 again.
-    for op in ["instance-count", "instance-count", "instance-count", "instance-count", "panic", "instance-count"] {
+    for op in [
+        "instance-count",
+        "instance-count",
+        "instance-count",
+        "instance-count",
+        "panic",
+        "instance-count",
+    ] {
         h.send("in-warm", "k", json!({"op": op})).await;
     }
     let out = h.wait_events("out", 8, WAIT).await;
@@ -368,11 +494,17 @@ async fn exceeding_the_emit_limit_dead_letters_the_event_with_nothing_emitted() 
         chaos_wasm(),
     )
     .await;
-    h.send("in", "k", json!({"op": "emit-many", "count": 4})).await;
-    h.send("in", "k", json!({"op": "emit-many", "count": 3})).await;
+    h.send("in", "k", json!({"op": "emit-many", "count": 4}))
+        .await;
+    h.send("in", "k", json!({"op": "emit-many", "count": 3}))
+        .await;
     let dlq = h.wait_events("chaos.dlq", 1, WAIT).await;
     assert_eq!(header(&dlq[0], headers::DLQ_KIND), Some("limit"));
-    assert!(header(&dlq[0], headers::DLQ_REASON).unwrap().contains("max-emits"));
+    assert!(
+        header(&dlq[0], headers::DLQ_REASON)
+            .unwrap()
+            .contains("max-emits")
+    );
     let out = h.wait_events("out", 3, WAIT).await;
     assert_eq!(out.len(), 3, "only the event within the limit emitted");
 }

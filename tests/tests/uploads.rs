@@ -45,7 +45,9 @@ fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<Body>
 async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
     let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
         panic!(
             "status {status}: body is not JSON: {}",
@@ -56,7 +58,10 @@ async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
 }
 
 fn error_message(body: &Value) -> String {
-    body["error"]["message"].as_str().unwrap_or_default().to_string()
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// v1 serves; then each bad upload is refused with a clear 4xx, and after each one an
@@ -73,7 +78,10 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
     let wasm = chaos_wasm();
     let (status, body) = call(
         &app,
-        upload_request(Some(TOKEN), &[("manifest", manifest.as_bytes()), ("component", &wasm)]),
+        upload_request(
+            Some(TOKEN),
+            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
+        ),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -95,31 +103,49 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
         ),
         (
             "wrong token",
-            upload_request(Some("not-the-token"), &[("manifest", v2.as_bytes()), ("component", &wasm)]),
+            upload_request(
+                Some("not-the-token"),
+                &[("manifest", v2.as_bytes()), ("component", &wasm)],
+            ),
             StatusCode::FORBIDDEN,
             "token",
         ),
         (
             "garbage",
-            upload_request(Some(TOKEN), &[("manifest", v2.as_bytes()), ("component", b"hello, not wasm")]),
+            upload_request(
+                Some(TOKEN),
+                &[
+                    ("manifest", v2.as_bytes()),
+                    ("component", b"hello, not wasm"),
+                ],
+            ),
             StatusCode::BAD_REQUEST,
             "not a WebAssembly binary",
         ),
         (
             "core module",
-            upload_request(Some(TOKEN), &[("manifest", v2.as_bytes()), ("component", core_module)]),
+            upload_request(
+                Some(TOKEN),
+                &[("manifest", v2.as_bytes()), ("component", core_module)],
+            ),
             StatusCode::BAD_REQUEST,
             "core WebAssembly module, not a component",
         ),
         (
             "wrong world",
-            upload_request(Some(TOKEN), &[("manifest", v2.as_bytes()), ("component", &wrong_world)]),
+            upload_request(
+                Some(TOKEN),
+                &[("manifest", v2.as_bytes()), ("component", &wrong_world)],
+            ),
             StatusCode::UNPROCESSABLE_ENTITY,
             "spate:plugin/event-handler",
         ),
         (
             "unknown manifest field",
-            upload_request(Some(TOKEN), &[("manifest", unknown_field.as_bytes()), ("component", &wasm)]),
+            upload_request(
+                Some(TOKEN),
+                &[("manifest", unknown_field.as_bytes()), ("component", &wasm)],
+            ),
             StatusCode::BAD_REQUEST,
             "retries",
         ),
@@ -131,7 +157,10 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
         ),
         (
             "oversized body",
-            upload_request(Some(TOKEN), &[("manifest", v2.as_bytes()), ("component", &oversized)]),
+            upload_request(
+                Some(TOKEN),
+                &[("manifest", v2.as_bytes()), ("component", &oversized)],
+            ),
             StatusCode::PAYLOAD_TOO_LARGE,
             "",
         ),
@@ -142,8 +171,14 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
         let code = body["error"]["code"].as_str().unwrap_or_default();
         assert!(!code.is_empty(), "{what}: JSON error needs a code: {body}");
         let msg = error_message(&body);
-        assert!(!msg.is_empty(), "{what}: JSON error needs a message: {body}");
-        assert!(msg.contains(needle), "{what}: message {msg:?} should mention {needle:?}");
+        assert!(
+            !msg.is_empty(),
+            "{what}: JSON error needs a message: {body}"
+        );
+        assert!(
+            msg.contains(needle),
+            "{what}: message {msg:?} should mention {needle:?}"
+        );
 
         // The previous version keeps serving after every refusal.
         h.send("in", "k", json!({"op": "emit", "seq": i})).await;
@@ -154,7 +189,13 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
             "{what}"
         );
     }
-    let (status, body) = call(&app, Request::get("/v1/plugins/chaos").body(Body::empty()).unwrap()).await;
+    let (status, body) = call(
+        &app,
+        Request::get("/v1/plugins/chaos")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["active"], "1.0.0", "{body}");
 }
@@ -164,14 +205,17 @@ async fn same_version_with_other_content_is_a_conflict_and_reupload_is_idempoten
     let h = Harness::start().await;
     let manifest = chaos_manifest("chaos", "1.0.0", "in", "");
     h.deploy(&manifest, chaos_wasm()).await;
-    let again = h.rt.registry.upload(&manifest, chaos_wasm(), true).await.unwrap();
+    let again =
+        h.rt.registry
+            .upload(&manifest, chaos_wasm(), true)
+            .await
+            .unwrap();
     assert!(again.unchanged);
-    let err = h
-        .rt
-        .registry
-        .upload(&manifest, order_totals_wasm(), true)
-        .await
-        .unwrap_err();
+    let err =
+        h.rt.registry
+            .upload(&manifest, order_totals_wasm(), true)
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains("bump the version"), "{err}");
 }
 
@@ -184,11 +228,21 @@ async fn a_restart_serves_the_active_version_from_the_compiled_cache() {
         let rt = start_runtime(dir.path()).await;
         let up = rt
             .registry
-            .upload(&chaos_manifest("chaos", "1.0.0", "in", ""), chaos_wasm(), true)
+            .upload(
+                &chaos_manifest("chaos", "1.0.0", "in", ""),
+                chaos_wasm(),
+                true,
+            )
             .await
             .unwrap();
         assert!(up.compile_ms > 0 || up.unchanged);
-        send(&rt.backends.bus, "in", "k", json!({"op": "put", "key": "a", "value": "1"})).await;
+        send(
+            &rt.backends.bus,
+            "in",
+            "k",
+            json!({"op": "put", "key": "a", "value": "1"}),
+        )
+        .await;
         wait_events(&rt.backends.bus, "out", 1, WAIT).await;
         rt.shutdown().await;
     }
@@ -202,11 +256,21 @@ async fn a_restart_serves_the_active_version_from_the_compiled_cache() {
     // Re-uploading the same component reports it was not recompiled.
     let again = rt
         .registry
-        .upload(&chaos_manifest("chaos", "1.0.1", "in", ""), chaos_wasm(), false)
+        .upload(
+            &chaos_manifest("chaos", "1.0.1", "in", ""),
+            chaos_wasm(),
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(again.compile_ms, 0, "served from the compiled cache");
-    send(&rt.backends.bus, "in", "k", json!({"op": "get", "key": "a"})).await;
+    send(
+        &rt.backends.bus,
+        "in",
+        "k",
+        json!({"op": "get", "key": "a"}),
+    )
+    .await;
     let out = wait_events(&rt.backends.bus, "out", 2, WAIT).await;
     assert_eq!(out.len(), 2, "the first event was not handled twice");
     assert_eq!(json(&out[1])["value"], "1");

@@ -221,7 +221,9 @@ impl Env {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("seed events on {topic} not handled within {timeout:?}: {committed:?} of {ends:?}");
+                bail!(
+                    "seed events on {topic} not handled within {timeout:?}: {committed:?} of {ends:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -265,7 +267,11 @@ struct Observer {
 impl Observer {
     async fn start(log: &Arc<EmbeddedLog>, topic: &str) -> Result<Self> {
         let mut sub = log
-            .subscribe(OBSERVER_GROUP, &[topic.to_string()], StartPosition::Earliest)
+            .subscribe(
+                OBSERVER_GROUP,
+                &[topic.to_string()],
+                StartPosition::Earliest,
+            )
             .await
             .context("subscribing the observer")?;
         let stop = CancellationToken::new();
@@ -441,7 +447,11 @@ pub async fn latency(
     let mut samples: Vec<Duration> = started
         .iter()
         .filter(|(_, at)| **at >= cutoff)
-        .filter_map(|(coords, at)| arrived.get(coords).map(|done| done.saturating_duration_since(*at)))
+        .filter_map(|(coords, at)| {
+            arrived
+                .get(coords)
+                .map(|done| done.saturating_duration_since(*at))
+        })
         .collect();
     samples.sort_unstable();
     let missing = started.keys().filter(|c| !arrived.contains_key(c)).count();

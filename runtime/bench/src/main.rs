@@ -192,8 +192,7 @@ fn cpu_model() -> Option<String> {
 async fn run(args: &Args) -> Result<Report> {
     let plugins_dir = args.plugins_dir.clone().unwrap_or_else(default_plugins_dir);
     let parent = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("creating {}", parent.display()))?;
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let root = tempfile::Builder::new()
         .prefix("spate-bench-run-")
         .tempdir_in(&parent)
@@ -221,7 +220,11 @@ async fn run(args: &Args) -> Result<Report> {
 
     // Manifests: the ones in the tree, with these changes (also printed).
     let mut changes = Vec::new();
-    let fresh_m = manifest(TRIVIAL_MANIFEST, args.concurrency, "plugins/trivial/spate.toml")?;
+    let fresh_m = manifest(
+        TRIVIAL_MANIFEST,
+        args.concurrency,
+        "plugins/trivial/spate.toml",
+    )?;
     let mut warm_m = fresh_m.clone();
     warm_m.execution.mode = ExecutionMode::Warm;
     changes.push(format!(
@@ -240,7 +243,9 @@ async fn run(args: &Args) -> Result<Report> {
         "plugins/order-totals/spate.toml",
     )?;
     match args.concurrency {
-        Some(c) => changes.push(format!("limits.concurrency = {c} in every manifest (--concurrency)")),
+        Some(c) => changes.push(format!(
+            "limits.concurrency = {c} in every manifest (--concurrency)"
+        )),
         None => changes.push(format!(
             "limits.concurrency unchanged ({} trivial, {} order-totals)",
             fresh_m.limits.concurrency, orders_m.limits.concurrency
@@ -267,7 +272,11 @@ async fn run(args: &Args) -> Result<Report> {
     let (services, _micro_dir) = micro::services(&root_path)?;
     let mut micros = Vec::new();
     for (label, version, reuse) in [
-        ("trivial wasm, fresh", &trivial_fresh, Reuse::InstancePerCall),
+        (
+            "trivial wasm, fresh",
+            &trivial_fresh,
+            Reuse::InstancePerCall,
+        ),
         ("trivial wasm, warm", &trivial_warm, Reuse::OneInstance),
         ("native trivial", &native, Reuse::InstancePerCall),
     ] {
@@ -334,16 +343,17 @@ async fn run(args: &Args) -> Result<Report> {
     let warmup = Duration::from_secs_f64((args.paced_secs / 5.0).min(0.5));
     let mut runs = Vec::new();
     for subject in &subjects {
-        progress(&format!("{}: throughput, {} events", subject.label, args.events),
-        );
+        progress(&format!(
+            "{}: throughput, {} events",
+            subject.label, args.events
+        ));
         let throughput = harness::throughput(subject, &root_path, &settings, args.events)
             .await
             .with_context(|| format!("{}: throughput run", subject.label))?;
         progress(&format!(
-                "{}: paced latency, {} events/s for {} s",
-                subject.label, args.rate, args.paced_secs
-            ),
-        );
+            "{}: paced latency, {} events/s for {} s",
+            subject.label, args.rate, args.paced_secs
+        ));
         let latency = harness::latency(
             subject,
             &root_path,

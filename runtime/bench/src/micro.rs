@@ -96,7 +96,10 @@ pub async fn run(
             bail!("{label}: call {i} ended {:?}", result.outcome);
         }
         if result.journal.emits.len() != 1 {
-            bail!("{label}: call {i} emitted {} events, expected 1", result.journal.emits.len());
+            bail!(
+                "{label}: call {i} emitted {} events, expected 1",
+                result.journal.emits.len()
+            );
         }
         if i >= warmup {
             samples.push(took);

@@ -117,8 +117,12 @@ impl Report {
         let mut o = String::new();
         let m = &self.machine;
         let s = &self.settings;
-        o.push_str("Spate bench: the embedded path (EmbeddedLog + EmbeddedStateStore + MokaCache,\n");
-        o.push_str("the real dispatcher Pipeline, wasmtime 48 sandbox), everything in-process.\n\n");
+        o.push_str(
+            "Spate bench: the embedded path (EmbeddedLog + EmbeddedStateStore + MokaCache,\n",
+        );
+        o.push_str(
+            "the real dispatcher Pipeline, wasmtime 48 sandbox), everything in-process.\n\n",
+        );
         o.push_str(&format!(
             "machine: {} cores{}; ONE NOISY SHARED MACHINE: compare rows of this run with each\n         other, not with runs elsewhere or at other times.\n",
             m.cores,
@@ -127,7 +131,10 @@ impl Report {
                 .map(|c| format!(" ({c})"))
                 .unwrap_or_default()
         ));
-        o.push_str(&format!("data:    fresh temporary directories under {}\n", m.data_root));
+        o.push_str(&format!(
+            "data:    fresh temporary directories under {}\n",
+            m.data_root
+        ));
         o.push_str(&format!(
             "sandbox: pooling allocator, {} slots, {} MiB memory ceiling per slot (server defaults)\n",
             s.sandbox_pool_instances, s.sandbox_max_memory_mb
@@ -259,19 +266,31 @@ impl Report {
                 .join("; ")
         ));
 
-        o.push_str("\nHow to read this: the first table is the price of the sandbox alone: a fresh\n");
+        o.push_str(
+            "\nHow to read this: the first table is the price of the sandbox alone: a fresh\n",
+        );
         o.push_str("Wasm instance per event (the default) against a reused (warm) one and the same logic\n");
         o.push_str("in native Rust, called in a loop with no dispatcher and no storage; the ratios say how\n");
         o.push_str("many native calls one Wasm call costs. The second table runs each handler through the\n");
-        o.push_str("whole embedded path: `events/s` is N events appended as fast as the log takes them\n");
+        o.push_str(
+            "whole embedded path: `events/s` is N events appended as fast as the log takes them\n",
+        );
         o.push_str("divided by the time until the last output is visible to a subscriber (CPU s is the whole\n");
         o.push_str("process, producer and observer included, so ev/CPU-s is what one core buys), and p50/\n");
-        o.push_str("p90/p99/max are per-event times from the start of the input's append to its output\n");
-        o.push_str("being readable, measured at a paced rate well below saturation, so they are service\n");
-        o.push_str("time, not queueing. Every event pays at least two durable appends (input and emit;\n");
+        o.push_str(
+            "p90/p99/max are per-event times from the start of the input's append to its output\n",
+        );
+        o.push_str(
+            "being readable, measured at a paced rate well below saturation, so they are service\n",
+        );
+        o.push_str(
+            "time, not queueing. Every event pays at least two durable appends (input and emit;\n",
+        );
         o.push_str("order-totals also a state write), see the append floor above: when the dispatcher rows\n");
         o.push_str("sit close together while the per-call costs differ by 10-100x, the sandbox is not the\n");
-        o.push_str("bottleneck and storage, hand-offs and per-key ordering are. `wflow` counts review\n");
+        o.push_str(
+            "bottleneck and storage, hand-offs and per-key ordering are. `wflow` counts review\n",
+        );
         o.push_str("workflows started, `dlq` dead letters (expected 0). A `*` marks a run that timed out.\n");
         o
     }

@@ -127,7 +127,10 @@ async fn run_case(events: Vec<(u8, u8)>) {
         if done {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "commits never reached the end: {committed:?} vs {ends:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commits never reached the end: {committed:?} vs {ends:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     shutdown.cancel();

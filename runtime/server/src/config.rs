@@ -191,6 +191,18 @@ impl Default for SandboxSettings {
     }
 }
 
+/// Top-level keys of [`Config`], as environment variables may name them.
+const CONFIG_SECTIONS: &[&str] = &[
+    "data-dir",
+    "workflow-topic",
+    "api",
+    "events",
+    "state",
+    "cache",
+    "dispatch",
+    "sandbox",
+];
+
 /// A configuration problem, with every problem listed.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -214,13 +226,23 @@ impl Config {
         fig = fig.merge(
             Env::prefixed("SPATE_")
                 .ignore(&["API", "API_TOKEN"])
-                .map(|k| k.as_str().replace("__", ".").replace('_', "-").into()),
+                .map(|k| k.as_str().replace("__", ".").replace('_', "-").into())
+                // Other `SPATE_*` variables (the scripts' `SPATE_CACHE`, ...) are not config.
+                .filter(|k| {
+                    let top = k.as_str().split('.').next().unwrap_or_default();
+                    CONFIG_SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(top))
+                }),
         );
         if let Ok(t) = std::env::var("SPATE_API_TOKEN") {
             fig = fig.merge(Serialized::default("api.token", t));
         }
         let config: Config = fig.extract().map_err(|e| {
-            ConfigError(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+            ConfigError(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -230,7 +252,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
         if !spate_core::manifest::valid_topic(&self.workflow_topic) {
-            p.push(format!("workflow-topic `{}` is not a valid topic name", self.workflow_topic));
+            p.push(format!(
+                "workflow-topic `{}` is not a valid topic name",
+                self.workflow_topic
+            ));
         }
         if let Some(t) = &self.api.token
             && t.len() < 8

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod node;
 pub mod runtime;
 pub mod telemetry;
 

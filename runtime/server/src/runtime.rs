@@ -170,7 +170,11 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn run(mut self, mut changes: broadcast::Receiver<RegistryChange>, ready: Arc<AtomicBool>) {
+    async fn run(
+        mut self,
+        mut changes: broadcast::Receiver<RegistryChange>,
+        ready: Arc<AtomicBool>,
+    ) {
         for name in self.registry.active_names() {
             self.sync(&name).await;
         }
@@ -274,7 +278,11 @@ impl Supervisor {
                 }
             });
         }
-        info!(plugin = name, topics = shape.subscriptions.len(), "pipelines started");
+        info!(
+            plugin = name,
+            topics = shape.subscriptions.len(),
+            "pipelines started"
+        );
         PluginRun {
             active,
             shape,

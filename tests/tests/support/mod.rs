@@ -177,7 +177,9 @@ pub fn describe(e: &Event) -> String {
         e.topic,
         e.partition,
         e.offset,
-        e.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        e.key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
         String::from_utf8_lossy(&e.payload),
         headers.join(", ")
     )

@@ -17,6 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+/// How long calls already running may take after the drain timeout.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Header carrying the 1-based attempt number of the call, visible to the guest.
 pub const ATTEMPT_HEADER: &str = "spate-attempt";
 
@@ -37,7 +40,8 @@ pub struct PipelineConfig {
     pub max_buffered: usize,
     /// How often finished positions are committed.
     pub commit_interval: Duration,
-    /// How long shutdown waits for in-flight events before abandoning them uncommitted.
+    /// How long shutdown keeps handling the events already read (in handlers, in back-off,
+    /// or queued in lanes) before abandoning the rest uncommitted.
     pub drain_timeout: Duration,
     /// Longest delay between retries of an infrastructure failure.
     pub max_infra_backoff: Duration,
@@ -64,6 +68,8 @@ impl PipelineConfig {
 pub struct Pipeline {
     config: PipelineConfig,
     source: Arc<dyn EventSource>,
+    /// Cancelled from outside: stop reading and drain.
+    stop: CancellationToken,
     ctx: Arc<WorkerCtx>,
 }
 
@@ -73,7 +79,8 @@ struct WorkerCtx {
     bus: Arc<dyn EventBus>,
     services: HostServices,
     permits: Arc<Semaphore>,
-    shutdown: CancellationToken,
+    /// Cancelled when the drain gives up: workers in back-off abandon their event.
+    abandon: CancellationToken,
     max_infra_backoff: Duration,
 }
 
@@ -128,17 +135,19 @@ impl Pipeline {
             bus,
             services,
             permits,
-            shutdown,
+            abandon: CancellationToken::new(),
             max_infra_backoff: config.max_infra_backoff,
         });
         Self {
             config,
             source,
+            stop: shutdown,
             ctx,
         }
     }
 
-    /// Consume until shutdown, then drain in-flight events and commit what finished.
+    /// Consume until shutdown, then drain: every event already read is still handled (so
+    /// the final commit leaves nothing to redo on restart), within the drain timeout.
     pub async fn run(&self) -> Result<(), BackendError> {
         let cfg = &self.config;
         let mut sub = self
@@ -151,7 +160,7 @@ impl Pipeline {
         let mut buffered = 0usize;
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let shutdown = self.ctx.shutdown.clone();
+        let shutdown = self.stop.clone();
 
         loop {
             tokio::select! {
@@ -203,22 +212,31 @@ impl Pipeline {
             }
         }
 
-        // Drain: events already in a handler finish (each call is bounded by its deadline);
-        // queued events and retry back-offs are abandoned uncommitted.
+        // Drain: keep handling what was read, lanes included, so the final commit covers
+        // it all. At the deadline, back-offs are abandoned and calls already running get
+        // a short grace (each is bounded by its own deadline); the rest is redelivered.
         let drain = tokio::time::sleep(cfg.drain_timeout);
         tokio::pin!(drain);
+        let mut abandoning = false;
         while !tasks.is_empty() {
             tokio::select! {
                 Some(joined) = tasks.join_next() => {
                     if let Ok(report) = joined {
-                        self.finish(report, &mut marks, &mut lanes, &mut tasks, false);
+                        self.finish(report, &mut marks, &mut lanes, &mut tasks, !abandoning);
                     }
                 }
                 _ = &mut drain => {
-                    warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain timeout; abandoning in-flight events uncommitted");
-                    tasks.abort_all();
-                    break;
+                    if abandoning {
+                        warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain grace over; aborting in-flight calls uncommitted");
+                        tasks.abort_all();
+                        break;
+                    }
+                    warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain timeout; abandoning queued events uncommitted");
+                    abandoning = true;
+                    self.ctx.abandon.cancel();
+                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
+                _ = ticker.tick() => self.commit(&mut *sub, &mut marks).await,
             }
         }
         self.commit(&mut *sub, &mut marks).await;
@@ -438,7 +456,7 @@ async fn handle_event(
 
 async fn sleep_or_shutdown(ctx: &WorkerCtx, delay: Duration) -> bool {
     tokio::select! {
-        _ = ctx.shutdown.cancelled() => false,
+        _ = ctx.abandon.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
     }
 }

@@ -20,9 +20,12 @@ Examples:
   # run everything on this machine (data in ./.spate, API on 127.0.0.1:8780)
   spate up
 
-  # in another terminal: deploy a plugin, send it an event, watch what it emits
-  spate plugin deploy plugins/order-totals --component plugins/target/wasm32-wasip2/release/order_totals.wasm
-  spate events send orders --key c-42 '{\"order_id\":\"o-1\",\"customer_id\":\"c-42\",\"amount_cents\":1250}'
+  # in another terminal: build the example plugin, deploy it, send it an event
+  cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+  spate plugin deploy plugins/order-totals
+  spate events send orders --key c-42 '{\"order_id\":\"o-1\",\"customer_id\":\"c-42\",\"amount_cents\":1250,\"currency\":\"EUR\"}'
+
+  # watch what it emits (Ctrl-C to stop)
   spate events tail customer-totals --follow
 
 Client commands find the API at --api (default http://127.0.0.1:8780) and read the API token
@@ -48,6 +51,7 @@ pub struct GlobalArgs {
         long,
         global = true,
         env = "SPATE_API",
+        hide_env_values = true,
         default_value = "http://127.0.0.1:8780",
         value_name = "URL"
     )]
@@ -66,7 +70,13 @@ pub struct GlobalArgs {
 
     /// Data directory: where `spate up` keeps the event log, state, plugins and the
     /// generated API token, and where client commands look for that token [default: .spate].
-    #[arg(long, global = true, env = "SPATE_DATA_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SPATE_DATA_DIR",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
     pub data_dir: Option<PathBuf>,
 }
 
