@@ -1,10 +1,10 @@
 # Shared settings of the project scripts (sourced, not run).
 # Slow builds and tool installs are cached outside the clone, so a fresh clone on the same
 # machine (CI clones afresh every run) skips them; a new machine only runs slower.
-export SPATE_CACHE="${SPATE_CACHE:-$HOME/.cache/spate}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SPATE_CACHE/target}"
-export SPATE_PLUGINS_TARGET_DIR="${SPATE_PLUGINS_TARGET_DIR:-$SPATE_CACHE/plugins-target}"
-mkdir -p "$SPATE_CACHE"
+export SPATE_CACHE_DIR="${SPATE_CACHE_DIR:-$HOME/.cache/spate}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SPATE_CACHE_DIR/target}"
+export SPATE_PLUGINS_TARGET_DIR="${SPATE_PLUGINS_TARGET_DIR:-$SPATE_CACHE_DIR/plugins-target}"
+mkdir -p "$SPATE_CACHE_DIR"
 
 # Everything the build needs that a fresh machine may lack: the pinned toolchain with the
 # wasm32-wasip2 target (rust-toolchain.toml asks rustup for it), and a C compiler.

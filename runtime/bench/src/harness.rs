@@ -81,6 +81,8 @@ pub struct Throughput {
     pub workflows: u64,
     /// Events dead-lettered during the run.
     pub dead_letters: u64,
+    /// Reason recorded on the first dead letter, if any.
+    pub dead_letter_reason: Option<String>,
 }
 
 /// Result of a paced latency run.
@@ -108,6 +110,8 @@ pub struct Latency {
     pub workflows: u64,
     /// Events dead-lettered during the run.
     pub dead_letters: u64,
+    /// Reason recorded on the first dead letter, if any.
+    pub dead_letter_reason: Option<String>,
 }
 
 /// A running handler: its data directory, backends and pipelines.
@@ -238,6 +242,46 @@ impl Env {
             .unwrap_or(0)
     }
 
+    /// The reason on the first dead letter of the plugin, if there is one.
+    async fn dead_letter_reason(&self) -> Option<String> {
+        let topic = &self.dead_letter_topic;
+        let partitions = self.log.partitions(topic).await.ok().flatten()?;
+        for p in 0..partitions {
+            let events = self.log.read(topic, p, 0, 1).await.ok()?;
+            if let Some(e) = events.first() {
+                let kind = header_str(&e.headers, headers::DLQ_KIND).unwrap_or("?");
+                let reason = header_str(&e.headers, headers::DLQ_REASON).unwrap_or("?");
+                return Some(format!("{kind}: {reason}"));
+            }
+        }
+        None
+    }
+
+    /// Wait until `n` inputs are accounted for, as outputs the observer saw or as dead
+    /// letters beyond `dead_before`, or until `timeout`. Returns whether they were and when
+    /// the last one was noticed.
+    async fn wait_done(
+        &self,
+        observer: &mut Observer,
+        n: usize,
+        dead_before: u64,
+        timeout: Duration,
+    ) -> (bool, Instant) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = *observer.count.borrow_and_update();
+            let dead = self.total(&self.dead_letter_topic).await - dead_before;
+            if seen as u64 + dead >= n as u64 {
+                return (true, Instant::now());
+            }
+            if Instant::now() > deadline {
+                return (false, Instant::now());
+            }
+            // Outputs wake us at once; dead letters are polled.
+            let _ = tokio::time::timeout(Duration::from_millis(5), observer.count.changed()).await;
+        }
+    }
+
     /// Stop the pipelines (draining in-flight events) and close the files.
     async fn stop(mut self) -> Result<()> {
         self.shutdown.cancel();
@@ -297,14 +341,6 @@ impl Observer {
         Ok(Self { stop, count, task })
     }
 
-    /// Wait until `n` outputs were seen or `timeout` passed; returns whether they were.
-    async fn wait_for(&mut self, n: usize, timeout: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(timeout, self.count.wait_for(|c| *c >= n)).await,
-            Ok(Ok(_))
-        )
-    }
-
     async fn finish(self) -> Result<Vec<Arrival>> {
         self.stop.cancel();
         self.task.await.context("observer task panicked")?
@@ -355,15 +391,25 @@ pub async fn throughput(
             .context("appending input events")?;
     }
     let append_seconds = start.elapsed().as_secs_f64();
-    let complete = observer.wait_for(n, OUTPUT_TIMEOUT).await;
+    let (complete, done_at) = env
+        .wait_done(&mut observer, n, dead_before, OUTPUT_TIMEOUT)
+        .await;
     let cpu_end = process_cpu_seconds();
     let arrivals = observer.finish().await?;
-    let last = arrivals.iter().map(|a| a.at).max().unwrap_or(start);
-    let seconds = last.saturating_duration_since(start).as_secs_f64();
     let outputs = arrivals.len();
     let workflows = env.total(WORKFLOW_TOPIC).await - workflows_before;
     let dead_letters = env.total(&env.dead_letter_topic).await - dead_before;
+    let dead_letter_reason = env.dead_letter_reason().await;
     env.stop().await?;
+    // Without dead letters the run ends at the last output; dead letters are polled, so
+    // with them it ends when the poll noticed the last one.
+    let last_output = arrivals.iter().map(|a| a.at).max().unwrap_or(start);
+    let end = if dead_letters > 0 && complete {
+        last_output.max(done_at)
+    } else {
+        last_output
+    };
+    let seconds = end.saturating_duration_since(start).as_secs_f64();
     Ok(Throughput {
         events: n,
         outputs,
@@ -378,6 +424,7 @@ pub async fn throughput(
         cpu_seconds: cpu_start.zip(cpu_end).map(|(a, b)| b - a),
         workflows,
         dead_letters,
+        dead_letter_reason,
     })
 }
 
@@ -432,10 +479,12 @@ pub async fn latency(
             .context("append task panicked")?
             .context("appending input events")?;
     }
-    observer.wait_for(total, OUTPUT_TIMEOUT).await;
+    env.wait_done(&mut observer, total, dead_before, OUTPUT_TIMEOUT)
+        .await;
     let arrivals = observer.finish().await?;
     let workflows = env.total(WORKFLOW_TOPIC).await - workflows_before;
     let dead_letters = env.total(&env.dead_letter_topic).await - dead_before;
+    let dead_letter_reason = env.dead_letter_reason().await;
     env.stop().await?;
 
     let started = std::mem::take(&mut *started.lock().unwrap_or_else(|e| e.into_inner()));
@@ -472,6 +521,7 @@ pub async fn latency(
         max_us: us(1.0),
         workflows,
         dead_letters,
+        dead_letter_reason,
     })
 }
 
@@ -484,9 +534,10 @@ pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Median time of a durable one-event append to an idle log: the floor under every
-/// append-to-visible latency (the input append and the emit append each pay one).
-pub async fn append_floor(root: &Path, appends: usize) -> Result<Duration> {
+/// Median and 90th percentile time of a durable one-event append to an idle log: the
+/// floor under every append-to-visible latency (the input append and the emit append
+/// each pay one).
+pub async fn append_floor(root: &Path, appends: usize) -> Result<(Duration, Duration)> {
     let dir = tempfile::Builder::new()
         .prefix("spate-bench-")
         .tempdir_in(root)
@@ -506,7 +557,7 @@ pub async fn append_floor(root: &Path, appends: usize) -> Result<Duration> {
     }
     drop(log);
     samples.sort_unstable();
-    Ok(percentile(&samples, 0.5))
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.9)))
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -301,7 +301,7 @@ async fn run(args: &Args) -> Result<Report> {
         wasm_warm_over_native: ratio(median(1), median(2)),
     };
     progress("append floor");
-    let floor = harness::append_floor(&root_path, FLOOR_APPENDS).await?;
+    let (floor_p50, floor_p90) = harness::append_floor(&root_path, FLOOR_APPENDS).await?;
 
     let keyed = Workload::Keyed { keys: args.keys };
     let subjects = [
@@ -393,7 +393,8 @@ async fn run(args: &Args) -> Result<Report> {
             sandbox_pool_instances: SANDBOX_POOL_INSTANCES,
         },
         plugins: vec![trivial.load, order_totals.load],
-        append_floor_us: floor.as_secs_f64() * 1e6,
+        append_floor_p50_us: floor_p50.as_secs_f64() * 1e6,
+        append_floor_p90_us: floor_p90.as_secs_f64() * 1e6,
         micro: micros,
         ratios,
         runs,

@@ -14,7 +14,9 @@ pub struct Report {
     /// The plugins loaded.
     pub plugins: Vec<PluginLoad>,
     /// Median durable one-event append to an idle log, microseconds.
-    pub append_floor_us: f64,
+    pub append_floor_p50_us: f64,
+    /// 90th percentile of the same, microseconds.
+    pub append_floor_p90_us: f64,
     /// Per-call microbenchmarks.
     pub micro: Vec<Micro>,
     /// Median per-call cost ratios against the native handler.
@@ -197,8 +199,9 @@ impl Report {
             self.ratios.wasm_fresh_over_native, self.ratios.wasm_warm_over_native
         ));
         o.push_str(&format!(
-            "  durable append of 1 event to an idle log (median): {}\n",
-            human_us(self.append_floor_us)
+            "  durable append of 1 event to an idle log: p50 {}, p90 {}\n",
+            human_us(self.append_floor_p50_us),
+            human_us(self.append_floor_p90_us)
         ));
 
         o.push_str("\nThrough the dispatcher (append -> Pipeline -> handler -> emit -> visible to a subscriber)\n");
@@ -242,10 +245,20 @@ impl Report {
         for r in &self.runs {
             let t = &r.throughput;
             let l = &r.latency;
-            if !t.complete || l.missing > 0 {
+            if !t.complete || l.missing as u64 > l.dead_letters {
                 o.push_str(&format!(
                     "  * {}: {} of {} throughput outputs seen before the timeout; {} of {} paced outputs missing\n",
                     r.label, t.outputs, t.events, l.missing, l.events
+                ));
+            }
+            if let Some(reason) = t
+                .dead_letter_reason
+                .as_ref()
+                .or(l.dead_letter_reason.as_ref())
+            {
+                o.push_str(&format!(
+                    "  ! {}: {} + {} events dead-lettered (throughput + paced), first because {reason}\n",
+                    r.label, t.dead_letters, l.dead_letters
                 ));
             }
         }
@@ -291,7 +304,8 @@ impl Report {
         o.push_str(
             "bottleneck and storage, hand-offs and per-key ordering are. `wflow` counts review\n",
         );
-        o.push_str("workflows started, `dlq` dead letters (expected 0). A `*` marks a run that timed out.\n");
+        o.push_str("workflows started, `dlq` dead letters (expected 0; a dead-lettered event counts as done\n");
+        o.push_str("for the throughput clock, and `!` gives the first reason). `*` marks a timed-out run.\n");
         o
     }
 }
