@@ -106,6 +106,11 @@ pub struct Latency {
     pub p99_us: f64,
     /// Largest, microseconds.
     pub max_us: f64,
+    /// Median time for the input's own append to return (durable), microseconds: the
+    /// part of the latency before the dispatcher can see the event.
+    pub append_p50_us: f64,
+    /// 99th percentile of the same, microseconds.
+    pub append_p99_us: f64,
     /// Workflow starts appended during the run.
     pub workflows: u64,
     /// Events dead-lettered during the run.
@@ -448,8 +453,9 @@ pub async fn latency(
     let workflows_before = env.total(WORKFLOW_TOPIC).await;
     let dead_before = env.total(&env.dead_letter_topic).await;
 
-    let started: Arc<Mutex<HashMap<(u32, u64), Instant>>> =
-        Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    // (partition, offset) -> (append started, append took).
+    type Started = HashMap<(u32, u64), (Instant, Duration)>;
+    let started: Arc<Mutex<Started>> = Arc::new(Mutex::new(HashMap::with_capacity(total)));
     let mut appends: JoinSet<Result<()>> = JoinSet::new();
     let start = Instant::now();
     let mut sent = 0usize;
@@ -464,9 +470,10 @@ pub async fn latency(
             appends.spawn(async move {
                 let at = Instant::now();
                 let coords = log.append(&topic, batch).await?;
+                let took = at.elapsed();
                 let mut map = started.lock().unwrap_or_else(|e| e.into_inner());
                 for c in coords {
-                    map.insert((c.partition, c.offset), at);
+                    map.insert((c.partition, c.offset), (at, took));
                 }
                 Ok(())
             });
@@ -493,16 +500,17 @@ pub async fn latency(
         .filter_map(|a| a.source.map(|s| (s, a.at)))
         .collect();
     let cutoff = start + warmup;
-    let mut samples: Vec<Duration> = started
-        .iter()
-        .filter(|(_, at)| **at >= cutoff)
-        .filter_map(|(coords, at)| {
+    let measured = || started.iter().filter(|(_, (at, _))| *at >= cutoff);
+    let mut samples: Vec<Duration> = measured()
+        .filter_map(|(coords, (at, _))| {
             arrived
                 .get(coords)
                 .map(|done| done.saturating_duration_since(*at))
         })
         .collect();
     samples.sort_unstable();
+    let mut append_times: Vec<Duration> = measured().map(|(_, (_, took))| *took).collect();
+    append_times.sort_unstable();
     let missing = started.keys().filter(|c| !arrived.contains_key(c)).count();
     let us = |q: f64| percentile(&samples, q).as_secs_f64() * 1e6;
     Ok(Latency {
@@ -519,6 +527,8 @@ pub async fn latency(
         p90_us: us(0.90),
         p99_us: us(0.99),
         max_us: us(1.0),
+        append_p50_us: percentile(&append_times, 0.5).as_secs_f64() * 1e6,
+        append_p99_us: percentile(&append_times, 0.99).as_secs_f64() * 1e6,
         workflows,
         dead_letters,
         dead_letter_reason,

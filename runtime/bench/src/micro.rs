@@ -43,8 +43,8 @@ pub struct Micro {
     pub mean_ns: f64,
 }
 
-/// Services for the calls: a throwaway state store and cache (the trivial handlers
-/// touch neither).
+/// Services for the calls: a throwaway, empty state store and cache (the trivial
+/// handlers touch neither; order-totals reads both and finds nothing).
 pub fn services(root: &Path) -> Result<(HostServices, tempfile::TempDir)> {
     let dir = tempfile::Builder::new()
         .prefix("spate-bench-micro-")
@@ -61,31 +61,36 @@ pub fn services(root: &Path) -> Result<(HostServices, tempfile::TempDir)> {
     ))
 }
 
-/// Time `calls` calls of `version` (after `warmup` untimed ones) on `topic`.
+/// The event every call of a microbenchmark handles.
+pub fn event(topic: &str, key: &str, payload: &str) -> Arc<Event> {
+    Arc::new(Event {
+        topic: topic.to_string(),
+        partition: 0,
+        offset: 0,
+        key: Some(key.as_bytes().to_vec()),
+        payload: payload.as_bytes().to_vec(),
+        headers: Vec::new(),
+        timestamp_ms: 0,
+    })
+}
+
+/// Time `calls` calls of `version` on `event` (after `warmup` untimed ones). Every call
+/// must end ok with at least one emit.
 pub async fn run(
     label: &str,
     version: &Arc<dyn PluginVersion>,
     reuse: Reuse,
     services: &HostServices,
-    topic: &str,
+    event: &Arc<Event>,
     calls: usize,
     warmup: usize,
 ) -> Result<Micro> {
-    let event = Arc::new(Event {
-        topic: topic.to_string(),
-        partition: 0,
-        offset: 0,
-        key: Some(b"k-1".to_vec()),
-        payload: br#"{"seq":1}"#.to_vec(),
-        headers: Vec::new(),
-        timestamp_ms: 0,
-    });
     let info = version.info();
     let mut kept: Box<dyn Instance> = version.instance();
     let mut samples = Vec::with_capacity(calls);
     let mut total = Duration::ZERO;
     for i in 0..warmup + calls {
-        let invocation = Invocation::new(Arc::clone(info), services.clone(), Arc::clone(&event));
+        let invocation = Invocation::new(Arc::clone(info), services.clone(), Arc::clone(event));
         let start = Instant::now();
         let result = match reuse {
             Reuse::InstancePerCall => version.instance().call(invocation).await,

@@ -18,6 +18,9 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+/// Extra time a call may take beyond twice its deadline before it is abandoned.
+const HOST_CALL_GRACE: Duration = Duration::from_millis(500);
+
 /// Bytes of guest stderr kept per store (for panic messages).
 const STDERR_CAPTURE: usize = 4096;
 
@@ -620,11 +623,26 @@ impl Instance for WasmInstance {
         live.store.data_mut().invocation = Some(invocation);
         live.store
             .set_epoch_deadline(self.sandbox.deadline_ticks(self.timeout));
-        let result = live
+        // Epoch interruption only fires while guest code runs; a host call stuck on a
+        // backend would outlive the deadline. This bound covers that case: dropping the
+        // future abandons the call and the store with it.
+        let bound = self.timeout.saturating_mul(2) + HOST_CALL_GRACE;
+        let call = live
             .bindings
             .spate_plugin_handler()
-            .call_handle(&mut live.store, &event)
-            .await;
+            .call_handle(&mut live.store, &event);
+        let result = match tokio::time::timeout(bound, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                return CallResult {
+                    outcome: CallOutcome::Trap(
+                        TrapKind::Deadline,
+                        format!("call exceeded {bound:?} (deadline while blocked in a host call)"),
+                    ),
+                    journal: spate_core::host::Journal::default(),
+                };
+            }
+        };
         let journal = live
             .store
             .data_mut()
