@@ -198,21 +198,28 @@ fn assert_exactly_once_in_order(out: &[Value], total: usize) {
 
 const TOTAL: usize = 3000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let mut node = spawn_node(dir.path(), &http, &[]).await;
+/// A node running test-chaos on `in` with all `TOTAL` events appended and at least a
+/// tenth of them handled.
+async fn node_mid_stream(dir: &Path, http: &reqwest::Client, env: &[(&str, &str)]) -> Node {
+    let node = spawn_node(dir, http, env).await;
     upload(
-        &http,
+        http,
         &node,
         chaos_manifest("chaos", "1.0.0", "in", "[limits]\nconcurrency = 8\n"),
     )
     .await;
     for chunk in (0..TOTAL).step_by(500) {
-        append(&http, &node, "in", inputs(chunk..chunk + 500)).await;
+        append(http, &node, "in", inputs(chunk..chunk + 500)).await;
     }
-    wait_size(&http, &node, "out", 300, Duration::from_secs(60)).await;
+    wait_size(http, &node, "out", 300, Duration::from_secs(60)).await;
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let mut node = node_mid_stream(dir.path(), &http, &[]).await;
     node.child.kill().unwrap(); // SIGKILL: no drain, no final commit
     node.child.wait().unwrap();
     drop(node);
@@ -234,17 +241,7 @@ async fn sigterm_under_load_drains_and_commits_so_a_restart_redoes_nothing() {
     // A small read-ahead, so the drain has a bounded amount to finish and the stop
     // really is mid-stream.
     let small_buffer = [("SPATE_DISPATCH__MAX_BUFFERED", "200")];
-    let mut node = spawn_node(dir.path(), &http, &small_buffer).await;
-    upload(
-        &http,
-        &node,
-        chaos_manifest("chaos", "1.0.0", "in", "[limits]\nconcurrency = 8\n"),
-    )
-    .await;
-    for chunk in (0..TOTAL).step_by(500) {
-        append(&http, &node, "in", inputs(chunk..chunk + 500)).await;
-    }
-    wait_size(&http, &node, "out", 300, Duration::from_secs(60)).await;
+    let mut node = node_mid_stream(dir.path(), &http, &small_buffer).await;
     let term = Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
         .status()

@@ -78,6 +78,10 @@ struct Args {
     /// Directory for the temporary data directories (default: the system temp dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run only the dispatcher rows whose label contains this text (e.g. `order`);
+    /// the per-call microbenchmarks always run.
+    #[arg(long)]
+    only: Option<String>,
     /// Print the results as JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -361,7 +365,12 @@ async fn run(args: &Args) -> Result<Report> {
     };
     let warmup = Duration::from_secs_f64((args.paced_secs / 5.0).min(0.5));
     let mut runs = Vec::new();
-    for subject in &subjects {
+    let selected = subjects.iter().filter(|s| {
+        args.only
+            .as_deref()
+            .is_none_or(|only| s.label.contains(only))
+    });
+    for subject in selected {
         progress(&format!(
             "{}: throughput, {} events",
             subject.label, args.events

@@ -98,6 +98,26 @@ pub struct Run {
     pub latency: Latency,
 }
 
+/// The paragraph printed under the tables.
+const HOW_TO_READ: &str = "
+How to read this: the first table is the price of the sandbox alone: a fresh Wasm
+instance per event (the default) against a reused (warm) one and the same logic in
+native Rust, called in a loop with no dispatcher and no storage; the ratios say how
+many native calls one Wasm call costs. The second table runs each handler through the
+whole embedded path: `events/s` is N events appended as fast as the log takes them,
+divided by the time until the last output is visible to a subscriber (CPU s is the
+whole process, producer and observer included, so ev/CPU-s is what one core buys), and
+p50/p90/p99/max are per-event times from the start of the input's append to its output
+being readable, at a paced rate that is a small fraction of the throughput, so they are
+mostly service time, not queueing. Every event pays at least two durable appends on the
+log's single writer thread (its input and its emit; order-totals also a state write on
+the state store's writer), see the append floor: when the dispatcher rows sit close
+together while the per-call costs differ by 10x or more, the sandbox is not the
+bottleneck; storage, hand-offs and per-key ordering are. `wflow` counts review
+workflows started, `dlq` dead letters (expected 0; a dead-lettered event counts as done
+for the throughput clock, and `!` gives the first reason). `*` marks a timed-out run.
+";
+
 /// `ns` as ns, µs or ms with three significant digits.
 fn human_ns(ns: f64) -> String {
     if ns < 1_000.0 {
@@ -298,33 +318,7 @@ impl Report {
                 .join("; ")
         ));
 
-        o.push_str(
-            "\nHow to read this: the first table is the price of the sandbox alone: a fresh\n",
-        );
-        o.push_str("Wasm instance per event (the default) against a reused (warm) one and the same logic\n");
-        o.push_str("in native Rust, called in a loop with no dispatcher and no storage; the ratios say how\n");
-        o.push_str("many native calls one Wasm call costs. The second table runs each handler through the\n");
-        o.push_str(
-            "whole embedded path: `events/s` is N events appended as fast as the log takes them\n",
-        );
-        o.push_str("divided by the time until the last output is visible to a subscriber (CPU s is the whole\n");
-        o.push_str("process, producer and observer included, so ev/CPU-s is what one core buys), and p50/\n");
-        o.push_str(
-            "p90/p99/max are per-event times from the start of the input's append to its output\n",
-        );
-        o.push_str(
-            "being readable, measured at a paced rate well below saturation, so they are service\n",
-        );
-        o.push_str(
-            "time, not queueing. Every event pays at least two durable appends (input and emit;\n",
-        );
-        o.push_str("order-totals also a state write), see the append floor above: when the dispatcher rows\n");
-        o.push_str("sit close together while the per-call costs differ by 10-100x, the sandbox is not the\n");
-        o.push_str(
-            "bottleneck and storage, hand-offs and per-key ordering are. `wflow` counts review\n",
-        );
-        o.push_str("workflows started, `dlq` dead letters (expected 0; a dead-lettered event counts as done\n");
-        o.push_str("for the throughput clock, and `!` gives the first reason). `*` marks a timed-out run.\n");
+        o.push_str(HOW_TO_READ);
         o
     }
 }

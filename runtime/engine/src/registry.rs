@@ -348,30 +348,15 @@ impl Registry {
             .plugins
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(format!("plugin `{name}`")))?;
-        let v = record
-            .versions
-            .iter()
-            .find(|v| v.version == version)
-            .cloned()
-            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))?;
         if record.active.as_deref() == Some(version) {
             return Ok(());
         }
-        let plugin = self.load_version(name, &v).await?;
-        let mut new_file = file.clone();
-        if let Some(rec) = new_file.plugins.get_mut(name) {
+        self.switch(&mut file, name, version, |rec| {
             if let Some(prev) = rec.active.take() {
                 rec.history.push(prev);
             }
-            rec.active = Some(version.to_string());
-        }
-        self.persist(&new_file).await?;
-        *file = new_file;
-        lock(&self.active).insert(name.to_string(), plugin);
-        let _ = self
-            .changes
-            .send(RegistryChange::Activated(name.to_string()));
-        Ok(())
+        })
+        .await
     }
 
     /// Switch back to the version that served before the current one. Returns it.
@@ -386,17 +371,33 @@ impl Registry {
                 "plugin `{name}` has no previous version to roll back to"
             ))
         })?;
-        let v = record
-            .versions
-            .iter()
-            .find(|v| v.version == previous)
+        self.switch(&mut file, name, &previous, |rec| {
+            rec.history.pop();
+        })
+        .await?;
+        Ok(previous)
+    }
+
+    /// Load `version` of `name`, record it as active (after `update_history` adjusts the
+    /// record), persist, then swap it in and tell subscribers. Nothing changes on error.
+    async fn switch(
+        &self,
+        file: &mut RegistryFile,
+        name: &str,
+        version: &str,
+        update_history: impl FnOnce(&mut PluginRecord),
+    ) -> Result<(), RegistryError> {
+        let v = file
+            .plugins
+            .get(name)
+            .and_then(|r| r.versions.iter().find(|v| v.version == version))
             .cloned()
-            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{previous}")))?;
+            .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))?;
         let plugin = self.load_version(name, &v).await?;
         let mut new_file = file.clone();
         if let Some(rec) = new_file.plugins.get_mut(name) {
-            rec.history.pop();
-            rec.active = Some(previous.clone());
+            update_history(rec);
+            rec.active = Some(version.to_string());
         }
         self.persist(&new_file).await?;
         *file = new_file;
@@ -404,7 +405,7 @@ impl Registry {
         let _ = self
             .changes
             .send(RegistryChange::Activated(name.to_string()));
-        Ok(previous)
+        Ok(())
     }
 
     /// Remove a plugin and all its versions. Its consumer positions are kept, so a
