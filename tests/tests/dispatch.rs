@@ -465,6 +465,7 @@ async fn warm_mode_reuses_instances_and_drops_them_after_a_trap() {
     }
     // 3 events fill one warm instance; the 4th gets a new one; a panic drops the
     // instance, so the event after it starts from 1 again.
+    let mut emitted = h.wait_events("out", 3, WAIT).await.len();
     for op in [
         "instance-count",
         "instance-count",
@@ -474,6 +475,13 @@ async fn warm_mode_reuses_instances_and_drops_them_after_a_trap() {
         "instance-count",
     ] {
         h.send("in-warm", "k", json!({"op": op})).await;
+        // One at a time, so the lane goes quiet between events and the instance must be
+        // kept across that.
+        if op == "panic" {
+            h.wait_events("warm.dlq", 1, WAIT).await;
+        } else {
+            emitted = h.wait_events("out", emitted + 1, WAIT).await.len();
+        }
     }
     let out = h.wait_events("out", 8, WAIT).await;
     let counts = |plugin: &str| -> Vec<i64> {

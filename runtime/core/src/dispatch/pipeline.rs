@@ -17,6 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+/// Warm instances of quiet lanes kept per pipeline.
+const IDLE_WARM_INSTANCES: usize = 64;
+
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -101,6 +104,76 @@ struct Lane {
     instance: Option<WarmInstance>,
 }
 
+/// The pipeline's key lanes, the events they hold, and the warm instances of lanes that
+/// went quiet (so a warm-mode lane keeps its instance between bursts).
+struct Lanes {
+    map: HashMap<LaneKey, Lane>,
+    idle: HashMap<LaneKey, WarmInstance>,
+    idle_cap: usize,
+    /// Events read and not yet finished (queued or in a worker).
+    buffered: usize,
+}
+
+impl Lanes {
+    fn new(idle_cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            idle: HashMap::new(),
+            idle_cap,
+            buffered: 0,
+        }
+    }
+
+    /// Queue `event`; returns the lane if it is idle and must be started.
+    fn push(&mut self, key: &LaneKey, event: Event) -> Option<&mut Lane> {
+        self.buffered += 1;
+        let idle = &mut self.idle;
+        let lane = self.map.entry(key.clone()).or_insert_with(|| Lane {
+            instance: idle.remove(key),
+            ..Lane::default()
+        });
+        lane.queue.push_back(event);
+        (!lane.busy).then_some(lane)
+    }
+
+    /// Drop a lane's queued events (they stay uncommitted and are read again later).
+    fn clear(&mut self, key: &LaneKey) {
+        if let Some(lane) = self.map.get_mut(key) {
+            self.buffered = self.buffered.saturating_sub(lane.queue.len());
+            lane.queue.clear();
+        }
+    }
+
+    /// Forget every lane of `partition` (revoked).
+    fn revoke(&mut self, partition: u32) {
+        let keys: Vec<LaneKey> = self
+            .map
+            .keys()
+            .filter(|k| lane_partition(k) == partition)
+            .cloned()
+            .collect();
+        for k in keys {
+            self.clear(&k);
+            // An in-flight event of the lane no longer counts either: its report will
+            // find no lane and is dropped.
+            if self.map.remove(&k).is_some_and(|l| l.busy) {
+                self.buffered = self.buffered.saturating_sub(1);
+            }
+        }
+        self.idle.retain(|k, _| lane_partition(k) != partition);
+    }
+
+    /// Retire an empty lane, keeping its warm instance if there is room.
+    fn retire(&mut self, key: &LaneKey) {
+        if let Some(lane) = self.map.remove(key)
+            && let Some(instance) = lane.instance
+            && self.idle.len() < self.idle_cap
+        {
+            self.idle.insert(key.clone(), instance);
+        }
+    }
+}
+
 /// How a worker left an event.
 enum Finish {
     /// Handled or dead-lettered: the offset may be committed.
@@ -155,9 +228,9 @@ impl Pipeline {
             .subscribe(&cfg.group, std::slice::from_ref(&cfg.topic), cfg.start)
             .await?;
         let mut marks: HashMap<u32, Watermark> = HashMap::new();
-        let mut lanes: HashMap<LaneKey, Lane> = HashMap::new();
+        // Idle warm instances hold pool slots: keep at most a few per pipeline.
+        let mut lanes = Lanes::new(IDLE_WARM_INSTANCES);
         let mut tasks: JoinSet<WorkerReport> = JoinSet::new();
-        let mut buffered = 0usize;
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.stop.clone();
@@ -168,10 +241,9 @@ impl Pipeline {
                 _ = shutdown.cancelled() => break,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     let Ok(report) = joined else { continue };
-                    buffered = buffered.saturating_sub(1);
                     self.finish(report, &mut marks, &mut lanes, &mut tasks, true);
                 }
-                msg = sub.next(), if buffered < cfg.max_buffered => match msg {
+                msg = sub.next(), if lanes.buffered < cfg.max_buffered => match msg {
                     Ok(SourceMessage::Assigned(parts)) => {
                         for (tp, start) in parts {
                             marks.insert(tp.partition, Watermark::new(start));
@@ -181,7 +253,7 @@ impl Pipeline {
                         self.commit(&mut *sub, &mut marks).await;
                         for tp in parts {
                             marks.remove(&tp.partition);
-                            lanes.retain(|k, _| lane_partition(k) != tp.partition);
+                            lanes.revoke(tp.partition);
                         }
                     }
                     Ok(SourceMessage::Events(events)) => {
@@ -191,11 +263,8 @@ impl Pipeline {
                                 continue; // already tracked: a re-delivery
                             }
                             mark.track(event.offset);
-                            buffered += 1;
                             let key = lane_key(cfg.ordering, &event);
-                            let lane = lanes.entry(key.clone()).or_default();
-                            lane.queue.push_back(event);
-                            if !lane.busy {
+                            if let Some(lane) = lanes.push(&key, event) {
                                 self.start_next(key, lane, &mut tasks);
                             }
                         }
@@ -247,27 +316,31 @@ impl Pipeline {
         &self,
         report: WorkerReport,
         marks: &mut HashMap<u32, Watermark>,
-        lanes: &mut HashMap<LaneKey, Lane>,
+        lanes: &mut Lanes,
         tasks: &mut JoinSet<WorkerReport>,
         continue_lane: bool,
     ) {
         if let (Finish::Done, Some(mark)) = (&report.finish, marks.get_mut(&report.partition)) {
             mark.complete(report.offset);
         }
-        let Some(lane) = lanes.get_mut(&report.lane) else {
-            return;
+        let Some(lane) = lanes.map.get_mut(&report.lane) else {
+            return; // its partition was revoked
         };
+        lanes.buffered = lanes.buffered.saturating_sub(1);
         lane.busy = false;
         lane.instance = report.instance;
         if matches!(report.finish, Finish::Abandoned) {
             // The plugin is gone or we are stopping: later events of this lane must not
             // overtake the abandoned one, so the lane stops here.
-            lane.queue.clear();
+            lanes.clear(&report.lane);
         }
-        if continue_lane && !lane.queue.is_empty() {
+        let Some(lane) = lanes.map.get_mut(&report.lane) else {
+            return;
+        };
+        if lane.queue.is_empty() {
+            lanes.retire(&report.lane);
+        } else if continue_lane {
             self.start_next(report.lane, lane, tasks);
-        } else if lane.queue.is_empty() {
-            lanes.remove(&report.lane);
         }
     }
 
