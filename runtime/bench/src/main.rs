@@ -51,9 +51,12 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     events: usize,
     /// Directory holding `trivial.wasm` and `order_totals.wasm` (wasm32-wasip2, release).
-    /// Default: `${SPATE_CACHE:-$HOME/.cache/spate}/plugins-target/wasm32-wasip2/release`.
+    /// Default: `${SPATE_CACHE_DIR:-$HOME/.cache/spate}/plugins-target/wasm32-wasip2/release`.
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// Throughput runs per handler (interleaved); the table shows the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Events per second appended in the paced latency runs.
     #[arg(long, default_value_t = 1_000.0)]
     rate: f64,
@@ -114,8 +117,13 @@ fn main() -> Result<()> {
 }
 
 fn check(args: &Args) -> Result<()> {
-    if args.events == 0 || args.micro_calls == 0 || args.keys == 0 || args.customers == 0 {
-        bail!("--events, --micro-calls, --keys and --customers must be at least 1");
+    if args.events == 0
+        || args.rounds == 0
+        || args.micro_calls == 0
+        || args.keys == 0
+        || args.customers == 0
+    {
+        bail!("--events, --rounds, --micro-calls, --keys and --customers must be at least 1");
     }
     if !(args.rate > 0.0 && args.rate <= 1_000_000.0) {
         bail!("--rate must be in (0, 1000000]");
@@ -130,7 +138,7 @@ fn check(args: &Args) -> Result<()> {
 }
 
 fn default_plugins_dir() -> PathBuf {
-    let cache = std::env::var_os("SPATE_CACHE")
+    let cache = std::env::var_os("SPATE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spate")))
         .unwrap_or_else(|| PathBuf::from(".cache/spate"));
@@ -364,20 +372,32 @@ async fn run(args: &Args) -> Result<Report> {
         commit_interval: Duration::from_millis(args.commit_interval_ms),
     };
     let warmup = Duration::from_secs_f64((args.paced_secs / 5.0).min(0.5));
+    let selected: Vec<&Subject> = subjects
+        .iter()
+        .filter(|s| {
+            args.only
+                .as_deref()
+                .is_none_or(|only| s.label.contains(only))
+        })
+        .collect();
+    // Throughput rounds interleave the handlers, so a slow spell of the shared machine
+    // (its disk above all) hits every row instead of one.
+    let mut rounds: Vec<Vec<harness::Throughput>> = selected.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds {
+        for (subject, results) in selected.iter().zip(rounds.iter_mut()) {
+            progress(&format!(
+                "{}: throughput round {round}/{}, {} events",
+                subject.label, args.rounds, args.events
+            ));
+            results.push(
+                harness::throughput(subject, &root_path, &settings, args.events)
+                    .await
+                    .with_context(|| format!("{}: throughput run", subject.label))?,
+            );
+        }
+    }
     let mut runs = Vec::new();
-    let selected = subjects.iter().filter(|s| {
-        args.only
-            .as_deref()
-            .is_none_or(|only| s.label.contains(only))
-    });
-    for subject in selected {
-        progress(&format!(
-            "{}: throughput, {} events",
-            subject.label, args.events
-        ));
-        let throughput = harness::throughput(subject, &root_path, &settings, args.events)
-            .await
-            .with_context(|| format!("{}: throughput run", subject.label))?;
+    for (subject, mut results) in selected.into_iter().zip(rounds) {
         progress(&format!(
             "{}: paced latency, {} events/s for {} s",
             subject.label, args.rate, args.paced_secs
@@ -392,11 +412,19 @@ async fn run(args: &Args) -> Result<Report> {
         )
         .await
         .with_context(|| format!("{}: latency run", subject.label))?;
+        let round_rates: Vec<f64> = results.iter().map(|t| t.events_per_second).collect();
+        results.sort_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
+        let median = results.len() / 2;
+        let throughput = results
+            .into_iter()
+            .nth(median)
+            .context("no throughput rounds ran")?;
         runs.push(Run {
             label: subject.label.clone(),
             concurrency: subject.version.info().manifest.limits.concurrency,
             keys: subject.workload.keys(),
             throughput,
+            round_rates,
             latency,
         });
     }
@@ -411,6 +439,7 @@ async fn run(args: &Args) -> Result<Report> {
         },
         settings: Settings {
             throughput_events: args.events,
+            throughput_rounds: args.rounds,
             throughput_batch: THROUGHPUT_BATCH,
             paced_rate: args.rate,
             paced_seconds: args.paced_secs,

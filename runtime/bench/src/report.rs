@@ -43,6 +43,8 @@ pub struct Machine {
 pub struct Settings {
     /// Events per throughput run.
     pub throughput_events: usize,
+    /// Throughput runs per handler; the median is reported.
+    pub throughput_rounds: usize,
     /// Events per `append` in throughput runs.
     pub throughput_batch: usize,
     /// Paced rate, events per second.
@@ -92,8 +94,10 @@ pub struct Run {
     pub concurrency: u32,
     /// Distinct keys in its workload.
     pub keys: u32,
-    /// Throughput run.
+    /// The median throughput round (by events per second).
     pub throughput: Throughput,
+    /// Events per second of every round, in the order they ran.
+    pub round_rates: Vec<f64>,
     /// Paced latency run.
     pub latency: Latency,
 }
@@ -168,9 +172,10 @@ impl Report {
             ));
         }
         o.push_str(&format!(
-            "runs:    throughput = {} events appended in batches of {}; latency = {:.0} events/s\n         paced for {:.1} s (first {:.1} s excluded as warm-up); commit interval {} ms,\n         other PipelineConfig settings at their defaults\n",
+            "runs:    throughput = {} events appended in batches of {}, median of {} interleaved rounds;\n         latency = {:.0} events/s paced for {:.1} s (first {:.1} s excluded as warm-up);\n         commit interval {} ms, other PipelineConfig settings at their defaults\n",
             s.throughput_events,
             s.throughput_batch,
+            s.throughput_rounds,
             s.paced_rate,
             s.paced_seconds,
             s.paced_warmup_seconds,
@@ -285,6 +290,11 @@ impl Report {
                 ));
             }
         }
+        o.push_str("  throughput rounds (events/s, in run order):\n");
+        for r in &self.runs {
+            let rates: Vec<String> = r.round_rates.iter().map(|x| format!("{x:.0}")).collect();
+            o.push_str(&format!("    {:<26} {}\n", r.label, rates.join("  ")));
+        }
         o.push_str(
             "  paced runs, where the time goes: the input's own durable append, then the rest\n",
         );
@@ -301,22 +311,15 @@ impl Report {
                 human_us((l.p50_us - l.append_p50_us).max(0.0)),
             ));
         }
-        o.push_str(&format!(
-            "  workflows fired (wflow): throughput + paced runs; {}\n",
-            self.runs
-                .iter()
-                .filter(|r| r.throughput.workflows + r.latency.workflows > 0)
-                .map(|r| format!(
-                    "{}: {} of {} orders in the throughput run, {} of {} in the paced run",
-                    r.label,
-                    r.throughput.workflows,
-                    r.throughput.events,
-                    r.latency.workflows,
-                    r.latency.events
-                ))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
+        for r in &self.runs {
+            let (t, l) = (&r.throughput, &r.latency);
+            if t.workflows + l.workflows > 0 {
+                o.push_str(&format!(
+                    "  workflows fired by {}: {} for {} orders (throughput run), {} for {} (paced run)\n",
+                    r.label, t.workflows, t.events, l.workflows, l.events
+                ));
+            }
+        }
 
         o.push_str(HOW_TO_READ);
         o

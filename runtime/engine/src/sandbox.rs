@@ -558,6 +558,14 @@ pub fn classify(err: &wasmtime::Error) -> (TrapKind, String) {
     if let Some(m) = err.downcast_ref::<MemoryCapExceeded>() {
         return (TrapKind::Memory, m.to_string());
     }
+    // Every pool slot is taken (plugins' concurrency adds up past `pool-instances`): the
+    // runtime is saturated, the event is not at fault. Retried without counting.
+    if let Some(p) = err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+        return (
+            TrapKind::Infrastructure,
+            format!("sandbox pool exhausted ({p}); raise sandbox.pool-instances"),
+        );
+    }
     if let Some(trap) = err.downcast_ref::<Trap>() {
         let kind = match trap {
             Trap::Interrupt => TrapKind::Deadline,
@@ -597,6 +605,10 @@ async fn fresh_live(
 
 #[async_trait::async_trait]
 impl Instance for WasmInstance {
+    fn release(&mut self) {
+        self.live = None;
+    }
+
     async fn call(&mut self, invocation: Invocation) -> CallResult {
         let event = to_wit(invocation.event());
         let mut live = match self.live.take() {

@@ -99,6 +99,10 @@ pub trait PluginVersion: Send + Sync + 'static {
 pub trait Instance: Send + 'static {
     /// Handle one event.
     async fn call(&mut self, invocation: Invocation) -> CallResult;
+
+    /// Give back what a warm instance holds (its sandbox and pool slot) while the lane
+    /// waits for a concurrency permit; the next call starts a fresh one.
+    fn release(&mut self) {}
 }
 
 /// The version of a plugin that new events start on. Swapped atomically on upload,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 /// Warm instances of quiet lanes kept per pipeline.
-const IDLE_WARM_INSTANCES: usize = 64;
+const IDLE_WARM_INSTANCES: usize = 32;
 
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -462,8 +462,17 @@ async fn handle_event(
     let mut attempt: u32 = 1;
     loop {
         let failure = {
-            let Ok(_permit) = ctx.permits.acquire().await else {
-                return (Finish::Abandoned, None);
+            // A warm instance waiting for a permit would hold a pool slot it cannot use:
+            // lanes waiting outnumber the permits, and could exhaust the pool.
+            let _permit = match ctx.permits.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    instance.release();
+                    let Ok(p) = ctx.permits.acquire().await else {
+                        return (Finish::Abandoned, None);
+                    };
+                    p
+                }
             };
             let invocation = Invocation::new(
                 Arc::clone(&info),
