@@ -162,3 +162,105 @@ proptest! {
         rt.block_on(run_case(events));
     }
 }
+
+/// Panics in the host on payload `b"boom"`; emits otherwise.
+struct Panicky {
+    info: Arc<PluginInfo>,
+}
+
+struct PanickyInstance;
+
+impl PluginVersion for Panicky {
+    fn info(&self) -> &Arc<PluginInfo> {
+        &self.info
+    }
+    fn instance(&self) -> Box<dyn Instance> {
+        Box::new(PanickyInstance)
+    }
+}
+
+#[async_trait]
+impl Instance for PanickyInstance {
+    async fn call(&mut self, mut inv: Invocation) -> CallResult {
+        let event = Arc::clone(inv.event());
+        assert!(event.payload != b"boom", "host bug on this event");
+        inv.emit("out", event.key.clone(), event.payload.clone(), vec![])
+            .unwrap();
+        CallResult {
+            outcome: CallOutcome::Ok,
+            journal: inv.take_journal(),
+        }
+    }
+}
+
+/// A panic while handling one event is that event's failure (retried, then dead-lettered);
+/// its lane and every other lane keep going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_panic_dead_letters_the_event_and_the_lane_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap();
+    let state: Arc<dyn StateStore> = EmbeddedStateStore::open(&dir.path().join("state")).unwrap();
+    let bus: Arc<dyn EventBus> = log.clone();
+    let mut m = manifest();
+    m.retry.max_attempts = 2;
+    m.retry.initial_backoff_ms = 1;
+    let version: Arc<dyn PluginVersion> = Arc::new(Panicky {
+        info: Arc::new(PluginInfo::new(m, "0".repeat(64))),
+    });
+    let events = ["a", "boom", "b"]
+        .iter()
+        .map(|p| NewEvent {
+            key: Some(b"k".to_vec()),
+            payload: p.as_bytes().to_vec(),
+            headers: vec![],
+        })
+        .collect();
+    bus.append("in", events).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let pipeline = Pipeline::new(
+        PipelineConfig::new("echo", "in"),
+        ActiveVersion::new(version),
+        log.clone(),
+        bus.clone(),
+        HostServices {
+            state,
+            cache: Arc::new(MokaCache::new(1 << 20)),
+            workflow_topic: "workflows".into(),
+        },
+        Arc::new(Semaphore::new(4)),
+        shutdown.clone(),
+    );
+    let task = tokio::spawn(async move { pipeline.run().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out: u64 = bus
+            .end_offsets("out")
+            .await
+            .unwrap_or_default()
+            .iter()
+            .sum();
+        let dlq: u64 = bus
+            .end_offsets("echo.dlq")
+            .await
+            .unwrap_or_default()
+            .iter()
+            .sum();
+        if out == 2 && dlq == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "out={out} dlq={dlq}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let parts = bus.partitions("echo.dlq").await.unwrap().unwrap();
+    let mut dead = Vec::new();
+    for p in 0..parts {
+        dead.extend(bus.read("echo.dlq", p, 0, 10).await.unwrap());
+    }
+    let reason = spate_core::types::header_str(&dead[0].headers, "spate-dlq-reason").unwrap();
+    assert!(reason.contains("host bug on this event"), "{reason}");
+}

@@ -1,7 +1,7 @@
 //! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
 
 use super::watermark::Watermark;
-use super::{ActiveVersion, CallOutcome, Instance, PluginVersion, TrapKind};
+use super::{ActiveVersion, CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
 use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
@@ -9,7 +9,9 @@ use crate::host::{HostServices, Invocation, Journal, PluginInfo};
 use crate::manifest::Ordering;
 use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -480,7 +482,26 @@ async fn handle_event(
                 Arc::new(with_attempt(&event, attempt)),
             );
             let started = Instant::now();
-            let result = instance.call(invocation).await;
+            // A panic in the host (ours or wasmtime's) must not take the lane down with
+            // it: it becomes a trap of this attempt, retried and dead-lettered as usual.
+            let result = match AssertUnwindSafe(instance.call(invocation))
+                .catch_unwind()
+                .await
+            {
+                Ok(r) => r,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(panic = %what, "host panicked while handling an event");
+                    CallResult {
+                        outcome: CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}")),
+                        journal: Journal::default(),
+                    }
+                }
+            };
             metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.clone())
                 .record(started.elapsed().as_secs_f64());
             match result.outcome {
