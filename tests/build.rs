@@ -164,7 +164,230 @@ fn run() -> Result<(), Error> {
         println!("cargo:rustc-env=SPATE_PLUGIN_{name}={}", wasm.display());
     }
     println!("cargo:rustc-env=SPATE_PLUGINS_DIR={}", plugins.display());
+
+    build_guests(repo, &target_dir)
+}
+
+/// Plugins in other languages the tests use: (env var suffix, language, directory under
+/// `plugins/`, handler file). Built with the SDK's build script into
+/// `<target>/wasm-guests` (or `$SPATE_GUESTS_TARGET_DIR`).
+const GUESTS: &[(&str, Lang, &str, &str)] = &[
+    (
+        "ORDER_TOTALS_PY",
+        Lang::Python,
+        "order-totals-py",
+        "handler.py",
+    ),
+    ("TEST_CHAOS_PY", Lang::Python, "test-chaos-py", "handler.py"),
+    ("ORDER_TOTALS_JS", Lang::Js, "order-totals-js", "handler.js"),
+    ("TEST_CHAOS_JS", Lang::Js, "test-chaos-js", "handler.js"),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lang {
+    Python,
+    Js,
+}
+
+impl Lang {
+    /// The SDK directory, the interpreter and the build script in it.
+    fn build_command(self, repo: &Path) -> (&'static str, PathBuf) {
+        match self {
+            Lang::Python => ("python3", repo.join("sdk/python/build.py")),
+            Lang::Js => ("node", repo.join("sdk/js/build.mjs")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Lang::Python => "python",
+            Lang::Js => "js",
+        }
+    }
+}
+
+/// Build the Python and JavaScript plugins with their SDKs' build scripts, and export
+/// `SPATE_GUEST_<NAME>` (the component path) and `SPATE_GUEST_<NAME>_ERROR` for each.
+///
+/// A component is rebuilt only when a hash of its inputs (handler directory, SDK, WIT,
+/// installed toolchain) changes, so every profile and `cargo` command shares one build.
+/// A missing toolchain does not fail this script: the error says how to install it, and
+/// the tests that need the component fail with it (the rest of the workspace still builds).
+/// A handler that does not build fails this script, like a Rust plugin would.
+fn build_guests(repo: &Path, plugins_target: &Path) -> Result<(), Error> {
+    let guests_dir = guest_toolchains_dir();
+    for path in [
+        repo.join("sdk/python/spate"),
+        repo.join("sdk/python/build.py"),
+        repo.join("sdk/python/requirements-build.txt"),
+        repo.join("sdk/js/src"),
+        repo.join("sdk/js/build.mjs"),
+        repo.join("sdk/js/toolchain/package-lock.json"),
+        // Installing or updating a toolchain rewrites its stamp.
+        guests_dir.join("python/.spate-stamp"),
+        guests_dir.join("js/.spate-stamp"),
+    ] {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    for var in [
+        "SPATE_GUESTS_TARGET_DIR",
+        "SPATE_GUESTS_DIR",
+        "SPATE_CACHE_DIR",
+        "SPATE_COMPONENTIZE_PY",
+        "SPATE_JS_TOOLCHAIN",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out_dir = match env::var_os("SPATE_GUESTS_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => plugins_target.with_file_name("wasm-guests"),
+    };
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| Error(format!("cannot create {}: {e}", out_dir.display())))?;
+
+    // Start every stale build at once (they are separate processes), then collect them.
+    let mut running = Vec::new();
+    for &(name, lang, dir, file) in GUESTS {
+        let plugin_dir = repo.join("plugins").join(dir);
+        println!("cargo:rerun-if-changed={}", plugin_dir.display());
+        let wasm = out_dir.join(format!("{dir}.wasm"));
+        let stamp_path = out_dir.join(format!("{dir}.stamp"));
+        let (interpreter, script) = lang.build_command(repo);
+        let stamp = inputs_hash(&[
+            plugin_dir.as_path(),
+            script.as_path(),
+            &repo.join("sdk").join(lang.name()),
+            &repo.join("wit"),
+            &guests_dir.join(lang.name()).join(".spate-stamp"),
+        ]);
+        if wasm.is_file() && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
+            running.push((name, lang, wasm, stamp_path, stamp, None));
+            continue;
+        }
+        let _ = std::fs::remove_file(&stamp_path);
+        let mut cmd = Command::new(interpreter);
+        cmd.arg(&script)
+            .arg(plugin_dir.join(file))
+            .arg(&wasm)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        eprintln!("running: {cmd:?}");
+        let child = cmd.spawn().map_err(|e| e.to_string());
+        running.push((name, lang, wasm, stamp_path, stamp, Some(child)));
+    }
+
+    let mut failures = Vec::new();
+    for (name, lang, wasm, stamp_path, stamp, child) in running {
+        let missing = |why: String| {
+            let message = format!(
+                "the {} toolchain is missing ({why}); install it with `scripts/guest-toolchains.sh {}` \
+                 (scripts/test does), then rebuild the tests",
+                lang.name(),
+                lang.name()
+            );
+            println!("cargo:warning={message}");
+            println!("cargo:rustc-env=SPATE_GUEST_{name}=");
+            println!("cargo:rustc-env=SPATE_GUEST_{name}_ERROR={message}");
+        };
+        let output = match child {
+            None => {
+                export_guest(name, &wasm);
+                continue;
+            }
+            Some(Err(e)) => {
+                let (interpreter, _) = lang.build_command(Path::new(""));
+                missing(format!("cannot run {interpreter}: {e}"));
+                continue;
+            }
+            Some(Ok(child)) => child
+                .wait_with_output()
+                .map_err(|e| Error(format!("waiting for the {name} build: {e}")))?,
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!(
+            "{name}: {}{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        match output.status.code() {
+            Some(0) if wasm.is_file() => {
+                std::fs::write(&stamp_path, &stamp)
+                    .map_err(|e| Error(format!("cannot write {}: {e}", stamp_path.display())))?;
+                export_guest(name, &wasm);
+            }
+            // The build scripts exit 127 when the toolchain is not installed.
+            Some(127) => missing(
+                stderr
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or("toolchain not found")
+                    .trim_start_matches("error: ")
+                    .to_string(),
+            ),
+            _ => failures.push(format!(
+                "building {name} failed ({}); its output is above",
+                output.status
+            )),
+        }
+    }
+    if !failures.is_empty() {
+        return fail(failures.join("\n"));
+    }
     Ok(())
+}
+
+fn export_guest(name: &str, wasm: &Path) {
+    println!("cargo:rustc-env=SPATE_GUEST_{name}={}", wasm.display());
+    println!("cargo:rustc-env=SPATE_GUEST_{name}_ERROR=");
+}
+
+/// `${SPATE_GUESTS_DIR:-${SPATE_CACHE_DIR:-~/.cache/spate}/guests}`, as in
+/// `scripts/guest-toolchains.sh`.
+fn guest_toolchains_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("SPATE_GUESTS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = env::var_os("SPATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cache/spate")
+        });
+    cache.join("guests")
+}
+
+/// A hash of the contents and relative paths of every file under `paths` (missing ones
+/// included as such), skipping `target` and `node_modules` directories.
+fn inputs_hash(paths: &[&Path]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files);
+    }
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for file in files {
+        file.hash(&mut h);
+        std::fs::read(&file).ok().hash(&mut h);
+    }
+    format!("{:016x}\n", h.finish())
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let name = entry.file_name();
+            if p.is_dir() && (name == "target" || name == "node_modules" || name == "__pycache__") {
+                continue;
+            }
+            collect_files(&p, out);
+        }
+    } else {
+        out.push(path.to_path_buf());
+    }
 }
 
 fn var(name: &str) -> Result<String, Error> {

@@ -1,7 +1,72 @@
 //! Shared helpers for Spate's end-to-end tests.
 //!
 //! [`plugins`] locates the plugin components that `build.rs` builds from `plugins/` for
-//! `wasm32-wasip2` on every test build (never committed binaries), and their manifests.
+//! `wasm32-wasip2` on every test build (never committed binaries), and their manifests;
+//! [`guests`] the Python and JavaScript plugins that `build.rs` builds with their SDKs.
+
+pub mod guests {
+    //! The plugins written in Python and JavaScript (`plugins/*-py`, `plugins/*-js`), built
+    //! by `build.rs` with their SDK's build script. If a toolchain was missing at build
+    //! time, asking for its components panics with how to install it.
+
+    /// A component built from a handler in another language.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Guest {
+        /// Directory under `plugins/` (also the plugin's name in its `spate.toml`).
+        pub name: &'static str,
+        /// Path of the built component; empty if it could not be built.
+        pub path: &'static str,
+        /// Why it could not be built (how to install the toolchain); empty if it was.
+        pub error: &'static str,
+    }
+
+    impl Guest {
+        /// The component's bytes.
+        ///
+        /// # Panics
+        ///
+        /// If the component was not built (the message says how to install the toolchain),
+        /// or cannot be read.
+        pub fn component(&self) -> Vec<u8> {
+            assert!(
+                self.error.is_empty(),
+                "{} was not built: {}",
+                self.name,
+                self.error
+            );
+            std::fs::read(self.path)
+                .unwrap_or_else(|e| panic!("cannot read the component {}: {e}", self.path))
+        }
+
+        /// The text of `plugins/<name>/spate.toml`.
+        ///
+        /// # Panics
+        ///
+        /// If the file cannot be read.
+        pub fn manifest(&self) -> String {
+            crate::plugins::manifest(self.name)
+        }
+    }
+
+    macro_rules! guest {
+        ($name:literal, $var:literal) => {
+            Guest {
+                name: $name,
+                path: env!(concat!("SPATE_GUEST_", $var)),
+                error: env!(concat!("SPATE_GUEST_", $var, "_ERROR")),
+            }
+        };
+    }
+
+    /// `plugins/order-totals-py`: the example plugin in Python.
+    pub const ORDER_TOTALS_PY: Guest = guest!("order-totals-py", "ORDER_TOTALS_PY");
+    /// `plugins/order-totals-js`: the example plugin in JavaScript.
+    pub const ORDER_TOTALS_JS: Guest = guest!("order-totals-js", "ORDER_TOTALS_JS");
+    /// `plugins/test-chaos-py`: test ops (retry, reject, raise, loop, membomb, WASI probes).
+    pub const TEST_CHAOS_PY: Guest = guest!("test-chaos-py", "TEST_CHAOS_PY");
+    /// `plugins/test-chaos-js`: the same test ops in JavaScript.
+    pub const TEST_CHAOS_JS: Guest = guest!("test-chaos-js", "TEST_CHAOS_JS");
+}
 
 pub mod plugins {
     //! Paths of the plugin components built from `plugins/` and their `spate.toml`

@@ -144,11 +144,41 @@ pub enum ApplyOutcome {
     },
 }
 
+/// How long a stored value has left to live, as far as its store can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Written without a TTL.
+    Never,
+    /// Expires after about this long.
+    In(Duration),
+    /// The store does not report expiry.
+    Unknown,
+}
+
+/// A live value with its remaining lifetime; see [`StateStore::get_entry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// When it expires.
+    pub expiry: Expiry,
+}
+
 /// Durable key-value state, partitioned by namespace.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// The live (unexpired) value of `key` in `namespace`.
     async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>>;
+
+    /// [`StateStore::get`] with the value's remaining lifetime, for layers that copy values
+    /// (the read-through tier must not serve a copy past the value's expiry). Stores that
+    /// cannot tell report [`Expiry::Unknown`], which this default does.
+    async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
+        Ok(self.get(namespace, key).await?.map(|value| Entry {
+            value,
+            expiry: Expiry::Unknown,
+        }))
+    }
 
     /// Up to `limit` live entries of `namespace` whose keys start with `prefix`, in key order.
     async fn scan(

@@ -6,15 +6,17 @@
 //! their own, so the core builds and tests without their C libraries or drivers.
 
 pub mod backend;
+pub mod cache_guard;
 pub mod dispatch;
 pub mod embedded;
 pub mod host;
 pub mod manifest;
+pub mod tiered;
 pub mod types;
 
 pub use backend::{
-    ApplyOutcome, BackendError, BackendResult, Cache, EventBus, EventSource, SourceMessage,
-    StartPosition, StateStore, StateWrite, Subscription,
+    ApplyOutcome, BackendError, BackendResult, Cache, Entry, EventBus, EventSource, Expiry,
+    SourceMessage, StartPosition, StateStore, StateWrite, Subscription,
 };
 pub use manifest::Manifest;
 pub use types::{Appended, Event, Header, NewEvent, TopicPartition};

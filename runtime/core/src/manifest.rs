@@ -311,6 +311,15 @@ impl Manifest {
         {
             p.push("capabilities.cache-prefix must be 1-128 characters".into());
         }
+        if let Some(prefix) = &self.capabilities.cache_prefix
+            && (prefix.starts_with(crate::tiered::RESERVED_CACHE_PREFIX)
+                || crate::tiered::RESERVED_CACHE_PREFIX.starts_with(prefix.as_str()))
+        {
+            p.push(format!(
+                "capabilities.cache-prefix `{prefix}` overlaps `{}`, which is reserved for the runtime's state cache",
+                crate::tiered::RESERVED_CACHE_PREFIX
+            ));
+        }
         let l = &self.limits;
         if l.timeout_ms == 0 || l.timeout_ms > ceilings.max_timeout_ms {
             p.push(format!(
@@ -408,6 +417,23 @@ timeout-ms = 500
         assert_eq!(m.dead_letter_topic(), "order-totals.dlq");
         assert!(m.may_start_workflow("review-order"));
         assert!(!m.may_start_workflow("other"));
+    }
+
+    #[test]
+    fn cache_prefixes_may_not_reach_the_runtimes_reserved_keys() {
+        for prefix in ["_spate/rt/", "_spatex", "_", "_sp"] {
+            let text = GOOD.replace(
+                "[capabilities]",
+                &format!("[capabilities]\ncache-prefix = \"{prefix}\""),
+            );
+            let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+            assert!(err.to_string().contains("reserved"), "{prefix}: {err}");
+        }
+        let text = GOOD.replace(
+            "[capabilities]",
+            "[capabilities]\ncache-prefix = \"spate_\"",
+        );
+        assert!(Manifest::parse(&text, &LimitCeilings::default()).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -26,6 +27,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Cache backend.
     pub cache: CacheConfig,
+    /// Read-through caching of plugin state in the cache backend.
+    pub read_through: ReadThroughSettings,
     /// Dispatcher.
     pub dispatch: DispatchConfig,
     /// Sandbox and plugin limits.
@@ -41,6 +44,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             state: StateConfig::default(),
             cache: CacheConfig::default(),
+            read_through: ReadThroughSettings::default(),
             dispatch: DispatchConfig::default(),
             sandbox: SandboxSettings::default(),
         }
@@ -118,6 +122,168 @@ pub enum StateConfig {
     /// `redb` in the data directory.
     #[default]
     Embedded,
+    /// ScyllaDB or Cassandra (`spate-state-cql`): one table, one partition per plugin
+    /// namespace, compare-and-swap by lightweight transactions.
+    #[serde(rename_all = "kebab-case")]
+    Cql {
+        /// Contact points, `host:port`.
+        #[serde(default = "default_cql_nodes")]
+        nodes: Vec<String>,
+        /// Keyspace of the state table.
+        #[serde(default = "default_cql_keyspace")]
+        keyspace: String,
+        /// The state table.
+        #[serde(default = "default_cql_table")]
+        table: String,
+        /// Replication of the keyspace when it is created (a CQL map literal).
+        #[serde(default = "default_cql_replication")]
+        replication: String,
+        /// ScyllaDB only: `false` creates the keyspace without tablets (needed for
+        /// lightweight transactions on ScyllaDB releases whose tablets lack them); unset
+        /// leaves the server's default.
+        #[serde(default)]
+        tablets: Option<bool>,
+        /// Create the keyspace and table at start-up if absent.
+        #[serde(default = "default_true")]
+        create_schema: bool,
+        /// Consistency of reads and writes.
+        #[serde(default)]
+        consistency: CqlConsistency,
+        /// Consistency of compare-and-swap (Paxos) rounds.
+        #[serde(default)]
+        serial_consistency: CqlSerialConsistency,
+        /// Client-side timeout of one request, in milliseconds.
+        #[serde(default = "default_cql_request_timeout_ms")]
+        request_timeout_ms: u64,
+        /// Timeout of opening one connection, in milliseconds.
+        #[serde(default = "default_cql_connect_timeout_ms")]
+        connect_timeout_ms: u64,
+        /// Rows per page of a state scan.
+        #[serde(default = "default_cql_scan_page_size")]
+        scan_page_size: u32,
+        /// User name, if the cluster requires authentication.
+        #[serde(default)]
+        username: Option<String>,
+        /// Password for `username`.
+        #[serde(default)]
+        password: Option<String>,
+        /// Accept a server without TTLs, range scans or lightweight transactions. Only for
+        /// the in-process test server: TTLs are then ignored, and scans and
+        /// compare-and-swap fail.
+        #[serde(default)]
+        allow_missing_features: bool,
+    },
+}
+
+fn default_cql_nodes() -> Vec<String> {
+    vec!["127.0.0.1:9042".into()]
+}
+
+fn default_cql_keyspace() -> String {
+    "spate".into()
+}
+
+fn default_cql_table() -> String {
+    "state".into()
+}
+
+fn default_cql_replication() -> String {
+    "{'class': 'SimpleStrategy', 'replication_factor': 1}".into()
+}
+
+fn default_cql_request_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_cql_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_cql_scan_page_size() -> u32 {
+    1_000
+}
+
+/// CQL consistency level of reads and writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CqlConsistency {
+    /// One replica.
+    One,
+    /// One replica in the local datacenter.
+    LocalOne,
+    /// A majority of all replicas.
+    Quorum,
+    /// A majority of the local datacenter's replicas.
+    #[default]
+    LocalQuorum,
+    /// A majority in each datacenter (writes).
+    EachQuorum,
+    /// Every replica.
+    All,
+}
+
+/// CQL serial consistency of lightweight transactions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CqlSerialConsistency {
+    /// Paxos across all datacenters.
+    Serial,
+    /// Paxos within the local datacenter.
+    #[default]
+    LocalSerial,
+}
+
+impl StateConfig {
+    /// The CQL store's settings, if this selects it.
+    pub fn cql_options(&self) -> Option<spate_state_cql::CqlOptions> {
+        use spate_state_cql::{Consistency, CqlOptions, SerialConsistency};
+        let Self::Cql {
+            nodes,
+            keyspace,
+            table,
+            replication,
+            tablets,
+            create_schema,
+            consistency,
+            serial_consistency,
+            request_timeout_ms,
+            connect_timeout_ms,
+            scan_page_size,
+            username,
+            password,
+            allow_missing_features,
+        } = self
+        else {
+            return None;
+        };
+        Some(CqlOptions {
+            nodes: nodes.clone(),
+            keyspace: keyspace.clone(),
+            table: table.clone(),
+            replication: replication.clone(),
+            tablets: *tablets,
+            create_schema: *create_schema,
+            consistency: match consistency {
+                CqlConsistency::One => Consistency::One,
+                CqlConsistency::LocalOne => Consistency::LocalOne,
+                CqlConsistency::Quorum => Consistency::Quorum,
+                CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
+                CqlConsistency::EachQuorum => Consistency::EachQuorum,
+                CqlConsistency::All => Consistency::All,
+            },
+            serial_consistency: match serial_consistency {
+                CqlSerialConsistency::Serial => SerialConsistency::Serial,
+                CqlSerialConsistency::LocalSerial => SerialConsistency::LocalSerial,
+            },
+            request_timeout: Duration::from_millis(*request_timeout_ms),
+            connect_timeout: Duration::from_millis(*connect_timeout_ms),
+            scan_page_size: *scan_page_size,
+            credentials: username
+                .clone()
+                .map(|u| (u, password.clone().unwrap_or_default())),
+            allow_missing_features: *allow_missing_features,
+        })
+    }
 }
 
 /// Cache backend.
@@ -130,6 +296,124 @@ pub enum CacheConfig {
         #[serde(default = "default_cache_bytes")]
         max_bytes: u64,
     },
+    /// Redis, or Redis Cluster (`spate-cache-redis`). While it is unreachable, reads are
+    /// misses and writes are skipped (metric `spate_cache_degraded`); it reconnects by
+    /// itself.
+    #[serde(rename_all = "kebab-case")]
+    Redis {
+        /// `redis://[user:password@]host:port/db` of the server, or seed nodes of a cluster.
+        #[serde(default = "default_redis_urls")]
+        urls: Vec<String>,
+        /// Talk Redis Cluster protocol to `urls`.
+        #[serde(default)]
+        cluster: bool,
+        /// Longest wait for one command, connecting included, in milliseconds.
+        #[serde(default = "default_redis_timeout_ms")]
+        command_timeout_ms: u64,
+        /// Longest wait for one connection attempt, in milliseconds.
+        #[serde(default = "default_redis_timeout_ms")]
+        connect_timeout_ms: u64,
+        /// While Redis is unreachable, how often to try it again, in milliseconds.
+        #[serde(default = "default_redis_retry_interval_ms")]
+        retry_interval_ms: u64,
+    },
+}
+
+fn default_redis_urls() -> Vec<String> {
+    vec!["redis://127.0.0.1:6379/".into()]
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    500
+}
+
+fn default_redis_retry_interval_ms() -> u64 {
+    1_000
+}
+
+impl CacheConfig {
+    /// The Redis cache's settings, if this selects it.
+    pub fn redis_options(&self) -> Option<spate_cache_redis::RedisOptions> {
+        let Self::Redis {
+            urls,
+            cluster,
+            command_timeout_ms,
+            connect_timeout_ms,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(spate_cache_redis::RedisOptions {
+            urls: urls.clone(),
+            cluster: *cluster,
+            command_timeout: Duration::from_millis(*command_timeout_ms),
+            connect_timeout: Duration::from_millis(*connect_timeout_ms),
+        })
+    }
+}
+
+/// Read-through caching of plugin state: `state.get` asks the cache first, falls back to
+/// the store and fills the cache; writes update (or invalidate) the cached copy after the
+/// store write succeeded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ReadThroughSettings {
+    /// Serve state reads through the cache backend.
+    pub enabled: bool,
+    /// Longest a cached copy lives, in milliseconds; also the bound on how stale a copy can
+    /// be when another runtime process wrote the key.
+    pub ttl_ms: u64,
+    /// What a committed write does to the cached copy.
+    pub on_write: OnWrite,
+    /// Prefix of the cached copies' keys; must start with `_spate` (reserved).
+    pub key_prefix: String,
+    /// Values larger than this many bytes are not cached.
+    pub max_value_bytes: usize,
+    /// Most keys remembered as possibly stale after failed cache updates; beyond it state
+    /// reads bypass the cache for one `ttl-ms`.
+    pub max_suspect_keys: usize,
+}
+
+impl Default for ReadThroughSettings {
+    fn default() -> Self {
+        let d = spate_core::tiered::ReadThroughConfig::default();
+        Self {
+            enabled: false,
+            ttl_ms: u64::try_from(d.ttl.as_millis()).unwrap_or(u64::MAX),
+            on_write: OnWrite::Update,
+            key_prefix: d.key_prefix,
+            max_value_bytes: d.max_value_bytes,
+            max_suspect_keys: d.max_suspect_keys,
+        }
+    }
+}
+
+/// What a committed state write does to its cached copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnWrite {
+    /// Cache the new value: read-modify-write workloads keep hitting.
+    #[default]
+    Update,
+    /// Delete the cached copy; the next read fills it.
+    Invalidate,
+}
+
+impl ReadThroughSettings {
+    /// The tier's settings.
+    pub fn tier_config(&self) -> spate_core::tiered::ReadThroughConfig {
+        spate_core::tiered::ReadThroughConfig {
+            ttl: Duration::from_millis(self.ttl_ms),
+            on_write: match self.on_write {
+                OnWrite::Update => spate_core::tiered::WritePolicy::Update,
+                OnWrite::Invalidate => spate_core::tiered::WritePolicy::Invalidate,
+            },
+            key_prefix: self.key_prefix.clone(),
+            max_value_bytes: self.max_value_bytes,
+            max_suspect_keys: self.max_suspect_keys,
+        }
+    }
 }
 
 fn default_cache_bytes() -> u64 {
@@ -199,9 +483,24 @@ const CONFIG_SECTIONS: &[&str] = &[
     "events",
     "state",
     "cache",
+    "read-through",
     "dispatch",
     "sandbox",
 ];
+
+/// The defaults every layer is merged onto, without the backend sections chosen by a
+/// `type` tag: layers merge key by key, so a default `[cache] max-bytes` would otherwise
+/// stay behind when a file switches to `type = "redis"` and be refused as unknown there.
+/// Missing sections take their defaults when the result is extracted.
+fn seeded_defaults() -> serde_json::Value {
+    let mut defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    if let Some(map) = defaults.as_object_mut() {
+        for tagged in ["events", "state", "cache"] {
+            map.remove(tagged);
+        }
+    }
+    defaults
+}
 
 /// A configuration problem, with every problem listed.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +510,7 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Load defaults, then `file` (if given, it must exist), then `SPATE_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let mut fig = Figment::from(Serialized::defaults(seeded_defaults()));
         if let Some(f) = file {
             if !f.exists() {
                 return Err(ConfigError(format!(
@@ -268,6 +567,28 @@ impl Config {
         if *default_partitions == 0 || *default_partitions > 1024 {
             p.push("events.default-partitions must be 1..=1024".into());
         }
+        if let Some(cql) = self.state.cql_options() {
+            p.extend(cql.problems().into_iter().map(|e| format!("state: {e}")));
+        }
+        if let Some(redis) = self.cache.redis_options() {
+            p.extend(redis.problems().into_iter().map(|e| format!("cache: {e}")));
+        }
+        if let CacheConfig::Redis {
+            retry_interval_ms: 0,
+            ..
+        } = &self.cache
+        {
+            p.push("cache.retry-interval-ms must be at least 1".into());
+        }
+        if self.read_through.enabled {
+            p.extend(
+                self.read_through
+                    .tier_config()
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("read-through: {e}")),
+            );
+        }
         if self.dispatch.max_buffered == 0 {
             p.push("dispatch.max-buffered must be at least 1".into());
         }
@@ -291,5 +612,112 @@ impl Config {
             max_memory_mb: self.sandbox.max_memory_mb,
             max_concurrency: self.sandbox.max_concurrency,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spate.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path))
+    }
+
+    #[test]
+    fn cluster_backends_and_read_through_are_chosen_by_type() {
+        let c = load(
+            r#"
+[state]
+type = "cql"
+nodes = ["10.0.0.1:9042", "10.0.0.2:9042"]
+keyspace = "spate_prod"
+replication = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"
+tablets = false
+consistency = "quorum"
+serial-consistency = "serial"
+request-timeout-ms = 2000
+[cache]
+type = "redis"
+urls = ["redis://10.0.0.9:6379/0"]
+command-timeout-ms = 250
+[read-through]
+enabled = true
+ttl-ms = 30000
+on-write = "invalidate"
+"#,
+        )
+        .unwrap();
+        let cql = c.state.cql_options().unwrap();
+        assert_eq!(cql.nodes.len(), 2);
+        assert_eq!(cql.keyspace, "spate_prod");
+        assert_eq!(cql.table, "state");
+        assert_eq!(cql.tablets, Some(false));
+        assert_eq!(cql.consistency, spate_state_cql::Consistency::Quorum);
+        assert_eq!(cql.request_timeout, Duration::from_secs(2));
+        assert!(!cql.allow_missing_features);
+        let redis = c.cache.redis_options().unwrap();
+        assert_eq!(redis.urls, vec!["redis://10.0.0.9:6379/0"]);
+        assert!(!redis.cluster);
+        assert_eq!(redis.command_timeout, Duration::from_millis(250));
+        let rt = c.read_through.tier_config();
+        assert!(c.read_through.enabled);
+        assert_eq!(rt.ttl, Duration::from_secs(30));
+        assert_eq!(rt.on_write, spate_core::tiered::WritePolicy::Invalidate);
+    }
+
+    #[test]
+    fn defaults_stay_embedded_and_a_bare_type_takes_every_default() {
+        let c = load("").unwrap();
+        assert!(matches!(c.state, StateConfig::Embedded));
+        assert!(matches!(c.cache, CacheConfig::Memory { .. }));
+        assert!(!c.read_through.enabled);
+        let c = load("[cache]\ntype = \"redis\"\n[state]\ntype = \"cql\"\n").unwrap();
+        assert_eq!(
+            c.cache.redis_options().unwrap().urls,
+            vec!["redis://127.0.0.1:6379/"]
+        );
+        assert_eq!(c.state.cql_options().unwrap().nodes, vec!["127.0.0.1:9042"]);
+    }
+
+    #[test]
+    fn the_compose_example_config_loads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/compose/spate-cluster.toml");
+        let c = Config::load(Some(&path)).unwrap();
+        assert!(c.state.cql_options().is_some());
+        assert!(c.cache.redis_options().is_some());
+        assert!(c.read_through.enabled);
+    }
+
+    #[test]
+    fn every_backend_problem_is_reported_at_once() {
+        let err = load(
+            r#"
+[state]
+type = "cql"
+keyspace = "bad-name"
+[cache]
+type = "redis"
+urls = ["http://not-redis"]
+retry-interval-ms = 0
+[read-through]
+enabled = true
+key-prefix = "plugin:"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in ["keyspace", "Redis URL", "retry-interval-ms", "key-prefix"] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+        let err = load("[cache]\ntype = \"redis\"\nmax-bytes = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max-bytes"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ pub async fn run(
             )
         })?;
     let token = api::resolve_token(&config)?;
-    let backends = Backends::from_config(&config)?;
+    let backends = Backends::from_config(&config).await?;
     let runtime = Runtime::start(config.clone(), backends)
         .await
         .context("starting the runtime")?;

@@ -2,12 +2,16 @@
 //! supervisor that keeps one pipeline per subscription of every active plugin.
 
 use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
+use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
+use spate_core::cache_guard::GuardedCache;
 use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::HostServices;
 use spate_core::manifest::{Manifest, Ordering};
+use spate_core::tiered::StateTier;
 use spate_engine::{Registry, RegistryChange, Sandbox, SandboxConfig};
+use spate_state_cql::CqlStateStore;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -24,15 +28,21 @@ pub struct Backends {
     pub bus: Arc<dyn EventBus>,
     /// Where subscriptions come from.
     pub source: Arc<dyn EventSource>,
-    /// Durable state.
+    /// Durable state, through the state tier.
     pub state: Arc<dyn StateStore>,
-    /// Cache.
+    /// The state tier: per-plugin read counters and, if configured, read-through caching.
+    /// Plugins get [`StateTier::for_plugin`] views of it.
+    pub tier: Arc<StateTier>,
+    /// Cache, failing open while its backend is unreachable.
     pub cache: Arc<dyn Cache>,
+    /// The same cache, for its health (`is_degraded`, `outages`).
+    pub cache_health: Arc<GuardedCache>,
 }
 
 impl Backends {
-    /// Build the backends the configuration selects.
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+    /// Build the backends the configuration selects (connecting to the CQL store, if
+    /// selected; Redis is connected on first use).
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         use anyhow::Context;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -53,18 +63,54 @@ impl Backends {
                 (log.clone(), log)
             }
         };
-        let state: Arc<dyn StateStore> = match &config.state {
+        let store: Arc<dyn StateStore> = match &config.state {
             StateConfig::Embedded => EmbeddedStateStore::open(&config.data_dir.join("state"))
                 .context("opening the embedded state store")?,
+            StateConfig::Cql { .. } => {
+                let options = config
+                    .state
+                    .cql_options()
+                    .context("state.type = \"cql\" without CQL settings")?;
+                Arc::new(
+                    CqlStateStore::connect(options)
+                        .await
+                        .context("connecting the CQL state store")?,
+                )
+            }
         };
-        let cache: Arc<dyn Cache> = match &config.cache {
-            CacheConfig::Memory { max_bytes } => Arc::new(MokaCache::new(*max_bytes)),
+        let (backend, name, retry): (Arc<dyn Cache>, &str, u64) = match &config.cache {
+            CacheConfig::Memory { max_bytes } => {
+                (Arc::new(MokaCache::new(*max_bytes)), "memory", 1_000)
+            }
+            CacheConfig::Redis {
+                retry_interval_ms, ..
+            } => {
+                let options = config
+                    .cache
+                    .redis_options()
+                    .context("cache.type = \"redis\" without Redis settings")?;
+                let redis = RedisCache::new(options).context("setting up the Redis cache")?;
+                (Arc::new(redis), "redis", *retry_interval_ms)
+            }
+        };
+        let cache_health = Arc::new(GuardedCache::new(
+            backend,
+            name,
+            Duration::from_millis(retry),
+        ));
+        let cache: Arc<dyn Cache> = cache_health.clone();
+        let tier = if config.read_through.enabled {
+            StateTier::read_through(store, Arc::clone(&cache), config.read_through.tier_config())
+        } else {
+            StateTier::direct(store)
         };
         Ok(Self {
             bus,
             source,
-            state,
+            state: tier.clone(),
+            tier,
             cache,
+            cache_health,
         })
     }
 }
@@ -238,7 +284,7 @@ impl Supervisor {
         let token = self.shutdown.child_token();
         let permits = Arc::new(Semaphore::new(shape.concurrency as usize));
         let services = HostServices {
-            state: Arc::clone(&self.backends.state),
+            state: self.backends.tier.for_plugin(name),
             cache: Arc::clone(&self.backends.cache),
             workflow_topic: self.config.workflow_topic.clone(),
         };

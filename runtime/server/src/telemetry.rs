@@ -107,6 +107,41 @@ fn describe() {
         Unit::Count,
         "Cache writes that failed after an event's durable effects were applied."
     );
+    metrics::describe_gauge!(
+        "spate_cache_degraded",
+        Unit::Count,
+        "1 while the cache backend is unreachable (reads are misses, writes are skipped), else 0."
+    );
+    metrics::describe_counter!(
+        "spate_cache_unavailable_total",
+        Unit::Count,
+        "Cache calls that found the backend unreachable."
+    );
+    metrics::describe_counter!(
+        "spate_state_reads_total",
+        Unit::Count,
+        "state.get calls per plugin (compare-and-swap reads included)."
+    );
+    metrics::describe_counter!(
+        "spate_state_store_reads_total",
+        Unit::Count,
+        "state.get calls per plugin that read the state store (not answered by the read-through cache)."
+    );
+    metrics::describe_counter!(
+        "spate_state_cache_hits_total",
+        Unit::Count,
+        "state.get calls per plugin answered by the read-through cache."
+    );
+    metrics::describe_counter!(
+        "spate_state_cache_misses_total",
+        Unit::Count,
+        "state.get calls per plugin the read-through cache could not answer."
+    );
+    metrics::describe_counter!(
+        "spate_state_cache_errors_total",
+        Unit::Count,
+        "Read-through cache calls per plugin that failed (reads fall back to the store)."
+    );
 }
 
 /// Install the `tracing` subscriber: human-readable logs to stderr, filtered by

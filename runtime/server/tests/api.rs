@@ -32,7 +32,7 @@ async fn app_with(tweak: impl FnOnce(&mut Config)) -> App {
     config.sandbox.pool_instances = 8;
     config.sandbox.max_memory_mb = 64;
     tweak(&mut config);
-    let backends = Backends::from_config(&config).unwrap();
+    let backends = Backends::from_config(&config).await.unwrap();
     let runtime = Runtime::start(config, backends).await.unwrap();
     let state = ApiState::new(Arc::clone(&runtime), TOKEN, telemetry::metrics());
     App {

@@ -3,6 +3,8 @@
 //! wait for what the runtime writes.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod cluster;
+
 use serde_json::Value;
 use spate::{Backends, Config, Runtime};
 use spate_core::types::header_str;
@@ -101,7 +103,7 @@ impl Harness {
 
 pub async fn start_runtime(dir: &Path) -> Arc<Runtime> {
     let config = test_config(dir);
-    let backends = Backends::from_config(&config).unwrap();
+    let backends = Backends::from_config(&config).await.unwrap();
     Runtime::start(config, backends).await.unwrap()
 }
 

@@ -15,7 +15,9 @@
 
 use super::group_commit::{Batcher, GroupWriter};
 use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, open_database, redb_error};
-use crate::backend::{ApplyOutcome, BackendError, BackendResult, StateStore, StateWrite};
+use crate::backend::{
+    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, StateStore, StateWrite,
+};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
@@ -256,6 +258,31 @@ impl StateStore for EmbeddedStateStore {
                 None => Ok(None),
                 Some(g) => Ok(live(g.value(), now_ms())?.map(<[u8]>::to_vec)),
             }
+        })
+        .await
+    }
+
+    async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
+        let db = self.db.clone();
+        let (ns, key) = (namespace.to_owned(), key.to_owned());
+        blocking(move || {
+            let txn = db.begin_read().map_err(redb_error)?;
+            let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            let stored = table.get((ns.as_str(), key.as_str())).map_err(redb_error)?;
+            let Some(g) = stored else { return Ok(None) };
+            let now = now_ms();
+            let (exp, value) = split(g.value())?;
+            Ok(match exp {
+                0 => Some(Entry {
+                    value: value.to_vec(),
+                    expiry: Expiry::Never,
+                }),
+                exp if exp > now => Some(Entry {
+                    value: value.to_vec(),
+                    expiry: Expiry::In(Duration::from_millis(exp - now)),
+                }),
+                _ => None,
+            })
         })
         .await
     }

@@ -2,11 +2,13 @@
 //! that talk to a running runtime over its HTTP API.
 //!
 //! `spate up` itself is wired in `main.rs`; everything here is a client of the API and
-//! never opens the data directory except to read the API token file.
+//! never opens the data directory except to read the API token file, except `spate plugin
+//! new` and `spate plugin build` ([`scaffold`]), which work on a local plugin project.
 
 pub mod client;
 pub mod events;
 pub mod plugin;
+pub mod scaffold;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -118,6 +120,12 @@ pub struct UpArgs {
 /// `spate plugin ...`
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
+    /// Create a plugin project (handler, manifest) in Rust, Python or JavaScript.
+    #[command(after_help = scaffold::NEW_HELP)]
+    New(scaffold::NewArgs),
+    /// Build a plugin project into a component with its language's toolchain.
+    #[command(after_help = scaffold::BUILD_HELP)]
+    Build(scaffold::BuildArgs),
     /// Upload a plugin version (manifest + compiled component) and make it active.
     #[command(after_help = plugin::DEPLOY_HELP)]
     Deploy(plugin::DeployArgs),
@@ -165,6 +173,14 @@ pub enum EventsCommand {
 
 /// Run a client command against the API.
 pub async fn run_client(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
+    // Local commands: no API involved.
+    let command = match command {
+        Command::Plugin(PluginCommand::New(args)) => return scaffold::new(args),
+        Command::Plugin(PluginCommand::Build(args)) => {
+            return tokio::task::spawn_blocking(move || scaffold::build(args)).await?;
+        }
+        other => other,
+    };
     let client = client::ApiClient::new(global)?;
     match command {
         Command::Up(_) => anyhow::bail!("`spate up` is not a client command"),

@@ -75,6 +75,9 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
             println!("{name}: rolled back; version {active} is now active");
             Ok(())
         }
+        PluginCommand::New(_) | PluginCommand::Build(_) => {
+            anyhow::bail!("`spate plugin new` and `spate plugin build` are local commands")
+        }
         PluginCommand::Rm { name } => {
             client
                 .write(client.request(Method::DELETE, &format!("/v1/plugins/{name}")))

@@ -1,0 +1,806 @@
+//! Spate's cluster state store: plugin state in ScyllaDB or Cassandra, through the
+//! `scylla` 1.x driver, behind the core's [`StateStore`] trait.
+//!
+//! It owns the schema, the statements and the mapping of driver errors; namespaces, key
+//! checks and capabilities are the host layer's. One table holds every plugin's state:
+//!
+//! ```text
+//! CREATE TABLE <keyspace>.<table> (ns text, key blob, value blob, PRIMARY KEY ((ns), key))
+//! ```
+//!
+//! One partition per namespace, keys as clustering columns in byte order: a prefix scan is
+//! a range `key >= prefix AND key < successor(prefix)` inside one partition, read page by
+//! page (keyset pagination, `LIMIT ?`), and the writes of one event — always one namespace
+//! — are a single-partition batch, which Cassandra and ScyllaDB apply atomically, and may
+//! carry lightweight-transaction conditions (`IF value = ?`, `IF value = null`) for
+//! compare-and-swap. Values are written with `UPDATE ... USING TTL ?` (0 = no TTL), so a
+//! row exists exactly while its `value` cell is live. Statements are prepared once at
+//! start-up; reads and unconditional writes are marked idempotent so the driver's retry
+//! policy may retry them, lightweight transactions are not.
+//!
+//! Outages (no connection, timeouts, unavailable replicas, overload) are
+//! [`BackendError::Unavailable`], which the dispatcher retries without dead-lettering;
+//! statements the server refuses are [`BackendError::Invalid`].
+//!
+//! TTLs are whole seconds in CQL: a TTL is rounded up to the next second, and a zero TTL
+//! deletes the key (the value "expires at once"). TTLs beyond CQL's 20-year maximum are
+//! capped at it.
+//!
+//! At start-up the store checks that the server understood each statement as written (the
+//! bind markers it reports must match): a server that silently ignores `USING TTL ?`, range
+//! restrictions or `IF` would otherwise corrupt state. Such a server is refused unless
+//! [`CqlOptions::allow_missing_features`] is set, which exists for the in-process test
+//! server (`kassandra`): then TTLs are not applied, and scans and conditional writes fail
+//! with [`BackendError::Invalid`].
+
+use async_trait::async_trait;
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, NewSessionError, PrepareError, RequestAttemptError};
+use scylla::frame::response::result::ColumnType;
+use scylla::serialize::SerializationError;
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::{CellWriter, WrittenCellProof};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, Row};
+use spate_core::backend::{
+    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, StateStore, StateWrite,
+};
+use std::time::Duration;
+use tracing::{info, warn};
+
+pub use scylla::statement::{Consistency, SerialConsistency};
+
+/// Longest TTL CQL accepts: 20 years, in seconds.
+pub const MAX_TTL_SECS: i32 = 630_720_000;
+
+/// Settings of the CQL state store.
+#[derive(Clone, Debug)]
+pub struct CqlOptions {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// Keyspace of the state table (created if absent).
+    pub keyspace: String,
+    /// Name of the state table (created if absent).
+    pub table: String,
+    /// Replication of the keyspace when it is created, as a CQL map literal.
+    pub replication: String,
+    /// ScyllaDB only: `Some(false)` creates the keyspace with `tablets = {'enabled':
+    /// false}` (ScyllaDB releases whose tablets lack lightweight transactions); `None`
+    /// leaves the server's default.
+    pub tablets: Option<bool>,
+    /// Create the keyspace and table if they do not exist.
+    pub create_schema: bool,
+    /// Consistency of reads and writes.
+    pub consistency: Consistency,
+    /// Consistency of the Paxos round of compare-and-swap writes.
+    pub serial_consistency: SerialConsistency,
+    /// Client-side timeout of one request (retries included).
+    pub request_timeout: Duration,
+    /// Timeout of opening one connection.
+    pub connect_timeout: Duration,
+    /// Rows read per page of a scan.
+    pub scan_page_size: u32,
+    /// Credentials, if the cluster requires them.
+    pub credentials: Option<(String, String)>,
+    /// Accept a server that lacks TTLs, range scans or lightweight transactions (test
+    /// servers only; see the crate docs).
+    pub allow_missing_features: bool,
+}
+
+impl Default for CqlOptions {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "spate".into(),
+            table: "state".into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            tablets: None,
+            create_schema: true,
+            consistency: Consistency::LocalQuorum,
+            serial_consistency: SerialConsistency::LocalSerial,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            scan_page_size: 1000,
+            credentials: None,
+            allow_missing_features: false,
+        }
+    }
+}
+
+impl CqlOptions {
+    /// Problems with these settings, if any.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.nodes.is_empty() {
+            p.push("at least one CQL node is needed".to_owned());
+        }
+        for (what, name) in [("keyspace", &self.keyspace), ("table", &self.table)] {
+            if !valid_identifier(name) {
+                p.push(format!(
+                    "{what} `{name}` must be 1-48 letters, digits or `_`, starting with a letter"
+                ));
+            }
+        }
+        let r = self.replication.trim();
+        if !(r.starts_with('{') && r.ends_with('}')) || r.contains(';') {
+            p.push(format!(
+                "replication `{r}` must be a CQL map such as {{'class': 'NetworkTopologyStrategy', 'dc1': 3}}"
+            ));
+        }
+        if self.scan_page_size == 0 {
+            p.push("scan page size must be at least 1".to_owned());
+        }
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            p.push("CQL timeouts must be more than zero".to_owned());
+        }
+        p
+    }
+}
+
+fn valid_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && s.len() <= 48
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Why the store could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The settings are wrong.
+    #[error("invalid CQL settings: {0}")]
+    Config(String),
+    /// No node could be reached.
+    #[error("cannot connect to the CQL nodes {nodes:?}: {source}")]
+    Connect {
+        /// The contact points.
+        nodes: Vec<String>,
+        /// The driver's error.
+        source: NewSessionError,
+    },
+    /// Creating the keyspace or table failed.
+    #[error("cannot create the schema (`{statement}`): {source}")]
+    Schema {
+        /// The statement.
+        statement: String,
+        /// The driver's error.
+        source: ExecutionError,
+    },
+    /// A statement could not be prepared.
+    #[error("cannot prepare `{statement}`: {source}")]
+    Prepare {
+        /// The statement.
+        statement: String,
+        /// The driver's error.
+        source: PrepareError,
+    },
+    /// The server lacks something the store relies on.
+    #[error(
+        "the CQL server does not support {0}, which the state store relies on (ScyllaDB and Cassandra 3+ do); \
+         allow-missing-features is for test servers only"
+    )]
+    MissingFeatures(String),
+}
+
+/// What the server turned out to support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// `USING TTL ?` on writes.
+    pub ttl: bool,
+    /// `TTL(value)` in selects (remaining lifetime of a value).
+    pub ttl_read: bool,
+    /// Range restrictions on the clustering key with `LIMIT ?` (scans).
+    pub scan: bool,
+    /// Lightweight transactions (`IF ...`, compare-and-swap).
+    pub conditions: bool,
+}
+
+impl Features {
+    fn missing(&self) -> Vec<&'static str> {
+        let mut m = Vec::new();
+        if !self.ttl {
+            m.push("`USING TTL ?`");
+        }
+        if !self.ttl_read {
+            m.push("`TTL(value)`");
+        }
+        if !self.scan {
+            m.push("range restrictions on clustering keys (`key >= ? AND key < ?`) with `LIMIT ?`");
+        }
+        if !self.conditions {
+            m.push("lightweight transactions (`IF value = ?`)");
+        }
+        m
+    }
+}
+
+struct Statements {
+    get: PreparedStatement,
+    get_ttl: Option<PreparedStatement>,
+    put: PreparedStatement,
+    put_ttl: Option<PreparedStatement>,
+    delete: PreparedStatement,
+    scan_range: Option<PreparedStatement>,
+    scan_from: Option<PreparedStatement>,
+    cas: Option<CasStatements>,
+}
+
+struct CasStatements {
+    put: PreparedStatement,
+    put_absent: PreparedStatement,
+    delete: PreparedStatement,
+    delete_absent: PreparedStatement,
+}
+
+/// The CQL state store; see the [crate docs](crate).
+pub struct CqlStateStore {
+    session: Session,
+    statements: Statements,
+    features: Features,
+    page_size: u32,
+}
+
+impl CqlStateStore {
+    /// Connect, create the keyspace and table if configured to, prepare the statements and
+    /// check what the server supports.
+    pub async fn connect(options: CqlOptions) -> Result<Self, ConnectError> {
+        let problems = options.problems();
+        if !problems.is_empty() {
+            return Err(ConnectError::Config(problems.join("; ")));
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(options.consistency)
+            .serial_consistency(Some(options.serial_consistency))
+            .request_timeout(Some(options.request_timeout))
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&options.nodes)
+            .connection_timeout(options.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle())
+            // Spate reads no schema metadata, and schema changes are only its own
+            // `IF NOT EXISTS` DDL at start-up; skipping both also lets it run against
+            // minimal CQL servers.
+            .fetch_schema_metadata(false)
+            .auto_await_schema_agreement(false);
+        if let Some((user, password)) = &options.credentials {
+            builder = builder.user(user, password);
+        }
+        let session = builder
+            .build()
+            .await
+            .map_err(|source| ConnectError::Connect {
+                nodes: options.nodes.clone(),
+                source,
+            })?;
+        let table = format!("{}.{}", options.keyspace, options.table);
+        if options.create_schema {
+            let tablets = match options.tablets {
+                Some(enabled) => format!(" AND tablets = {{'enabled': {enabled}}}"),
+                None => String::new(),
+            };
+            for statement in [
+                format!(
+                    "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}{tablets}",
+                    options.keyspace,
+                    options.replication.trim()
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (ns text, key blob, value blob, PRIMARY KEY ((ns), key))"
+                ),
+            ] {
+                session
+                    .query_unpaged(statement.as_str(), ())
+                    .await
+                    .map_err(|source| ConnectError::Schema { statement, source })?;
+            }
+            // Every node must know the table before statements run on it. (A single node —
+            // or the in-process test server, which has no schema versions — has nothing to
+            // agree with.)
+            if session.get_cluster_state().get_nodes_info().len() > 1
+                && let Err(e) = session.await_schema_agreement().await
+            {
+                warn!(error = %e, "schema agreement not reached; continuing");
+            }
+        }
+
+        let required = |statement: String| {
+            let session = &session;
+            async move {
+                let mut p = session
+                    .prepare(statement.as_str())
+                    .await
+                    .map_err(|source| ConnectError::Prepare { statement, source })?;
+                p.set_is_idempotent(true);
+                Ok::<_, ConnectError>(p)
+            }
+        };
+        let get = required(format!(
+            "SELECT key, value FROM {table} WHERE ns = ? AND key = ?"
+        ))
+        .await?;
+        let put = required(format!(
+            "UPDATE {table} SET value = ? WHERE ns = ? AND key = ?"
+        ))
+        .await?;
+        let delete = required(format!("DELETE FROM {table} WHERE ns = ? AND key = ?")).await?;
+
+        let get_ttl = optional(
+            &session,
+            format!("SELECT key, value, TTL(value) FROM {table} WHERE ns = ? AND key = ?"),
+            2,
+            Some(3),
+            true,
+        )
+        .await;
+        let put_ttl = optional(
+            &session,
+            format!("UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ?"),
+            4,
+            None,
+            true,
+        )
+        .await;
+        let scan_range = optional(
+            &session,
+            format!("SELECT key, value FROM {table} WHERE ns = ? AND key >= ? AND key < ? LIMIT ?"),
+            4,
+            Some(2),
+            true,
+        )
+        .await;
+        let scan_from = optional(
+            &session,
+            format!("SELECT key, value FROM {table} WHERE ns = ? AND key >= ? LIMIT ?"),
+            3,
+            Some(2),
+            true,
+        )
+        .await;
+        let cas_put = optional(
+            &session,
+            format!(
+                "UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ? IF value = ?"
+            ),
+            5,
+            None,
+            false,
+        )
+        .await;
+        let cas_put_absent = optional(
+            &session,
+            format!(
+                "UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ? IF value = null"
+            ),
+            4,
+            None,
+            false,
+        )
+        .await;
+        let cas_delete = optional(
+            &session,
+            format!("DELETE FROM {table} WHERE ns = ? AND key = ? IF value = ?"),
+            3,
+            None,
+            false,
+        )
+        .await;
+        let cas_delete_absent = optional(
+            &session,
+            format!("DELETE FROM {table} WHERE ns = ? AND key = ? IF value = null"),
+            // Same markers as a plain delete: a server ignoring `IF` is caught by the
+            // other three.
+            2,
+            None,
+            false,
+        )
+        .await;
+        let cas = match (cas_put, cas_put_absent, cas_delete, cas_delete_absent) {
+            (Some(put), Some(put_absent), Some(delete), Some(delete_absent)) => {
+                Some(CasStatements {
+                    put,
+                    put_absent,
+                    delete,
+                    delete_absent,
+                })
+            }
+            _ => None,
+        };
+        let features = Features {
+            ttl: put_ttl.is_some(),
+            ttl_read: get_ttl.is_some(),
+            scan: scan_range.is_some() && scan_from.is_some(),
+            conditions: cas.is_some(),
+        };
+        let missing = features.missing();
+        if !missing.is_empty() {
+            if !options.allow_missing_features {
+                return Err(ConnectError::MissingFeatures(missing.join(", ")));
+            }
+            warn!(missing = %missing.join(", "),
+                "CQL server lacks features; allowed by configuration (test servers only): \
+                 TTLs are not applied, scans and compare-and-swap fail");
+        }
+        info!(nodes = ?options.nodes, %table, "CQL state store ready");
+        Ok(Self {
+            session,
+            statements: Statements {
+                get,
+                get_ttl,
+                put,
+                put_ttl,
+                delete,
+                scan_range,
+                scan_from,
+                cas,
+            },
+            features,
+            page_size: options.scan_page_size,
+        })
+    }
+
+    /// What the server supports.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// The driver session (for tests and tools).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    async fn read(&self, ns: &str, key: &str) -> BackendResult<Option<Entry>> {
+        let with_ttl = self.statements.get_ttl.as_ref();
+        let statement = with_ttl.unwrap_or(&self.statements.get);
+        let result = self
+            .session
+            .execute_unpaged(statement, (ns, key.as_bytes()))
+            .await
+            .map_err(execution_error)?;
+        let rows = result.into_rows_result().map_err(corrupt)?;
+        // At most one row; take the first and check its key, so a server that answers a
+        // point lookup with a range can never hand back a neighbour's value.
+        let first = if with_ttl.is_some() {
+            rows.rows::<(Vec<u8>, Option<Vec<u8>>, Option<i32>)>()
+                .map_err(corrupt)?
+                .next()
+                .transpose()
+                .map_err(corrupt)?
+        } else {
+            rows.rows::<(Vec<u8>, Option<Vec<u8>>)>()
+                .map_err(corrupt)?
+                .next()
+                .transpose()
+                .map_err(corrupt)?
+                .map(|(k, v)| (k, v, None))
+        };
+        Ok(match first {
+            Some((k, Some(value), ttl)) if k == key.as_bytes() => Some(Entry {
+                value,
+                expiry: match (with_ttl.is_some(), ttl) {
+                    (false, _) => Expiry::Unknown,
+                    (true, None) => Expiry::Never,
+                    (true, Some(secs)) => Expiry::In(Duration::from_secs(
+                        u64::try_from(secs.max(0)).unwrap_or_default(),
+                    )),
+                },
+            }),
+            _ => None,
+        })
+    }
+
+    /// The statement and bound values for one write of a batch.
+    fn statement_for<'a>(
+        &'a self,
+        ns: &'a str,
+        w: &'a StateWrite,
+    ) -> BackendResult<(&'a PreparedStatement, Vec<Arg<'a>>)> {
+        let key = Arg::Blob(w.key.as_bytes());
+        let ns = Arg::Text(ns);
+        let ttl = w.ttl.map(ttl_secs);
+        // A zero TTL is "expired at once": a delete.
+        let value = match (&w.value, ttl) {
+            (Some(_), Some(0)) | (None, _) => None,
+            (Some(v), _) => Some(Arg::Blob(v)),
+        };
+        let ttl_arg = Arg::Int(ttl.unwrap_or(0));
+        let Some(condition) = &w.condition else {
+            return Ok(match value {
+                None => (&self.statements.delete, vec![ns, key]),
+                Some(v) => match (&self.statements.put_ttl, ttl) {
+                    (Some(put_ttl), Some(_)) => (put_ttl, vec![ttl_arg, v, ns, key]),
+                    // Without TTL support the value is kept without one (test servers).
+                    _ => (&self.statements.put, vec![v, ns, key]),
+                },
+            });
+        };
+        let Some(cas) = &self.statements.cas else {
+            return Err(BackendError::Invalid(
+                "this CQL server has no lightweight transactions, so compare-and-swap is unavailable"
+                    .into(),
+            ));
+        };
+        Ok(match (value, condition) {
+            (Some(v), Some(expected)) => (&cas.put, vec![ttl_arg, v, ns, key, Arg::Blob(expected)]),
+            (Some(v), None) => (&cas.put_absent, vec![ttl_arg, v, ns, key]),
+            (None, Some(expected)) => (&cas.delete, vec![ns, key, Arg::Blob(expected)]),
+            (None, None) => (&cas.delete_absent, vec![ns, key]),
+        })
+    }
+
+    /// Which conditional write failed: the first whose condition does not hold now.
+    async fn conflicting_key(&self, ns: &str, writes: &[StateWrite]) -> String {
+        let conditional = writes.iter().filter(|w| w.condition.is_some());
+        for w in conditional.clone() {
+            if let (Some(expected), Ok(current)) = (&w.condition, self.read(ns, &w.key).await)
+                && current.map(|e| e.value) != *expected
+            {
+                return w.key.clone();
+            }
+        }
+        // Changed again since; name the first condition.
+        conditional
+            .map(|w| w.key.clone())
+            .next()
+            .unwrap_or_default()
+    }
+}
+
+/// Prepare a statement the store can do without; `None` if the server refuses it or
+/// reports other bind markers (or result columns) than written.
+async fn optional(
+    session: &Session,
+    statement: String,
+    markers: usize,
+    columns: Option<usize>,
+    idempotent: bool,
+) -> Option<PreparedStatement> {
+    match session.prepare(statement.as_str()).await {
+        Ok(mut p) => {
+            let markers_ok = p.get_variable_col_specs().len() == markers;
+            let columns_ok =
+                columns.is_none_or(|c| p.get_current_result_set_col_specs().get().len() == c);
+            if markers_ok && columns_ok {
+                p.set_is_idempotent(idempotent);
+                Some(p)
+            } else {
+                warn!(%statement, markers = p.get_variable_col_specs().len(), expected = markers,
+                    "the CQL server misread a statement; treating the feature as unsupported");
+                None
+            }
+        }
+        Err(e) => {
+            warn!(%statement, error = %e, "the CQL server refused a statement; treating the feature as unsupported");
+            None
+        }
+    }
+}
+
+/// Whole seconds of a TTL, rounded up, capped at CQL's maximum.
+fn ttl_secs(ttl: Duration) -> i32 {
+    let secs = ttl.as_millis().div_ceil(1000);
+    i32::try_from(secs)
+        .unwrap_or(MAX_TTL_SECS)
+        .min(MAX_TTL_SECS)
+}
+
+/// The smallest byte string greater than every string starting with `prefix`, if any.
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < u8::MAX {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+#[async_trait]
+impl StateStore for CqlStateStore {
+    async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+        Ok(self.read(namespace, key).await?.map(|e| e.value))
+    }
+
+    async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
+        self.read(namespace, key).await
+    }
+
+    async fn scan(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> BackendResult<Vec<(String, Vec<u8>)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (Some(range), Some(from)) = (&self.statements.scan_range, &self.statements.scan_from)
+        else {
+            return Err(BackendError::Invalid(
+                "this CQL server cannot scan key ranges, so state scans are unavailable".into(),
+            ));
+        };
+        let end = successor(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        loop {
+            let want = (limit as usize - out.len()).min(self.page_size as usize);
+            let page = i32::try_from(want).unwrap_or(i32::MAX);
+            let result = match &end {
+                Some(end) => {
+                    self.session
+                        .execute_unpaged(range, (namespace, &start, end, page))
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(from, (namespace, &start, page))
+                        .await
+                }
+            }
+            .map_err(execution_error)?;
+            let rows = result.into_rows_result().map_err(corrupt)?;
+            let mut got = 0;
+            for row in rows.rows::<(Vec<u8>, Option<Vec<u8>>)>().map_err(corrupt)? {
+                let (key, value) = row.map_err(corrupt)?;
+                got += 1;
+                // The next page starts just after this key.
+                start.clone_from(&key);
+                start.push(0);
+                let Some(value) = value else { continue };
+                let key = String::from_utf8(key)
+                    .map_err(|_| BackendError::Corrupt("a stored key is not UTF-8".into()))?;
+                out.push((key, value));
+            }
+            if got < want || out.len() >= limit as usize {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
+        if writes.is_empty() {
+            return Ok(ApplyOutcome::Applied);
+        }
+        let conditional = writes.iter().any(|w| w.condition.is_some());
+        let mut statements = Vec::with_capacity(writes.len());
+        for w in writes {
+            statements.push(self.statement_for(namespace, w)?);
+        }
+        let result = if let [(statement, values)] = statements.as_slice() {
+            self.session.execute_unpaged(statement, values).await
+        } else {
+            // One namespace is one partition: a single-partition batch is atomic, and may
+            // be conditional.
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for (statement, _) in &statements {
+                batch.append_statement((*statement).clone());
+            }
+            batch.set_is_idempotent(!conditional);
+            let values: Vec<&Vec<Arg<'_>>> = statements.iter().map(|(_, v)| v).collect();
+            self.session.batch(&batch, values).await
+        }
+        .map_err(execution_error)?;
+        if !conditional {
+            return Ok(ApplyOutcome::Applied);
+        }
+        if applied(result)? {
+            Ok(ApplyOutcome::Applied)
+        } else {
+            Ok(ApplyOutcome::Conflict {
+                key: self.conflicting_key(namespace, writes).await,
+            })
+        }
+    }
+}
+
+/// The `[applied]` column of a lightweight transaction's result.
+fn applied(result: scylla::response::query_result::QueryResult) -> BackendResult<bool> {
+    let rows = result.into_rows_result().map_err(corrupt)?;
+    let index = rows
+        .column_specs()
+        .get_by_name("[applied]")
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            BackendError::Corrupt("a conditional write returned no [applied] column".into())
+        })?;
+    let row: Option<Row> = rows.maybe_first_row().map_err(corrupt)?;
+    match row.and_then(|r| r.columns.into_iter().nth(index).flatten()) {
+        Some(CqlValue::Boolean(applied)) => Ok(applied),
+        other => Err(BackendError::Corrupt(format!(
+            "unexpected [applied] value {other:?}"
+        ))),
+    }
+}
+
+/// One bound value of a statement.
+#[derive(Debug)]
+enum Arg<'a> {
+    Int(i32),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl SerializeValue for Arg<'_> {
+    fn serialize<'b>(
+        &self,
+        typ: &ColumnType,
+        writer: CellWriter<'b>,
+    ) -> Result<WrittenCellProof<'b>, SerializationError> {
+        match self {
+            Arg::Int(v) => v.serialize(typ, writer),
+            Arg::Text(v) => v.serialize(typ, writer),
+            Arg::Blob(v) => v.serialize(typ, writer),
+        }
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Corrupt(format!("unexpected CQL result: {e}"))
+}
+
+/// Outages are `Unavailable` (retried by the dispatcher); what the server refuses as
+/// wrong is `Invalid`.
+fn execution_error(e: ExecutionError) -> BackendError {
+    let refused = match &e {
+        ExecutionError::BadQuery(_) => true,
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => matches!(
+            db,
+            DbError::SyntaxError
+                | DbError::Invalid
+                | DbError::AlreadyExists { .. }
+                | DbError::FunctionFailure { .. }
+                | DbError::Unauthorized
+                | DbError::ConfigError
+                | DbError::ProtocolError
+        ),
+        ExecutionError::LastAttemptError(RequestAttemptError::SerializationError(_)) => true,
+        _ => false,
+    };
+    if refused {
+        BackendError::Invalid(format!("CQL: {e}"))
+    } else {
+        BackendError::Unavailable(format!("CQL: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn successor_bounds_a_prefix() {
+        assert_eq!(successor(b"user:"), Some(b"user;".to_vec()));
+        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(successor(b"\xff\xff"), None);
+        assert_eq!(successor(b""), None);
+    }
+
+    #[test]
+    fn ttls_round_up_to_seconds_and_are_capped() {
+        assert_eq!(ttl_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(ttl_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ttl_secs(Duration::ZERO), 0);
+        assert_eq!(ttl_secs(Duration::from_secs(u64::MAX / 4)), MAX_TTL_SECS);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(CqlOptions::default().problems().is_empty());
+        let bad = CqlOptions {
+            nodes: vec![],
+            keyspace: "spate; DROP".into(),
+            table: "1t".into(),
+            replication: "3".into(),
+            scan_page_size: 0,
+            ..CqlOptions::default()
+        };
+        assert_eq!(bad.problems().len(), 5, "{:?}", bad.problems());
+    }
+}

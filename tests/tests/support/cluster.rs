@@ -1,0 +1,153 @@
+//! The cluster-mode harness: a runtime whose state lives in a CQL server and whose cache
+//! is a real `redis-server`, each started on a free loopback port for the test and
+//! stopped after it (see `spate_conformance::services`). The CQL server is reached through
+//! a fault proxy, so a test can cut the store off mid-run and bring it back.
+
+use super::{TOKEN, test_config};
+use serde_json::Value;
+use spate::config::{CacheConfig, ReadThroughSettings, StateConfig};
+use spate::{Backends, Config, Runtime};
+use spate_conformance::services::{CqlServer, FaultProxy, RedisServer};
+use spate_core::{EventBus, NewEvent};
+use std::sync::Arc;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub rt: Arc<Runtime>,
+    pub redis: RedisServer,
+    /// Kept alive for the runtime; reached through `cql_proxy`.
+    pub cql: CqlServer,
+    pub cql_proxy: FaultProxy,
+}
+
+/// `test_config` with state in the CQL server behind `proxy` and the cache in `redis`,
+/// with short timeouts so outages are noticed quickly.
+pub fn cluster_config(
+    dir: &std::path::Path,
+    redis: &RedisServer,
+    proxy: &FaultProxy,
+    read_through: bool,
+) -> Config {
+    let mut c = test_config(dir);
+    c.state = StateConfig::Cql {
+        nodes: vec![proxy.addr().to_string()],
+        keyspace: "spate".into(),
+        table: "state".into(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        tablets: None,
+        create_schema: true,
+        consistency: Default::default(),
+        serial_consistency: Default::default(),
+        request_timeout_ms: 1_000,
+        connect_timeout_ms: 1_000,
+        scan_page_size: 1_000,
+        username: None,
+        password: None,
+        // kassandra has no TTL, range scans or LWT; the tests here use none of them.
+        allow_missing_features: true,
+    };
+    c.cache = CacheConfig::Redis {
+        urls: vec![redis.url()],
+        cluster: false,
+        command_timeout_ms: 300,
+        connect_timeout_ms: 300,
+        retry_interval_ms: 200,
+    };
+    c.read_through = ReadThroughSettings {
+        enabled: read_through,
+        ..ReadThroughSettings::default()
+    };
+    assert_eq!(c.api.token.as_deref(), Some(TOKEN));
+    c
+}
+
+impl Cluster {
+    pub async fn start(read_through: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start();
+        let cql = CqlServer::start();
+        let cql_proxy = FaultProxy::start(cql.addr());
+        let config = cluster_config(dir.path(), &redis, &cql_proxy, read_through);
+        config.validate().unwrap();
+        let backends = Backends::from_config(&config).await.unwrap();
+        let rt = Runtime::start(config, backends).await.unwrap();
+        Self {
+            dir,
+            rt,
+            redis,
+            cql,
+            cql_proxy,
+        }
+    }
+
+    pub fn bus(&self) -> &Arc<dyn EventBus> {
+        &self.rt.backends.bus
+    }
+
+    pub async fn deploy(&self, manifest: &str, wasm: Vec<u8>) {
+        self.rt
+            .registry
+            .upload(manifest, wasm, true)
+            .await
+            .unwrap_or_else(|e| panic!("upload failed: {e}"));
+    }
+}
+
+/// Append `(key, payload)` events to `topic` in batches of 500.
+pub async fn send_many(bus: &Arc<dyn EventBus>, topic: &str, events: Vec<(String, Value)>) {
+    for chunk in events.chunks(500) {
+        let batch = chunk
+            .iter()
+            .map(|(k, p)| NewEvent {
+                key: Some(k.as_bytes().to_vec()),
+                payload: serde_json::to_vec(p).unwrap(),
+                headers: vec![],
+            })
+            .collect();
+        bus.append(topic, batch).await.unwrap();
+    }
+}
+
+/// Committed positions of `group` on `topic`, one per partition (0 when none).
+pub async fn committed(rt: &Runtime, group: &str, topic: &str) -> Vec<u64> {
+    rt.backends
+        .source
+        .committed(group, topic)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.unwrap_or(0))
+        .collect()
+}
+
+/// `n` draws from a Zipf(s = 1) distribution over `keys` keys (deterministic).
+pub fn zipf_keys(keys: u32, n: usize, seed: u64) -> Vec<u32> {
+    let weights: Vec<f64> = (1..=keys).map(|r| 1.0 / f64::from(r)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    let cdf: Vec<f64> = weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32
+        })
+        .collect()
+}
+
+/// The value of metric line `name{labels}` in a Prometheus rendering, if present.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
