@@ -6,9 +6,10 @@
 mod support;
 
 use serde_json::json;
+use spate_conformance::zipf_keys;
 use spate_core::types::headers;
 use std::time::Duration;
-use support::cluster::{Cluster, send_many, zipf_keys};
+use support::cluster::{Cluster, send_many};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -114,7 +115,7 @@ async fn the_example_plugin_runs_on_redis_and_the_cql_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_through_tier_cuts_store_reads_on_a_skewed_workload() {
     const EVENTS: usize = 2_000;
-    let keys = zipf_keys(300, EVENTS, 7);
+    let keys = zipf_keys(300, 1.0, EVENTS, 7);
     let events: Vec<(String, serde_json::Value)> = keys
         .iter()
         .enumerate()

@@ -34,3 +34,31 @@ pub fn unique_id() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// `n` draws from a Zipf(`s`) distribution over key ranks `0..keys` (rank 0 the most
+/// frequent), deterministic for a `seed`: the skewed workload of the read-through tests
+/// and the tier benchmark.
+pub fn zipf_keys(keys: u32, s: f64, n: usize, seed: u64) -> Vec<u32> {
+    let weights: Vec<f64> = (1..=keys).map(|r| 1.0 / f64::from(r).powf(s)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    let cdf: Vec<f64> = weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect();
+    let last = cdf.len().saturating_sub(1);
+    // xorshift64: deterministic and dependency-free.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            u32::try_from(cdf.partition_point(|&c| c < u).min(last)).unwrap_or(0)
+        })
+        .collect()
+}

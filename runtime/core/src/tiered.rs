@@ -1259,7 +1259,7 @@ mod tests {
                 store.apply("ns", &[w]).await.unwrap();
             }
         }
-        let keys = zipf_keys(1_000, 5_000, 1);
+        let keys = spate_conformance::zipf_keys(1_000, 1.0, 5_000, 1);
         let plain = StateTier::direct(Arc::new(MemStore::default()));
         run(plain.for_plugin("p"), &keys).await;
         let cached = tier(
@@ -1310,27 +1310,5 @@ mod tests {
             }
             Ok(ApplyOutcome::Applied)
         }
-    }
-
-    /// `n` draws from a Zipf(s = 1) distribution over `keys` keys (deterministic).
-    fn zipf_keys(keys: u32, n: usize, seed: u64) -> Vec<u32> {
-        let weights: Vec<f64> = (1..=keys).map(|r| 1.0 / f64::from(r)).collect();
-        let total: f64 = weights.iter().sum();
-        let mut cdf = Vec::with_capacity(weights.len());
-        let mut acc = 0.0;
-        for w in weights {
-            acc += w / total;
-            cdf.push(acc);
-        }
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-                cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32
-            })
-            .collect()
     }
 }

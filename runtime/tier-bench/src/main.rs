@@ -117,30 +117,6 @@ impl Cache for Timed {
     }
 }
 
-/// `n` draws from a Zipf(s) distribution over `keys` keys (deterministic).
-fn zipf_keys(keys: u32, s: f64, n: usize, seed: u64) -> Vec<u32> {
-    let weights: Vec<f64> = (1..=keys).map(|r| 1.0 / f64::from(r).powf(s)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut acc = 0.0;
-    let cdf: Vec<f64> = weights
-        .iter()
-        .map(|w| {
-            acc += w / total;
-            acc
-        })
-        .collect();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-            u32::try_from(cdf.partition_point(|&c| c < u).min(cdf.len() - 1)).unwrap_or(0)
-        })
-        .collect()
-}
-
 fn value(n: u64, bytes: usize) -> Vec<u8> {
     let mut v = format!("{n:020}").into_bytes();
     v.resize(bytes.max(20), b'.');
@@ -305,7 +281,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(1),
     ))));
 
-    let keys = zipf_keys(args.keys, args.zipf_s, args.events, 42);
+    let keys = spate_conformance::zipf_keys(args.keys, args.zipf_s, args.events, 42);
     let mut distinct = keys.clone();
     distinct.sort_unstable();
     distinct.dedup();

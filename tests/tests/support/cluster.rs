@@ -120,30 +120,6 @@ pub async fn committed(rt: &Runtime, group: &str, topic: &str) -> Vec<u64> {
         .collect()
 }
 
-/// `n` draws from a Zipf(s = 1) distribution over `keys` keys (deterministic).
-pub fn zipf_keys(keys: u32, n: usize, seed: u64) -> Vec<u32> {
-    let weights: Vec<f64> = (1..=keys).map(|r| 1.0 / f64::from(r)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut acc = 0.0;
-    let cdf: Vec<f64> = weights
-        .iter()
-        .map(|w| {
-            acc += w / total;
-            acc
-        })
-        .collect();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-            cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32
-        })
-        .collect()
-}
-
 /// The value of metric line `name{labels}` in a Prometheus rendering, if present.
 pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let prefix = format!("{name}{{{labels}}} ");
