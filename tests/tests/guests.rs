@@ -18,7 +18,7 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header as http};
+use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use spate_core::types::headers;
 use spate_tests::guests::{self, Guest};
@@ -26,11 +26,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
-use tower::ServiceExt;
 
 /// Generous: dev builds, two cores, and several 15 MB components compiling at once.
 const WAIT: Duration = Duration::from_secs(90);
-const BOUNDARY: &str = "spate-guests-boundary-41c9";
 
 /// One language's version of the example plugin.
 struct Example {
@@ -81,48 +79,16 @@ async fn javascript_handlers_retry_reject_trap_and_meet_the_deadline_and_memory_
     chaos_scenario(guests::TEST_CHAOS_JS).await;
 }
 
-fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, bytes) in parts {
-        body.extend_from_slice(
-            format!(
-                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 /// Upload over the HTTP API, probing `/healthz` while the component compiles. Returns the
 /// response body and the slowest probe.
 async fn upload_over_http(app: &axum::Router, ex: &Example) -> (Value, Duration) {
-    let req = Request::post("/v1/plugins?activate=true")
-        .header(
-            http::CONTENT_TYPE,
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .header(http::AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .body(Body::from(multipart(&[
+    let req = upload_request(
+        Some(TOKEN),
+        &[
             ("manifest", ex.manifest.as_bytes()),
             ("component", &ex.wasm),
-        ])))
-        .unwrap();
+        ],
+    );
     let upload = tokio::spawn({
         let app = app.clone();
         async move { call(&app, req).await }

@@ -5,58 +5,13 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header as http};
+use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use spate_core::types::headers;
 use std::time::Duration;
 use support::*;
-use tower::ServiceExt;
 
 const WAIT: Duration = Duration::from_secs(20);
-const BOUNDARY: &str = "spate-test-boundary-7d1f";
-
-fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, bytes) in parts {
-        body.extend_from_slice(
-            format!(
-                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<Body> {
-    let mut req = Request::post("/v1/plugins").header(
-        http::CONTENT_TYPE,
-        format!("multipart/form-data; boundary={BOUNDARY}"),
-    );
-    if let Some(t) = token {
-        req = req.header(http::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    req.body(Body::from(multipart(parts))).unwrap()
-}
-
-async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-        panic!(
-            "status {status}: body is not JSON: {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    (status, body)
-}
-
 fn error_message(body: &Value) -> String {
     body["error"]["message"]
         .as_str()

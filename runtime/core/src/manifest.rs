@@ -245,7 +245,8 @@ pub struct ManifestError {
     pub problems: Vec<String>,
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` is an acceptable plugin name: 1–64 of `[a-z0-9-]`, not starting with `-`.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()

@@ -5,6 +5,8 @@
 
 pub mod cluster;
 
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header as http};
 use serde_json::Value;
 use spate::{Backends, Config, Runtime};
 use spate_core::types::header_str;
@@ -12,6 +14,7 @@ use spate_core::{Event, EventBus, NewEvent};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tower::ServiceExt;
 
 /// The test-chaos component.
 pub fn chaos_wasm() -> Vec<u8> {
@@ -185,4 +188,52 @@ pub fn describe(e: &Event) -> String {
         String::from_utf8_lossy(&e.payload),
         headers.join(", ")
     )
+}
+
+/// Multipart boundary of the upload helpers.
+pub const BOUNDARY: &str = "spate-test-boundary-7d1f";
+
+/// A multipart/form-data body with one file part per `(name, bytes)`.
+pub fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+/// `POST /v1/plugins` with `parts`, bearing `token` if given.
+pub fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<Body> {
+    let mut req = Request::post("/v1/plugins").header(
+        http::CONTENT_TYPE,
+        format!("multipart/form-data; boundary={BOUNDARY}"),
+    );
+    if let Some(t) = token {
+        req = req.header(http::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    req.body(Body::from(multipart(parts))).unwrap()
+}
+
+/// Send `req` to `app`; the status and the JSON body (a non-JSON body fails the test).
+pub async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        panic!(
+            "status {status}: body is not JSON: {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, body)
 }

@@ -201,17 +201,9 @@ pub struct BuildArgs {
     pub out: Option<PathBuf>,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-}
-
 /// `spate plugin new`: write the language's template into a new directory.
 pub fn new(args: NewArgs) -> anyhow::Result<()> {
-    if !valid_name(&args.name) {
+    if !spate_core::manifest::valid_name(&args.name) {
         bail!(
             "plugin name `{}` must be 1-64 characters of a-z, 0-9 and `-`, not starting with `-`",
             args.name
