@@ -248,18 +248,7 @@ impl Batcher for StateWriter {
 #[async_trait]
 impl StateStore for EmbeddedStateStore {
     async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
-        let db = self.db.clone();
-        let (ns, key) = (namespace.to_owned(), key.to_owned());
-        blocking(move || {
-            let txn = db.begin_read().map_err(redb_error)?;
-            let table = txn.open_table(ENTRIES).map_err(redb_error)?;
-            let stored = table.get((ns.as_str(), key.as_str())).map_err(redb_error)?;
-            match stored {
-                None => Ok(None),
-                Some(g) => Ok(live(g.value(), now_ms())?.map(<[u8]>::to_vec)),
-            }
-        })
-        .await
+        Ok(self.get_entry(namespace, key).await?.map(|e| e.value))
     }
 
     async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
