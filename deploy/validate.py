@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import fnmatch
 import json
 import os
 import re
@@ -392,34 +391,15 @@ class Rendered:
     def all(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o.get("kind") == kind]
 
-    def one(self, kind: str, **where: str) -> dict[str, Any]:
-        found = [
-            o
-            for o in self.all(kind)
-            if all((o.get("metadata", {}).get("labels", {}) or {}).get(k.replace("__", "/").replace("_", ".")) == v for k, v in where.items())
-        ]
-        expect(len(found) == 1, f"expected one {kind}{' ' + str(where) if where else ''}, found {len(found)}")
-        return found[0]
-
-    def named(self, kind: str, name: str) -> dict[str, Any]:
-        found = [o for o in self.all(kind) if o["metadata"]["name"] == name]
-        expect(len(found) == 1, f"expected {kind}/{name}, found {len(found)}")
+    def one(self, kind: str) -> dict[str, Any]:
+        found = self.all(kind)
+        expect(len(found) == 1, f"expected one {kind}, found {len(found)}")
         return found[0]
 
 
 def render(chart: helm_python.Chart, values: dict[str, Any]) -> Rendered:
     manifests = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
     return Rendered(values, manifests, chart.merge_values(copy.deepcopy(values)))
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def container(sts: dict[str, Any]) -> dict[str, Any]:
