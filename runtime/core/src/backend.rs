@@ -96,6 +96,31 @@ pub trait Subscription: Send + 'static {
     /// Record that every event below `next_offset` of each partition is done.
     async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()>;
 
+    /// Like [`Subscription::next`] but never yields events: what the dispatcher awaits
+    /// while its buffer is full, so it still hears of partitions being revoked. Sources
+    /// whose partitions never move wait forever (the default).
+    async fn next_control(&mut self) -> BackendResult<SourceMessage> {
+        std::future::pending().await
+    }
+
+    /// The dispatcher is done with `revoked` partitions (announced by
+    /// [`SourceMessage::Revoked`]): `offsets` are their final positions, to be committed
+    /// before the partitions are handed to another consumer.
+    async fn release(
+        &mut self,
+        _revoked: &[TopicPartition],
+        offsets: &[(TopicPartition, u64)],
+    ) -> BackendResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.commit(offsets).await
+    }
+
+    /// Leave the group, after the final commit. Dropping without closing leaves it too,
+    /// but without waiting.
+    async fn close(&mut self) {}
+
     /// Stop fetching `partition` (its lanes are full) until resumed.
     fn pause(&mut self, _partition: &TopicPartition) {}
 

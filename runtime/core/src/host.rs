@@ -505,7 +505,7 @@ impl Invocation {
         let index = self.journal.emits.len();
         let id = id.unwrap_or_else(|| idempotency_id(self.plugin.name(), &self.event, index));
         let e = &self.event;
-        extra.push(Header::text(headers::IDEMPOTENCY_ID, id));
+        extra.push(Header::text(headers::IDEMPOTENCY_ID, &id));
         extra.push(Header::text(headers::PLUGIN, self.plugin.name()));
         extra.push(Header::text(
             headers::PLUGIN_VERSION,
@@ -515,6 +515,12 @@ impl Invocation {
         extra.push(Header::text(
             headers::SOURCE,
             format!("{}/{}/{}", e.topic, e.partition, e.offset),
+        ));
+        extra.retain(|h| h.name != headers::TRACEPARENT);
+        let parent = crate::types::header_str(&e.headers, headers::TRACEPARENT);
+        extra.push(Header::text(
+            headers::TRACEPARENT,
+            child_traceparent(parent, &e.topic, e.partition, e.offset, &id),
         ));
         self.journal.emitted_bytes = bytes;
         self.journal.emits.push(PendingEmit {
@@ -527,6 +533,42 @@ impl Invocation {
         });
         Ok(())
     }
+}
+
+/// The W3C `traceparent` of an emitted event: a child of the input's trace if it carried
+/// a valid one, else a trace rooted at the input event. Ids are derived from the input's
+/// coordinates and the emit's idempotency id, so a replayed emit carries the same context.
+fn child_traceparent(
+    parent: Option<&str>,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    idempotency_id: &str,
+) -> String {
+    use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+    let parsed = parent.and_then(|p| {
+        let parts: Vec<&str> = p.trim().split('-').collect();
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        match parts.as_slice() {
+            [v, trace, span, flags]
+                if hex(v, 2)
+                    && *v != "ff"
+                    && hex(trace, 32)
+                    && trace.bytes().any(|b| b != b'0')
+                    && hex(span, 16)
+                    && hex(flags, 2) =>
+            {
+                Some((trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
+            }
+            _ => None,
+        }
+    });
+    let (trace, flags) = parsed.unwrap_or_else(|| {
+        let root = xxh3_128(format!("{topic}/{partition}/{offset}").as_bytes()).max(1);
+        (format!("{root:032x}"), "01".to_string())
+    });
+    let span = xxh3_64(idempotency_id.as_bytes()).max(1);
+    format!("00-{trace}-{span:016x}-{flags}")
 }
 
 fn parse_counter(v: &[u8]) -> Result<i64, HostError> {
@@ -544,4 +586,49 @@ fn add_to_counter(v: &[u8], delta: i64) -> Result<Vec<u8>, HostError> {
         .saturating_add(delta)
         .to_string()
         .into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_traceparent;
+
+    #[test]
+    fn emits_continue_the_input_trace() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = child_traceparent(Some(parent), "orders", 1, 7, "p/orders/1/7/0");
+        let parts: Vec<&str> = child.split('-').collect();
+        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(parts[2], "00f067aa0ba902b7");
+        assert_eq!(parts[3], "01");
+        // Deterministic: a replayed emit carries the same context.
+        assert_eq!(
+            child,
+            child_traceparent(Some(parent), "orders", 1, 7, "p/orders/1/7/0")
+        );
+    }
+
+    #[test]
+    fn a_missing_or_invalid_parent_roots_a_trace_at_the_input() {
+        for bad in [
+            None,
+            Some("garbage"),
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        ] {
+            let t = child_traceparent(bad, "orders", 1, 7, "p/orders/1/7/0");
+            let parts: Vec<&str> = t.split('-').collect();
+            assert_eq!(
+                (parts.len(), parts[0], parts[1].len(), parts[2].len()),
+                (4, "00", 32, 16)
+            );
+            assert_ne!(parts[1], "00000000000000000000000000000000");
+        }
+        let a = child_traceparent(None, "orders", 1, 7, "p/orders/1/7/0");
+        let b = child_traceparent(None, "orders", 1, 7, "p/orders/1/7/1");
+        assert_eq!(
+            a.split('-').nth(1),
+            b.split('-').nth(1),
+            "one trace per input event"
+        );
+        assert_ne!(a, b, "one span per emit");
+    }
 }

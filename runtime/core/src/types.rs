@@ -123,6 +123,8 @@ pub mod headers {
     pub const WORKFLOW: &str = "spate-workflow";
     /// Workflow run id, on workflow-start events.
     pub const WORKFLOW_ID: &str = "spate-workflow-id";
+    /// W3C trace context of an emitted event: a child of the input's `traceparent`.
+    pub const TRACEPARENT: &str = "traceparent";
     /// Dead-letter reason.
     pub const DLQ_REASON: &str = "spate-dlq-reason";
     /// Dead-letter failure kind (`rejected`, `retries-exhausted`, `deadline`, ...).

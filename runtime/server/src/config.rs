@@ -96,6 +96,136 @@ pub enum EventsConfig {
         #[serde(default = "default_true")]
         auto_create_topics: bool,
     },
+    /// Kafka (`spate-kafka`): each plugin consumes its subscriptions as consumer group
+    /// `<group>.<plugin>` (cooperative-sticky), emits and dead letters go through an
+    /// idempotent producer (`acks=all`), and an input offset is committed only after
+    /// everything below it is handled and its emits are acknowledged.
+    #[serde(rename_all = "kebab-case")]
+    Kafka {
+        /// `bootstrap.servers`: comma-separated `host:port` list.
+        #[serde(default = "default_kafka_servers")]
+        bootstrap_servers: String,
+        /// This deployment's name: plugin `p` consumes as group `<group>.p`.
+        #[serde(default = "default_kafka_group")]
+        group: String,
+        /// Static group membership: a stable name of this runtime instance (the pod name
+        /// of a StatefulSet). A restart within `session-timeout-ms` keeps its partitions.
+        #[serde(default)]
+        instance_id: Option<String>,
+        /// Create missing topics (input, emit, workflow and dead-letter topics) with
+        /// `partitions` and `replication-factor`; otherwise a missing topic is an error.
+        #[serde(default)]
+        create_topics: bool,
+        /// Partitions of topics Spate creates.
+        #[serde(default = "default_kafka_partitions")]
+        partitions: i32,
+        /// Replication factor of topics Spate creates.
+        #[serde(default = "default_kafka_replication")]
+        replication_factor: i32,
+        /// How long a silent member keeps its partitions, in milliseconds.
+        #[serde(default = "default_kafka_session_timeout_ms")]
+        session_timeout_ms: u64,
+        /// How long a revoked partition's in-flight events may run before they are left
+        /// to its next owner, in milliseconds.
+        #[serde(default = "default_kafka_revoke_timeout_ms")]
+        revoke_timeout_ms: u64,
+        /// How long an emit may wait for the brokers' acknowledgement, in milliseconds;
+        /// then the event is retried.
+        #[serde(default = "default_kafka_produce_timeout_ms")]
+        produce_timeout_ms: u64,
+        /// Timeout of metadata, commit and offset requests, in milliseconds.
+        #[serde(default = "default_kafka_request_timeout_ms")]
+        request_timeout_ms: u64,
+        /// Extra librdkafka properties for every client: `security.protocol`, `sasl.*`,
+        /// `ssl.*`, `linger.ms`, ... Properties Spate's guarantees depend on (group.id,
+        /// enable.auto.commit, acks, enable.idempotence, ...) are refused.
+        #[serde(default)]
+        librdkafka: std::collections::BTreeMap<String, String>,
+    },
+}
+
+fn default_kafka_servers() -> String {
+    "127.0.0.1:9092".into()
+}
+
+fn default_kafka_group() -> String {
+    "spate".into()
+}
+
+fn default_kafka_partitions() -> i32 {
+    4
+}
+
+fn default_kafka_replication() -> i32 {
+    1
+}
+
+fn default_kafka_session_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_kafka_revoke_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_kafka_produce_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_kafka_request_timeout_ms() -> u64 {
+    10_000
+}
+
+impl EventsConfig {
+    /// The prefix of every plugin's consumer group: plugin `p` consumes as `<prefix>.p`.
+    pub fn group_prefix(&self) -> &str {
+        match self {
+            Self::Embedded { .. } => "spate",
+            Self::Kafka { group, .. } => group,
+        }
+    }
+
+    /// How long revoked partitions' in-flight events may run.
+    pub fn revoke_timeout(&self) -> Duration {
+        match self {
+            Self::Embedded { .. } => Duration::from_secs(10),
+            Self::Kafka {
+                revoke_timeout_ms, ..
+            } => Duration::from_millis(*revoke_timeout_ms),
+        }
+    }
+
+    /// The Kafka settings, if this selects Kafka.
+    pub fn kafka_options(&self) -> Option<spate_kafka::KafkaOptions> {
+        let Self::Kafka {
+            bootstrap_servers,
+            group,
+            instance_id,
+            create_topics,
+            partitions,
+            replication_factor,
+            session_timeout_ms,
+            revoke_timeout_ms,
+            produce_timeout_ms,
+            request_timeout_ms,
+            librdkafka,
+        } = self
+        else {
+            return None;
+        };
+        let mut o = spate_kafka::KafkaOptions::new(bootstrap_servers.clone());
+        o.group = group.clone();
+        o.instance_id = instance_id.clone().filter(|i| !i.is_empty());
+        o.create_topics = *create_topics;
+        o.partitions = *partitions;
+        o.replication_factor = *replication_factor;
+        o.session_timeout = Duration::from_millis(*session_timeout_ms);
+        o.revoke_timeout = Duration::from_millis(*revoke_timeout_ms);
+        o.produce_timeout = Duration::from_millis(*produce_timeout_ms);
+        o.request_timeout = Duration::from_millis(*request_timeout_ms);
+        o.librdkafka = librdkafka.clone();
+        Some(o)
+    }
 }
 
 fn default_partitions() -> u32 {
@@ -434,6 +564,9 @@ impl Default for CacheConfig {
 pub struct DispatchConfig {
     /// Events read and unfinished per subscription before reading pauses.
     pub max_buffered: usize,
+    /// Events read and unfinished per partition before that partition is paused (the
+    /// subscription's other partitions keep flowing).
+    pub max_buffered_per_partition: usize,
     /// Commit interval in milliseconds.
     pub commit_interval_ms: u64,
     /// How long shutdown waits for in-flight events, in milliseconds.
@@ -444,6 +577,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             max_buffered: 4096,
+            max_buffered_per_partition: 1024,
             commit_interval_ms: 100,
             drain_timeout_ms: 10_000,
         }
@@ -561,11 +695,32 @@ impl Config {
         {
             p.push("api.token must be at least 8 characters".into());
         }
-        let EventsConfig::Embedded {
-            default_partitions, ..
-        } = &self.events;
-        if *default_partitions == 0 || *default_partitions > 1024 {
-            p.push("events.default-partitions must be 1..=1024".into());
+        match &self.events {
+            EventsConfig::Embedded {
+                default_partitions, ..
+            } => {
+                if *default_partitions == 0 || *default_partitions > 1024 {
+                    p.push("events.default-partitions must be 1..=1024".into());
+                }
+            }
+            EventsConfig::Kafka {
+                revoke_timeout_ms,
+                produce_timeout_ms,
+                ..
+            } => {
+                if let Some(Err(e)) = self.events.kafka_options().map(|o| o.validate()) {
+                    p.extend(e.0.into_iter().map(|e| format!("events: {e}")));
+                }
+                if *revoke_timeout_ms >= self.dispatch.drain_timeout_ms.max(1) * 10 {
+                    p.push("events.revoke-timeout-ms is over ten times dispatch.drain-timeout-ms; a rebalance would stall the group that long".into());
+                }
+                if *produce_timeout_ms == 0 {
+                    p.push("events.produce-timeout-ms must be at least 1".into());
+                }
+            }
+        }
+        if self.dispatch.max_buffered_per_partition == 0 {
+            p.push("dispatch.max-buffered-per-partition must be at least 1".into());
         }
         if let Some(cql) = self.state.cql_options() {
             p.extend(cql.problems().into_iter().map(|e| format!("state: {e}")));

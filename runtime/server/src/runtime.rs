@@ -62,6 +62,16 @@ impl Backends {
                 .context("opening the embedded event log")?;
                 (log.clone(), log)
             }
+            EventsConfig::Kafka { .. } => {
+                let options = config
+                    .events
+                    .kafka_options()
+                    .context("events.type = \"kafka\" without Kafka settings")?;
+                let bus = spate_kafka::KafkaBus::connect(options)
+                    .await
+                    .context("connecting to Kafka")?;
+                (bus.clone(), bus)
+            }
         };
         let store: Arc<dyn StateStore> = match &config.state {
             StateConfig::Embedded => EmbeddedStateStore::open(&config.data_dir.join("state"))
@@ -280,6 +290,22 @@ impl Supervisor {
     }
 
     fn start(&self, name: &str, version: Arc<dyn PluginVersion>, shape: Shape) -> PluginRun {
+        // On Kafka a topic the plugin writes to must exist before it consumes: a missing
+        // dead-letter topic would otherwise stall the first poison event's lane.
+        let outputs: Vec<String> = match &self.config.events {
+            EventsConfig::Kafka { .. } => {
+                let m = &version.info().manifest;
+                let mut t = vec![version.info().dead_letter_topic.clone()];
+                t.extend(m.capabilities.emit_topics.iter().cloned());
+                if !m.capabilities.workflows.is_empty() {
+                    t.push(self.config.workflow_topic.clone());
+                }
+                t.sort();
+                t.dedup();
+                t
+            }
+            EventsConfig::Embedded { .. } => Vec::new(),
+        };
         let active = ActiveVersion::new(version);
         let token = self.shutdown.child_token();
         let permits = Arc::new(Semaphore::new(shape.concurrency as usize));
@@ -291,6 +317,9 @@ impl Supervisor {
         let mut tasks = JoinSet::new();
         for (topic, start) in &shape.subscriptions {
             let mut cfg = PipelineConfig::new(name, topic);
+            cfg.group = format!("{}.{name}", self.config.events.group_prefix());
+            cfg.revoke_timeout = self.config.events.revoke_timeout();
+            cfg.max_buffered_per_partition = self.config.dispatch.max_buffered_per_partition;
             cfg.start = *start;
             cfg.ordering = shape.ordering;
             cfg.max_buffered = self.config.dispatch.max_buffered;
@@ -308,11 +337,27 @@ impl Supervisor {
             let plugin = name.to_string();
             let topic = topic.clone();
             let token = token.clone();
+            let bus = Arc::clone(&self.backends.bus);
+            let outputs = outputs.clone();
             tasks.spawn(async move {
+                while let Some(missing) = missing_topics(&*bus, &outputs).await {
+                    error!(%plugin, "topics {missing:?} do not exist: create them, or set events.create-topics = true; checking again in 5 s");
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
                 // A pipeline that fails to subscribe retries until stopped.
                 loop {
                     match pipeline_clone_run(&pipeline).await {
                         Ok(()) => return,
+                        Err(spate_core::BackendError::UnknownTopic(t)) => {
+                            error!(%plugin, %topic, "topic `{t}` does not exist: create it, or set events.create-topics = true; retrying in 5 s");
+                            tokio::select! {
+                                _ = token.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            }
+                        }
                         Err(e) => {
                             error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
                             tokio::select! {
@@ -336,6 +381,23 @@ impl Supervisor {
             tasks,
         }
     }
+}
+
+/// The topics of `topics` that do not exist (and could not be created), if any.
+async fn missing_topics(bus: &dyn EventBus, topics: &[String]) -> Option<Vec<String>> {
+    let mut missing = Vec::new();
+    for t in topics {
+        match bus.partitions(t).await {
+            Ok(Some(_)) => {}
+            // Creates it where configured to; otherwise says it is missing.
+            _ => {
+                if bus.ensure_topic(t, 0).await.is_err() {
+                    missing.push(t.clone());
+                }
+            }
+        }
+    }
+    (!missing.is_empty()).then_some(missing)
 }
 
 async fn pipeline_clone_run(p: &Pipeline) -> Result<(), spate_core::BackendError> {

@@ -10,12 +10,12 @@ use crate::manifest::Ordering;
 use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -24,6 +24,9 @@ const IDLE_WARM_INSTANCES: usize = 32;
 
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the consumer-lag gauge is refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Header carrying the 1-based attempt number of the call, visible to the guest.
 pub const ATTEMPT_HEADER: &str = "spate-attempt";
@@ -43,6 +46,9 @@ pub struct PipelineConfig {
     pub ordering: Ordering,
     /// Most events read and not yet finished; reading pauses above it.
     pub max_buffered: usize,
+    /// Most events of one partition read and not yet finished: above it that partition
+    /// is paused (the others keep flowing) until half of them are done.
+    pub max_buffered_per_partition: usize,
     /// How often finished positions are committed.
     pub commit_interval: Duration,
     /// How long shutdown keeps handling the events already read (in handlers, in back-off,
@@ -50,6 +56,9 @@ pub struct PipelineConfig {
     pub drain_timeout: Duration,
     /// Longest delay between retries of an infrastructure failure.
     pub max_infra_backoff: Duration,
+    /// How long a revoked partition's in-flight events may take to finish before they are
+    /// abandoned (uncommitted, so the partition's next owner handles them again).
+    pub revoke_timeout: Duration,
 }
 
 impl PipelineConfig {
@@ -62,9 +71,11 @@ impl PipelineConfig {
             start: StartPosition::Earliest,
             ordering: Ordering::Key,
             max_buffered: 4096,
+            max_buffered_per_partition: 1024,
             commit_interval: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
             max_infra_backoff: Duration::from_secs(5),
+            revoke_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -104,6 +115,8 @@ struct Lane {
     queue: VecDeque<Event>,
     busy: bool,
     instance: Option<WarmInstance>,
+    /// The running worker, while `busy`.
+    task: Option<AbortHandle>,
 }
 
 /// The pipeline's key lanes, the events they hold, and the warm instances of lanes that
@@ -114,6 +127,8 @@ struct Lanes {
     idle_cap: usize,
     /// Events read and not yet finished (queued or in a worker).
     buffered: usize,
+    /// The same, per partition.
+    per_partition: HashMap<u32, usize>,
 }
 
 impl Lanes {
@@ -123,12 +138,35 @@ impl Lanes {
             idle: HashMap::new(),
             idle_cap,
             buffered: 0,
+            per_partition: HashMap::new(),
         }
+    }
+
+    fn count(&mut self, partition: u32, added: usize, removed: usize) {
+        self.buffered = (self.buffered + added).saturating_sub(removed);
+        let n = self.per_partition.entry(partition).or_default();
+        *n = (*n + added).saturating_sub(removed);
+        if *n == 0 {
+            self.per_partition.remove(&partition);
+        }
+    }
+
+    /// Events of `partition` read and not yet finished.
+    fn buffered_in(&self, partition: u32) -> usize {
+        self.per_partition.get(&partition).copied().unwrap_or(0)
+    }
+
+    /// Lanes of `partitions` with an event in a worker.
+    fn in_flight(&self, partitions: &HashSet<u32>) -> usize {
+        self.map
+            .iter()
+            .filter(|(k, l)| l.busy && partitions.contains(&lane_partition(k)))
+            .count()
     }
 
     /// Queue `event`; returns the lane if it is idle and must be started.
     fn push(&mut self, key: &LaneKey, event: Event) -> Option<&mut Lane> {
-        self.buffered += 1;
+        self.count(event.partition, 1, 0);
         let idle = &mut self.idle;
         let lane = self.map.entry(key.clone()).or_insert_with(|| Lane {
             instance: idle.remove(key),
@@ -140,10 +178,41 @@ impl Lanes {
 
     /// Drop a lane's queued events (they stay uncommitted and are read again later).
     fn clear(&mut self, key: &LaneKey) {
-        if let Some(lane) = self.map.get_mut(key) {
-            self.buffered = self.buffered.saturating_sub(lane.queue.len());
+        let queued = self.map.get_mut(key).map(|lane| {
+            let n = lane.queue.len();
             lane.queue.clear();
+            n
+        });
+        if let Some(n) = queued {
+            self.count(lane_partition(key), 0, n);
         }
+    }
+
+    /// Drop the queued (not started) events of `partitions`; running ones go on.
+    fn clear_partitions(&mut self, partitions: &HashSet<u32>) {
+        let keys: Vec<LaneKey> = self
+            .map
+            .keys()
+            .filter(|k| partitions.contains(&lane_partition(k)))
+            .cloned()
+            .collect();
+        for k in keys {
+            self.clear(&k);
+        }
+    }
+
+    /// Abort the running workers of `partitions`: their events stay uncommitted.
+    fn abort_partitions(&mut self, partitions: &HashSet<u32>) -> usize {
+        let mut aborted = 0;
+        for (k, lane) in &mut self.map {
+            if partitions.contains(&lane_partition(k))
+                && let Some(task) = lane.task.take()
+            {
+                task.abort();
+                aborted += 1;
+            }
+        }
+        aborted
     }
 
     /// Forget every lane of `partition` (revoked).
@@ -159,10 +228,11 @@ impl Lanes {
             // An in-flight event of the lane no longer counts either: its report will
             // find no lane and is dropped.
             if self.map.remove(&k).is_some_and(|l| l.busy) {
-                self.buffered = self.buffered.saturating_sub(1);
+                self.count(partition, 0, 1);
             }
         }
         self.idle.retain(|k, _| lane_partition(k) != partition);
+        self.per_partition.remove(&partition);
     }
 
     /// Retire an empty lane, keeping its warm instance if there is room.
@@ -229,45 +299,57 @@ impl Pipeline {
             .source
             .subscribe(&cfg.group, std::slice::from_ref(&cfg.topic), cfg.start)
             .await?;
-        let mut marks: HashMap<u32, Watermark> = HashMap::new();
-        // Idle warm instances hold pool slots: keep at most a few per pipeline.
-        let mut lanes = Lanes::new(IDLE_WARM_INSTANCES);
-        let mut tasks: JoinSet<WorkerReport> = JoinSet::new();
+        let mut st = RunState {
+            marks: HashMap::new(),
+            // Idle warm instances hold pool slots: keep at most a few per pipeline.
+            lanes: Lanes::new(IDLE_WARM_INSTANCES),
+            tasks: JoinSet::new(),
+            paused: HashSet::new(),
+            last_lag: None,
+        };
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.stop.clone();
 
         loop {
+            // A full buffer reads only partition changes: a revocation must still be
+            // heard while every lane is busy.
+            let full = st.lanes.buffered >= cfg.max_buffered;
+            let next = if full { sub.next_control() } else { sub.next() };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(joined) = st.tasks.join_next(), if !st.tasks.is_empty() => {
                     let Ok(report) = joined else { continue };
-                    self.finish(report, &mut marks, &mut lanes, &mut tasks, true);
+                    self.finish(report, &mut st, true);
+                    self.resume_drained(&mut *sub, &mut st);
                 }
-                msg = sub.next(), if lanes.buffered < cfg.max_buffered => match msg {
+                msg = next => match msg {
                     Ok(SourceMessage::Assigned(parts)) => {
                         for (tp, start) in parts {
-                            marks.insert(tp.partition, Watermark::new(start));
+                            st.marks.insert(tp.partition, Watermark::new(start));
                         }
                     }
                     Ok(SourceMessage::Revoked(parts)) => {
-                        self.commit(&mut *sub, &mut marks).await;
-                        for tp in parts {
-                            marks.remove(&tp.partition);
-                            lanes.revoke(tp.partition);
-                        }
+                        self.revoke(&mut *sub, &mut st, parts).await;
                     }
                     Ok(SourceMessage::Events(events)) => {
                         for event in events {
-                            let Some(mark) = marks.get_mut(&event.partition) else { continue };
+                            let Some(mark) = st.marks.get_mut(&event.partition) else { continue };
                             if event.offset < mark.next_offset() {
                                 continue; // already tracked: a re-delivery
                             }
                             mark.track(event.offset);
+                            let partition = event.partition;
                             let key = lane_key(cfg.ordering, &event);
-                            if let Some(lane) = lanes.push(&key, event) {
-                                self.start_next(key, lane, &mut tasks);
+                            if let Some(lane) = st.lanes.push(&key, event) {
+                                self.start_next(key, lane, &mut st.tasks);
+                            }
+                            if st.lanes.buffered_in(partition) >= cfg.max_buffered_per_partition
+                                && st.paused.insert(partition)
+                            {
+                                debug!(plugin = %cfg.plugin, partition, "partition full; pausing it");
+                                sub.pause(&TopicPartition::new(cfg.topic.clone(), partition));
                             }
                         }
                     }
@@ -279,7 +361,10 @@ impl Pipeline {
                         }
                     }
                 },
-                _ = ticker.tick() => self.commit(&mut *sub, &mut marks).await,
+                _ = ticker.tick() => {
+                    self.commit(&mut *sub, &mut st.marks).await;
+                    self.report_lag(&mut st).await;
+                }
             }
         }
 
@@ -289,48 +374,110 @@ impl Pipeline {
         let drain = tokio::time::sleep(cfg.drain_timeout);
         tokio::pin!(drain);
         let mut abandoning = false;
-        while !tasks.is_empty() {
+        while !st.tasks.is_empty() {
             tokio::select! {
-                Some(joined) = tasks.join_next() => {
+                Some(joined) = st.tasks.join_next() => {
                     if let Ok(report) = joined {
-                        self.finish(report, &mut marks, &mut lanes, &mut tasks, !abandoning);
+                        self.finish(report, &mut st, !abandoning);
                     }
                 }
                 _ = &mut drain => {
                     if abandoning {
-                        warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain grace over; aborting in-flight calls uncommitted");
-                        tasks.abort_all();
+                        warn!(plugin = %cfg.plugin, in_flight = st.tasks.len(), "drain grace over; aborting in-flight calls uncommitted");
+                        st.tasks.abort_all();
                         break;
                     }
-                    warn!(plugin = %cfg.plugin, in_flight = tasks.len(), "drain timeout; abandoning queued events uncommitted");
+                    warn!(plugin = %cfg.plugin, in_flight = st.tasks.len(), "drain timeout; abandoning queued events uncommitted");
                     abandoning = true;
                     self.ctx.abandon.cancel();
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
-                _ = ticker.tick() => self.commit(&mut *sub, &mut marks).await,
+                _ = ticker.tick() => self.commit(&mut *sub, &mut st.marks).await,
             }
         }
-        self.commit(&mut *sub, &mut marks).await;
+        self.commit(&mut *sub, &mut st.marks).await;
+        sub.close().await;
         Ok(())
     }
 
-    fn finish(
+    /// Partitions taken away: their queued events are dropped (the next owner reads them
+    /// again), their running events get the revoke timeout to finish, and what is done is
+    /// committed before the source may hand the partitions over.
+    async fn revoke(
         &self,
-        report: WorkerReport,
-        marks: &mut HashMap<u32, Watermark>,
-        lanes: &mut Lanes,
-        tasks: &mut JoinSet<WorkerReport>,
-        continue_lane: bool,
+        sub: &mut dyn Subscription,
+        st: &mut RunState,
+        parts: Vec<TopicPartition>,
     ) {
+        let cfg = &self.config;
+        let revoked: HashSet<u32> = parts
+            .iter()
+            .filter(|tp| tp.topic == cfg.topic)
+            .map(|tp| tp.partition)
+            .collect();
+        st.lanes.clear_partitions(&revoked);
+        let deadline = tokio::time::sleep(cfg.revoke_timeout);
+        tokio::pin!(deadline);
+        while st.lanes.in_flight(&revoked) > 0 {
+            tokio::select! {
+                Some(joined) = st.tasks.join_next() => {
+                    if let Ok(report) = joined {
+                        self.finish(report, st, true);
+                    }
+                }
+                _ = &mut deadline => {
+                    let aborted = st.lanes.abort_partitions(&revoked);
+                    warn!(plugin = %cfg.plugin, aborted, "revoke timeout; abandoning in-flight events of revoked partitions uncommitted");
+                    break;
+                }
+            }
+        }
+        let mut offsets = Vec::new();
+        for p in &revoked {
+            if let Some(next) = st.marks.get_mut(p).and_then(Watermark::take_commit) {
+                offsets.push((TopicPartition::new(cfg.topic.clone(), *p), next));
+            }
+            st.marks.remove(p);
+            st.lanes.revoke(*p);
+            st.paused.remove(p);
+        }
+        debug!(plugin = %cfg.plugin, partitions = ?revoked, ?offsets, "releasing revoked partitions");
+        if let Err(e) = sub.release(&parts, &offsets).await {
+            warn!(plugin = %cfg.plugin, error = %e, "final commit of revoked partitions failed; their next owner redoes the uncommitted events");
+        }
+    }
+
+    /// Resume paused partitions once half their buffered events are done.
+    fn resume_drained(&self, sub: &mut dyn Subscription, st: &mut RunState) {
+        if st.paused.is_empty() {
+            return;
+        }
+        let low = self.config.max_buffered_per_partition / 2;
+        let lanes = &st.lanes;
+        let ready: Vec<u32> = st
+            .paused
+            .iter()
+            .copied()
+            .filter(|p| lanes.buffered_in(*p) <= low)
+            .collect();
+        for p in ready {
+            st.paused.remove(&p);
+            sub.resume(&TopicPartition::new(self.config.topic.clone(), p));
+        }
+    }
+
+    fn finish(&self, report: WorkerReport, st: &mut RunState, continue_lane: bool) {
+        let (marks, lanes, tasks) = (&mut st.marks, &mut st.lanes, &mut st.tasks);
         if let (Finish::Done, Some(mark)) = (&report.finish, marks.get_mut(&report.partition)) {
             mark.complete(report.offset);
         }
         let Some(lane) = lanes.map.get_mut(&report.lane) else {
             return; // its partition was revoked
         };
-        lanes.buffered = lanes.buffered.saturating_sub(1);
         lane.busy = false;
+        lane.task = None;
         lane.instance = report.instance;
+        lanes.count(report.partition, 0, 1);
         if matches!(report.finish, Finish::Abandoned) {
             // The plugin is gone or we are stopping: later events of this lane must not
             // overtake the abandoned one, so the lane stops here.
@@ -354,7 +501,7 @@ impl Pipeline {
         let instance = lane.instance.take();
         let ctx = Arc::clone(&self.ctx);
         let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
-        tasks.spawn(
+        let handle = tasks.spawn(
             async move {
                 let (partition, offset) = (event.partition, event.offset);
                 let (finish, instance) = handle_event(&ctx, event, instance).await;
@@ -368,6 +515,7 @@ impl Pipeline {
             }
             .instrument(span),
         );
+        lane.task = Some(handle);
     }
 
     async fn commit(&self, sub: &mut dyn Subscription, marks: &mut HashMap<u32, Watermark>) {
@@ -391,10 +539,20 @@ impl Pipeline {
                     m.revert_commit(before);
                 }
             }
+        }
+    }
+
+    /// Publish the consumer lag, at most once a second (asking a broker for end offsets
+    /// on every commit tick would cost a round trip per partition).
+    async fn report_lag(&self, st: &mut RunState) {
+        if st.last_lag.is_some_and(|t| t.elapsed() < LAG_INTERVAL) {
             return;
         }
+        st.last_lag = Some(Instant::now());
+        let cfg = &self.config;
         if let Ok(ends) = self.ctx.bus.end_offsets(&cfg.topic).await {
-            let lag: u64 = marks
+            let lag: u64 = st
+                .marks
                 .iter()
                 .map(|(p, m)| {
                     ends.get(*p as usize)
@@ -407,6 +565,16 @@ impl Pipeline {
                 .set(lag as f64);
         }
     }
+}
+
+/// What [`Pipeline::run`] keeps between messages.
+struct RunState {
+    marks: HashMap<u32, Watermark>,
+    lanes: Lanes,
+    tasks: JoinSet<WorkerReport>,
+    /// Partitions paused because they hold too many unfinished events.
+    paused: HashSet<u32>,
+    last_lag: Option<Instant>,
 }
 
 fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {

@@ -1,0 +1,43 @@
+//! Kafka as Spate's cluster event source and emit target, on `rdkafka` (bundled librdkafka).
+//!
+//! [`KafkaBus`] implements both seams the dispatcher uses: [`EventSource`] (one consumer
+//! group per plugin, cooperative-sticky assignment, optional static membership, explicit
+//! commits of the dispatcher's contiguous watermark, revocations that wait for in-flight
+//! events and commit before letting partitions go, per-partition pause for backpressure)
+//! and [`EventBus`] (an idempotent `acks=all` producer for emits and dead letters, plus the
+//! metadata and reads the HTTP API needs). It owns no dispatch logic: ordering, retries and
+//! dead-lettering stay in `spate-core`, the same code as on the embedded log.
+//!
+//! [`EventSource`]: spate_core::backend::EventSource
+//! [`EventBus`]: spate_core::backend::EventBus
+
+mod bus;
+mod options;
+mod source;
+
+pub use bus::KafkaBus;
+pub use options::{KafkaOptions, OptionsError};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use spate_core::backend::BackendError;
+
+/// Map a librdkafka error to what the dispatcher needs to know: retry (the broker is
+/// away), refuse (the request is wrong), or the topic does not exist.
+pub(crate) fn backend_error(e: KafkaError, topic: Option<&str>) -> BackendError {
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            BackendError::UnknownTopic(topic.unwrap_or("?").to_string())
+        }
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidArgument,
+        ) => BackendError::Invalid(e.to_string()),
+        _ => BackendError::Unavailable(e.to_string()),
+    }
+}
