@@ -8,83 +8,10 @@ mod support;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{TOKEN, chaos_manifest, chaos_wasm};
-
-struct Node {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn spawn_node(dir: &Path, http: &reqwest::Client, env: &[(&str, &str)]) -> Node {
-    let port = free_port();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("node.log"))
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_spate-node"))
-        .arg(dir.join("data"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("SPATE_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let node = Node {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = http.get(format!("{}/readyz", node.base)).send().await
-            && r.status().is_success()
-        {
-            return node;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "node never became ready; log: {}",
-            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
-    let form = reqwest::multipart::Form::new()
-        .part("manifest", reqwest::multipart::Part::text(manifest))
-        .part(
-            "component",
-            reqwest::multipart::Part::bytes(chaos_wasm()).file_name("chaos.wasm"),
-        );
-    let r = http
-        .post(format!("{}/v1/plugins", node.base))
-        .bearer_auth(TOKEN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-}
+use support::node::{Node, handled_ok, spawn_node, upload};
+use support::{TOKEN, chaos_manifest};
 
 async fn append(http: &reqwest::Client, node: &Node, topic: &str, events: Vec<Value>) {
     let r = http
@@ -146,26 +73,6 @@ async fn wait_size(http: &reqwest::Client, node: &Node, topic: &str, n: u64, tim
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `spate_events_total{plugin, outcome="ok"}` of a node.
-async fn handled_ok(http: &reqwest::Client, node: &Node, plugin: &str) -> u64 {
-    let text = http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("spate_events_total{")
-                && l.contains(&format!("plugin=\"{plugin}\""))
-                && l.contains("outcome=\"ok\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 fn inputs(range: std::ops::Range<usize>) -> Vec<Value> {

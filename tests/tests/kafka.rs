@@ -1,0 +1,605 @@
+//! Spate on Kafka, against a real Kafka-protocol broker process (`tansu`, started on a free
+//! loopback port per test): keyed events handled once in per-key order with workflows and
+//! committed offsets; a poison event dead-lettered after its attempts while the rest
+//! flows; three runtime processes in one group with one SIGKILLed and one added; SIGTERM
+//! under load; and the broker cut off mid-run.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use serde_json::{Value, json};
+use spate::Runtime;
+use spate::config::EventsConfig;
+use spate_conformance::kafka::{
+    KafkaBroker, NewRecord, Record, committed_offsets, consume_all, end_offsets, produce,
+    produce_records,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::node::{Node, handled_ok, metric, spawn_node, upload};
+use support::{chaos_manifest, chaos_wasm, test_config};
+
+/// Group of plugin `chaos` under the default deployment group `spate`.
+const GROUP: &str = "spate.chaos";
+
+fn kafka_events(bootstrap: &str) -> EventsConfig {
+    EventsConfig::Kafka {
+        bootstrap_servers: bootstrap.to_string(),
+        group: "spate".into(),
+        instance_id: None,
+        create_topics: false,
+        partitions: 4,
+        replication_factor: 1,
+        session_timeout_ms: 6_000,
+        revoke_timeout_ms: 5_000,
+        produce_timeout_ms: 5_000,
+        request_timeout_ms: 5_000,
+        librdkafka: BTreeMap::new(),
+    }
+}
+
+/// The same settings as `SPATE_*` variables, for runtime processes.
+fn kafka_env(bootstrap: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("SPATE_EVENTS__TYPE", "kafka".into()),
+        ("SPATE_EVENTS__BOOTSTRAP_SERVERS", bootstrap.into()),
+        ("SPATE_EVENTS__SESSION_TIMEOUT_MS", "6000".into()),
+        ("SPATE_EVENTS__REVOKE_TIMEOUT_MS", "5000".into()),
+        ("SPATE_EVENTS__PRODUCE_TIMEOUT_MS", "3000".into()),
+        ("SPATE_EVENTS__REQUEST_TIMEOUT_MS", "3000".into()),
+        ("SPATE_DISPATCH__MAX_BUFFERED", MAX_BUFFERED.to_string()),
+        ("SPATE_DISPATCH__DRAIN_TIMEOUT_MS", "10000".into()),
+        (
+            "RUST_LOG",
+            std::env::var("SPATE_TEST_NODE_LOG").unwrap_or("warn,spate_kafka=info".into()),
+        ),
+    ]
+}
+
+/// Events a process reads ahead of what it has finished: what a SIGKILL can redo.
+const MAX_BUFFERED: usize = 100;
+
+async fn start_in_process(dir: &Path, bootstrap: &str) -> Arc<Runtime> {
+    spate::telemetry::init_tracing();
+    let mut config = test_config(dir);
+    config.events = kafka_events(bootstrap);
+    let backends = spate::Backends::from_config(&config).await.unwrap();
+    Runtime::start(config, backends).await.unwrap()
+}
+
+async fn topics(broker: &KafkaBroker, topics: &[(&str, i32)]) {
+    for (name, partitions) in topics {
+        broker.create_topic(name, *partitions).await;
+    }
+}
+
+fn op_events(range: std::ops::Range<usize>, keys: usize) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    range
+        .map(|i| {
+            let payload = json!({"op": "emit", "seq": i});
+            (
+                Some(format!("k{}", i % keys).into_bytes()),
+                serde_json::to_vec(&payload).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn payload(r: &Record) -> Value {
+    r.payload
+        .as_deref()
+        .and_then(|p| serde_json::from_slice(p).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+fn key(r: &Record) -> String {
+    String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
+}
+
+/// Read `topic` until it holds `n` records (or `timeout`), off the async threads.
+async fn read(bootstrap: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
+    let (b, t) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || consume_all(&b, &t, n, timeout))
+        .await
+        .unwrap()
+}
+
+/// Read all of `topic` until it holds every seq below `total` (duplicates do not count
+/// towards it) or `timeout` passes; returns what it holds then.
+async fn read_all_seqs(
+    bootstrap: &str,
+    topic: &str,
+    total: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let started = Instant::now();
+    loop {
+        let (b, t) = (bootstrap.to_string(), topic.to_string());
+        let records = tokio::task::spawn_blocking(move || {
+            let n: i64 = end_offsets(&b, &t).iter().sum();
+            consume_all(&b, &t, n as usize, Duration::from_secs(30))
+        })
+        .await
+        .unwrap();
+        let counts = seq_counts(&records);
+        if (0..total as u64).all(|s| counts.contains_key(&s)) || started.elapsed() > timeout {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Seqs of `records`, with how many times each appears.
+fn seq_counts(records: &[Record]) -> HashMap<u64, usize> {
+    let mut counts = HashMap::new();
+    for r in records {
+        if let Some(seq) = payload(r)["seq"].as_u64() {
+            *counts.entry(seq).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Each key's seqs in `out`, in the order they were emitted (records of one key share a
+/// partition; sorted by offset), must increase — unless `allow_replays`, where a replay
+/// after a crash may repeat a suffix but never reorder what one pass emitted.
+fn assert_key_order(out: &[Record]) {
+    let mut sorted: Vec<&Record> = out.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in sorted {
+        per_key
+            .entry(key(r))
+            .or_default()
+            .push(payload(r)["seq"].as_u64().unwrap());
+    }
+    for (k, seqs) in per_key {
+        let mut s = seqs.clone();
+        s.sort_unstable();
+        assert_eq!(seqs, s, "per-key order of {k}");
+    }
+}
+
+/// Wait until the group's committed offsets equal the topic's end offsets.
+async fn wait_committed_to_end(bootstrap: &str, topic: &str, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let (b, t) = (bootstrap.to_string(), topic.to_string());
+        let (ends, committed) = tokio::task::spawn_blocking(move || {
+            (end_offsets(&b, &t), committed_offsets(&b, GROUP, &t))
+        })
+        .await
+        .unwrap();
+        let committed: Vec<i64> = committed.iter().map(|c| c.unwrap_or(0)).collect();
+        if committed == ends {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "committed offsets {committed:?} never reached the end offsets {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_events_are_handled_once_in_key_order_and_committed_to_the_end() {
+    let broker = KafkaBroker::start();
+    let b = broker.bootstrap();
+    topics(
+        &broker,
+        &[("chaos", 4), ("out", 4), ("workflows", 2), ("chaos.dlq", 1)],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start_in_process(dir.path(), &b).await;
+    rt.registry
+        .upload(
+            &chaos_manifest("chaos", "1.0.0", "chaos", ""),
+            chaos_wasm(),
+            true,
+        )
+        .await
+        .unwrap();
+
+    // 1,000 keyed events over 20 keys; every tenth starts a workflow instead of emitting.
+    const N: usize = 1000;
+    let events: Vec<(Option<Vec<u8>>, Vec<u8>)> = (0..N)
+        .map(|i| {
+            let payload = if i % 10 == 0 {
+                json!({"op": "workflow", "id": format!("w-{i}"), "seq": i})
+            } else {
+                json!({"op": "emit", "seq": i})
+            };
+            (
+                Some(format!("k{}", i % 20).into_bytes()),
+                serde_json::to_vec(&payload).unwrap(),
+            )
+        })
+        .collect();
+    produce(&b, "chaos", &events).await;
+    // One more event carries a W3C trace context: its emit must continue that trace.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    produce_records(
+        &b,
+        "chaos",
+        &[NewRecord {
+            key: Some(b"traced".to_vec()),
+            payload: Some(serde_json::to_vec(&json!({"op": "emit", "seq": N})).unwrap()),
+            headers: vec![(
+                "traceparent".into(),
+                format!("00-{trace}-00f067aa0ba902b7-01").into_bytes(),
+            )],
+            partition: None,
+        }],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    let out = read(&b, "out", 901, Duration::from_secs(60)).await;
+    let wf = read(&b, "workflows", 100, Duration::from_secs(30)).await;
+    assert_eq!(out.len(), 901, "every emit once");
+    assert_eq!(wf.len(), 100, "every workflow once");
+    let counts = seq_counts(&out);
+    assert!(counts.values().all(|&c| c == 1), "an emit was duplicated");
+    assert_key_order(&out);
+    for r in &out {
+        let seq = payload(r)["seq"].as_u64().unwrap();
+        let id = header(r, "spate-idempotency-id").unwrap();
+        assert!(id.starts_with("chaos/chaos/"), "{id}");
+        assert_eq!(header(r, "spate-plugin"), Some("chaos"));
+        assert_eq!(header(r, "spate-plugin-version"), Some("1.0.0"));
+        assert!(header(r, "spate-plugin-hash").is_some_and(|h| h.len() == 64));
+        assert!(header(r, "traceparent").is_some_and(|t| t.starts_with("00-")));
+        if seq == N as u64 {
+            let tp = header(r, "traceparent").unwrap();
+            assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
+            assert_eq!(key(r), "traced");
+        } else {
+            assert_eq!(
+                key(r),
+                format!("k{}", seq % 20),
+                "emits keyed like the input"
+            );
+        }
+    }
+    let mut ids: Vec<String> = wf
+        .iter()
+        .map(|r| header(r, "spate-idempotency-id").unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = (0..N)
+        .step_by(10)
+        .map(|i| format!("workflow/chaos-workflow/w-{i}"))
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected, "workflow idempotency ids");
+
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(20)).await;
+    rt.shutdown().await;
+    assert!(
+        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_dead_lettered_after_its_attempts_while_the_rest_flows() {
+    let broker = KafkaBroker::start();
+    let b = broker.bootstrap();
+    topics(
+        &broker,
+        &[("chaos", 2), ("out", 2), ("chaos.dlq", 1), ("workflows", 1)],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start_in_process(dir.path(), &b).await;
+    let manifest = chaos_manifest(
+        "chaos",
+        "1.0.0",
+        "chaos",
+        "[retry]\nmax-attempts = 4\ninitial-backoff-ms = 20\nmax-backoff-ms = 100\n",
+    );
+    rt.registry
+        .upload(&manifest, chaos_wasm(), true)
+        .await
+        .unwrap();
+
+    let mut events = op_events(0..100, 10);
+    let poison = json!({"op": "retry", "reason": "cannot parse order"});
+    events.insert(
+        50,
+        (
+            Some(b"poison".to_vec()),
+            serde_json::to_vec(&poison).unwrap(),
+        ),
+    );
+    events.extend(op_events(100..200, 10));
+    let positions = produce(&b, "chaos", &events).await;
+    let (poison_partition, poison_offset) = positions[50];
+
+    let out = read(&b, "out", 200, Duration::from_secs(60)).await;
+    assert_eq!(out.len(), 200, "every other event handled");
+    assert!(seq_counts(&out).values().all(|&c| c == 1));
+    let dlq = read(&b, "chaos.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), 1);
+    let d = &dlq[0];
+    assert_eq!(d.key.as_deref(), Some(&b"poison"[..]), "original key");
+    assert_eq!(payload(d), poison, "original payload");
+    assert_eq!(header(d, "spate-dlq-attempts"), Some("4"));
+    assert_eq!(header(d, "spate-dlq-kind"), Some("retries-exhausted"));
+    assert_eq!(header(d, "spate-dlq-reason"), Some("cannot parse order"));
+    assert_eq!(
+        header(d, "spate-source"),
+        Some(format!("chaos/{poison_partition}/{poison_offset}").as_str())
+    );
+    assert_eq!(header(d, "spate-plugin-version"), Some("1.0.0"));
+    // The partition's committed offset moved past the poison event.
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(20)).await;
+    let committed = committed_offsets(&b, GROUP, "chaos");
+    assert!(committed[poison_partition as usize].unwrap() > poison_offset);
+    rt.shutdown().await;
+}
+
+/// A Kafka-mode runtime process with test-chaos deployed on `chaos`.
+async fn kafka_node(dir: &Path, http: &reqwest::Client, bootstrap: &str) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    let env = kafka_env(bootstrap);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = spawn_node(dir, http, &env).await;
+    upload(
+        http,
+        &node,
+        chaos_manifest("chaos", "1.0.0", "chaos", "[limits]\nconcurrency = 16\n"),
+    )
+    .await;
+    node
+}
+
+/// Wait until `node` has been assigned partitions (its consumer joined the group).
+async fn wait_assigned(http: &reqwest::Client, node: &Node, dir: &Path) {
+    let started = Instant::now();
+    while metric(
+        http,
+        node,
+        "spate_kafka_rebalances_total",
+        &["kind=\"assign\""],
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never assigned partitions; log: {}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Produce `range` in chunks, paced over roughly `over`.
+async fn produce_paced(bootstrap: &str, range: std::ops::Range<usize>, over: Duration) {
+    let chunks = 20;
+    let size = range.len().div_ceil(chunks);
+    let pause = over / chunks as u32;
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + size).min(range.end);
+        produce(bootstrap, "chaos", &op_events(start..end, 50)).await;
+        start = end;
+        tokio::time::sleep(pause).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_partitions_a_sigkill_loses_nothing_and_a_new_one_takes_over() {
+    let broker = KafkaBroker::start();
+    let b = broker.bootstrap();
+    topics(
+        &broker,
+        &[("chaos", 6), ("out", 6), ("chaos.dlq", 1), ("workflows", 1)],
+    )
+    .await;
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let dirs: Vec<_> = (0..4).map(|i| root.path().join(format!("n{i}"))).collect();
+    let mut nodes = Vec::new();
+    for d in &dirs[..3] {
+        nodes.push(Some(kafka_node(d, &http, &b).await));
+    }
+    for (n, d) in nodes.iter().zip(&dirs) {
+        wait_assigned(&http, n.as_ref().unwrap(), d).await;
+    }
+
+    // 6,000 events over ~6 s; one process is SIGKILLed 2 s in.
+    const FIRST: usize = 6000;
+    let producer = {
+        let b = b.clone();
+        tokio::spawn(async move { produce_paced(&b, 0..FIRST, Duration::from_secs(6)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut victim = nodes[1].take().unwrap();
+    let handled_by_victim = handled_ok(&http, &victim, "chaos").await;
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    drop(victim);
+    producer.await.unwrap();
+
+    let out = read_all_seqs(&b, "out", FIRST, Duration::from_secs(120)).await;
+    let counts = seq_counts(&out);
+    let missing: Vec<usize> = (0..FIRST)
+        .filter(|s| !counts.contains_key(&(*s as u64)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} events after the SIGKILL, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "SIGKILL of a process that had handled {handled_by_victim} events: {duplicates} duplicated emits"
+    );
+    // Only events the killed process had read and not committed can be redone: at most
+    // its read-ahead, plus what it finished within one commit interval.
+    assert!(
+        duplicates <= 2 * MAX_BUFFERED,
+        "{duplicates} duplicates exceed the in-flight bound"
+    );
+    assert!(handled_by_victim > 0, "the killed process had taken part");
+
+    // A new process joins: partitions rebalance onto it and nothing is lost.
+    let newcomer = kafka_node(&dirs[3], &http, &b).await;
+    wait_assigned(&http, &newcomer, &dirs[3]).await;
+    const SECOND: usize = 3000;
+    produce_paced(&b, FIRST..FIRST + SECOND, Duration::from_secs(3)).await;
+    let out = read_all_seqs(&b, "out", FIRST + SECOND, Duration::from_secs(120)).await;
+    let counts = seq_counts(&out);
+    let missing = (0..FIRST + SECOND)
+        .filter(|s| !counts.contains_key(&(*s as u64)))
+        .count();
+    assert_eq!(missing, 0, "events lost after the new process joined");
+    let rebalance_duplicates: usize = counts.values().map(|c| c - 1).sum::<usize>() - duplicates;
+    eprintln!("a process joining: {rebalance_duplicates} duplicated emits");
+    let by_newcomer = handled_ok(&http, &newcomer, "chaos").await;
+    assert!(by_newcomer > 0, "the new process was given partitions");
+    for n in nodes.iter().flatten() {
+        assert!(handled_ok(&http, n, "chaos").await > 0);
+    }
+    assert!(
+        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_commits_and_a_restart_duplicates_nothing() {
+    let broker = KafkaBroker::start();
+    let b = broker.bootstrap();
+    topics(
+        &broker,
+        &[("chaos", 4), ("out", 4), ("chaos.dlq", 1), ("workflows", 1)],
+    )
+    .await;
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let mut node = kafka_node(root.path(), &http, &b).await;
+    wait_assigned(&http, &node, root.path()).await;
+
+    const N: usize = 4000;
+    let positions = produce(&b, "chaos", &op_events(0..N, 40)).await;
+    // Stop it mid-stream.
+    let started = Instant::now();
+    while handled_ok(&http, &node, "chaos").await < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = node.child.wait().unwrap();
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+    drop(node);
+    let before = read(&b, "out", N, Duration::from_secs(2)).await.len();
+    assert!(before < N, "stopped mid-stream ({before} of {N} handled)");
+
+    let node = kafka_node(root.path(), &http, &b).await;
+    let out = read(&b, "out", N, Duration::from_secs(120)).await;
+    if out.len() != N {
+        let counts = seq_counts(&out);
+        let missing: Vec<(usize, (i32, i64))> = (0..N)
+            .filter(|s| !counts.contains_key(&(*s as u64)))
+            .map(|s| (s, positions[s]))
+            .collect();
+        eprintln!(
+            "missing {}: {:?}\ncommitted {:?} ends {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)],
+            committed_offsets(&b, GROUP, "chaos"),
+            end_offsets(&b, "chaos")
+        );
+        let log = std::fs::read_to_string(root.path().join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("CONFWARN")).collect();
+        eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+    }
+    // Give a duplicate time to show up, then read everything again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let out_again = read(&b, "out", N + 1, Duration::from_secs(2)).await;
+    assert_eq!(out.len(), N);
+    assert_eq!(out_again.len(), N, "a restart after SIGTERM redid nothing");
+    assert!(seq_counts(&out_again).values().all(|&c| c == 1));
+    assert_key_order(&out_again);
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(20)).await;
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_itself() {
+    let (broker, proxy) = KafkaBroker::start_behind_proxy();
+    let b = broker.bootstrap();
+    topics(
+        &broker,
+        &[("chaos", 4), ("out", 4), ("chaos.dlq", 1), ("workflows", 1)],
+    )
+    .await;
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let node = kafka_node(root.path(), &http, &b).await;
+    wait_assigned(&http, &node, root.path()).await;
+
+    const N: usize = 3000;
+    produce(&b, "chaos", &op_events(0..N, 30)).await;
+    let started = Instant::now();
+    while handled_ok(&http, &node, "chaos").await < 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Cut the broker off for longer than the produce timeout (3 s): emits fail and are
+    // retried as infrastructure failures, never dead-lettered.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let r = http
+        .get(format!("{}/healthz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "the runtime kept running");
+    proxy.restore();
+
+    let out = read(&b, "out", N, Duration::from_secs(120)).await;
+    let counts = seq_counts(&out);
+    let missing = (0..N)
+        .filter(|s| !counts.contains_key(&(*s as u64)))
+        .count();
+    assert_eq!(missing, 0, "events lost across the outage");
+    assert!(
+        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "an outage dead-lettered events"
+    );
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(30)).await;
+    let handled: HashSet<u64> = counts.keys().copied().collect();
+    assert_eq!(handled.len(), N);
+    drop(node);
+}

@@ -1,0 +1,105 @@
+//! A real runtime process (`spate-node`, which runs exactly what `spate up` runs) for the
+//! tests that kill, stop and restart runtimes: started on a free loopback port with its
+//! data directory and log under a test directory, configured through `SPATE_*`
+//! variables, and driven over its HTTP API.
+
+use super::{TOKEN, chaos_wasm};
+use spate_conformance::services::free_port;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Node {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn spawn_node(dir: &Path, http: &reqwest::Client, env: &[(&str, &str)]) -> Node {
+    let port = free_port();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("node.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_spate-node"))
+        .arg(dir.join("data"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("SPATE_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let node = Node {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{}/readyz", node.base)).send().await
+            && r.status().is_success()
+        {
+            return node;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node never became ready; log: {}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
+    let form = reqwest::multipart::Form::new()
+        .part("manifest", reqwest::multipart::Part::text(manifest))
+        .part(
+            "component",
+            reqwest::multipart::Part::bytes(chaos_wasm()).file_name("chaos.wasm"),
+        );
+    let r = http
+        .post(format!("{}/v1/plugins", node.base))
+        .bearer_auth(TOKEN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+/// `spate_events_total{plugin, outcome="ok"}` of a node.
+pub async fn handled_ok(http: &reqwest::Client, node: &Node, plugin: &str) -> u64 {
+    let plugin = format!("plugin=\"{plugin}\"");
+    metric(
+        http,
+        node,
+        "spate_events_total",
+        &[&plugin, "outcome=\"ok\""],
+    )
+    .await as u64
+}
+
+/// The sum of a node's samples of metric `name` whose labels contain every `label`
+/// (`key="value"` text); 0 if it has none or does not answer.
+pub async fn metric(http: &reqwest::Client, node: &Node, name: &str, labels: &[&str]) -> f64 {
+    let Ok(r) = http.get(format!("{}/metrics", node.base)).send().await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && labels.iter().all(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
