@@ -5,6 +5,10 @@ export SPATE_CACHE_DIR="${SPATE_CACHE_DIR:-$HOME/.cache/spate}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SPATE_CACHE_DIR/target}"
 export SPATE_PLUGINS_TARGET_DIR="${SPATE_PLUGINS_TARGET_DIR:-$SPATE_CACHE_DIR/plugins-target}"
 mkdir -p "$SPATE_CACHE_DIR"
+# The Kafka-protocol broker the Kafka tests start (runtime/conformance/src/kafka.rs looks
+# here first); spate_install_tansu builds it into the cache once.
+export SPATE_TANSU_VERSION=0.6.0
+export SPATE_TANSU="${SPATE_TANSU:-$SPATE_CACHE_DIR/tools/bin/tansu}"
 
 # Everything the build and tests need that a fresh machine may lack: the pinned toolchain
 # with the wasm32-wasip2 target (rust-toolchain.toml asks rustup for it), a C compiler, and
@@ -42,4 +46,57 @@ spate_setup() {
                 "redis-server (or set SPATE_REDIS_SERVER)" >&2
         fi
     fi
+    spate_install_tansu
+}
+
+# Whether $1 is tansu at the pinned version.
+spate_tansu_ok() {
+    [ -x "$1" ] && [ "$("$1" --version 2>/dev/null)" = "tansu $SPATE_TANSU_VERSION" ]
+}
+
+# Makes $SPATE_CACHE_DIR/tools/bin/tansu exist at $SPATE_TANSU_VERSION: the broker the Kafka
+# tests run, built from crates.io with only the memory/object-store engine. The build takes
+# about 25 minutes on two cores, once per machine: it uses a target directory of its own
+# (deleted afterwards), not the project's, and a lock so concurrent runs build it once. A
+# SPATE_TANSU pointing elsewhere at the pinned version is used as it is.
+spate_install_tansu() {
+    local tools="$SPATE_CACHE_DIR/tools"
+    local bin="$tools/bin/tansu"
+    if [ "$SPATE_TANSU" != "$bin" ] && spate_tansu_ok "$SPATE_TANSU"; then
+        return 0
+    fi
+    spate_tansu_ok "$bin" && return 0
+    mkdir -p "$tools"
+    (
+        set -o pipefail
+        if command -v flock >/dev/null 2>&1; then
+            flock 9
+        fi
+        # Another run may have built it while this one waited for the lock.
+        spate_tansu_ok "$bin" && exit 0
+        echo "installing tansu $SPATE_TANSU_VERSION (the Kafka broker of the tests) into" \
+            "$tools: this takes about 25 minutes, once" >&2
+        local build="$SPATE_CACHE_DIR/tansu-build" log="$SPATE_CACHE_DIR/tansu-build.log"
+        local args=(install tansu --version "$SPATE_TANSU_VERSION" --no-default-features
+            --features dynostore --force --root "$tools")
+        # --force: a binary at another version is replaced, not kept.
+        if ! CARGO_TARGET_DIR="$build" cargo "${args[@]}" --locked 2>&1 | tee "$log" >&2; then
+            # Retry without the published lock file only if resolving it failed (nothing
+            # compiled); a failed compile would only fail again.
+            if grep -q '^ *Compiling ' "$log"; then
+                echo "error: building tansu failed (log: $log)" >&2
+                exit 1
+            fi
+            echo "cargo install --locked could not resolve; retrying without --locked" >&2
+            CARGO_TARGET_DIR="$build" cargo "${args[@]}" 2>&1 | tee "$log" >&2 || {
+                echo "error: building tansu failed (log: $log)" >&2
+                exit 1
+            }
+        fi
+        spate_tansu_ok "$bin" || {
+            echo "error: $bin is not tansu $SPATE_TANSU_VERSION after installing" >&2
+            exit 1
+        }
+        rm -rf "$build" "$log"
+    ) 9>"$SPATE_CACHE_DIR/tools.lock"
 }

@@ -10,9 +10,12 @@
 //! transactions) leaves the group out, and its test file says why.
 //!
 //! With the `services` feature, the `services` module starts the real servers the suites and the
-//! end-to-end tests run against. This crate is for tests and benchmarks only.
+//! end-to-end tests run against, and the `kafka` module a Kafka-protocol broker (`tansu`) with
+//! rdkafka helpers to produce and read back. This crate is for tests and benchmarks only.
 
 pub mod cache;
+#[cfg(feature = "services")]
+pub mod kafka;
 #[cfg(feature = "services")]
 pub mod services;
 pub mod state;

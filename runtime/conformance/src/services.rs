@@ -43,7 +43,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until `addr` accepts TCP connections; panics after `timeout` naming `what`.
-fn wait_listening(addr: SocketAddr, what: &str, timeout: Duration) {
+pub(crate) fn wait_listening(addr: SocketAddr, what: &str, timeout: Duration) {
     let started = Instant::now();
     while StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         assert!(
