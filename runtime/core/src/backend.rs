@@ -121,6 +121,12 @@ pub trait Subscription: Send + 'static {
     /// but without waiting.
     async fn close(&mut self) {}
 
+    /// Whether this member has joined its group (been given its partitions, maybe none).
+    /// Sources without groups are joined as soon as they are subscribed.
+    fn joined(&self) -> bool {
+        true
+    }
+
     /// Stop fetching `partition` (its lanes are full) until resumed.
     fn pause(&mut self, _partition: &TopicPartition) {}
 
@@ -232,4 +238,16 @@ pub trait Cache: Send + Sync + 'static {
     /// Add `delta` to the decimal integer at `key` (missing = 0) and return the result.
     /// A value that is not an integer is an [`BackendError::Invalid`].
     async fn incr(&self, key: &str, delta: i64) -> BackendResult<i64>;
+}
+
+/// How runtimes sharing a plugin registry tell each other about changes: small "plugin X
+/// changed" notices (a compacted Kafka topic in a cluster); receivers re-read X's record.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
+    /// Announce that `plugin`'s record changed (uploaded, activated, rolled back, removed).
+    async fn publish(&self, plugin: &str) -> BackendResult<()>;
+
+    /// Names of plugins whose records change from now on (own announcements included).
+    /// The feed stops when the receiver is dropped.
+    async fn subscribe(&self) -> BackendResult<tokio::sync::mpsc::Receiver<String>>;
 }

@@ -6,6 +6,10 @@ use crate::backend::StartPosition;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// State namespaces starting with this are the runtime's own (the shared registry keeps
+/// plugins and components there); manifests may not claim them.
+pub const RESERVED_NAMESPACE_PREFIX: &str = "_spate";
+
 /// Upper bounds the runtime accepts for manifest limits, whatever a plugin asks for.
 #[derive(Clone, Debug)]
 pub struct LimitCeilings {
@@ -307,6 +311,13 @@ impl Manifest {
         {
             p.push("capabilities.state-namespace must be 1-128 characters".into());
         }
+        if let Some(ns) = &self.capabilities.state_namespace
+            && ns.starts_with(RESERVED_NAMESPACE_PREFIX)
+        {
+            p.push(format!(
+                "capabilities.state-namespace `{ns}` starts with `{RESERVED_NAMESPACE_PREFIX}`, which is reserved for the runtime (the shared plugin registry)"
+            ));
+        }
         if let Some(prefix) = &self.capabilities.cache_prefix
             && (prefix.is_empty() || prefix.len() > 128)
         {
@@ -359,7 +370,8 @@ impl Manifest {
         }
     }
 
-    /// The plugin's state namespace.
+    /// The plugin's state namespace (never one starting with
+    /// [`RESERVED_NAMESPACE_PREFIX`]).
     pub fn state_namespace(&self) -> &str {
         self.capabilities
             .state_namespace

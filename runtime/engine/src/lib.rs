@@ -8,6 +8,7 @@
 
 pub mod registry;
 pub mod sandbox;
+pub mod store;
 
 /// Host bindings generated from the WIT package in `wit/` (the single source of truth).
 #[allow(missing_docs)]
@@ -22,3 +23,4 @@ pub mod bindings {
 
 pub use registry::{Registry, RegistryChange, RegistryError, UploadOutcome};
 pub use sandbox::{LoadError, Sandbox, SandboxConfig, WasmPlugin};
+pub use store::{ChangeFeed, LocalStore, RegistryStore, SharedStore};

@@ -1,19 +1,24 @@
 //! The plugin registry: uploaded versions stored by content hash, the active version of
-//! each plugin, activation, rollback and removal — persisted in the data directory so a
-//! restart serves the same versions without recompiling.
+//! each plugin, activation, rollback and removal — persisted in a [`RegistryStore`] (the
+//! data directory, or the cluster store every pod shares) so a restart serves the same
+//! versions, and compiled artifacts cached per runtime so it does not recompile.
 //!
 //! Every change is validated and compiled before it is recorded; the switch is a single
 //! swap that subscribers (the runtime's supervisor) observe through [`Registry::changes`].
+//! With a [`ChangeFeed`], each change is announced to the other runtimes, which re-read
+//! the plugin's record ([`Registry::refresh`]), load and compile its active version and
+//! swap it in the same way; a periodic re-read catches a lost notice.
 
-use crate::sandbox::{LoadError, Sandbox, WasmPlugin, write_atomic};
+use crate::sandbox::{LoadError, Sandbox, WasmPlugin};
+use crate::store::{ChangeFeed, RegistryStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use spate_core::dispatch::PluginVersion;
 use spate_core::host::PluginInfo;
 use spate_core::manifest::{LimitCeilings, Manifest, ManifestError};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use tokio::sync::broadcast;
 
 /// Why a registry operation was refused.
@@ -74,10 +79,14 @@ pub struct PluginRecord {
     pub history: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 struct RegistryFile {
     plugins: BTreeMap<String, PluginRecord>,
 }
+
+/// How often a registry with a change feed re-reads every record, in case a notice was
+/// lost.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A change to the set of active plugins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,7 +117,8 @@ pub struct UploadOutcome {
 /// The plugin registry.
 pub struct Registry {
     sandbox: Arc<Sandbox>,
-    dir: PathBuf,
+    store: Arc<dyn RegistryStore>,
+    feed: Option<Arc<dyn ChangeFeed>>,
     ceilings: LimitCeilings,
     max_component_bytes: usize,
     file: tokio::sync::Mutex<RegistryFile>,
@@ -134,33 +144,37 @@ fn now_ms() -> i64 {
 }
 
 impl Registry {
-    /// Open the registry in `dir` and load every active version (from the compiled
-    /// cache when possible).
+    /// Open the registry kept in `store` and load every active version (from the
+    /// compiled cache when possible). With a `feed`, subscribe to the other runtimes'
+    /// changes first (so none made while loading is missed), announce this runtime's own
+    /// changes, and follow theirs until the registry is dropped.
     pub async fn open(
         sandbox: Arc<Sandbox>,
-        dir: &Path,
+        store: Arc<dyn RegistryStore>,
+        feed: Option<Arc<dyn ChangeFeed>>,
         ceilings: LimitCeilings,
         max_component_bytes: usize,
     ) -> Result<Arc<Self>, RegistryError> {
-        std::fs::create_dir_all(dir.join("blobs")).map_err(storage)?;
-        let index = dir.join("registry.json");
-        let file: RegistryFile = match std::fs::read(&index) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(storage)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
-            Err(e) => return Err(storage(e)),
+        let notices = match &feed {
+            Some(f) => Some(f.subscribe().await.map_err(storage)?),
+            None => None,
         };
+        let plugins = store.load_all().await?;
         let (changes, _) = broadcast::channel(256);
         let registry = Arc::new(Self {
             sandbox,
-            dir: dir.to_path_buf(),
+            store,
+            feed,
             ceilings,
             max_component_bytes,
-            file: tokio::sync::Mutex::new(file.clone()),
+            file: tokio::sync::Mutex::new(RegistryFile {
+                plugins: plugins.clone(),
+            }),
             loaded: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             changes,
         });
-        for (name, record) in &file.plugins {
+        for (name, record) in &plugins {
             let Some(active) = &record.active else {
                 continue;
             };
@@ -175,6 +189,9 @@ impl Registry {
                     tracing::error!(plugin = %name, version = %active, error = %e, "could not load active version")
                 }
             }
+        }
+        if let Some(notices) = notices {
+            tokio::spawn(follow(Arc::downgrade(&registry), notices));
         }
         Ok(registry)
     }
@@ -208,10 +225,6 @@ impl Registry {
         self.file.lock().await.plugins.get(name).cloned()
     }
 
-    fn blob_path(&self, hash: &str) -> PathBuf {
-        self.dir.join("blobs").join(format!("{hash}.wasm"))
-    }
-
     async fn load_version(
         &self,
         name: &str,
@@ -222,25 +235,112 @@ impl Registry {
             return Ok(Arc::clone(p));
         }
         let manifest = Manifest::parse(&v.manifest, &self.ceilings)?;
-        let bytes = std::fs::read(self.blob_path(&v.hash)).map_err(storage)?;
-        let sandbox = Arc::clone(&self.sandbox);
-        let hash = v.hash.clone();
-        let component = tokio::task::spawn_blocking(move || sandbox.load_cached(&hash, &bytes))
-            .await
-            .map_err(storage)??;
+        // A compiled artifact cached by this runtime needs no component bytes (in a
+        // cluster, fetching them is a store round trip per chunk).
+        let cached = if self.sandbox.is_cached(&v.hash) {
+            let sandbox = Arc::clone(&self.sandbox);
+            let hash = v.hash.clone();
+            tokio::task::spawn_blocking(move || sandbox.load_cached(&hash, &[]))
+                .await
+                .map_err(storage)?
+                .ok()
+        } else {
+            None
+        };
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let bytes = self.store.get_component(&v.hash).await?;
+                let sandbox = Arc::clone(&self.sandbox);
+                let hash = v.hash.clone();
+                tokio::task::spawn_blocking(move || sandbox.load_cached(&hash, &bytes))
+                    .await
+                    .map_err(storage)??
+            }
+        };
         let info = Arc::new(PluginInfo::new(manifest, v.hash.clone()));
         let plugin = self.sandbox.plugin(&component, info)?;
         lock(&self.loaded).insert(key, Arc::clone(&plugin));
         Ok(plugin)
     }
 
-    async fn persist(&self, file: &RegistryFile) -> Result<(), RegistryError> {
-        let bytes = serde_json::to_vec_pretty(file).map_err(storage)?;
-        let path = self.dir.join("registry.json");
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+    /// Store `name`'s record as it is in `file`.
+    async fn persist(&self, file: &RegistryFile, name: &str) -> Result<(), RegistryError> {
+        self.store
+            .save(name, file.plugins.get(name), &file.plugins)
             .await
-            .map_err(storage)?
-            .map_err(storage)
+    }
+
+    /// Tell the other runtimes that `name` changed. The change is already stored, so a
+    /// failure only delays them until their next re-read.
+    async fn announce(&self, name: &str) {
+        if let Some(feed) = &self.feed
+            && let Err(e) = feed.publish(name).await
+        {
+            tracing::warn!(plugin = name, error = %e, "could not announce a registry change; other runtimes pick it up at their next re-read");
+        }
+    }
+
+    /// Bring `name` in line with its stored record: another runtime changed it. Loads and
+    /// compiles a newly active version before swapping it in, exactly like a local
+    /// activation; nothing changes if that fails.
+    pub async fn refresh(&self, name: &str) -> Result<(), RegistryError> {
+        let stored = self.store.load(name).await?;
+        let mut file = self.file.lock().await;
+        let active_now = lock(&self.active)
+            .get(name)
+            .map(|p| p.info().manifest.version.to_string());
+        if file.plugins.get(name) == stored.as_ref()
+            && active_now == stored.as_ref().and_then(|r| r.active.clone())
+        {
+            return Ok(());
+        }
+        let target = stored.as_ref().and_then(|r| {
+            let v = r.active.as_ref()?;
+            r.versions.iter().find(|x| &x.version == v).cloned()
+        });
+        match target {
+            Some(v) => {
+                if active_now.as_deref() != Some(v.version.as_str()) {
+                    let plugin = self.load_version(name, &v).await?;
+                    lock(&self.active).insert(name.to_string(), plugin);
+                    let _ = self
+                        .changes
+                        .send(RegistryChange::Activated(name.to_string()));
+                    tracing::info!(plugin = name, version = %v.version, "switched to a version activated by another runtime");
+                }
+            }
+            None => {
+                if lock(&self.active).remove(name).is_some() {
+                    let _ = self.changes.send(RegistryChange::Removed(name.to_string()));
+                    tracing::info!(plugin = name, "plugin removed by another runtime");
+                }
+            }
+        }
+        match stored {
+            Some(r) => {
+                file.plugins.insert(name.to_string(), r);
+            }
+            None => {
+                file.plugins.remove(name);
+                lock(&self.loaded).retain(|k, _| !k.starts_with(&format!("{name}@")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-read every record (a lost notice, a runtime that was away).
+    pub async fn resync(&self) -> Result<(), RegistryError> {
+        let mut names: Vec<String> = self.store.load_all().await?.into_keys().collect();
+        names.extend(self.file.lock().await.plugins.keys().cloned());
+        names.sort();
+        names.dedup();
+        for name in names {
+            if let Err(e) = self.refresh(&name).await {
+                tracing::warn!(plugin = %name, error = %e, "could not refresh plugin");
+            }
+        }
+        Ok(())
     }
 
     /// Validate, compile and store a new version; with `activate`, switch to it.
@@ -294,14 +394,8 @@ impl Registry {
                 "{name}@{version} already exists with a different manifest; bump the version"
             )));
         }
-        let blob = self.blob_path(&hash);
-        if !blob.exists() {
-            let path = blob.clone();
-            tokio::task::spawn_blocking(move || write_atomic(&path, &component))
-                .await
-                .map_err(storage)?
-                .map_err(storage)?;
-        }
+        let size = component.len();
+        self.store.put_component(&hash, &component).await?;
         let info = Arc::new(PluginInfo::new(manifest, hash.clone()));
         let plugin = self.sandbox.plugin(&compiled, info)?;
         let mut new_file = file.clone();
@@ -311,7 +405,7 @@ impl Registry {
                 version: version.clone(),
                 hash: hash.clone(),
                 manifest: manifest_text.to_string(),
-                size: blob_len(&blob),
+                size,
                 uploaded_ms: now_ms(),
             });
         }
@@ -322,7 +416,7 @@ impl Registry {
             }
             rec.active = Some(version.clone());
         }
-        self.persist(&new_file).await?;
+        self.persist(&new_file, &name).await?;
         *file = new_file;
         lock(&self.loaded).insert(loaded_key(&name, &version), Arc::clone(&plugin));
         let is_active =
@@ -330,6 +424,10 @@ impl Registry {
         if switching {
             lock(&self.active).insert(name.clone(), plugin);
             let _ = self.changes.send(RegistryChange::Activated(name.clone()));
+        }
+        drop(file);
+        if !unchanged || switching {
+            self.announce(&name).await;
         }
         Ok(UploadOutcome {
             name,
@@ -399,12 +497,13 @@ impl Registry {
             update_history(rec);
             rec.active = Some(version.to_string());
         }
-        self.persist(&new_file).await?;
+        self.persist(&new_file, name).await?;
         *file = new_file;
         lock(&self.active).insert(name.to_string(), plugin);
         let _ = self
             .changes
             .send(RegistryChange::Activated(name.to_string()));
+        self.announce(name).await;
         Ok(())
     }
 
@@ -417,17 +516,39 @@ impl Registry {
         }
         let mut new_file = file.clone();
         new_file.plugins.remove(name);
-        self.persist(&new_file).await?;
+        self.persist(&new_file, name).await?;
         *file = new_file;
         lock(&self.active).remove(name);
         lock(&self.loaded).retain(|k, _| !k.starts_with(&format!("{name}@")));
         let _ = self.changes.send(RegistryChange::Removed(name.to_string()));
+        drop(file);
+        self.announce(name).await;
         Ok(())
     }
 }
 
-fn blob_len(p: &Path) -> usize {
-    std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0)
+/// Apply the other runtimes' notices, and re-read everything now and then, for as long as
+/// the registry lives.
+async fn follow(registry: Weak<Registry>, mut notices: tokio::sync::mpsc::Receiver<String>) {
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            notice = notices.recv() => {
+                let Some(name) = notice else { return };
+                let Some(registry) = registry.upgrade() else { return };
+                if let Err(e) = registry.refresh(&name).await {
+                    tracing::warn!(plugin = %name, error = %e, "could not apply a registry change; retrying at the next re-read");
+                }
+            }
+            _ = resync.tick() => {
+                let Some(registry) = registry.upgrade() else { return };
+                if let Err(e) = registry.resync().await {
+                    tracing::warn!(error = %e, "registry re-read failed");
+                }
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

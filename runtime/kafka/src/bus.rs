@@ -145,13 +145,39 @@ impl KafkaBus {
         }
     }
 
+    /// A compacted topic (the registry's control topic): must exist, or is created
+    /// compacted with one partition if topics may be created.
+    pub(crate) async fn ensure_compacted(&self, topic: &str) -> BackendResult<()> {
+        if self.topic_partitions(topic).await?.is_some() {
+            return Ok(());
+        }
+        if !self.opts.create_topics {
+            return Err(BackendError::UnknownTopic(topic.to_string()));
+        }
+        self.create_topic_with(topic, 1, &[("cleanup.policy", "compact")])
+            .await
+            .map(|_| ())
+    }
+
     async fn create_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
+        self.create_topic_with(topic, partitions, &[]).await
+    }
+
+    async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: u32,
+        configs: &[(&str, &str)],
+    ) -> BackendResult<u32> {
         let partitions = partitions.max(1) as i32;
-        let new = NewTopic::new(
+        let mut new = NewTopic::new(
             topic,
             partitions,
             TopicReplication::Fixed(self.opts.replication_factor),
         );
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(self.opts.request_timeout));
         let results = self
             .admin

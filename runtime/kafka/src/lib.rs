@@ -12,10 +12,12 @@
 //! [`EventBus`]: spate_core::backend::EventBus
 
 mod bus;
+mod feed;
 mod options;
 mod source;
 
-pub use bus::KafkaBus;
+pub use bus::{ConnectError, KafkaBus};
+pub use feed::KafkaChangeFeed;
 pub use options::{KafkaOptions, OptionsError};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};

@@ -47,6 +47,8 @@ type Batch = Vec<(u64, Event)>;
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
+    /// Set at the first assignment (even an empty one): the member has joined.
+    joined: AtomicBool,
     /// Set once the dispatcher made its final commit: revocations no longer wait for it.
     closing: AtomicBool,
     /// Partitions the dispatcher paused (its lanes for them are full).
@@ -126,6 +128,9 @@ impl ConsumerContext for SubContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.shared.joined.store(true, Ordering::Release);
+        }
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
                 metrics::counter!("spate_kafka_rebalances_total", "kind" => "assign").increment(1);
@@ -340,6 +345,10 @@ impl Subscription for KafkaSubscription {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         info!(topic = %self.topic, "left consumer group");
+    }
+
+    fn joined(&self) -> bool {
+        self.shared.joined.load(Ordering::Acquire)
     }
 
     fn pause(&mut self, partition: &TopicPartition) {

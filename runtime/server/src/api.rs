@@ -310,6 +310,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .route(
             "/v1/plugins",
@@ -550,12 +551,43 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
-    if state.runtime.is_ready() {
-        Ok(Json(json!({ "status": "ready" })))
-    } else {
-        Err(ApiError::NotReady)
+/// Ready: plugins loaded and every consumer joined its group. 503 with the API's error
+/// shape and the pipelines still joining.
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let h = state.runtime.health();
+    if h.ready {
+        return Json(json!({ "status": "ready" })).into_response();
     }
+    let message = if h.not_joined.is_empty() {
+        "the runtime is starting or shutting down".to_string()
+    } else {
+        format!(
+            "consumers still joining their groups: {}",
+            h.not_joined.join(", ")
+        )
+    };
+    let body = json!({
+        "error": { "code": "not_ready", "message": message },
+        "not_joined": h.not_joined,
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// Live: every pipeline's event loop went round within the last minute. 503 with the
+/// API's error shape naming the stuck ones.
+async fn livez(State(state): State<ApiState>) -> Response {
+    let h = state.runtime.health();
+    if h.live {
+        return Json(json!({ "status": "live" })).into_response();
+    }
+    let body = json!({
+        "error": {
+            "code": "stalled",
+            "message": format!("event loops not making progress: {}", h.stalled.join(", ")),
+        },
+        "stalled": h.stalled,
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

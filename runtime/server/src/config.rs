@@ -33,6 +33,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// Sandbox and plugin limits.
     pub sandbox: SandboxSettings,
+    /// Where plugins are kept: this runtime's data directory, or shared by every runtime.
+    pub registry: RegistryConfig,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             read_through: ReadThroughSettings::default(),
             dispatch: DispatchConfig::default(),
             sandbox: SandboxSettings::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -609,6 +612,29 @@ impl Default for SandboxSettings {
     }
 }
 
+/// Where plugins (manifests, components, active versions) are kept.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
+pub enum RegistryConfig {
+    /// In the data directory: this runtime only.
+    #[default]
+    Local,
+    /// In the cluster's CQL state store, with change notices on a compacted Kafka topic:
+    /// an upload, activation, rollback or removal on any runtime reaches every runtime,
+    /// and a runtime needs no local state to recover (its compiled-artifact cache only
+    /// saves compile time). Needs `events.type = "kafka"` and `state.type = "cql"`.
+    #[serde(rename_all = "kebab-case")]
+    Shared {
+        /// The compacted control topic carrying change notices.
+        #[serde(default = "default_control_topic")]
+        control_topic: String,
+    },
+}
+
+fn default_control_topic() -> String {
+    "spate.registry".into()
+}
+
 /// Top-level keys of [`Config`], as environment variables may name them.
 const CONFIG_SECTIONS: &[&str] = &[
     "data-dir",
@@ -620,6 +646,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "read-through",
     "dispatch",
     "sandbox",
+    "registry",
 ];
 
 /// The defaults every layer is merged onto, without the backend sections chosen by a
@@ -629,7 +656,7 @@ const CONFIG_SECTIONS: &[&str] = &[
 fn seeded_defaults() -> serde_json::Value {
     let mut defaults = serde_json::to_value(Config::default()).unwrap_or_default();
     if let Some(map) = defaults.as_object_mut() {
-        for tagged in ["events", "state", "cache"] {
+        for tagged in ["events", "state", "cache", "registry"] {
             map.remove(tagged);
         }
     }
@@ -717,6 +744,19 @@ impl Config {
                 if *produce_timeout_ms == 0 {
                     p.push("events.produce-timeout-ms must be at least 1".into());
                 }
+            }
+        }
+        if let RegistryConfig::Shared { control_topic } = &self.registry {
+            if !matches!(self.events, EventsConfig::Kafka { .. }) {
+                p.push("registry.type = \"shared\" needs events.type = \"kafka\" (its change notices go on a Kafka topic)".into());
+            }
+            if !matches!(self.state, StateConfig::Cql { .. }) {
+                p.push("registry.type = \"shared\" needs state.type = \"cql\" (plugins are kept in the cluster store)".into());
+            }
+            if !spate_core::manifest::valid_topic(control_topic) {
+                p.push(format!(
+                    "registry.control-topic `{control_topic}` is not a valid topic name"
+                ));
             }
         }
         if self.dispatch.max_buffered_per_partition == 0 {

@@ -1,16 +1,21 @@
 //! Runtime assembly: backends chosen by configuration, the sandbox and registry, and the
 //! supervisor that keeps one pipeline per subscription of every active plugin.
 
+use crate::config::RegistryConfig;
 use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
 use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
+use spate_core::dispatch::PipelineHealth;
 use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::HostServices;
 use spate_core::manifest::{Manifest, Ordering};
 use spate_core::tiered::StateTier;
-use spate_engine::{Registry, RegistryChange, Sandbox, SandboxConfig};
+use spate_engine::{
+    ChangeFeed, LocalStore, Registry, RegistryChange, RegistryStore, Sandbox, SandboxConfig,
+    SharedStore,
+};
 use spate_state_cql::CqlStateStore;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +35,8 @@ pub struct Backends {
     pub source: Arc<dyn EventSource>,
     /// Durable state, through the state tier.
     pub state: Arc<dyn StateStore>,
+    /// The state store itself, without the tier's caching (the shared registry's store).
+    pub store: Arc<dyn StateStore>,
     /// The state tier: per-plugin read counters and, if configured, read-through caching.
     /// Plugins get [`StateTier::for_plugin`] views of it.
     pub tier: Arc<StateTier>,
@@ -110,13 +117,18 @@ impl Backends {
         ));
         let cache: Arc<dyn Cache> = cache_health.clone();
         let tier = if config.read_through.enabled {
-            StateTier::read_through(store, Arc::clone(&cache), config.read_through.tier_config())
+            StateTier::read_through(
+                Arc::clone(&store),
+                Arc::clone(&cache),
+                config.read_through.tier_config(),
+            )
         } else {
-            StateTier::direct(store)
+            StateTier::direct(Arc::clone(&store))
         };
         Ok(Self {
             bus,
             source,
+            store,
             state: tier.clone(),
             tier,
             cache,
@@ -134,8 +146,31 @@ pub struct Runtime {
     /// Plugin registry.
     pub registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
+    health: Arc<HealthBoard>,
     shutdown: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The pipelines' health, as the supervisor starts and stops them.
+#[derive(Default)]
+struct HealthBoard {
+    pipelines: std::sync::Mutex<HashMap<(String, String), Arc<PipelineHealth>>>,
+}
+
+/// How long a pipeline's event loop may go without a round before the runtime is not live.
+const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
+
+/// What the probes report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HealthReport {
+    /// Plugins loaded and every pipeline's consumer joined its group.
+    pub ready: bool,
+    /// Every running pipeline's event loop went round within the liveness window.
+    pub live: bool,
+    /// Pipelines (`plugin/topic`) whose consumer has not joined (yet).
+    pub not_joined: Vec<String>,
+    /// Pipelines whose event loop is stuck.
+    pub stalled: Vec<String>,
 }
 
 impl Runtime {
@@ -145,16 +180,43 @@ impl Runtime {
         sandbox_config.max_memory_bytes = (config.sandbox.max_memory_mb as usize) << 20;
         sandbox_config.pool_instances = config.sandbox.pool_instances;
         let sandbox = Sandbox::new(sandbox_config)?;
+        let (store, feed): (Arc<dyn RegistryStore>, Option<Arc<dyn ChangeFeed>>) = match &config
+            .registry
+        {
+            RegistryConfig::Local => (LocalStore::open(config.data_dir.join("plugins"))?, None),
+            RegistryConfig::Shared { control_topic } => {
+                use anyhow::Context as _;
+                let options = config
+                    .events
+                    .kafka_options()
+                    .context("registry.type = \"shared\" needs events.type = \"kafka\"")?;
+                let bus = spate_kafka::KafkaBus::connect(options)
+                    .await
+                    .context("connecting to Kafka for the registry's control topic")?;
+                let feed = spate_kafka::KafkaChangeFeed::new(bus, control_topic, &instance_name(&config))
+                        .await
+                        .with_context(|| format!("the registry's control topic `{control_topic}` (create it compacted, or set events.create-topics = true)"))?;
+                (
+                    SharedStore::new(Arc::clone(&backends.store)),
+                    Some(Arc::new(feed)),
+                )
+            }
+        };
+        // Active versions are loaded (and compiled, unless cached) before any pipeline
+        // starts: a runtime never takes partitions without its plugins.
         let registry = Registry::open(
             sandbox,
-            &config.data_dir.join("plugins"),
+            store,
+            feed,
             config.ceilings(),
             config.api.max_upload_bytes,
         )
         .await?;
         let ready = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(HealthBoard::default());
         let shutdown = CancellationToken::new();
         let supervisor = Supervisor {
+            health: Arc::clone(&health),
             registry: Arc::clone(&registry),
             backends: backends.clone(),
             config: config.clone(),
@@ -169,14 +231,39 @@ impl Runtime {
             backends,
             registry,
             ready,
+            health,
             shutdown,
             supervisor: tokio::sync::Mutex::new(Some(handle)),
         }))
     }
 
-    /// Whether active plugins are loaded and their pipelines started.
+    /// Whether active plugins are loaded, their pipelines started and every consumer
+    /// joined its group.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(AtomicOrdering::Acquire) && !self.shutdown.is_cancelled()
+        self.health().ready
+    }
+
+    /// Readiness and liveness, with what is holding them back.
+    pub fn health(&self) -> HealthReport {
+        let mut not_joined = Vec::new();
+        let mut stalled = Vec::new();
+        for ((plugin, topic), h) in lock(&self.health.pipelines).iter() {
+            if !h.joined() {
+                not_joined.push(format!("{plugin}/{topic}"));
+            }
+            if h.since_beat().is_some_and(|d| d > LIVENESS_WINDOW) {
+                stalled.push(format!("{plugin}/{topic}"));
+            }
+        }
+        not_joined.sort();
+        stalled.sort();
+        let started = self.ready.load(AtomicOrdering::Acquire);
+        HealthReport {
+            ready: started && not_joined.is_empty() && !self.shutdown.is_cancelled(),
+            live: stalled.is_empty(),
+            not_joined,
+            stalled,
+        }
     }
 
     /// Stop reading, drain in-flight events, commit, and return when done.
@@ -218,6 +305,7 @@ struct PluginRun {
 }
 
 struct Supervisor {
+    health: Arc<HealthBoard>,
     registry: Arc<Registry>,
     backends: Backends,
     config: Config,
@@ -268,6 +356,7 @@ impl Supervisor {
             if let Some(run) = self.runs.remove(name) {
                 run.active.clear();
                 stop(run).await;
+                lock(&self.health.pipelines).retain(|(p, _), _| p != name);
                 info!(plugin = name, "plugin removed; pipelines stopped");
             }
             return;
@@ -285,6 +374,7 @@ impl Supervisor {
         if let Some(run) = self.runs.remove(name) {
             stop(run).await;
         }
+        lock(&self.health.pipelines).retain(|(p, _), _| p != name);
         let run = self.start(name, version, shape);
         self.runs.insert(name.to_string(), run);
     }
@@ -334,6 +424,8 @@ impl Supervisor {
                 Arc::clone(&permits),
                 token.clone(),
             );
+            lock(&self.health.pipelines)
+                .insert((name.to_string(), topic.clone()), pipeline.health());
             let plugin = name.to_string();
             let topic = topic.clone();
             let token = token.clone();
@@ -407,4 +499,25 @@ async fn pipeline_clone_run(p: &Pipeline) -> Result<(), spate_core::BackendError
 async fn stop(mut run: PluginRun) {
     run.token.cancel();
     while run.tasks.join_next().await.is_some() {}
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// This runtime's name among its peers: the static-membership instance id (the pod
+/// name), else the host name, else a random one.
+fn instance_name(config: &Config) -> String {
+    if let EventsConfig::Kafka {
+        instance_id: Some(id),
+        ..
+    } = &config.events
+        && !id.is_empty()
+    {
+        return id.clone();
+    }
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("spate-{:016x}", rand::random::<u64>()))
 }

@@ -175,9 +175,14 @@ async fn health_ready_and_metrics() {
         "{text}"
     );
 
+    let r = app.get("/livez").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "live");
+
     app.runtime.shutdown().await;
     let r = app.get("/readyz").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error().0, "not_ready");
 }
 
 #[tokio::test]

@@ -202,7 +202,8 @@ async fn measure(
     let upload = {
         let registry = Registry::open(
             sandbox(dir)?,
-            &registry_dir,
+            spate_engine::LocalStore::open(&registry_dir)?,
+            None,
             ceilings.clone(),
             MAX_UPLOAD_BYTES,
         )
@@ -221,7 +222,8 @@ async fn measure(
     let sandbox = sandbox(dir)?;
     let registry = Registry::open(
         Arc::clone(&sandbox),
-        &registry_dir,
+        spate_engine::LocalStore::open(&registry_dir)?,
+        None,
         ceilings.clone(),
         MAX_UPLOAD_BYTES,
     )

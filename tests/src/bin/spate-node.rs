@@ -1,9 +1,9 @@
 //! A `spate up` for the end-to-end tests' child processes, so a test can SIGKILL or SIGTERM
 //! a real runtime process and start it again on the same data directory.
 //!
-//! Usage: `spate-node DATA_DIR LISTEN_ADDR`. Embedded defaults, the token from
-//! `SPATE_API_TOKEN`, a short commit interval. Runs `spate::node::run`, exactly what
-//! `spate up` runs.
+//! Usage: `spate-node DATA_DIR LISTEN_ADDR [CONFIG_FILE]`. Embedded defaults (or the
+//! file's settings), `SPATE_*` variables on top, the token from `SPATE_API_TOKEN`, a short
+//! commit interval. Runs `spate::node::run`, exactly what `spate up` runs.
 
 use std::process::ExitCode;
 
@@ -14,7 +14,8 @@ async fn main() -> ExitCode {
         eprintln!("usage: spate-node DATA_DIR LISTEN_ADDR");
         return ExitCode::from(2);
     };
-    let mut config = match spate::Config::load(None) {
+    let file = args.next().map(std::path::PathBuf::from);
+    let mut config = match spate::Config::load(file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod cluster;
+pub mod kafka;
 pub mod node;
 
 use axum::body::Body;

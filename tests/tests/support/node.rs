@@ -22,6 +22,16 @@ impl Drop for Node {
 }
 
 pub async fn spawn_node(dir: &Path, http: &reqwest::Client, env: &[(&str, &str)]) -> Node {
+    spawn_node_with(dir, http, env, None).await
+}
+
+/// [`spawn_node`] with a configuration file under the variables.
+pub async fn spawn_node_with(
+    dir: &Path,
+    http: &reqwest::Client,
+    env: &[(&str, &str)],
+    config: Option<&Path>,
+) -> Node {
     let port = free_port();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -31,6 +41,7 @@ pub async fn spawn_node(dir: &Path, http: &reqwest::Client, env: &[(&str, &str)]
     let child = Command::new(env!("CARGO_BIN_EXE_spate-node"))
         .arg(dir.join("data"))
         .arg(format!("127.0.0.1:{port}"))
+        .args(config)
         .env("SPATE_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())

@@ -14,6 +14,48 @@ pub mod watermark;
 
 pub use pipeline::{Pipeline, PipelineConfig};
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+/// What a running pipeline reports for the runtime's probes: whether its consumer has
+/// joined its group (readiness), and when its event loop last went round (liveness).
+#[derive(Debug, Default)]
+pub struct PipelineHealth {
+    joined: AtomicBool,
+    /// Milliseconds since [`clock`]'s origin at the last beat; 0 before the first.
+    beat_ms: AtomicU64,
+}
+
+fn clock() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+impl PipelineHealth {
+    /// Whether the consumer has joined its group (been given its partitions, maybe none).
+    pub fn joined(&self) -> bool {
+        self.joined.load(AtomicOrdering::Acquire)
+    }
+
+    /// How long ago the event loop last went round; `None` before it started.
+    pub fn since_beat(&self) -> Option<Duration> {
+        match self.beat_ms.load(AtomicOrdering::Acquire) {
+            0 => None,
+            ms => Some(clock().elapsed().saturating_sub(Duration::from_millis(ms))),
+        }
+    }
+
+    pub(crate) fn beat(&self) {
+        let ms = clock().elapsed().as_millis().max(1) as u64;
+        self.beat_ms.store(ms, AtomicOrdering::Release);
+    }
+
+    pub(crate) fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, AtomicOrdering::Release);
+    }
+}
+
 use crate::host::{Invocation, Journal, PluginInfo};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;

@@ -1,7 +1,9 @@
 //! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
 
 use super::watermark::Watermark;
-use super::{ActiveVersion, CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
+use super::{
+    ActiveVersion, CallOutcome, CallResult, Instance, PipelineHealth, PluginVersion, TrapKind,
+};
 use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
@@ -87,6 +89,7 @@ pub struct Pipeline {
     /// Cancelled from outside: stop reading and drain.
     stop: CancellationToken,
     ctx: Arc<WorkerCtx>,
+    health: Arc<PipelineHealth>,
 }
 
 struct WorkerCtx {
@@ -288,7 +291,13 @@ impl Pipeline {
             source,
             stop: shutdown,
             ctx,
+            health: Arc::default(),
         }
+    }
+
+    /// Its consumer's membership and its event loop's heartbeat, for the probes.
+    pub fn health(&self) -> Arc<PipelineHealth> {
+        Arc::clone(&self.health)
     }
 
     /// Consume until shutdown, then drain: every event already read is still handled (so
@@ -299,6 +308,8 @@ impl Pipeline {
             .source
             .subscribe(&cfg.group, std::slice::from_ref(&cfg.topic), cfg.start)
             .await?;
+        self.health.beat();
+        self.health.set_joined(sub.joined());
         let mut st = RunState {
             marks: HashMap::new(),
             // Idle warm instances hold pool slots: keep at most a few per pipeline.
@@ -362,6 +373,8 @@ impl Pipeline {
                     }
                 },
                 _ = ticker.tick() => {
+                    self.health.beat();
+                    self.health.set_joined(sub.joined());
                     self.commit(&mut *sub, &mut st.marks).await;
                     self.report_lag(&mut st).await;
                 }
@@ -392,11 +405,15 @@ impl Pipeline {
                     self.ctx.abandon.cancel();
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
-                _ = ticker.tick() => self.commit(&mut *sub, &mut st.marks).await,
+                _ = ticker.tick() => {
+                    self.health.beat();
+                    self.commit(&mut *sub, &mut st.marks).await;
+                }
             }
         }
         self.commit(&mut *sub, &mut st.marks).await;
         sub.close().await;
+        self.health.set_joined(false);
         Ok(())
     }
 
