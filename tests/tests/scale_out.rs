@@ -1,0 +1,293 @@
+//! Scale-out: three runtime processes sharing one plugin registry (kept in the CQL store,
+//! changes announced on a compacted Kafka control topic), one consumer group, state in the
+//! CQL server and the cache in Redis — all real services on loopback. An upload to one
+//! runtime reaches the others within 2 s; a runtime restarted with an empty data
+//! directory loads the active version before it consumes; a SIGKILLed runtime loses
+//! nothing; a rollback switches every runtime.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use serde_json::Value;
+use spate_conformance::kafka::{KafkaBroker, produce};
+use spate_conformance::services::{CqlServer, RedisServer};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::kafka::*;
+use support::node::{Node, handled_ok, spawn_node_with, upload};
+use support::{TOKEN, chaos_manifest};
+
+/// The cluster configuration every runtime gets (each its own data directory).
+fn cluster_toml(broker: &str, cql: &str, redis: &str) -> String {
+    format!(
+        r#"
+[events]
+type = "kafka"
+bootstrap-servers = "{broker}"
+session-timeout-ms = 6000
+revoke-timeout-ms = 5000
+produce-timeout-ms = 3000
+request-timeout-ms = 3000
+
+[state]
+type = "cql"
+nodes = ["{cql}"]
+request-timeout-ms = 2000
+# The in-process CQL server has no TTLs, range scans or lightweight transactions.
+allow-missing-features = true
+
+[cache]
+type = "redis"
+urls = ["{redis}"]
+
+[read-through]
+enabled = true
+
+[registry]
+type = "shared"
+control-topic = "spate.registry"
+
+[dispatch]
+max-buffered = {MAX_BUFFERED}
+"#
+    )
+}
+
+struct Cluster {
+    root: tempfile::TempDir,
+    config: PathBuf,
+    broker: KafkaBroker,
+    http: reqwest::Client,
+    _cql: CqlServer,
+    _redis: RedisServer,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let broker = KafkaBroker::start();
+        for (topic, partitions) in [("chaos", 6), ("out", 6), ("workflows", 1), ("chaos.dlq", 1)] {
+            broker.create_topic(topic, partitions).await;
+        }
+        broker.create_compacted_topic("spate.registry", 1).await;
+        let cql = CqlServer::start();
+        let redis = RedisServer::start();
+        let root = tempfile::tempdir().unwrap();
+        let config = root.path().join("spate.toml");
+        std::fs::write(
+            &config,
+            cluster_toml(&broker.bootstrap(), &cql.addr().to_string(), &redis.url()),
+        )
+        .unwrap();
+        Self {
+            root,
+            config,
+            broker,
+            http: reqwest::Client::new(),
+            _cql: cql,
+            _redis: redis,
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    async fn node(&self, name: &str) -> Node {
+        let dir = self.dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = format!(
+            "warn,spate::runtime=info,spate_engine=info,{}",
+            std::env::var("SPATE_TEST_NODE_LOG").unwrap_or_default()
+        );
+        spawn_node_with(&dir, &self.http, &[("RUST_LOG", &log)], Some(&self.config)).await
+    }
+
+    fn bootstrap(&self) -> String {
+        self.broker.bootstrap()
+    }
+
+    /// The active version of `plugin` on `node`, if any.
+    async fn active(&self, node: &Node, plugin: &str) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("{}/v1/plugins/{plugin}", node.base))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: Value = r.json().await.ok()?;
+        v["active"].as_str().map(str::to_string)
+    }
+
+    /// Wait until every node serves `version` of `plugin`; returns how long it took.
+    async fn wait_active(&self, nodes: &[&Node], plugin: &str, version: &str) -> Duration {
+        let started = Instant::now();
+        for n in nodes {
+            while self.active(n, plugin).await.as_deref() != Some(version) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{} never switched to {plugin}@{version} (serves {:?})",
+                    n.base,
+                    self.active(n, plugin).await
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        started.elapsed()
+    }
+
+    async fn post(&self, node: &Node, path: &str) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", node.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {body}");
+        body
+    }
+}
+
+fn manifest(version: &str) -> String {
+    chaos_manifest("chaos", version, "chaos", "[limits]\nconcurrency = 16\n")
+}
+
+/// Versions (header `spate-plugin-version`) of the emits of seqs in `range`.
+fn versions_of(
+    out: &[spate_conformance::kafka::Record],
+    range: std::ops::Range<usize>,
+) -> HashMap<String, usize> {
+    let mut versions = HashMap::new();
+    for r in out {
+        let Some(seq) = payload(r)["seq"].as_u64() else {
+            continue;
+        };
+        if range.contains(&(seq as usize)) {
+            *versions
+                .entry(header(r, "spate-plugin-version").unwrap_or("?").to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    versions
+}
+
+async fn wait_ready(http: &reqwest::Client, node: &Node, dir: &Path) {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{}/readyz", node.base)).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never ready; log: {}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_share_the_registry_scale_out_and_lose_nothing() {
+    let c = Cluster::start().await;
+    let b = c.bootstrap();
+    let mut nodes = vec![c.node("n0").await, c.node("n1").await, c.node("n2").await];
+
+    // Upload to one runtime: the others load, compile and switch to it.
+    upload(&c.http, &nodes[0], manifest("1.0.0")).await;
+    let took = c
+        .wait_active(&[&nodes[1], &nodes[2]], "chaos", "1.0.0")
+        .await;
+    eprintln!("1.0.0 uploaded to n0 served by n1 and n2 after {took:?}");
+    for (i, n) in nodes.iter().enumerate() {
+        wait_ready(&c.http, n, &c.dir(&format!("n{i}"))).await;
+    }
+    produce(&b, "chaos", &op_events(0..600, 30)).await;
+    let out = read_all_seqs(&b, "out", 600, Duration::from_secs(60)).await;
+    assert_eq!(
+        versions_of(&out, 0..600),
+        HashMap::from([("1.0.0".into(), 600)])
+    );
+
+    // A new version uploaded to n1 serves everywhere within 2 s.
+    upload(&c.http, &nodes[1], manifest("2.0.0")).await;
+    let took = c
+        .wait_active(&[&nodes[0], &nodes[2]], "chaos", "2.0.0")
+        .await;
+    eprintln!("2.0.0 uploaded to n1 served by n0 and n2 after {took:?}");
+    assert!(took <= Duration::from_secs(2), "switch took {took:?}");
+    let before: Vec<u64> =
+        futures::future::join_all(nodes.iter().map(|n| handled_ok(&c.http, n, "chaos"))).await;
+    produce(&b, "chaos", &op_events(600..1200, 30)).await;
+    let out = read_all_seqs(&b, "out", 1200, Duration::from_secs(60)).await;
+    assert_eq!(
+        versions_of(&out, 600..1200),
+        HashMap::from([("2.0.0".into(), 600)]),
+        "every event after the switch handled by the new version"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(
+            handled_ok(&c.http, n, "chaos").await > before[i],
+            "n{i} took part after the switch"
+        );
+    }
+
+    // Restart a runtime with an empty data directory: nothing local is needed; it loads
+    // the active version before it takes partitions.
+    let old = nodes.remove(2);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &old.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    drop(old);
+    std::fs::remove_dir_all(c.dir("n2")).unwrap();
+    let fresh = c.node("n2").await;
+    assert_eq!(
+        c.active(&fresh, "chaos").await.as_deref(),
+        Some("2.0.0"),
+        "the restarted runtime serves the active version as soon as it answers"
+    );
+    wait_ready(&c.http, &fresh, &c.dir("n2")).await;
+    nodes.push(fresh);
+
+    // SIGKILL one runtime mid-stream: nothing is lost.
+    let producer = {
+        let b = b.clone();
+        tokio::spawn(async move { produce_paced(&b, 1200..4200, Duration::from_secs(4)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut victim = nodes.remove(1);
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    drop(victim);
+    producer.await.unwrap();
+    let out = read_all_seqs(&b, "out", 4200, Duration::from_secs(120)).await;
+    let counts = seq_counts(&out);
+    let missing = (0..4200u64).filter(|s| !counts.contains_key(s)).count();
+    assert_eq!(missing, 0, "events lost after a runtime was killed");
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    eprintln!("SIGKILL of a runtime: {duplicates} duplicated emits");
+
+    // Roll back on one runtime: every runtime switches.
+    let body = c.post(&nodes[0], "/v1/plugins/chaos/rollback").await;
+    eprintln!("rollback: {body}");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let took = c.wait_active(&refs, "chaos", "1.0.0").await;
+    eprintln!("rollback on n0 served by all after {took:?}");
+    assert!(took <= Duration::from_secs(2), "rollback took {took:?}");
+    produce(&b, "chaos", &op_events(4200..4800, 30)).await;
+    let out = read_all_seqs(&b, "out", 4800, Duration::from_secs(60)).await;
+    assert_eq!(
+        versions_of(&out, 4200..4800),
+        HashMap::from([("1.0.0".into(), 600)]),
+        "every event after the rollback handled by the old version"
+    );
+}
