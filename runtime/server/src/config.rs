@@ -823,6 +823,51 @@ mod tests {
         Config::load(Some(&path))
     }
 
+    /// The configurations shipped in `deploy/` must load: a renamed key breaks them.
+    #[test]
+    fn the_shipped_deploy_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        for file in [
+            "compose/spate-cluster.toml",
+            "compose/spate-kafka.toml",
+            "image/spate.toml",
+        ] {
+            let path = root.join(file);
+            let c = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            if file.starts_with("compose/") {
+                assert!(c.state.cql_options().is_some(), "{file}");
+                assert!(c.cache.redis_options().is_some(), "{file}");
+                assert!(c.read_through.enabled, "{file}");
+            }
+            if file.ends_with("spate-kafka.toml") {
+                assert!(matches!(c.events, EventsConfig::Kafka { .. }));
+                assert!(matches!(c.registry, RegistryConfig::Shared { .. }));
+            }
+        }
+    }
+
+    #[test]
+    fn kafka_and_the_shared_registry_are_checked_together() {
+        let err = load(
+            r#"
+[events]
+type = "kafka"
+bootstrap-servers = ""
+[events.librdkafka]
+"enable.auto.commit" = "true"
+[registry]
+type = "shared"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bootstrap-servers is empty"), "{err}");
+        assert!(err.contains("enable.auto.commit"), "{err}");
+        assert!(err.contains("needs state.type = \"cql\""), "{err}");
+        let err = load("[registry]\ntype = \"shared\"\n").unwrap_err().to_string();
+        assert!(err.contains("needs events.type = \"kafka\""), "{err}");
+    }
+
     #[test]
     fn cluster_backends_and_read_through_are_chosen_by_type() {
         let c = load(
@@ -877,16 +922,6 @@ on-write = "invalidate"
             vec!["redis://127.0.0.1:6379/"]
         );
         assert_eq!(c.state.cql_options().unwrap().nodes, vec!["127.0.0.1:9042"]);
-    }
-
-    #[test]
-    fn the_compose_example_config_loads() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/compose/spate-cluster.toml");
-        let c = Config::load(Some(&path)).unwrap();
-        assert!(c.state.cql_options().is_some());
-        assert!(c.cache.redis_options().is_some());
-        assert!(c.read_through.enabled);
     }
 
     #[test]
