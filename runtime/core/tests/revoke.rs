@@ -1,0 +1,368 @@
+//! The dispatcher's side of a consumer group, driven by a scripted subscription: a
+//! revocation lets the revoked partition's running events finish (or abandons them at the
+//! revoke timeout) and hands back offsets that cover exactly what finished; a partition
+//! with too many unfinished events is paused, and resumed once they drain.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use async_trait::async_trait;
+use spate_core::backend::{
+    BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+};
+use spate_core::dispatch::{
+    ActiveVersion, CallOutcome, CallResult, Instance, Pipeline, PipelineConfig, PluginVersion,
+};
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+use spate_core::host::{HostServices, Invocation, PluginInfo};
+use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::types::{Event, TopicPartition};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// What the pipeline did to its subscription, in order.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    Commit(Vec<(u32, u64)>),
+    Release(Vec<(u32, u64)>, Duration),
+    Pause(u32),
+    Resume(u32),
+}
+
+#[derive(Clone)]
+struct Script {
+    calls: Arc<Mutex<Vec<Call>>>,
+    started: Instant,
+}
+
+impl Script {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+struct ScriptedSource {
+    script: Script,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<SourceMessage>>>,
+}
+
+struct ScriptedSub {
+    script: Script,
+    rx: mpsc::UnboundedReceiver<SourceMessage>,
+}
+
+fn offsets(o: &[(TopicPartition, u64)]) -> Vec<(u32, u64)> {
+    o.iter().map(|(tp, n)| (tp.partition, *n)).collect()
+}
+
+#[async_trait]
+impl Subscription for ScriptedSub {
+    async fn next(&mut self) -> BackendResult<SourceMessage> {
+        match self.rx.recv().await {
+            Some(m) => Ok(m),
+            None => std::future::pending().await,
+        }
+    }
+    async fn next_control(&mut self) -> BackendResult<SourceMessage> {
+        std::future::pending().await
+    }
+    async fn commit(&mut self, o: &[(TopicPartition, u64)]) -> BackendResult<()> {
+        self.script
+            .calls
+            .lock()
+            .unwrap()
+            .push(Call::Commit(offsets(o)));
+        Ok(())
+    }
+    async fn release(
+        &mut self,
+        _revoked: &[TopicPartition],
+        o: &[(TopicPartition, u64)],
+    ) -> BackendResult<()> {
+        let at = self.script.started.elapsed();
+        self.script
+            .calls
+            .lock()
+            .unwrap()
+            .push(Call::Release(offsets(o), at));
+        Ok(())
+    }
+    fn pause(&mut self, p: &TopicPartition) {
+        self.script
+            .calls
+            .lock()
+            .unwrap()
+            .push(Call::Pause(p.partition));
+    }
+    fn resume(&mut self, p: &TopicPartition) {
+        self.script
+            .calls
+            .lock()
+            .unwrap()
+            .push(Call::Resume(p.partition));
+    }
+}
+
+#[async_trait]
+impl EventSource for ScriptedSource {
+    async fn subscribe(
+        &self,
+        _group: &str,
+        _topics: &[String],
+        _start: StartPosition,
+    ) -> BackendResult<Box<dyn Subscription>> {
+        let rx = self.rx.lock().unwrap().take().expect("subscribed once");
+        Ok(Box::new(ScriptedSub {
+            script: self.script.clone(),
+            rx,
+        }))
+    }
+    async fn committed(&self, _group: &str, _topic: &str) -> BackendResult<Vec<Option<u64>>> {
+        Ok(vec![])
+    }
+}
+
+/// Sleeps for the milliseconds its payload names (u16, big-endian), then emits it.
+struct Sleeper {
+    info: Arc<PluginInfo>,
+}
+
+struct SleeperInstance;
+
+impl PluginVersion for Sleeper {
+    fn info(&self) -> &Arc<PluginInfo> {
+        &self.info
+    }
+    fn instance(&self) -> Box<dyn Instance> {
+        Box::new(SleeperInstance)
+    }
+}
+
+#[async_trait]
+impl Instance for SleeperInstance {
+    async fn call(&mut self, mut inv: Invocation) -> CallResult {
+        let event = Arc::clone(inv.event());
+        let ms = u16::from_be_bytes([event.payload[0], event.payload[1]]);
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+        let outcome = match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
+            Ok(()) => CallOutcome::Ok,
+            Err(e) => CallOutcome::Reject(e.to_string()),
+        };
+        CallResult {
+            outcome,
+            journal: inv.take_journal(),
+        }
+    }
+}
+
+fn event(partition: u32, offset: u64, key: &str, sleep_ms: u16) -> Event {
+    let mut payload = sleep_ms.to_be_bytes().to_vec();
+    payload.extend_from_slice(format!("{partition}/{offset}").as_bytes());
+    Event {
+        topic: "in".into(),
+        partition,
+        offset,
+        key: Some(key.as_bytes().to_vec()),
+        payload,
+        headers: vec![],
+        timestamp_ms: 0,
+    }
+}
+
+struct Rig {
+    tx: mpsc::UnboundedSender<SourceMessage>,
+    script: Script,
+    bus: Arc<dyn EventBus>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start(tune: impl FnOnce(&mut PipelineConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap();
+        let state = EmbeddedStateStore::open(&dir.path().join("state")).unwrap();
+        let bus: Arc<dyn EventBus> = log;
+        let script = Script {
+            calls: Arc::default(),
+            started: Instant::now(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let source = Arc::new(ScriptedSource {
+            script: script.clone(),
+            rx: Mutex::new(Some(rx)),
+        });
+        let manifest = Manifest::parse(
+            "name = \"sleeper\"\nversion = \"1.0.0\"\nsubscriptions = [{ topic = \"in\" }]\n[capabilities]\nemit-topics = [\"out\"]\n[limits]\nconcurrency = 8\ntimeout-ms = 10000\n",
+            &LimitCeilings::default(),
+        )
+        .unwrap();
+        let version: Arc<dyn PluginVersion> = Arc::new(Sleeper {
+            info: Arc::new(PluginInfo::new(manifest, "0".repeat(64))),
+        });
+        let mut cfg = PipelineConfig::new("sleeper", "in");
+        cfg.commit_interval = Duration::from_secs(3600); // only revocations commit here
+        tune(&mut cfg);
+        let shutdown = CancellationToken::new();
+        let pipeline = Pipeline::new(
+            cfg,
+            ActiveVersion::new(version),
+            source,
+            Arc::clone(&bus),
+            HostServices {
+                state,
+                cache: Arc::new(MokaCache::new(1 << 20)),
+                workflow_topic: "workflows".into(),
+            },
+            Arc::new(Semaphore::new(8)),
+            shutdown.clone(),
+        );
+        let task = tokio::spawn(async move {
+            pipeline.run().await.unwrap();
+        });
+        Self {
+            tx,
+            script,
+            bus,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn send(&self, m: SourceMessage) {
+        self.tx.send(m).unwrap();
+    }
+
+    fn assign(&self, partitions: &[u32]) {
+        self.send(SourceMessage::Assigned(
+            partitions
+                .iter()
+                .map(|p| (TopicPartition::new("in", *p), 0))
+                .collect(),
+        ));
+    }
+
+    async fn wait_for(&self, what: &str, f: impl Fn(&[Call]) -> bool) -> Vec<Call> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = self.script.calls();
+            if f(&calls) {
+                return calls;
+            }
+            assert!(Instant::now() < deadline, "never saw {what}: {calls:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Payload tags (`partition/offset`) emitted to `out`.
+    async fn emitted(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let parts = self.bus.partitions("out").await.unwrap().unwrap_or(0);
+        for p in 0..parts {
+            for e in self.bus.read("out", p, 0, 10_000).await.unwrap() {
+                out.push(String::from_utf8_lossy(&e.payload[2..]).into_owned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_for_running_events_and_releases_what_finished() {
+    let rig = Rig::start(|c| c.revoke_timeout = Duration::from_secs(5));
+    rig.assign(&[0, 1]);
+    rig.send(SourceMessage::Events(vec![
+        event(0, 0, "a", 300), // running when the revocation comes
+        event(0, 1, "a", 0),   // queued behind it in lane `a`: left to the next owner
+        event(0, 2, "b", 0),   // finishes at once
+        event(1, 0, "c", 0),   // another partition, unaffected
+    ]));
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let revoked_at = rig.script.started.elapsed();
+    rig.send(SourceMessage::Revoked(vec![TopicPartition::new("in", 0)]));
+    let calls = rig
+        .wait_for("the release", |c| {
+            c.iter().any(|x| matches!(x, Call::Release(..)))
+        })
+        .await;
+    let Some(Call::Release(offsets, at)) = calls.iter().find(|x| matches!(x, Call::Release(..)))
+    else {
+        unreachable!()
+    };
+    // Offset 0 finished and 2 finished, but 1 was never run: the next owner resumes at 1.
+    assert_eq!(offsets, &vec![(0, 1)]);
+    assert!(
+        *at >= Duration::from_millis(290) && *at > revoked_at,
+        "released at {at:?}, before the running event finished"
+    );
+    assert_eq!(rig.emitted().await, ["0/0", "0/2", "1/0"]);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_still_running_at_the_revoke_timeout_is_abandoned_uncommitted() {
+    let rig = Rig::start(|c| c.revoke_timeout = Duration::from_millis(150));
+    rig.assign(&[0]);
+    rig.send(SourceMessage::Events(vec![
+        event(0, 0, "a", 0),
+        event(0, 1, "b", 5000),
+    ]));
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    rig.send(SourceMessage::Revoked(vec![TopicPartition::new("in", 0)]));
+    let calls = rig
+        .wait_for("the release", |c| {
+            c.iter().any(|x| matches!(x, Call::Release(..)))
+        })
+        .await;
+    let Some(Call::Release(offsets, at)) = calls.iter().find(|x| matches!(x, Call::Release(..)))
+    else {
+        unreachable!()
+    };
+    assert_eq!(offsets, &vec![(0, 1)], "only the finished prefix");
+    assert!(*at < Duration::from_millis(1000), "released at {at:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rig.emitted().await,
+        ["0/0"],
+        "the abandoned call applied nothing"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_partition_is_paused_and_resumed_once_it_drains() {
+    let rig = Rig::start(|c| c.max_buffered_per_partition = 4);
+    rig.assign(&[0, 1]);
+    // One key: ten events queue in one lane of partition 0.
+    rig.send(SourceMessage::Events(
+        (0..10).map(|o| event(0, o, "a", 10)).collect(),
+    ));
+    rig.send(SourceMessage::Events(vec![event(1, 0, "z", 0)]));
+    let calls = rig
+        .wait_for("pause then resume of partition 0", |c| {
+            c.contains(&Call::Pause(0)) && c.contains(&Call::Resume(0))
+        })
+        .await;
+    let pause = calls.iter().position(|c| *c == Call::Pause(0)).unwrap();
+    let resume = calls.iter().position(|c| *c == Call::Resume(0)).unwrap();
+    assert!(pause < resume);
+    assert!(
+        !calls.contains(&Call::Pause(1)),
+        "the other partition flows"
+    );
+    rig.wait_for("every event", |_| true).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.emitted().await.len() < 11 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.stop().await;
+}
