@@ -864,7 +864,9 @@ type = "shared"
         assert!(err.contains("bootstrap-servers is empty"), "{err}");
         assert!(err.contains("enable.auto.commit"), "{err}");
         assert!(err.contains("needs state.type = \"cql\""), "{err}");
-        let err = load("[registry]\ntype = \"shared\"\n").unwrap_err().to_string();
+        let err = load("[registry]\ntype = \"shared\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs events.type = \"kafka\""), "{err}");
     }
 
