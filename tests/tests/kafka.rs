@@ -7,14 +7,13 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use spate::Runtime;
 use spate::config::EventsConfig;
 use spate_conformance::kafka::{
-    KafkaBroker, NewRecord, Record, committed_offsets, consume_all, end_offsets, produce,
-    produce_records,
+    KafkaBroker, NewRecord, Record, committed_offsets, end_offsets, produce, produce_records,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,10 +48,28 @@ async fn start_in_process(dir: &Path, bootstrap: &str) -> Arc<Runtime> {
     Runtime::start(config, backends).await.unwrap()
 }
 
-async fn topics(broker: &KafkaBroker, topics: &[(&str, i32)]) {
-    for (name, partitions) in topics {
-        broker.create_topic(name, *partitions).await;
+/// A broker with test-chaos's topics: `chaos` and `out` with `partitions` each, its dead
+/// letters and the workflow topic.
+async fn chaos_broker(partitions: i32) -> KafkaBroker {
+    let broker = KafkaBroker::start();
+    create_chaos_topics(&broker, partitions).await;
+    broker
+}
+
+async fn create_chaos_topics(broker: &KafkaBroker, partitions: i32) {
+    for (name, n) in [
+        ("chaos", partitions),
+        ("out", partitions),
+        ("chaos.dlq", 1),
+        ("workflows", 1),
+    ] {
+        broker.create_topic(name, n).await;
     }
+}
+
+async fn assert_no_dead_letters(bootstrap: &str) {
+    let dlq = read(bootstrap, "chaos.dlq", 1, Duration::from_millis(500)).await;
+    assert!(dlq.is_empty(), "unexpected dead letters: {dlq:?}");
 }
 
 /// Each key's seqs in `out`, in the order they were emitted (records of one key share a
@@ -99,13 +116,8 @@ async fn wait_committed_to_end(bootstrap: &str, topic: &str, timeout: Duration) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_events_are_handled_once_in_key_order_and_committed_to_the_end() {
-    let broker = KafkaBroker::start();
+    let broker = chaos_broker(4).await;
     let b = broker.bootstrap();
-    topics(
-        &broker,
-        &[("chaos", 4), ("out", 4), ("workflows", 2), ("chaos.dlq", 1)],
-    )
-    .await;
     let dir = tempfile::tempdir().unwrap();
     let rt = start_in_process(dir.path(), &b).await;
     rt.registry
@@ -193,22 +205,13 @@ async fn keyed_events_are_handled_once_in_key_order_and_committed_to_the_end() {
 
     wait_committed_to_end(&b, "chaos", Duration::from_secs(20)).await;
     rt.shutdown().await;
-    assert!(
-        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
-            .await
-            .is_empty()
-    );
+    assert_no_dead_letters(&b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_dead_lettered_after_its_attempts_while_the_rest_flows() {
-    let broker = KafkaBroker::start();
+    let broker = chaos_broker(2).await;
     let b = broker.bootstrap();
-    topics(
-        &broker,
-        &[("chaos", 2), ("out", 2), ("chaos.dlq", 1), ("workflows", 1)],
-    )
-    .await;
     let dir = tempfile::tempdir().unwrap();
     let rt = start_in_process(dir.path(), &b).await;
     let manifest = chaos_manifest(
@@ -275,13 +278,8 @@ async fn kafka_node(dir: &Path, http: &reqwest::Client, bootstrap: &str) -> Node
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_share_partitions_a_sigkill_loses_nothing_and_a_new_one_takes_over() {
-    let broker = KafkaBroker::start();
+    let broker = chaos_broker(6).await;
     let b = broker.bootstrap();
-    topics(
-        &broker,
-        &[("chaos", 6), ("out", 6), ("chaos.dlq", 1), ("workflows", 1)],
-    )
-    .await;
     let root = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
     let dirs: Vec<_> = (0..4).map(|i| root.path().join(format!("n{i}"))).collect();
@@ -348,22 +346,13 @@ async fn three_processes_share_partitions_a_sigkill_loses_nothing_and_a_new_one_
     for n in nodes.iter().flatten() {
         assert!(handled_ok(&http, n, "chaos").await > 0);
     }
-    assert!(
-        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
-            .await
-            .is_empty()
-    );
+    assert_no_dead_letters(&b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_commits_and_a_restart_duplicates_nothing() {
-    let broker = KafkaBroker::start();
+    let broker = chaos_broker(4).await;
     let b = broker.bootstrap();
-    topics(
-        &broker,
-        &[("chaos", 4), ("out", 4), ("chaos.dlq", 1), ("workflows", 1)],
-    )
-    .await;
     let root = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
     let mut node = kafka_node(root.path(), &http, &b).await;
@@ -425,11 +414,7 @@ async fn sigterm_under_load_drains_commits_and_a_restart_duplicates_nothing() {
 async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_itself() {
     let (broker, proxy) = KafkaBroker::start_behind_proxy();
     let b = broker.bootstrap();
-    topics(
-        &broker,
-        &[("chaos", 4), ("out", 4), ("chaos.dlq", 1), ("workflows", 1)],
-    )
-    .await;
+    create_chaos_topics(&broker, 4).await;
     let root = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
     let node = kafka_node(root.path(), &http, &b).await;
@@ -463,12 +448,7 @@ async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_its
         .filter(|s| !counts.contains_key(&(*s as u64)))
         .count();
     assert_eq!(missing, 0, "events lost across the outage");
-    assert!(
-        read(&b, "chaos.dlq", 1, Duration::from_millis(500))
-            .await
-            .is_empty(),
-        "an outage dead-lettered events"
-    );
+    assert_no_dead_letters(&b).await;
     wait_committed_to_end(&b, "chaos", Duration::from_secs(30)).await;
     let handled: HashSet<u64> = counts.keys().copied().collect();
     assert_eq!(handled.len(), N);
