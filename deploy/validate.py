@@ -933,7 +933,7 @@ def compose_checks(schema: ConfigSchema) -> None:
                f"CLUSTER_ID must be a base64url UUID (22 characters), not {cid!r}")
         init = services["kafka-init"]
         script = " ".join(init.get("command", [])) if isinstance(init.get("command"), list) else str(init.get("command"))
-        for topic in ("orders", "workflows", "spate.dlq.order-totals", "spate.registry"):
+        for topic in ("orders", "workflows", "order-totals.dlq", "customer-totals", "spate.registry"):
             expect(re.search(rf"(^|[\s\"']){re.escape(topic)}([\s\"']|$)", script), f"kafka-init must create topic {topic}")
         expect(re.search(r"spate\.registry[^\n]*cleanup\.policy=compact", script), "spate.registry must be created with cleanup.policy=compact")
         expect("--if-not-exists" in script, "topic creation must be idempotent (--if-not-exists)")
