@@ -41,7 +41,6 @@ fn kafka_events(bootstrap: &str) -> EventsConfig {
 }
 
 async fn start_in_process(dir: &Path, bootstrap: &str) -> Arc<Runtime> {
-    spate::telemetry::init_tracing();
     let mut config = test_config(dir);
     config.events = kafka_events(bootstrap);
     let backends = spate::Backends::from_config(&config).await.unwrap();
