@@ -1,4 +1,6 @@
-//! `spate-bench`: measures the embedded path end to end and the price of the sandbox.
+//! `spate-bench`: measures the embedded path end to end and the price of the sandbox; its
+//! `kafka` subcommand measures Spate on a real Kafka-protocol broker against a plain
+//! rdkafka program doing the same work (see the `kafka` module).
 //!
 //! It loads the `trivial` and `order-totals` components (built for `wasm32-wasip2`), runs
 //! them and a native Rust twin of `trivial` through the real dispatcher against the
@@ -8,13 +10,14 @@
 //! wires it. Run it through `scripts/bench`, which builds the plugins first.
 
 mod harness;
+mod kafka;
 mod micro;
 mod native;
 mod report;
 mod workload;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use harness::{RunSettings, Subject, THROUGHPUT_BATCH};
 use micro::Reuse;
 use native::NativeTrivial;
@@ -40,12 +43,29 @@ const MICRO_WARMUP: usize = 500;
 /// One-event appends timed for the append floor.
 const FLOOR_APPENDS: usize = 200;
 
-/// Command-line options.
+/// Command line: the embedded bench's options, or a subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "spate-bench",
-    about = "Benchmark the embedded path: Wasm plugins vs a native handler through the same dispatcher."
+    about = "Benchmark the embedded path: Wasm plugins vs a native handler through the same dispatcher.",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    embedded: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Spate on a real Kafka-protocol broker (tansu) against a plain rdkafka consumer
+    /// doing the same work: throughput and paced latency.
+    Kafka(kafka::Args),
+}
+
+/// Options of the embedded bench.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Events appended in each throughput run.
     #[arg(long, default_value_t = 20_000)]
@@ -91,7 +111,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -99,6 +119,10 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Kafka(args)) = &cli.command {
+        return kafka::main(args);
+    }
+    let args = cli.embedded;
     check(&args)?;
     let report = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -457,4 +481,34 @@ async fn run(args: &Args) -> Result<Report> {
         runs,
         manifest_changes: changes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_embedded_options_and_the_kafka_subcommand_both_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["spate-bench", "--events", "7", "--only", "order"])
+            .map_err(|e| e.to_string());
+        assert!(
+            matches!(&cli, Ok(c) if c.command.is_none() && c.embedded.events == 7),
+            "{cli:?}"
+        );
+        // scripts/bench puts the subcommand first and --plugins-dir after it.
+        let cli = Cli::try_parse_from([
+            "spate-bench",
+            "kafka",
+            "--plugins-dir",
+            "/p",
+            "--events",
+            "9",
+            "--librdkafka",
+            "linger.ms=5",
+        ])
+        .map_err(|e| e.to_string());
+        assert!(matches!(&cli, Ok(c) if c.command.is_some()), "{cli:?}");
+    }
 }

@@ -1,0 +1,336 @@
+//! The ceiling: the trivial plugin's work as a plain rdkafka program with no Spate in it.
+//!
+//! One thread polls a [`BaseConsumer`] in a consumer group and, for each input, enqueues
+//! one `{}` keyed like the input (with the same `spate-source` header Spate adds, so the
+//! observer matches both alike) on an idempotent `acks=all` [`ThreadedProducer`]; the
+//! delivery callback retires the input, and every commit interval the thread commits,
+//! per partition, the offset below which every input's output is acknowledged. Client
+//! settings copy `spate-kafka`'s (`KafkaOptions::consumer` and `producer`), so the
+//! difference to Spate is the dispatcher, the host API and the sandbox.
+//!
+//! It does not handle revocations (a run has one member that keeps every partition) and
+//! never retries a failed delivery (it counts it and commits nothing past it).
+
+use super::clients::Common;
+use anyhow::{Context, Result, bail};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use spate_core::types::headers;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the final flush waits for outstanding deliveries.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one consumer poll waits when nothing is fetched.
+const POLL: Duration = Duration::from_millis(50);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Inputs of one partition consumed and not yet acknowledged.
+#[derive(Default)]
+struct Partition {
+    pending: BTreeSet<i64>,
+    /// The offset after the newest consumed input.
+    next: i64,
+}
+
+impl Partition {
+    /// Everything below this offset has its output acknowledged.
+    fn committable(&self) -> i64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+}
+
+#[derive(Default)]
+struct Tracker {
+    partitions: Mutex<HashMap<i32, Partition>>,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+struct Retire(Arc<Tracker>);
+
+impl ClientContext for Retire {}
+
+impl ProducerContext for Retire {
+    type DeliveryOpaque = Box<(i32, i64)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, source: Box<(i32, i64)>) {
+        match result {
+            Ok(_) => {
+                if let Some(p) = lock(&self.0.partitions).get_mut(&source.0) {
+                    p.pending.remove(&source.1);
+                }
+                self.0.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.0.failed.fetch_add(1, Ordering::Relaxed);
+                lock(&self.0.first_error).get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// What the ceiling did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Inputs consumed.
+    pub consumed: u64,
+    /// Outputs acknowledged.
+    pub delivered: u64,
+    /// Outputs that failed.
+    pub failed: u64,
+    /// Commits made.
+    pub commits: u64,
+}
+
+/// Settings of one ceiling run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Consumer group.
+    pub group: String,
+    /// Topic consumed.
+    pub input: String,
+    /// Topic produced to.
+    pub output: String,
+    /// Topic of the one record that initialises the producer before consuming starts.
+    pub warm_topic: String,
+    /// How often acknowledged positions are committed.
+    pub commit_interval: Duration,
+    /// Shared client properties.
+    pub common: Common,
+}
+
+/// A running ceiling consumer.
+pub struct Ceiling {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Stats>>>,
+}
+
+impl Ceiling {
+    /// Create the producer and wait until it delivered one record to the warm-up topic
+    /// (an idempotent producer's initialisation takes about 0.5 s on tansu), then
+    /// subscribe and start consuming. Returns it and when consuming started.
+    pub fn start(settings: Settings) -> Result<(Self, Instant)> {
+        let tracker = Arc::new(Tracker::default());
+        let producer: ThreadedProducer<Retire> = settings
+            .common
+            .config(&settings.bootstrap)
+            .set("client.id", "bench-ceiling-producer")
+            .set("linger.ms", "1")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .set("partitioner", "murmur2_random")
+            .create_with_context(Retire(Arc::clone(&tracker)))
+            .context("creating the ceiling's producer")?;
+        producer
+            .send(
+                BaseRecord::<[u8], [u8], Box<(i32, i64)>>::with_opaque_to(
+                    &settings.warm_topic,
+                    Box::new((-1, -1)),
+                )
+                .payload(&b"{}"[..]),
+            )
+            .map_err(|(e, _)| e)
+            .context("producing the warm-up record")?;
+        producer
+            .flush(FLUSH_TIMEOUT)
+            .context("flushing the warm-up record")?;
+        if tracker.failed.load(Ordering::Relaxed) > 0 {
+            bail!(
+                "the ceiling's warm-up record failed: {}",
+                lock(&tracker.first_error).as_deref().unwrap_or("?")
+            );
+        }
+        tracker.delivered.store(0, Ordering::Relaxed);
+
+        let started = Instant::now();
+        let consumer: BaseConsumer = settings
+            .common
+            .config(&settings.bootstrap)
+            .set("client.id", "bench-ceiling-consumer")
+            .set("group.id", &settings.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("queued.max.messages.kbytes", "16384")
+            .create()
+            .context("creating the ceiling's consumer")?;
+        consumer
+            .subscribe(&[&settings.input])
+            .context("subscribing the ceiling's consumer")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("bench-ceiling".into())
+                .spawn(move || run(&settings, &consumer, &producer, &tracker, &stop))
+                .context("spawning the ceiling thread")?
+        };
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+            },
+            started,
+        ))
+    }
+
+    /// Stop consuming, wait for outstanding deliveries, commit, and leave the group.
+    pub async fn stop(mut self) -> Result<Stats> {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().context("ceiling already stopped")?;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("joining the ceiling")?
+            .map_err(|_| anyhow::anyhow!("the ceiling thread panicked"))?
+    }
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn run(
+    settings: &Settings,
+    consumer: &BaseConsumer,
+    producer: &ThreadedProducer<Retire>,
+    tracker: &Tracker,
+    stop: &AtomicBool,
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    let mut committed: HashMap<i32, i64> = HashMap::new();
+    let mut last_commit = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        if let Some(Ok(m)) = consumer.poll(POLL) {
+            let (partition, offset) = (m.partition(), m.offset());
+            {
+                let mut parts = lock(&tracker.partitions);
+                let p = parts.entry(partition).or_default();
+                p.pending.insert(offset);
+                p.next = offset + 1;
+            }
+            let source = format!("{}/{partition}/{offset}", m.topic());
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: headers::SOURCE,
+                value: Some(source.as_bytes()),
+            });
+            let mut record = BaseRecord::<[u8], [u8], Box<(i32, i64)>>::with_opaque_to(
+                &settings.output,
+                Box::new((partition, offset)),
+            )
+            .payload(&b"{}"[..])
+            .headers(headers);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(e).context("producing an output"),
+                }
+            }
+            stats.consumed += 1;
+        }
+        // Consumer errors (a broker reconnecting) are retried by librdkafka itself.
+        if last_commit.elapsed() >= settings.commit_interval {
+            commit(
+                consumer,
+                settings,
+                tracker,
+                &mut committed,
+                CommitMode::Async,
+            )?;
+            stats.commits += 1;
+            last_commit = Instant::now();
+        }
+    }
+    producer
+        .flush(FLUSH_TIMEOUT)
+        .context("flushing the ceiling's producer")?;
+    commit(
+        consumer,
+        settings,
+        tracker,
+        &mut committed,
+        CommitMode::Sync,
+    )?;
+    stats.commits += 1;
+    stats.delivered = tracker.delivered.load(Ordering::Relaxed);
+    stats.failed = tracker.failed.load(Ordering::Relaxed);
+    if stats.failed > 0 {
+        bail!(
+            "{} of the ceiling's outputs failed, first because {}",
+            stats.failed,
+            lock(&tracker.first_error).as_deref().unwrap_or("?")
+        );
+    }
+    Ok(stats)
+}
+
+/// Commit every partition whose acknowledged position moved.
+fn commit(
+    consumer: &BaseConsumer,
+    settings: &Settings,
+    tracker: &Tracker,
+    committed: &mut HashMap<i32, i64>,
+    mode: CommitMode,
+) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, p) in lock(&tracker.partitions).iter() {
+        let at = p.committable();
+        if committed.get(partition).is_none_or(|c| *c < at) {
+            tpl.add_partition_offset(&settings.input, *partition, Offset::Offset(at))
+                .context("building a commit")?;
+            committed.insert(*partition, at);
+        }
+    }
+    if tpl.count() > 0 {
+        consumer.commit(&tpl, mode).context("committing offsets")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_stop_below_the_oldest_unacknowledged_input() {
+        let mut p = Partition::default();
+        for o in 0..5 {
+            p.pending.insert(o);
+            p.next = o + 1;
+        }
+        p.pending.remove(&0);
+        p.pending.remove(&1);
+        p.pending.remove(&3);
+        assert_eq!(p.committable(), 2);
+        p.pending.remove(&2);
+        assert_eq!(p.committable(), 4);
+        p.pending.remove(&4);
+        assert_eq!(p.committable(), 5);
+    }
+}
