@@ -34,6 +34,14 @@ const MAX_BATCH: usize = 500;
 const CHANNEL_BATCHES: usize = 4;
 /// How long one poll waits for a message (also the pause/resume reaction time).
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the poll thread waits for room in a full channel before pausing the whole
+/// assignment. A pause is cheap to take but expensive to leave (librdkafka restarts
+/// fetching only after a fetch backoff), so short waits for a busy dispatcher are spent
+/// retrying instead; longer ones pause, and the thread goes back to polling so the member
+/// keeps its place in the group.
+const HOLD_AFTER: Duration = Duration::from_millis(500);
+/// Retry interval of a send into a full channel before [`HOLD_AFTER`].
+const RETRY_SEND: Duration = Duration::from_millis(1);
 
 enum Control {
     Assigned(Vec<(TopicPartition, u64, u64)>),
@@ -205,6 +213,12 @@ impl KafkaSubscription {
         if !opts.librdkafka.contains_key("queued.max.messages.kbytes") {
             // Bounds what is fetched ahead (and held while the dispatcher is full).
             config.set("queued.max.messages.kbytes", "16384");
+        }
+        if !opts.librdkafka.contains_key("fetch.queue.backoff.ms") {
+            // Once the fetched-ahead queue is over its bounds, librdkafka waits this long
+            // before fetching again (default 1 s): a dispatcher catching up would sit idle
+            // for most of it.
+            config.set("fetch.queue.backoff.ms", "10");
         }
         let shared = Arc::new(Shared::default());
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -382,11 +396,13 @@ fn poll_loop(
 ) {
     let mut pending: Option<Batch> = None;
     let mut held = false;
+    let mut full_since: Option<Instant> = None;
     let mut last_warning: Option<Instant> = None;
     while !shared.stop.load(Ordering::Acquire) {
         if let Some(batch) = pending.take() {
             match events.try_send(batch) {
                 Ok(()) => {
+                    full_since = None;
                     if held {
                         set_held(&consumer, &shared, false);
                         held = false;
@@ -394,6 +410,11 @@ fn poll_loop(
                 }
                 Err(mpsc::error::TrySendError::Full(batch)) => {
                     pending = Some(batch);
+                    let since = *full_since.get_or_insert_with(Instant::now);
+                    if !held && since.elapsed() < HOLD_AFTER {
+                        std::thread::sleep(RETRY_SEND);
+                        continue;
+                    }
                     if !held {
                         set_held(&consumer, &shared, true);
                         held = true;
