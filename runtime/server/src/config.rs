@@ -568,7 +568,9 @@ pub struct DispatchConfig {
     /// Events read and unfinished per subscription before reading pauses.
     pub max_buffered: usize,
     /// Events read and unfinished per partition before that partition is paused (the
-    /// subscription's other partitions keep flowing).
+    /// subscription's other partitions keep flowing). Half of `max-buffered` by default:
+    /// only a partition that hogs the buffer is paused, since librdkafka takes ~0.5 s to
+    /// fetch again after a resume.
     pub max_buffered_per_partition: usize,
     /// Commit interval in milliseconds.
     pub commit_interval_ms: u64,
@@ -580,7 +582,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             max_buffered: 4096,
-            max_buffered_per_partition: 1024,
+            max_buffered_per_partition: 2048,
             commit_interval_ms: 100,
             drain_timeout_ms: 10_000,
         }

@@ -8,7 +8,7 @@ use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
 use crate::host::{HostServices, Invocation, Journal, PluginInfo};
-use crate::manifest::Ordering;
+use crate::manifest::{ExecutionMode, Ordering};
 use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
@@ -73,7 +73,7 @@ impl PipelineConfig {
             start: StartPosition::Earliest,
             ordering: Ordering::Key,
             max_buffered: 4096,
-            max_buffered_per_partition: 1024,
+            max_buffered_per_partition: 2048,
             commit_interval: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
             max_infra_backoff: Duration::from_secs(5),
@@ -651,7 +651,7 @@ async fn handle_event(
         let failure = {
             // A warm instance waiting for a permit would hold a pool slot it cannot use:
             // lanes waiting outnumber the permits, and could exhaust the pool.
-            let _permit = match ctx.permits.try_acquire() {
+            let permit = match ctx.permits.try_acquire() {
                 Ok(p) => p,
                 Err(_) => {
                     instance.release();
@@ -689,6 +689,18 @@ async fn handle_event(
             };
             metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.clone())
                 .record(started.elapsed().as_secs_f64());
+            // The permit bounds concurrent calls (sandboxes, CPU), not effects in flight:
+            // waiting for the broker to acknowledge emits must not hold another lane's
+            // call back. The lane itself still waits, so per-key order is kept. A warm
+            // instance keeps its pool slot until the lane finishes, so warm plugins keep
+            // the permit (and the pool stays bounded by their concurrency).
+            let _held_through_apply = match info.manifest.execution.mode {
+                ExecutionMode::Fresh => {
+                    drop(permit);
+                    None
+                }
+                ExecutionMode::Warm => Some(permit),
+            };
             match result.outcome {
                 CallOutcome::Ok => match apply(ctx, &info, result.journal).await {
                     Ok(()) => {
