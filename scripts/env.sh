@@ -27,6 +27,16 @@ spate_setup() {
         rustup component list --installed --toolchain "$tc" | grep -q '^clippy' \
             || rustup component add --toolchain "$tc" clippy rustfmt
     fi
+    # librdkafka is built with TLS against the system OpenSSL.
+    if ! { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; }; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && apt-get install -y -qq pkg-config libssl-dev
+        else
+            echo "error: OpenSSL headers are needed (librdkafka's TLS): install pkg-config" \
+                "and libssl-dev" >&2
+            return 1
+        fi
+    fi
     if ! command -v cc >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             apt-get update -qq && apt-get install -y -qq build-essential

@@ -64,3 +64,22 @@ async fn missing_topics_are_refused_unless_creation_is_allowed() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_settings_are_accepted_by_the_bundled_librdkafka() {
+    // librdkafka built without OpenSSL refuses `security.protocol = SSL` when the client
+    // is created; with it, the connection attempt is what fails here (nothing listens).
+    let mut opts = KafkaOptions::new(format!("127.0.0.1:{}", free_port()));
+    opts.request_timeout = Duration::from_secs(1);
+    opts.librdkafka
+        .insert("security.protocol".into(), "SASL_SSL".into());
+    opts.librdkafka
+        .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+    opts.librdkafka.insert("sasl.username".into(), "u".into());
+    opts.librdkafka.insert("sasl.password".into(), "p".into());
+    let err = KafkaBus::connect(opts)
+        .await
+        .err()
+        .expect("nothing listens");
+    assert!(matches!(err, ConnectError::Unreachable { .. }), "{err}");
+}
