@@ -5,6 +5,23 @@ export SPATE_CACHE_DIR="${SPATE_CACHE_DIR:-$HOME/.cache/spate}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SPATE_CACHE_DIR/target}"
 export SPATE_PLUGINS_TARGET_DIR="${SPATE_PLUGINS_TARGET_DIR:-$SPATE_CACHE_DIR/plugins-target}"
 mkdir -p "$SPATE_CACHE_DIR"
+# Incremental state is several GB per build and buys nothing for a fresh clone's build.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The cached target directory keeps every earlier build's test and binary executables
+# (hundreds of MB each with debug info); drop those not written in the last two hours,
+# and incremental state, before building. Libraries stay, so nothing slow is rebuilt.
+spate_prune_target() {
+    local t="$CARGO_TARGET_DIR"
+    [ -d "$t" ] || return 0
+    rm -rf "$t"/debug/incremental "$t"/release/incremental
+    local d
+    for d in "$t"/debug/deps "$t"/release/deps; do
+        [ -d "$d" ] || continue
+        find "$d" -maxdepth 1 -type f -perm -u+x ! -name '*.so' ! -name '*.rlib' \
+            ! -name '*.rmeta' ! -name '*.d' -size +20M -mmin +120 -delete 2>/dev/null || true
+    done
+}
 # The Kafka-protocol broker the Kafka tests start (runtime/conformance/src/kafka.rs looks
 # here first); spate_install_tansu builds it into the cache once.
 export SPATE_TANSU_VERSION=0.6.0
@@ -14,6 +31,7 @@ export SPATE_TANSU="${SPATE_TANSU:-$SPATE_CACHE_DIR/tools/bin/tansu}"
 # with the wasm32-wasip2 target (rust-toolchain.toml asks rustup for it), a C compiler, and
 # Debian's redis-server for the Redis tests.
 spate_setup() {
+    spate_prune_target
     if ! command -v cargo >/dev/null 2>&1; then
         echo "error: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
         return 1
