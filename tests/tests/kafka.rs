@@ -66,6 +66,13 @@ async fn create_chaos_topics(broker: &KafkaBroker, partitions: i32) {
     }
 }
 
+/// The last `n` lines of a runtime process's log, for failure messages.
+fn log_tail(dir: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 async fn assert_no_dead_letters(bootstrap: &str) {
     let dlq = read(bootstrap, "chaos.dlq", 1, Duration::from_millis(500)).await;
     assert!(dlq.is_empty(), "unexpected dead letters: {dlq:?}");
@@ -441,12 +448,17 @@ async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_its
     assert!(r.status().is_success(), "the runtime kept running");
     proxy.restore();
 
-    let out = read(&b, "out", N, Duration::from_secs(120)).await;
+    let out = read_all_seqs(&b, "out", N, Duration::from_secs(120)).await;
     let counts = seq_counts(&out);
     let missing = (0..N)
         .filter(|s| !counts.contains_key(&(*s as u64)))
         .count();
-    assert_eq!(missing, 0, "events lost across the outage");
+    assert_eq!(
+        missing,
+        0,
+        "events lost across the outage; node log:\n{}",
+        log_tail(root.path(), 60)
+    );
     assert_no_dead_letters(&b).await;
     wait_committed_to_end(&b, "chaos", Duration::from_secs(30)).await;
     let handled: HashSet<u64> = counts.keys().copied().collect();

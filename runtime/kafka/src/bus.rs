@@ -3,13 +3,14 @@
 use crate::options::KafkaOptions;
 use crate::source::KafkaSubscription;
 use crate::{OptionsError, backend_error};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header as KHeader, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use spate_core::backend::{
     BackendError, BackendResult, EventBus, EventSource, StartPosition, Subscription,
@@ -22,7 +23,9 @@ use tracing::{info, warn};
 /// Kafka as event source and emit target. Cheap to share: clone the `Arc`.
 pub struct KafkaBus {
     opts: KafkaOptions,
-    producer: FutureProducer,
+    /// Replaced when librdkafka declares it dead (a fatal idempotence error, such as
+    /// being fenced after delivery timeouts): every later send on it would fail.
+    producer: ArcSwap<FutureProducer>,
     /// Metadata and watermark lookups (thread-safe, never assigned).
     meta: Arc<BaseConsumer>,
     /// Reads for the HTTP API: assigned per read, so one at a time.
@@ -64,7 +67,7 @@ impl KafkaBus {
             opts.admin().create().map_err(ConnectError::Config)?;
         let bus = Arc::new(Self {
             opts,
-            producer,
+            producer: ArcSwap::from_pointee(producer),
             meta: Arc::new(meta),
             reader: Arc::new(Mutex::new(reader)),
             admin,
@@ -251,8 +254,81 @@ impl EventBus for KafkaBus {
     async fn append(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<Vec<Appended>> {
         // Enqueue all, in order, then wait for every acknowledgement: the caller commits
         // its input only after this returns, so emits are on the broker (acks=all) first.
+        let producer = self.producer.load_full();
+        Self::send_all(&producer, self.opts.produce_timeout, topic, &events)
+            .await
+            .map_err(|e| {
+                self.replace_if_dead(&producer, &e);
+                backend_error(e, Some(topic))
+            })
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> BackendResult<Vec<Event>> {
+        self.read_partition(topic, partition, from, max).await
+    }
+
+    async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>> {
+        self.topic_partitions(topic).await
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
+        self.ensure(topic, partitions).await
+    }
+
+    async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>> {
+        self.ends(topic).await
+    }
+}
+
+impl KafkaBus {
+    /// A producer librdkafka declared dead (a fatal idempotence error), or one the broker
+    /// fenced (after delivery timeouts its epoch can be refused for good), fails every send
+    /// from then on: replace it, so the retried events go out on a new one.
+    fn replace_if_dead(&self, dead: &Arc<FutureProducer>, error: &KafkaError) {
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            )
+        );
+        let (code, reason) = match dead.client().fatal_error() {
+            Some(fatal) => fatal,
+            None if fenced => (
+                error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail),
+                error.to_string(),
+            ),
+            None => return,
+        };
+        match self.opts.producer().create::<FutureProducer>() {
+            Ok(fresh) => {
+                let previous = self.producer.compare_and_swap(dead, Arc::new(fresh));
+                if Arc::ptr_eq(&previous, dead) {
+                    warn!(%code, %reason, "the idempotent producer hit a fatal error; replaced it (events in flight are retried, downstream dedupes by spate-idempotency-id)");
+                    metrics::counter!("spate_kafka_producer_resets_total").increment(1);
+                }
+            }
+            Err(e) => warn!(error = %e, "could not replace a dead producer; retrying later"),
+        }
+    }
+
+    /// Enqueue `events` in order, then wait for every acknowledgement.
+    async fn send_all(
+        producer: &FutureProducer,
+        produce_timeout: Duration,
+        topic: &str,
+        events: &[NewEvent],
+    ) -> Result<Vec<Appended>, KafkaError> {
         let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
-        for event in &events {
+        for event in events {
             let headers = Self::record(event);
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
                 .payload(&event.payload[..])
@@ -261,9 +337,9 @@ impl EventBus for KafkaBus {
                 record = record.key(&k[..]);
             }
             let mut record = record;
-            let deadline = Instant::now() + self.opts.produce_timeout;
+            let deadline = Instant::now() + produce_timeout;
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(f) => {
                         pending.push(f);
                         break;
@@ -274,7 +350,7 @@ impl EventBus for KafkaBus {
                         record = r;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((e, _)) => return Err(backend_error(e, Some(topic))),
+                    Err((e, _)) => return Err(e),
                 }
             }
         }
@@ -285,18 +361,14 @@ impl EventBus for KafkaBus {
                     partition: d.partition.max(0) as u32,
                     offset: d.offset.max(0) as u64,
                 }),
-                Ok(Err((e, _))) => return Err(backend_error(e, Some(topic))),
-                Err(_) => {
-                    return Err(BackendError::Unavailable(
-                        "producer dropped a delivery report".into(),
-                    ));
-                }
+                Ok(Err((e, _))) => return Err(e),
+                Err(_) => return Err(KafkaError::Canceled),
             }
         }
         Ok(out)
     }
 
-    async fn read(
+    async fn read_partition(
         &self,
         topic: &str,
         partition: u32,
@@ -347,11 +419,7 @@ impl EventBus for KafkaBus {
         .await
     }
 
-    async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>> {
-        self.topic_partitions(topic).await
-    }
-
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
+    async fn ensure(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
         match self.topic_partitions(topic).await? {
             Some(n) => Ok(n),
             None if self.opts.create_topics => {
@@ -365,7 +433,7 @@ impl EventBus for KafkaBus {
         }
     }
 
-    async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>> {
+    async fn ends(&self, topic: &str) -> BackendResult<Vec<u64>> {
         let Some(n) = self.topic_partitions(topic).await? else {
             return Err(BackendError::UnknownTopic(topic.to_string()));
         };

@@ -170,6 +170,18 @@ impl ConsumerContext for SubContext {
                         ));
                     }
                 }
+                // librdkafka keeps a partition's pause flag across a lost and regained
+                // assignment: a partition paused before the group lost it would never be
+                // fetched again. A new assignment starts unpaused.
+                {
+                    let mut paused = lock(&self.shared.paused);
+                    for e in tpl.elements() {
+                        paused.remove(&e.partition());
+                    }
+                }
+                if let Err(e) = consumer.resume(tpl) {
+                    warn!(group = %self.group, error = %e, "could not resume newly assigned partitions");
+                }
                 info!(group = %self.group, topic = %self.topic, partitions = ?parts.iter().map(|p| p.0.partition).collect::<Vec<_>>(), "partitions assigned");
                 let _ = self.control.send(Control::Assigned(parts));
             }
