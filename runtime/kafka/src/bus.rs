@@ -138,11 +138,22 @@ impl KafkaBus {
     }
 
     /// A missing topic is an error unless topics may be created.
-    pub(crate) async fn require_topic(&self, topic: &str) -> BackendResult<u32> {
+    /// With `partitions` 0, topics are created with `partitions` from the options; the
+    /// `configs` apply to a created topic.
+    pub(crate) async fn require_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        configs: &[(&str, &str)],
+    ) -> BackendResult<u32> {
         match self.topic_partitions(topic).await? {
             Some(n) => Ok(n),
             None if self.opts.create_topics => {
-                self.create_topic(topic, self.opts.partitions as u32).await
+                let partitions = match partitions {
+                    0 => self.opts.partitions as u32,
+                    n => n,
+                };
+                self.create_topic_with(topic, partitions, configs).await
             }
             None => Err(BackendError::UnknownTopic(topic.to_string())),
         }
@@ -151,19 +162,9 @@ impl KafkaBus {
     /// A compacted topic (the registry's control topic): must exist, or is created
     /// compacted with one partition if topics may be created.
     pub(crate) async fn ensure_compacted(&self, topic: &str) -> BackendResult<()> {
-        if self.topic_partitions(topic).await?.is_some() {
-            return Ok(());
-        }
-        if !self.opts.create_topics {
-            return Err(BackendError::UnknownTopic(topic.to_string()));
-        }
-        self.create_topic_with(topic, 1, &[("cleanup.policy", "compact")])
+        self.require_topic(topic, 1, &[("cleanup.policy", "compact")])
             .await
             .map(|_| ())
-    }
-
-    async fn create_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
-        self.create_topic_with(topic, partitions, &[]).await
     }
 
     async fn create_topic_with(
@@ -278,7 +279,7 @@ impl EventBus for KafkaBus {
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
-        self.ensure(topic, partitions).await
+        self.require_topic(topic, partitions, &[]).await
     }
 
     async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>> {
@@ -419,20 +420,6 @@ impl KafkaBus {
         .await
     }
 
-    async fn ensure(&self, topic: &str, partitions: u32) -> BackendResult<u32> {
-        match self.topic_partitions(topic).await? {
-            Some(n) => Ok(n),
-            None if self.opts.create_topics => {
-                let partitions = match partitions {
-                    0 => self.opts.partitions as u32,
-                    n => n,
-                };
-                self.create_topic(topic, partitions).await
-            }
-            None => self.require_topic(topic).await,
-        }
-    }
-
     async fn ends(&self, topic: &str) -> BackendResult<Vec<u64>> {
         let Some(n) = self.topic_partitions(topic).await? else {
             return Err(BackendError::UnknownTopic(topic.to_string()));
@@ -466,7 +453,7 @@ impl EventSource for KafkaBus {
                 "a Kafka subscription consumes exactly one topic".into(),
             ));
         };
-        self.require_topic(topic).await?;
+        self.require_topic(topic, 0, &[]).await?;
         let config = self
             .opts
             .consumer(group, topic, start == StartPosition::Earliest);

@@ -115,9 +115,6 @@ pub enum ApiError {
     /// 422 `wrong_world`: a valid component that does not target the plugin world.
     #[error("{0}")]
     WrongWorld(String),
-    /// 503 `not_ready`: the runtime is starting or stopping.
-    #[error("the runtime is starting or shutting down")]
-    NotReady,
     /// 503 `unavailable`: a backing service is unreachable; retrying may help.
     #[error("{0}")]
     Unavailable(String),
@@ -161,7 +158,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::WrongWorld(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::NotReady | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Other { status, .. } => *status,
         }
@@ -179,7 +176,6 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::TooLarge(_) => "too_large",
             Self::WrongWorld(_) => "wrong_world",
-            Self::NotReady => "not_ready",
             Self::Unavailable(_) => "unavailable",
             Self::Internal => "internal",
         }

@@ -44,6 +44,9 @@ pub struct Backends {
     pub cache: Arc<dyn Cache>,
     /// The same cache, for its health (`is_degraded`, `outages`).
     pub cache_health: Arc<GuardedCache>,
+    /// The Kafka client behind `bus` and `source`, when events are on Kafka (the shared
+    /// registry's control topic uses it too).
+    pub kafka: Option<Arc<spate_kafka::KafkaBus>>,
 }
 
 impl Backends {
@@ -53,6 +56,7 @@ impl Backends {
         use anyhow::Context;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let mut kafka = None;
         let (bus, source): (Arc<dyn EventBus>, Arc<dyn EventSource>) = match &config.events {
             EventsConfig::Embedded {
                 default_partitions,
@@ -77,6 +81,7 @@ impl Backends {
                 let bus = spate_kafka::KafkaBus::connect(options)
                     .await
                     .context("connecting to Kafka")?;
+                kafka = Some(Arc::clone(&bus));
                 (bus.clone(), bus)
             }
         };
@@ -133,6 +138,7 @@ impl Backends {
             tier,
             cache,
             cache_health,
+            kafka,
         })
     }
 }
@@ -186,13 +192,11 @@ impl Runtime {
             RegistryConfig::Local => (LocalStore::open(config.data_dir.join("plugins"))?, None),
             RegistryConfig::Shared { control_topic } => {
                 use anyhow::Context as _;
-                let options = config
-                    .events
-                    .kafka_options()
+                // The events' Kafka client: no second connection for the control topic.
+                let bus = backends
+                    .kafka
+                    .clone()
                     .context("registry.type = \"shared\" needs events.type = \"kafka\"")?;
-                let bus = spate_kafka::KafkaBus::connect(options)
-                    .await
-                    .context("connecting to Kafka for the registry's control topic")?;
                 let feed = spate_kafka::KafkaChangeFeed::new(bus, control_topic, &instance_name(&config))
                         .await
                         .with_context(|| format!("the registry's control topic `{control_topic}` (create it compacted, or set events.create-topics = true)"))?;
@@ -479,14 +483,9 @@ impl Supervisor {
 async fn missing_topics(bus: &dyn EventBus, topics: &[String]) -> Option<Vec<String>> {
     let mut missing = Vec::new();
     for t in topics {
-        match bus.partitions(t).await {
-            Ok(Some(_)) => {}
-            // Creates it where configured to; otherwise says it is missing.
-            _ => {
-                if bus.ensure_topic(t, 0).await.is_err() {
-                    missing.push(t.clone());
-                }
-            }
+        // Creates it where configured to; otherwise says it is missing.
+        if bus.ensure_topic(t, 0).await.is_err() {
+            missing.push(t.clone());
         }
     }
     (!missing.is_empty()).then_some(missing)
