@@ -923,7 +923,7 @@ def compose_checks(schema: ConfigSchema) -> None:
         for name in ("kafka", "kafka-init", "scylla", "redis", "spate-1", "spate-2"):
             expect(name in services, f"cluster.yaml lacks service {name}")
         kafka = services["kafka"]
-        expect(kafka["image"] == "apache/kafka:3.9.0", "kafka must be apache/kafka:3.9.0")
+        expect(kafka["image"] == "apache/kafka:4.1.1", "kafka must be apache/kafka:4.1.1")
         env = kafka.get("environment", {})
         expect("controller" in str(env.get("KAFKA_PROCESS_ROLES", "")) and "broker" in str(env.get("KAFKA_PROCESS_ROLES", "")),
                "kafka must run KRaft combined broker,controller")

@@ -22,14 +22,10 @@ spate_prune_target() {
             ! -name '*.rmeta' ! -name '*.d' -size +20M -mmin +120 -delete 2>/dev/null || true
     done
 }
-# The Kafka-protocol broker the Kafka tests start (runtime/conformance/src/kafka.rs looks
-# here first); spate_install_tansu builds it into the cache once.
-export SPATE_TANSU_VERSION=0.6.0
-export SPATE_TANSU="${SPATE_TANSU:-$SPATE_CACHE_DIR/tools/bin/tansu}"
-
-# Everything the build and tests need that a fresh machine may lack: the pinned toolchain
-# with the wasm32-wasip2 target (rust-toolchain.toml asks rustup for it), a C compiler, and
-# Debian's redis-server for the Redis tests.
+# Everything a build needs that a fresh machine may lack: the pinned toolchain with the
+# wasm32-wasip2 target (rust-toolchain.toml asks rustup for it), a C compiler, and the
+# OpenSSL headers librdkafka's TLS builds against. The demo needs only this; the tests also
+# need spate_setup_tests.
 spate_setup() {
     spate_prune_target
     if ! command -v cargo >/dev/null 2>&1; then
@@ -63,68 +59,24 @@ spate_setup() {
             return 1
         fi
     fi
-    # The Redis backend tests start their own redis-server on free loopback ports (never a
-    # system one); they only need the binary.
+}
+
+# What the tests run besides the build: Debian's redis-server, and a JDK 17+ with Maven to
+# fetch and run Apache Kafka and Apache Cassandra from Maven Central (scripts/jvm-services,
+# cached under $SPATE_CACHE_DIR/jvm). The tests start every service themselves on free
+# loopback ports; nothing here starts one.
+spate_setup_tests() {
+    # The Redis backend tests start their own redis-server (never a system one); they only
+    # need the binary.
     if ! command -v redis-server >/dev/null 2>&1 && [ -z "${SPATE_REDIS_SERVER:-}" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             apt-get update -qq && apt-get install -y -qq redis-server
         else
-            # Only the tests need it (and they fail saying so); the demo and bench do not.
-            echo "warning: redis-server not found; the tests need it: sudo apt-get install" \
-                "redis-server (or set SPATE_REDIS_SERVER)" >&2
+            echo "error: the Redis tests need redis-server: sudo apt-get install" \
+                "redis-server (or set SPATE_REDIS_SERVER to a binary)" >&2
+            return 1
         fi
     fi
-    spate_install_tansu
-}
-
-# Whether $1 is tansu at the pinned version.
-spate_tansu_ok() {
-    [ -x "$1" ] && [ "$("$1" --version 2>/dev/null)" = "tansu $SPATE_TANSU_VERSION" ]
-}
-
-# Makes $SPATE_CACHE_DIR/tools/bin/tansu exist at $SPATE_TANSU_VERSION: the broker the Kafka
-# tests run, built from crates.io with only the memory/object-store engine. The build takes
-# about 25 minutes on two cores, once per machine: it uses a target directory of its own
-# (deleted afterwards), not the project's, and a lock so concurrent runs build it once. A
-# SPATE_TANSU pointing elsewhere at the pinned version is used as it is.
-spate_install_tansu() {
-    local tools="$SPATE_CACHE_DIR/tools"
-    local bin="$tools/bin/tansu"
-    if [ "$SPATE_TANSU" != "$bin" ] && spate_tansu_ok "$SPATE_TANSU"; then
-        return 0
-    fi
-    spate_tansu_ok "$bin" && return 0
-    mkdir -p "$tools"
-    (
-        set -o pipefail
-        if command -v flock >/dev/null 2>&1; then
-            flock 9
-        fi
-        # Another run may have built it while this one waited for the lock.
-        spate_tansu_ok "$bin" && exit 0
-        echo "installing tansu $SPATE_TANSU_VERSION (the Kafka broker of the tests) into" \
-            "$tools: this takes about 25 minutes, once" >&2
-        local build="$SPATE_CACHE_DIR/tansu-build" log="$SPATE_CACHE_DIR/tansu-build.log"
-        local args=(install tansu --version "$SPATE_TANSU_VERSION" --no-default-features
-            --features dynostore --force --root "$tools")
-        # --force: a binary at another version is replaced, not kept.
-        if ! CARGO_TARGET_DIR="$build" cargo "${args[@]}" --locked 2>&1 | tee "$log" >&2; then
-            # Retry without the published lock file only if resolving it failed (nothing
-            # compiled); a failed compile would only fail again.
-            if grep -q '^ *Compiling ' "$log"; then
-                echo "error: building tansu failed (log: $log)" >&2
-                exit 1
-            fi
-            echo "cargo install --locked could not resolve; retrying without --locked" >&2
-            CARGO_TARGET_DIR="$build" cargo "${args[@]}" 2>&1 | tee "$log" >&2 || {
-                echo "error: building tansu failed (log: $log)" >&2
-                exit 1
-            }
-        fi
-        spate_tansu_ok "$bin" || {
-            echo "error: $bin is not tansu $SPATE_TANSU_VERSION after installing" >&2
-            exit 1
-        }
-        rm -rf "$build" "$log"
-    ) 9>"$SPATE_CACHE_DIR/tools.lock"
+    # Checks java (17+) and mvn, saying what to install when either is missing.
+    "$(dirname "${BASH_SOURCE[0]}")/jvm-services" all
 }

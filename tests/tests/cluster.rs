@@ -1,6 +1,6 @@
-//! Cluster mode end to end: the runtime with its state in a CQL server (the in-process
-//! `kassandra-tester` server) and its cache in a real `redis-server`, each on a free
-//! loopback port, running the plugins built from `plugins/`.
+//! Cluster mode end to end: the runtime with its state in Apache Cassandra (one node shared
+//! by this binary's tests, a keyspace each) and its cache in a real `redis-server`, on free
+//! loopback ports, running the plugins built from `plugins/`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;

@@ -1,8 +1,10 @@
-//! Spate on Kafka, against a real Kafka-protocol broker process (`tansu`, started on a free
-//! loopback port per test): keyed events handled once in per-key order with workflows and
-//! committed offsets; a poison event dead-lettered after its attempts while the rest
+//! Spate on Kafka, against a real Apache Kafka broker (KRaft, started on free loopback
+//! ports per test; input produced in batches as users' producers do): keyed events handled
+//! once in per-key order with workflows and committed offsets; a backlog of large batches
+//! paused and resumed mid-batch by backpressure; the topic view and lag against the
+//! broker's end offsets; a poison event dead-lettered after its attempts while the rest
 //! flows; three runtime processes in one group with one SIGKILLed and one added; SIGTERM
-//! under load; and the broker cut off mid-run.
+//! under load; the broker cut off mid-run, and killed and restarted mid-run.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
@@ -13,12 +15,12 @@ use spate::config::EventsConfig;
 use spate_conformance::kafka::{
     KafkaBroker, NewRecord, Record, committed_offsets, end_offsets, produce, produce_records,
 };
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::kafka::*;
-use support::node::{Node, handled_ok, spawn_node, upload};
+use support::node::{Node, handled_ok, metric, spawn_node, upload};
 use support::{chaos_manifest, chaos_wasm, test_config};
 
 /// Group of plugin `chaos` under the default deployment group `spate`.
@@ -118,6 +120,36 @@ async fn wait_committed_to_end(bootstrap: &str, topic: &str, timeout: Duration) 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Wait until `node` has handled `n` events of `chaos` (mid-stream, for a fault).
+async fn wait_handled(http: &reqwest::Client, node: &Node, n: u64) {
+    let started = Instant::now();
+    while handled_ok(http, node, "chaos").await < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "fewer than {n} events handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After a fault: every seq below `n` reached `out` (a replay may repeat some), nothing was
+/// dead-lettered, and the group committed to the end of `chaos`.
+async fn assert_nothing_lost(bootstrap: &str, node_dir: &Path, n: usize, fault: &str) {
+    let out = read_all_seqs(bootstrap, "out", n, Duration::from_secs(120)).await;
+    let counts = seq_counts(&out);
+    let missing = (0..n)
+        .filter(|s| !counts.contains_key(&(*s as u64)))
+        .count();
+    assert_eq!(
+        missing,
+        0,
+        "events lost across {fault}; node log:\n{}",
+        log_tail(node_dir, 60)
+    );
+    assert_no_dead_letters(bootstrap).await;
+    wait_committed_to_end(bootstrap, "chaos", Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,14 +460,7 @@ async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_its
 
     const N: usize = 3000;
     produce(&b, "chaos", &op_events(0..N, 30)).await;
-    let started = Instant::now();
-    while handled_ok(&http, &node, "chaos").await < 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "nothing handled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_handled(&http, &node, 200).await;
     // Cut the broker off for longer than the produce timeout (3 s): emits fail and are
     // retried as infrastructure failures, never dead-lettered.
     proxy.cut();
@@ -448,20 +473,214 @@ async fn the_broker_cut_off_mid_run_loses_nothing_and_the_runtime_resumes_by_its
     assert!(r.status().is_success(), "the runtime kept running");
     proxy.restore();
 
-    let out = read_all_seqs(&b, "out", N, Duration::from_secs(120)).await;
-    let counts = seq_counts(&out);
-    let missing = (0..N)
-        .filter(|s| !counts.contains_key(&(*s as u64)))
-        .count();
-    assert_eq!(
-        missing,
-        0,
-        "events lost across the outage; node log:\n{}",
-        log_tail(root.path(), 60)
+    assert_nothing_lost(&b, root.path(), N, "the outage").await;
+    drop(node);
+}
+
+/// A Kafka-mode runtime process with `manifest` deployed and extra `SPATE_*` settings.
+async fn kafka_node_with(
+    dir: &Path,
+    http: &reqwest::Client,
+    bootstrap: &str,
+    extra_env: &[(&str, &str)],
+    manifest: String,
+) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    let env = kafka_env(bootstrap);
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend_from_slice(extra_env);
+    let node = spawn_node(dir, http, &env).await;
+    upload(http, &node, manifest).await;
+    node
+}
+
+/// The backlog users' producers leave: thousands of records per batch. With a
+/// per-partition buffer far smaller than a batch, every partition is paused and resumed in
+/// the middle of batches over and over; every event is still handled exactly once, in key
+/// order, and the committed offsets reach the broker's end offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_input_paused_and_resumed_mid_batch_is_handled_once_in_key_order() {
+    let broker = chaos_broker(4).await;
+    let b = broker.bootstrap();
+    const N: usize = 12_000;
+    produce(&b, "chaos", &op_events(0..N, 300)).await;
+    let batches: Vec<Vec<(i64, i32)>> = (0..4).map(|p| broker.record_batches("chaos", p)).collect();
+    let largest = batches.iter().flatten().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(
+        largest >= 1_000,
+        "the input was not produced in large batches: {batches:?}"
     );
-    assert_no_dead_letters(&b).await;
+
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let node = kafka_node_with(
+        root.path(),
+        &http,
+        &b,
+        // Read ahead far more than one partition may hold, so partitions fill and pause.
+        &[
+            ("SPATE_DISPATCH__MAX_BUFFERED", "1024"),
+            ("SPATE_DISPATCH__MAX_BUFFERED_PER_PARTITION", "64"),
+        ],
+        chaos_manifest("chaos", "1.0.0", "chaos", "[limits]\nconcurrency = 16\n"),
+    )
+    .await;
+    let out = read_all_seqs(&b, "out", N, Duration::from_secs(240)).await;
+    let counts = seq_counts(&out);
+    let missing: Vec<usize> = (0..N)
+        .filter(|s| !counts.contains_key(&(*s as u64)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} events, e.g. {:?}; node log:\n{}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        log_tail(root.path(), 40)
+    );
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "an event was handled twice"
+    );
+    assert_eq!(out.len(), N);
+    assert_key_order(&out);
+    let pauses = metric(
+        &http,
+        &node,
+        "spate_partition_pauses_total",
+        &["plugin=\"chaos\""],
+    )
+    .await;
+    eprintln!("{N} events in batches of up to {largest}: {pauses} partition pauses");
+    assert!(
+        // Each partition's first delivery is far above 64: it pauses at least once, inside a
+        // stored batch, and resumes from an offset inside it.
+        pauses >= 4.0,
+        "backpressure never paused partitions mid-batch ({pauses} pauses)"
+    );
     wait_committed_to_end(&b, "chaos", Duration::from_secs(30)).await;
-    let handled: HashSet<u64> = counts.keys().copied().collect();
-    assert_eq!(handled.len(), N);
+    assert_no_dead_letters(&b).await;
+    drop(node);
+}
+
+/// `GET /v1/topics/{topic}` and `spate_consumer_lag` report the broker's real end offsets,
+/// for input written in large batches. Each partition starts with an event that fails and
+/// is retried after 5 s; with per-partition ordering nothing of the topic is committed
+/// meanwhile, so the lag must be exactly every record produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topic_view_and_the_lag_metric_are_the_brokers_end_offsets() {
+    let broker = chaos_broker(4).await;
+    let b = broker.bootstrap();
+    const PER_PARTITION: usize = 1_000;
+    let hold = serde_json::to_vec(&json!({"op": "retry", "reason": "hold"})).unwrap();
+    let mut records: Vec<NewRecord> = (0..4)
+        .map(|p| NewRecord {
+            key: Some(format!("hold-{p}").into_bytes()),
+            payload: Some(hold.clone()),
+            headers: vec![],
+            partition: Some(p),
+        })
+        .collect();
+    records.extend((0..4 * PER_PARTITION).map(|i| NewRecord {
+        key: Some(format!("k{}", i % 40).into_bytes()),
+        payload: Some(serde_json::to_vec(&json!({"op": "emit", "seq": i})).unwrap()),
+        headers: vec![],
+        // k<n> always lands on partition n % 4.
+        partition: Some(i32::try_from(i % 4).unwrap()),
+    }));
+    produce_records(&b, "chaos", &records, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ends = end_offsets(&b, "chaos");
+    let total = i64::try_from(records.len()).unwrap();
+    assert_eq!(ends.iter().sum::<i64>(), total);
+
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let manifest = r#"name = "chaos"
+version = "1.0.0"
+subscriptions = [{ topic = "chaos" }]
+ordering = "partition"
+[capabilities]
+emit-topics = ["out"]
+workflows = ["*"]
+[retry]
+max-attempts = 2
+initial-backoff-ms = 5000
+max-backoff-ms = 5000
+"#;
+    let node = kafka_node_with(root.path(), &http, &b, &[], manifest.to_string()).await;
+
+    let view: serde_json::Value = http
+        .get(format!("{}/v1/topics/chaos", node.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["partitions"], 4, "{view}");
+    assert_eq!(view["end_offsets"], json!(ends), "{view}");
+
+    // The lag is published once a second; while the holds wait (5-10 s from their first
+    // attempt) it must show every record. Before the group joins it is absent or 0.
+    let started = Instant::now();
+    let lag_metric = || {
+        metric(
+            &http,
+            &node,
+            "spate_consumer_lag",
+            &["plugin=\"chaos\"", "topic=\"chaos\""],
+        )
+    };
+    loop {
+        let lag = lag_metric().await;
+        if lag == total as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the lag never showed the {total} records produced (last {lag}); node log:\n{}",
+            log_tail(root.path(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // After the holds are dead-lettered, everything flows and the lag falls to 0.
+    let out = read_all_seqs(&b, "out", 4 * PER_PARTITION, Duration::from_secs(120)).await;
+    assert_eq!(out.len(), 4 * PER_PARTITION);
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(30)).await;
+    let started = Instant::now();
+    while lag_metric().await != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lag never fell to 0"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dlq = read(&b, "chaos.dlq", 4, Duration::from_secs(10)).await;
+    assert_eq!(dlq.len(), 4, "the four holds are dead-lettered");
+    drop(node);
+}
+
+/// The broker is killed (SIGKILL) mid-run and restarted on its log directory: the runtime
+/// reconnects by itself, nothing is lost and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_mid_run_loses_nothing() {
+    let mut broker = chaos_broker(4).await;
+    let b = broker.bootstrap();
+    let root = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let node = kafka_node(root.path(), &http, &b).await;
+    wait_assigned(&http, &node, root.path()).await;
+
+    const N: usize = 4000;
+    produce(&b, "chaos", &op_events(0..N / 2, 40)).await;
+    wait_handled(&http, &node, 200).await;
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart();
+    produce(&b, "chaos", &op_events(N / 2..N, 40)).await;
+
+    assert_nothing_lost(&b, root.path(), N, "the broker restart").await;
     drop(node);
 }

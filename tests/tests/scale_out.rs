@@ -9,8 +9,9 @@
 mod support;
 
 use serde_json::Value;
+use spate_conformance::cassandra::{cql_node, fresh_keyspace};
 use spate_conformance::kafka::{KafkaBroker, produce};
-use spate_conformance::services::{CqlServer, RedisServer};
+use spate_conformance::services::RedisServer;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use support::node::{Node, handled_ok, spawn_node_with, upload};
 use support::{TOKEN, chaos_manifest};
 
 /// The cluster configuration every runtime gets (each its own data directory).
-fn cluster_toml(broker: &str, cql: &str, redis: &str) -> String {
+fn cluster_toml(broker: &str, cql: &str, keyspace: &str, redis: &str) -> String {
     format!(
         r#"
 [events]
@@ -33,9 +34,8 @@ request-timeout-ms = 3000
 [state]
 type = "cql"
 nodes = ["{cql}"]
+keyspace = "{keyspace}"
 request-timeout-ms = 2000
-# The in-process CQL server has no TTLs, range scans or lightweight transactions.
-allow-missing-features = true
 
 [cache]
 type = "redis"
@@ -59,7 +59,6 @@ struct Cluster {
     config: PathBuf,
     broker: KafkaBroker,
     http: reqwest::Client,
-    _cql: CqlServer,
     _redis: RedisServer,
 }
 
@@ -70,13 +69,17 @@ impl Cluster {
             broker.create_topic(topic, partitions).await;
         }
         broker.create_compacted_topic("spate.registry", 1).await;
-        let cql = CqlServer::start();
         let redis = RedisServer::start();
         let root = tempfile::tempdir().unwrap();
         let config = root.path().join("spate.toml");
         std::fs::write(
             &config,
-            cluster_toml(&broker.bootstrap(), &cql.addr().to_string(), &redis.url()),
+            cluster_toml(
+                &broker.bootstrap(),
+                &cql_node(),
+                &fresh_keyspace(),
+                &redis.url(),
+            ),
         )
         .unwrap();
         Self {
@@ -84,7 +87,6 @@ impl Cluster {
             config,
             broker,
             http: reqwest::Client::new(),
-            _cql: cql,
             _redis: redis,
         }
     }

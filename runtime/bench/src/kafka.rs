@@ -1,8 +1,9 @@
-//! `spate-bench kafka`: Spate against a real Kafka-protocol broker, next to the same work
-//! done by a plain rdkafka program (the ceiling).
+//! `spate-bench kafka`: Spate against a real Kafka broker, next to the same work done by a
+//! plain rdkafka program (the ceiling).
 //!
-//! Each run starts a fresh `tansu` broker (spate-conformance's `KafkaBroker`, memory
-//! storage, a free loopback port) and creates the topics. The subjects are the `trivial`
+//! Each run starts a fresh Apache Kafka broker (spate-conformance's `KafkaBroker`: KRaft,
+//! one node, its log on disk under the system temp dir, a free loopback port, the JVM's
+//! optimizing JIT on) and creates the topics. The subjects are the `trivial`
 //! component (fresh instance per event, its manifest from the tree) and its native twin,
 //! each through the real dispatcher [`Pipeline`] on a [`KafkaBus`] wired as `spate up`
 //! wires it with `events.type = "kafka"` (one runtime: one group member per topic), and
@@ -17,7 +18,7 @@
 //! ```sh
 //! scripts/bench kafka                         # builds the plugins, runs this in release
 //! scripts/bench kafka --events 50000 --rounds 5 --json
-//! scripts/bench kafka --fetch-wait-ms 500     # librdkafka's default fetch wait
+//! scripts/bench kafka --librdkafka fetch.wait.max.ms=100
 //! ```
 
 mod ceiling;
@@ -33,7 +34,7 @@ use clients::{Common, InputProducer, Observer};
 use report::{
     KafkaReport, KafkaSettings, LatencyRun, LatencySummary, Ratio, SubjectResult, ThroughputRun,
 };
-use spate_conformance::kafka::KafkaBroker;
+use spate_conformance::kafka::{BrokerOptions, KafkaBroker, kafka_version};
 use spate_core::backend::{BackendError, EventBus, EventSource};
 use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
@@ -41,7 +42,7 @@ use spate_core::host::{HostServices, PluginInfo};
 use spate_core::{NewEvent, StateStore};
 use spate_engine::{Sandbox, SandboxConfig};
 use spate_kafka::{KafkaBus, KafkaOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -95,13 +96,11 @@ pub struct Args {
     /// default `dispatch.commit-interval-ms`).
     #[arg(long, default_value_t = 100)]
     commit_interval_ms: u64,
-    /// `fetch.wait.max.ms` of Spate's consumer (through `events.librdkafka`, as an
-    /// operator would set it) and the ceiling's. tansu 0.6 reads a fetch's records, then
-    /// holds the answer for the rest of the wait (half of it from 250 ms up), so every
-    /// consumer hop costs up to twice this: librdkafka's default (500) puts 250-500 ms on
-    /// it. `0` leaves librdkafka's default.
-    #[arg(long, default_value_t = 10)]
-    fetch_wait_ms: u64,
+    /// `fetch.wait.max.ms` of every client (Spate's consumer through `events.librdkafka`,
+    /// as an operator would set it). Default: librdkafka's own (500 ms), which costs no
+    /// latency: the broker answers a fetch as soon as records are there.
+    #[arg(long)]
+    fetch_wait_ms: Option<u64>,
     /// Extra librdkafka property `KEY=VALUE` for every client (Spate's and the ceiling's
     /// alike); repeatable.
     #[arg(long = "librdkafka", value_name = "KEY=VALUE")]
@@ -225,14 +224,14 @@ struct Stage {
 
 impl Stage {
     async fn new(subject: &Subject, shared: &Shared) -> Result<Self> {
-        let broker = tokio::task::spawn_blocking(KafkaBroker::start)
-            .await
-            .context("starting the tansu broker failed (see the message above)")?;
+        // Benchmarks want the broker's optimizing JIT, which the tests leave off.
+        let broker = tokio::task::spawn_blocking(|| {
+            KafkaBroker::start_with(BrokerOptions { full_jit: true })
+        })
+        .await
+        .context("starting the Kafka broker failed (see the message above)")?;
         let bootstrap = broker.bootstrap();
-        let broker_pid = bootstrap
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .and_then(clients::broker_pid);
+        let broker_pid = broker.pid().map(|pid| pid.to_string());
         let dead_letter_topic = subject.dead_letter_topic();
         for topic in [
             shared.input_topic.as_str(),
@@ -299,8 +298,9 @@ enum Running {
 impl Running {
     /// Connect, warm the subject's producer up (one record delivered to the warm-up
     /// topic), then start consuming. Returns it and when consuming started: the clock
-    /// of a throughput run, which so leaves out the producer's initialisation (about
-    /// 0.5 s for an idempotent producer on tansu) but not the group join.
+    /// of a throughput run, which so leaves out the producer's initialisation (an
+    /// idempotent producer's InitProducerId, and the first connection) but not the group
+    /// join.
     async fn start(subject: &Subject, stage: &Stage, shared: &Shared) -> Result<(Self, Instant)> {
         match &subject.kind {
             Kind::Spate(version) => start_spate(version, stage, shared).await,
@@ -648,25 +648,6 @@ fn summarize(rounds: Vec<LatencyRun>) -> LatencySummary {
     }
 }
 
-fn tansu_version() -> String {
-    let binary = std::env::var_os("SPATE_TANSU")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("SPATE_CACHE_DIR")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/spate")))?;
-            Some(cache.join("tools/bin/tansu"))
-        })
-        .unwrap_or_else(|| PathBuf::from("tansu"));
-    std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "tansu".into())
-}
-
 async fn run(args: &Args) -> Result<KafkaReport> {
     let plugins_dir = args
         .plugins_dir
@@ -743,11 +724,8 @@ async fn run(args: &Args) -> Result<KafkaReport> {
         .collect();
 
     let mut properties = Vec::new();
-    if args.fetch_wait_ms > 0 {
-        properties.push((
-            "fetch.wait.max.ms".to_string(),
-            args.fetch_wait_ms.to_string(),
-        ));
+    if let Some(wait) = args.fetch_wait_ms {
+        properties.push(("fetch.wait.max.ms".to_string(), wait.to_string()));
     }
     for p in &args.librdkafka {
         if let Some((k, v)) = p.split_once('=') {
@@ -849,7 +827,7 @@ async fn run(args: &Args) -> Result<KafkaReport> {
             data_root: parent.display().to_string(),
         },
         settings: KafkaSettings {
-            broker: format!("{} (memory storage)", tansu_version()),
+            broker: format!("Apache Kafka {} (KRaft, one node)", kafka_version()),
             partitions: args.partitions,
             keys: args.keys,
             throughput_events: args.events,

@@ -1,6 +1,6 @@
 //! `spate-bench`: measures the embedded path end to end and the price of the sandbox; its
-//! `kafka` subcommand measures Spate on a real Kafka-protocol broker against a plain
-//! rdkafka program doing the same work (see the `kafka` module).
+//! `kafka` subcommand measures Spate on a real Kafka broker against a plain rdkafka program
+//! doing the same work (see the `kafka` module).
 //!
 //! It loads the `trivial` and `order-totals` components (built for `wasm32-wasip2`), runs
 //! them and a native Rust twin of `trivial` through the real dispatcher against the
@@ -59,8 +59,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Spate on a real Kafka-protocol broker (tansu) against a plain rdkafka consumer
-    /// doing the same work: throughput and paced latency.
+    /// Spate on a real Kafka broker (Apache Kafka, KRaft, one node) against a plain
+    /// rdkafka consumer doing the same work: throughput and paced latency.
     Kafka(kafka::Args),
 }
 

@@ -1,74 +1,26 @@
-//! A real Kafka-protocol broker for tests — a `tansu` child process on a free loopback port
-//! with memory storage, killed on drop — and rdkafka-based helpers that produce, read back,
-//! and inspect offsets the way a test checks what a consumer did. It does not implement any
-//! part of Spate's Kafka consumer; it is what that consumer is tested against.
+//! A real Apache Kafka broker for tests — the `org.apache.kafka` release named in
+//! `jvm-services.env`, run from its Maven Central jars in KRaft mode as one combined
+//! broker and controller on free loopback ports — and rdkafka-based helpers that produce,
+//! read back and inspect offsets the way a test checks what a consumer did. It does not
+//! implement any part of Spate's Kafka consumer; it is what that consumer is tested against.
 //!
-//! The broker binary is found at `$SPATE_TANSU`, else `$SPATE_CACHE_DIR/tools/bin/tansu`,
-//! else `~/.cache/spate/tools/bin/tansu`, else `tansu` on `PATH`; a missing one fails with
-//! [`TANSU_INSTALL_HINT`], never a silent skip. The broker runs in a temporary directory (so
-//! its `.env` lookup cannot pick up the repository's) with its output in `tansu.log` there;
-//! the directory is kept when a test panics, so the path in the panic message stays readable.
+//! Each [`KafkaBroker`] has a directory of its own (its log directory, `server.properties`,
+//! and its output in `broker.log`, kept when a test panics so the path in the message stays
+//! readable). [`KafkaBroker::stop`] kills it (SIGKILL, a crash), [`KafkaBroker::restart`]
+//! starts it again on the same ports and the same log directory: topics, records and
+//! committed offsets survive, as on a real node. [`KafkaBroker::start_behind_proxy`] puts a
+//! [`FaultProxy`] in front of it to cut the network without stopping it.
 //!
-//! # What tansu 0.6.0 (memory storage) does differently from Apache Kafka
-//!
-//! Measured with rdkafka 0.39 (librdkafka 2.12) on two cores by `tests/kafka_broker.rs`
-//! (run it with `--nocapture` to see the numbers again) and read in tansu's source. The
-//! first two cost data if a test ignores them.
-//!
-//! - **A fetch from an offset inside a batch skips the rest of that batch.** tansu stores
-//!   each produced batch as one object and serves a fetch at offset `o` from the batches
-//!   whose *base* offset is `>= o`: a consumer resuming at a committed offset 5 inside a
-//!   ten-record batch 0–9 read 10, 11, … — 5–9 never arrive. Its offset arithmetic can also
-//!   return a later batch twice in one response. A consumer that restarts, or takes over a
-//!   partition in a rebalance, at an offset that is not a batch boundary loses records. Tests
-//!   that do that must produce their input with [`produce_unbatched`] (every record its own
-//!   batch, so every offset is a boundary); [`produce`] lets librdkafka batch.
-//! - **`ListOffsets(latest)` is short by the newest batch**: it answers the newest batch's
-//!   base offset plus one — 1 after one ten-record batch, 51 after two 50-record batches. So
-//!   `fetch_watermarks`, `Offset::End`, `auto.offset.reset=latest` and lag computed from them
-//!   are wrong: a `latest` consumer started at offset 1 of a ten-record topic and then got
-//!   the next batch twice. Fetch responses carry the right high watermark, and
-//!   [`end_offsets`] relies on them. `ListOffsets(earliest)` and by-timestamp lookups go by
-//!   the batches' write times, not record timestamps. Start test consumers with `earliest`.
-//! - **No automatic topic creation.** Metadata for a missing topic answers
-//!   `UnknownTopicOrPartition` whatever `allow.auto.create.topics` says (a subscribed
-//!   consumer's `poll` returns that error); producing to a missing topic fails each record
-//!   with `MessageTimedOut` after `message.timeout.ms` (3.1 s for 3 s), librdkafka waiting
-//!   for the topic until then. Create every topic first ([`KafkaBroker::create_topic`]).
-//! - **Topic configs are stored, not enforced.** `cleanup.policy=compact` is accepted, but the
-//!   memory engine has no cleaner: a "compacted" topic keeps every version of every key, and
-//!   tombstones stay. `DescribeConfigs` returns only the configs given at creation (no broker
-//!   defaults), which is why some clients want `retention.ms` given explicitly;
-//!   [`KafkaBroker::create_topic`] sets it to -1. rdkafka itself needs no topic config.
-//! - **Created topics are visible at once**: every partition has a leader (node 0, at the
-//!   advertised address) in the first metadata answer; `create_topic` takes about 0.2 s.
-//! - **Fetches are held at least half of `fetch.wait.max.ms`, even with records waiting**:
-//!   produce-to-consume latency was 270–500 ms at librdkafka's default 500, 3–100 ms at 100,
-//!   3–13 ms at 10. Set `fetch.wait.max.ms` to 100 or less in tests that measure latency or
-//!   wait for a record (the helpers here use 100).
-//! - **Group joins**: a first member was assigned every partition 3–53 ms after `subscribe`,
-//!   but every later join — a second member, a member rejoining — takes 3.0 s: tansu pauses a
-//!   follower's join for 3 s, with `range` and `cooperative-sticky` alike. A member that
-//!   closes (LeaveGroup; `close` took 0.1 s) hands its partitions to the others within a few
-//!   milliseconds; one that is killed (SIGKILL) loses them after `session.timeout.ms` (6.0 s
-//!   with 6000). `cooperative-sticky` is incremental: the first member saw `assign {0,1,2}`,
-//!   then `revoke {0}` and empty incremental assigns, the second `assign {0}`. Wait for
-//!   assignments with timeouts of tens of seconds, never fixed sleeps.
-//! - **Committed offsets** (any offset, not only consumed ones) survive the committing
-//!   consumer, and [`committed_offsets`] reads them back with any client; a partition the
-//!   group never committed answers `None`, as does every partition for another group.
-//! - **Idempotent producers work**: offsets start at 0, contiguous, no duplicates across
-//!   producer sessions. A new idempotent producer takes about 0.5 s to its first delivery (a
-//!   non-idempotent one about 2 ms), so each [`produce`] call costs about 0.6 s.
-//! - **Memory storage**: a restart ([`KafkaBroker::restart`]) loses topics, records and
-//!   committed offsets. To cut the network without losing data use
-//!   [`KafkaBroker::start_behind_proxy`]: while cut, a produce with a 2 s message timeout
-//!   failed with `MessageTimedOut` after 2.1–3.1 s; after restore a new producer delivered
-//!   in 0.6 s and every earlier record was still there.
-//! - **Process**: it is ready about 10 ms after start, opens only the one listener (no
-//!   metrics port; OTLP export only when asked), and reads `.env` from its working directory
-//!   upwards. librdkafka (not tansu) refuses `assign` without a `group.id`.
+//! The broker runs with Kafka's defaults except what one node and a small test machine
+//! need: replication factors of 1, a small heap, C1-compiled code (quicker to start, and the
+//! tests are not throughput-bound; [`BrokerOptions::full_jit`] for benchmarks), no initial
+//! rebalance delay, a 2 s broker session (a broker restarted after a SIGKILL waits for its
+//! previous registration to expire: 9 s by default), and **no automatic topic creation** — as on most managed clusters, so a
+//! missing topic is an error a test can see. The test clients batch as users' clients do:
+//! [`produce`] lets librdkafka linger and fill batches, and the readers use librdkafka's
+//! default fetch settings.
 
+use crate::jvm::{self, JvmProcess};
 use crate::services::{FaultProxy, free_port, wait_listening};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -79,16 +31,14 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a started broker gets to answer a metadata request.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a started broker gets to answer a metadata request with itself in it.
+const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long one metadata request may take in the helpers' wait loops.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,54 +46,23 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`produce`] waits for every record to be acknowledged.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `fetch.wait.max.ms` of the helpers' consumers: tansu holds every fetch for at least half
-/// of it, even when it has records (see the module docs).
-const FETCH_WAIT_MS: &str = "100";
-
 /// How many bytes of the broker's log a panic message quotes.
 const LOG_TAIL_BYTES: u64 = 4096;
 
-/// `retention.ms` given to every created topic: keep records forever. tansu stores topic
-/// configs without broker defaults, and clients that read the topic's configs back need it.
-const RETENTION_MS: &str = "-1";
+/// The KRaft cluster id every test broker formats its storage with (22 base64url characters
+/// of a UUID); brokers never meet, so they may share it.
+const CLUSTER_ID: &str = "c3BhdGUtdGVzdC1icm9rZQ";
 
-/// What to run when the `tansu` binary is missing.
-pub const TANSU_INSTALL_HINT: &str = "the tansu broker binary was not found; the Kafka tests \
-     start their own on a free loopback port. Install it once (about 25 minutes) with \
-     `. scripts/env.sh && spate_install_tansu`, or by hand with `cargo install tansu --version \
-     0.6.0 --no-default-features --features dynostore --locked --root ~/.cache/spate/tools`, \
-     or set SPATE_TANSU to the binary's path";
+/// The Kafka release the tests run.
+pub fn kafka_version() -> &'static str {
+    jvm::version("KAFKA_VERSION")
+}
 
-/// The `tansu` binary: `$SPATE_TANSU`, else the cached install, else the first on `PATH`.
-fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("SPATE_TANSU") {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "SPATE_TANSU={} does not exist. {TANSU_INSTALL_HINT}",
-            path.display()
-        );
-        return path;
-    }
-    let cache_dirs = [
-        std::env::var_os("SPATE_CACHE_DIR").map(PathBuf::from),
-        std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/spate")),
-    ];
-    let cached = cache_dirs
-        .into_iter()
-        .flatten()
-        .map(|dir| dir.join("tools/bin/tansu"))
-        .find(|p| p.is_file());
-    let on_path = || {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("tansu"))
-                .find(|p| p.is_file())
-        })
-    };
-    cached
-        .or_else(on_path)
-        .unwrap_or_else(|| panic!("{TANSU_INSTALL_HINT}"))
+/// How a [`KafkaBroker`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerOptions {
+    /// Run the JIT's optimizing tier (slower to start, faster once warm): for benchmarks.
+    pub full_jit: bool,
 }
 
 /// A client configuration for the broker at `bootstrap`: IPv4 loopback, quick reconnects.
@@ -157,15 +76,14 @@ fn client_config(bootstrap: &str) -> ClientConfig {
     config
 }
 
-/// A consumer that never joins a group: for metadata, watermarks and assigned reads.
-/// librdkafka refuses `assign` without a `group.id` ("Unknown group"), so it gets a unique
-/// one that never subscribes or commits.
+/// A consumer that never joins a group: for metadata, watermarks and assigned reads, with
+/// librdkafka's default fetch settings. librdkafka refuses `assign` without a `group.id`
+/// ("Unknown group"), so it gets a unique one that never subscribes or commits.
 fn plain_consumer(bootstrap: &str) -> BaseConsumer {
     client_config(bootstrap)
         .set("group.id", format!("spate-harness-{}", crate::unique_id()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MS)
         .create()
         .unwrap_or_else(|e| panic!("cannot create a Kafka consumer for {bootstrap}: {e}"))
 }
@@ -198,52 +116,117 @@ fn partition_count(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> O
     }
 }
 
-/// A `tansu` broker child process on a free loopback port, memory storage. Killed on drop.
-///
-/// Memory storage means everything — topics, records, committed offsets — lives in the
-/// process: [`KafkaBroker::stop`] or [`KafkaBroker::restart`] lose it all. To cut the
-/// network without losing data, use [`KafkaBroker::start_behind_proxy`].
+/// A formatted, empty KRaft storage directory (`meta.properties`, `bootstrap.checkpoint`)
+/// that every broker of this release copies: formatting runs a JVM (about 3 s), so it
+/// happens once per cache, not once per broker. It does not depend on ports: the brokers
+/// name their controller in `controller.quorum.voters`, which is not stored.
+fn storage_template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let version = kafka_version();
+        let release = jvm::release_dir("kafka", version);
+        let template = release.join("storage-template");
+        if template.join("meta.properties").is_file() {
+            return template;
+        }
+        let classpath = jvm::classpath("kafka", version);
+        let work = tempfile::Builder::new()
+            .prefix("storage-format-")
+            .tempdir_in(&release)
+            .unwrap_or_else(|e| panic!("tempdir in {}: {e}", release.display()));
+        let logs = work.path().join("logs");
+        let config = work.path().join("format.properties");
+        std::fs::write(
+            &config,
+            format!(
+                "process.roles=broker,controller\nnode.id=1\n\
+                 controller.quorum.voters=1@127.0.0.1:9093\n\
+                 listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n\
+                 controller.listener.names=CONTROLLER\nlog.dirs={}\n",
+                logs.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let out = std::process::Command::new(jvm::java())
+            .args(["-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp", &classpath])
+            .args(["kafka.tools.StorageTool", "format", "--ignore-formatted"])
+            .args(["--cluster-id", CLUSTER_ID, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run java: {e}. {}", jvm::JVM_INSTALL_HINT));
+        assert!(
+            out.status.success() && logs.join("meta.properties").is_file(),
+            "formatting Kafka storage failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Another process may have won the race; either copy is as good.
+        if std::fs::rename(&logs, &template).is_err() {
+            assert!(
+                template.join("meta.properties").is_file(),
+                "cannot move the Kafka storage template into {}",
+                template.display()
+            );
+        }
+        template
+    })
+}
+
+/// An Apache Kafka broker (KRaft, one node) on free loopback ports: see the
+/// [module docs](self). Killed on drop.
 pub struct KafkaBroker {
-    /// Where tansu listens.
+    /// Where the broker's PLAINTEXT listener is.
     port: u16,
+    /// Where its controller listens (never advertised to clients).
+    controller_port: u16,
     /// Where clients connect, and what metadata advertises: `port`, or a proxy's port.
     advertised: u16,
-    /// The broker's working directory, holding `tansu.log`.
+    options: BrokerOptions,
+    /// The broker's directory: `logs/` (its log directory), `server.properties`,
+    /// `log4j2.properties`, `broker.log`.
     dir: Option<tempfile::TempDir>,
-    /// The running process; behind a lock so [`KafkaBroker::is_running`] can reap it.
-    child: Mutex<Option<Child>>,
+    /// The running JVM; behind a lock so [`KafkaBroker::is_running`] can take `&self`.
+    process: Mutex<Option<JvmProcess>>,
 }
 
 impl KafkaBroker {
-    /// Start one; waits until it answers a metadata request. Panics with
-    /// [`TANSU_INSTALL_HINT`] if the binary is missing.
+    /// Start one; waits until it answers a metadata request. Fetches the jars first if
+    /// they are missing (see [`crate::jvm`]).
     pub fn start() -> Self {
+        Self::start_with(BrokerOptions::default())
+    }
+
+    /// Start one with `options`.
+    pub fn start_with(options: BrokerOptions) -> Self {
         let port = free_port();
-        Self::start_advertising(port, port)
+        Self::start_advertising(port, port, options)
     }
 
     /// Start one whose advertised listener is a [`FaultProxy`] in front of it, so tests can
     /// cut the network to the broker ([`FaultProxy::cut`], [`FaultProxy::restore`]) without
-    /// losing its in-memory data. [`KafkaBroker::bootstrap`] is the proxy's address, and so
-    /// is every broker address clients learn from metadata; drop the broker before the proxy.
+    /// stopping it. [`KafkaBroker::bootstrap`] is the proxy's address, and so is every
+    /// broker address clients learn from metadata; drop the broker before the proxy.
     pub fn start_behind_proxy() -> (Self, FaultProxy) {
         let port = free_port();
         let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)));
-        let broker = Self::start_advertising(port, proxy.addr().port());
+        let broker = Self::start_advertising(port, proxy.addr().port(), BrokerOptions::default());
         (broker, proxy)
     }
 
-    fn start_advertising(port: u16, advertised: u16) -> Self {
+    fn start_advertising(port: u16, advertised: u16, options: BrokerOptions) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix("spate-tansu-")
+            .prefix("spate-kafka-")
             .tempdir()
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
         let mut broker = Self {
             port,
+            controller_port: free_port(),
             advertised,
+            options,
             dir: Some(dir),
-            child: Mutex::new(None),
+            process: Mutex::new(None),
         };
+        broker.write_config();
         broker.restart();
         broker
     }
@@ -253,109 +236,162 @@ impl KafkaBroker {
         format!("127.0.0.1:{}", self.advertised)
     }
 
-    /// The broker's output (all of its runs), kept when a test panics.
-    pub fn log_path(&self) -> PathBuf {
+    fn dir(&self) -> PathBuf {
         self.dir
             .as_ref()
-            .map(|d| d.path().join("tansu.log"))
+            .map(|d| d.path().to_path_buf())
             .unwrap_or_default()
     }
 
-    /// Whether the process is running.
+    /// The broker's log (all of its runs), kept when a test panics.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir().join("broker.log")
+    }
+
+    /// The broker's Kafka log directory (its topics' data and metadata).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir().join("logs")
+    }
+
+    fn write_config(&self) {
+        let dir = self.dir();
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{advertised}\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             log.dirs={logs}\n\
+             num.partitions=1\n\
+             default.replication.factor=1\n\
+             min.insync.replicas=1\n\
+             auto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=4\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=4\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             broker.heartbeat.interval.ms=500\n\
+             broker.session.timeout.ms=2000\n\
+             num.network.threads=2\n\
+             num.io.threads=4\n\
+             background.threads=2\n\
+             num.recovery.threads.per.data.dir=1\n\
+             log.cleaner.threads=1\n\
+             log.cleaner.dedupe.buffer.size=8388608\n\
+             log.cleaner.backoff.ms=1000\n",
+            controller = self.controller_port,
+            port = self.port,
+            advertised = self.advertised,
+            logs = self.data_dir().display(),
+        );
+        let log4j = format!(
+            "rootLogger.level={level}\n\
+             rootLogger.appenderRef.file.ref=FILE\n\
+             appender.file.type=File\n\
+             appender.file.name=FILE\n\
+             appender.file.fileName={log}\n\
+             appender.file.layout.type=PatternLayout\n\
+             appender.file.layout.pattern=[%d] %p %m (%c)%n\n",
+            level = std::env::var("SPATE_TEST_KAFKA_LOG").unwrap_or_else(|_| "INFO".into()),
+            log = self.log_path().display(),
+        );
+        for (name, text) in [
+            ("server.properties", properties),
+            ("log4j2.properties", log4j),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        }
+    }
+
+    /// Whether the broker process is running.
     pub fn is_running(&self) -> bool {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        match child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(_) => {
-                *child = None;
+        let mut process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        match process.as_mut().map(JvmProcess::is_running) {
+            Some(true) => true,
+            Some(false) => {
+                *process = None;
                 false
             }
             None => false,
         }
     }
 
-    /// Kill the broker at once (SIGKILL: no goodbye to clients) and wait for it to exit.
-    /// Memory storage: its topics, records and committed offsets are gone.
+    /// The pid of the broker's JVM while it runs (for reading its CPU time from `/proc`),
+    /// or `None` if it is not running or `/proc` does not show it (not Linux).
+    pub fn pid(&self) -> Option<u32> {
+        let process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        process.as_ref().and_then(JvmProcess::jvm_pid)
+    }
+
+    /// Kill the broker at once (SIGKILL: no goodbye to clients, unflushed pages as after a
+    /// crash) and wait for it to exit. Its log directory stays for [`KafkaBroker::restart`].
     pub fn stop(&mut self) {
-        let child = self
-            .child
+        let process = self
+            .process
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(mut child) = child {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = process {
+            process.stop("KILL");
         }
     }
 
-    /// Start the broker again on the same ports (after [`KafkaBroker::stop`], or killing a
-    /// running one first) and wait until it answers. It comes back **empty**: memory storage
-    /// loses every topic, record and committed offset, so recreate the topics. Clients that
-    /// stayed connected reconnect by themselves.
+    /// Start the broker again on the same ports and log directory (after
+    /// [`KafkaBroker::stop`], or killing a running one first) and wait until it answers.
+    /// Topics, records and committed offsets are kept; clients that stayed connected
+    /// reconnect by themselves.
     pub fn restart(&mut self) {
         self.stop();
-        let binary = tansu_binary();
-        let dir = self
-            .dir
-            .as_ref()
-            .map(|d| d.path().to_path_buf())
-            .unwrap_or_else(std::env::temp_dir);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path().display()));
-        let log_err = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path().display()));
-        let mut command = Command::new(&binary);
-        // Flags override the environment, but a variable the broker reads and we pass no
-        // flag for (schema registry, OTLP exporter, data lake) must not leak in from the
-        // test's environment.
-        for var in [
-            "CLUSTER_ID",
-            "LISTENER_URL",
-            "ADVERTISED_LISTENER_URL",
-            "STORAGE_ENGINE",
-            "SCHEMA_REGISTRY",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "DATA_LAKE",
-        ] {
-            command.env_remove(var);
+        let dir = self.dir();
+        let logs = self.data_dir();
+        if !logs.join("meta.properties").is_file() {
+            copy_dir(storage_template(), &logs);
         }
-        let child = command
-            .args([
-                "broker",
-                "--cluster-id",
-                "spate-test",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", self.advertised),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("SPATE_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {}: {e}. {TANSU_INSTALL_HINT}", binary.display())
-            });
-        *self.child.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let classpath = jvm::classpath("kafka", kafka_version());
+        let mut args: Vec<OsString> = ["-Xms64m", "-Xmx512m", "-XX:+UseSerialGC"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        if !self.options.full_jit {
+            args.push("-XX:TieredStopAtLevel=1".into());
+        }
+        let mut log4j = OsString::from("-Dlog4j2.configurationFile=");
+        log4j.push(dir.join("log4j2.properties"));
+        args.extend([
+            "-Djava.awt.headless=true".into(),
+            log4j,
+            "-cp".into(),
+            classpath.into(),
+            "kafka.Kafka".into(),
+            dir.join("server.properties").into(),
+        ]);
+        let started = Instant::now();
+        let process = JvmProcess::spawn(&args, &dir, &dir.join("jvm.out"), None);
+        *self.process.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(process);
         self.wait_ready();
+        eprintln!(
+            "Apache Kafka {} ready on {} in {:.1?}",
+            kafka_version(),
+            self.bootstrap(),
+            started.elapsed()
+        );
     }
 
     /// Waits until the broker listens and answers a metadata request through the advertised
-    /// address; panics with the log tail after [`START_TIMEOUT`] or if the process exits.
+    /// address with itself in it; panics with the log tail after [`START_TIMEOUT`] or if
+    /// the process exits.
     fn wait_ready(&self) {
         let started = Instant::now();
-        let what = format!("the tansu broker (log: {})", self.log_path().display());
+        let what = format!("the Kafka broker (log: {})", self.log_path().display());
         wait_listening(
             SocketAddr::from(([127, 0, 0, 1], self.port)),
             &what,
@@ -369,46 +405,73 @@ impl KafkaBroker {
             if answered {
                 return;
             }
-            if !self.is_running() {
-                panic!(
-                    "the tansu broker exited during start-up; {}",
-                    self.log_tail()
-                );
-            }
-            if started.elapsed() >= START_TIMEOUT {
-                panic!(
-                    "the tansu broker did not answer a metadata request on {} within \
-                     {START_TIMEOUT:?}; {}",
-                    self.bootstrap(),
-                    self.log_tail()
-                );
-            }
+            assert!(
+                self.is_running(),
+                "the Kafka broker exited during start-up; output {}\n{}",
+                jvm::tail(&self.dir().join("jvm.out"), LOG_TAIL_BYTES),
+                self.log_tail()
+            );
+            assert!(
+                started.elapsed() < START_TIMEOUT,
+                "the Kafka broker did not answer a metadata request on {} within \
+                 {START_TIMEOUT:?}; {}",
+                self.bootstrap(),
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// The end of the broker's log, for panic messages.
-    fn log_tail(&self) -> String {
-        let path = self.log_path();
-        let mut tail = String::new();
-        if let Ok(mut file) = File::open(&path) {
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
-            let mut bytes = Vec::new();
-            let _ = file.read_to_end(&mut bytes);
-            tail = String::from_utf8_lossy(&bytes).into_owned();
+    pub fn log_tail(&self) -> String {
+        format!("log {}", jvm::tail(&self.log_path(), LOG_TAIL_BYTES))
+    }
+
+    /// The record batches stored for `topic`/`partition`, as (base offset, record count)
+    /// in offset order, read from the broker's log segments: what a test checks to know
+    /// its producer really batched. Reads what the broker has written to its files (it
+    /// writes before it acknowledges, though it does not fsync).
+    pub fn record_batches(&self, topic: &str, partition: i32) -> Vec<(i64, i32)> {
+        let dir = self.data_dir().join(format!("{topic}-{partition}"));
+        let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("no log directory {}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        segments.sort();
+        let mut batches = Vec::new();
+        for segment in segments {
+            let bytes = std::fs::read(&segment)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", segment.display()));
+            // Record batch v2: baseOffset i64, batchLength i32 (of what follows it), then
+            // 45 bytes of header up to recordsCount i32 at byte 57 (big-endian).
+            let mut at = 0;
+            while at + 61 <= bytes.len() {
+                let field = |from: usize, len: usize| &bytes[at + from..at + from + len];
+                let base = i64::from_be_bytes(field(0, 8).try_into().unwrap_or([0; 8]));
+                let length = i32::from_be_bytes(field(8, 4).try_into().unwrap_or([0; 4]));
+                let count = i32::from_be_bytes(field(57, 4).try_into().unwrap_or([0; 4]));
+                let Ok(length) = usize::try_from(length) else {
+                    break;
+                };
+                if length == 0 {
+                    break; // preallocated space after the last batch
+                }
+                batches.push((base, count));
+                at += 12 + length;
+            }
         }
-        format!("log {}:\n{tail}", path.display())
+        batches
     }
 
     /// Create a topic (rdkafka `AdminClient`), waiting until its metadata shows all
-    /// partitions with a leader. Sets `retention.ms=-1` (see the module docs).
+    /// partitions with a leader.
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         self.create_topic_with(name, partitions, &[]).await;
     }
 
-    /// Create a compacted topic (`cleanup.policy=compact`). tansu stores the policy but
-    /// never compacts: consumers still see every record.
+    /// Create a compacted topic (`cleanup.policy=compact`).
     pub async fn create_compacted_topic(&self, name: &str, partitions: i32) {
         self.create_topic_with(name, partitions, &[("cleanup.policy", "compact")])
             .await;
@@ -419,12 +482,11 @@ impl KafkaBroker {
         let admin: AdminClient<DefaultClientContext> = client_config(&self.bootstrap())
             .create()
             .unwrap_or_else(|e| panic!("cannot create a Kafka admin client: {e}"));
-        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
-            .set("retention.ms", RETENTION_MS);
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         for (key, value) in configs {
             topic = topic.set(key, value);
         }
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = admin
             .create_topics([&topic], &options)
             .await
@@ -460,6 +522,22 @@ impl Drop for KafkaBroker {
             && let Some(dir) = self.dir.take()
         {
             let _ = dir.keep();
+        }
+    }
+}
+
+/// Copy the files of `from` (one level of subdirectories) into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("mkdir {}: {e}", to.display()));
+    let entries =
+        std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
+    for entry in entries.flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .unwrap_or_else(|e| panic!("copy to {}: {e}", target.display()));
         }
     }
 }
@@ -518,30 +596,15 @@ pub async fn produce(
 /// Produce `records` to `topic` with an idempotent producer (`acks=all`) whose
 /// `message.timeout.ms` is `timeout`, returning the (partition, offset) of each in order,
 /// or the first delivery error (a record not acknowledged within `timeout` fails with
-/// `MessageTimedOut`, also when the topic does not exist). librdkafka batches them: several
-/// records share a batch.
+/// `MessageTimedOut`, also when the topic does not exist). librdkafka batches them as it
+/// does for users (`linger.ms=5`): thousands of records share a batch.
 pub async fn produce_records(
     bootstrap: &str,
     topic: &str,
     records: &[NewRecord],
     timeout: Duration,
 ) -> Result<Vec<(i32, i64)>, KafkaError> {
-    send_records(bootstrap, topic, records, timeout, false).await
-}
-
-/// Produce `records` like [`produce_records`] (panicking after 30 s), but each in a batch of
-/// its own, waiting for one to be acknowledged before sending the next, so that every
-/// offset is a batch boundary. Tests that restart or hand over a consumer mid-topic need
-/// this on tansu: a fetch from an offset inside a batch skips the rest of that batch (see
-/// the module docs).
-pub async fn produce_unbatched(
-    bootstrap: &str,
-    topic: &str,
-    records: &[NewRecord],
-) -> Vec<(i32, i64)> {
-    send_records(bootstrap, topic, records, PRODUCE_TIMEOUT, true)
-        .await
-        .unwrap_or_else(|e| panic!("producing to {topic} at {bootstrap} failed: {e}"))
+    send_records(bootstrap, topic, records, timeout).await
 }
 
 async fn send_records(
@@ -549,21 +612,16 @@ async fn send_records(
     topic: &str,
     records: &[NewRecord],
     timeout: Duration,
-    one_per_batch: bool,
 ) -> Result<Vec<(i32, i64)>, KafkaError> {
     let timeout_ms = timeout.as_millis().max(1).to_string();
+    // What a user's producer does: linger a few milliseconds and fill batches (librdkafka
+    // allows 10,000 records per batch by default), so one request carries many records.
     let producer: FutureProducer = client_config(bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "0")
-        // One record per batch: tansu 0.6 answers a fetch from an offset inside a batch
-        // with the *next* batch (the rest of the batch is skipped, or the consumer waits
-        // for a batch that never comes), so a consumer resuming from a committed offset
-        // must always land on a batch boundary. Real Kafka returns the containing batch.
-        .set("batch.num.messages", "1")
+        .set("linger.ms", "5")
         .set("message.timeout.ms", &timeout_ms)
         .create()?;
-    let mut positions = Vec::with_capacity(records.len());
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
         let headers = record
@@ -585,14 +643,22 @@ async fn send_records(
         if let Some(partition) = record.partition {
             future = future.partition(partition);
         }
-        let delivery = producer.send_result(future).map_err(|(e, _)| e)?;
-        if one_per_batch {
-            positions.push(delivered(delivery.await)?);
-        } else {
-            // Enqueue everything before awaiting anything: batches, not a round trip each.
-            deliveries.push(delivery);
-        }
+        // Enqueue everything before awaiting anything: batches, not a round trip each. A
+        // full local queue (QueueFull) is waited out, as a user's producer loop does.
+        let mut pending = future;
+        let delivery = loop {
+            match producer.send_result(pending) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    pending = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        };
+        deliveries.push(delivery);
     }
+    let mut positions = Vec::with_capacity(records.len());
     for delivery in deliveries {
         positions.push(delivered(delivery.await)?);
     }
@@ -658,66 +724,27 @@ pub fn consume_all(bootstrap: &str, topic: &str, expect: usize, timeout: Duratio
 }
 
 /// The high watermark (the next offset to be written) of every partition of `topic`,
-/// indexed by partition. Panics if the topic does not exist or a partition's end is not
-/// reached within 30 s.
-///
-/// It reads every partition to its end rather than asking with `ListOffsets`
-/// (`fetch_watermarks`): tansu answers `ListOffsets(latest)` with the base offset of the
-/// newest batch plus one, which is short by the batch's size (see the module docs); its
-/// fetch responses carry the right high watermark, and end-of-partition is judged by them.
-/// The end is the offset after the last record delivered, so transaction control records
-/// after it are not counted.
+/// indexed by partition, as the broker answers `ListOffsets(latest)`. Panics if the topic
+/// does not exist or the broker does not answer within 90 s.
 pub fn end_offsets(bootstrap: &str, topic: &str) -> Vec<i64> {
-    let consumer: BaseConsumer = client_config(bootstrap)
-        .set("group.id", format!("spate-harness-{}", crate::unique_id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MS)
-        .create()
-        .unwrap_or_else(|e| panic!("cannot create a Kafka consumer for {bootstrap}: {e}"));
+    let consumer = plain_consumer(bootstrap);
     let partitions = partition_count(&consumer, topic, START_TIMEOUT)
         .unwrap_or_else(|| panic!("topic {topic} not found at {bootstrap}"));
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        let partition = i32::try_from(partition).unwrap_or(i32::MAX);
-        let _ = assignment.add_partition_offset(topic, partition, Offset::Beginning);
-    }
-    consumer
-        .assign(&assignment)
-        .unwrap_or_else(|e| panic!("cannot assign {topic}: {e}"));
-    let mut next = vec![0_i64; partitions];
-    let mut at_end = vec![false; partitions];
     let started = Instant::now();
-    while at_end.iter().any(|done| !done) {
-        assert!(
-            started.elapsed() < START_TIMEOUT,
-            "{topic} at {bootstrap}: partitions {:?} did not reach their end within \
-             {START_TIMEOUT:?}",
-            at_end
-                .iter()
-                .enumerate()
-                .filter(|(_, done)| !**done)
-                .map(|(p, _)| p)
-                .collect::<Vec<_>>()
-        );
-        let index = |p: i32| usize::try_from(p).ok().filter(|i| *i < partitions);
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                if let Some(i) = index(message.partition()) {
-                    next[i] = next[i].max(message.offset() + 1);
-                    // A record after an end-of-partition means more arrived meanwhile.
-                    at_end[i] = false;
+    (0..partitions)
+        .map(|partition| {
+            let partition = i32::try_from(partition).unwrap_or(i32::MAX);
+            loop {
+                match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+                    Ok((_, high)) => break high,
+                    Err(e) if started.elapsed() < START_TIMEOUT && is_retriable(&e) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("end offset of {topic}/{partition} at {bootstrap}: {e}"),
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                if let Some(i) = index(partition) {
-                    at_end[i] = true;
-                }
-            }
-            Some(Err(_)) | None => {}
-        }
-    }
-    next
+        })
+        .collect()
 }
 
 /// The offset `group` committed for every partition of `topic`, indexed by partition;
@@ -771,6 +798,8 @@ fn is_retriable(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::RequestTimedOut
                 | RDKafkaErrorCode::BrokerTransportFailure
                 | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
         )
     )
 }

@@ -5,15 +5,19 @@
 //! store (`runtime/state-cql/tests`), the Redis cache (`runtime/cache-redis/tests`) and the
 //! read-through tier over each.
 //!
-//! The embedded backends define the contract; a backend that cannot support a group of
-//! cases (the in-process CQL test server has no TTL, range scans or lightweight
-//! transactions) leaves the group out, and its test file says why.
+//! The embedded backends define the contract; every backend runs every group of cases.
 //!
-//! With the `services` feature, the `services` module starts the real servers the suites and the
-//! end-to-end tests run against, and the `kafka` module a Kafka-protocol broker (`tansu`) with
-//! rdkafka helpers to produce and read back. This crate is for tests and benchmarks only.
+//! With the `services` feature, it starts the real servers the suites and the end-to-end
+//! tests run against, each on free loopback ports: `services` a `redis-server` and a fault
+//! proxy, `kafka` an Apache Kafka broker (with rdkafka helpers to produce and read back),
+//! `cassandra` an Apache Cassandra node, the last two from their Maven Central jars (`jvm`).
+//! This crate is for tests and benchmarks only.
 
 pub mod cache;
+#[cfg(feature = "services")]
+pub mod cassandra;
+#[cfg(feature = "services")]
+pub mod jvm;
 #[cfg(feature = "services")]
 pub mod kafka;
 #[cfg(feature = "services")]

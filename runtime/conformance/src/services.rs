@@ -1,23 +1,16 @@
 //! Real services for backend tests, each on a free loopback port and stopped when dropped:
-//! Debian's `redis-server` as a child process, the in-process CQL server of the
-//! `kassandra-tester` crate, and a TCP proxy that can cut a backend off mid-run.
-//! Servers run on threads (or processes) of their own, so they outlive the test's runtime
-//! and never compete with it for a scheduler.
+//! Debian's `redis-server` as a child process and a TCP proxy that can cut a backend off
+//! mid-run (Apache Kafka and Apache Cassandra are in [`crate::kafka`] and
+//! [`crate::cassandra`]). The proxy runs on a thread of its own, so it outlives the test's
+//! runtime and never competes with it for a scheduler.
 //!
 //! A missing `redis-server` binary is a test failure that says how to install it, never a
 //! silent skip.
 
-use futures::{SinkExt, StreamExt};
-use kassandra_tester::kassandra::KassandraSession;
-use kassandra_tester::kassandra::error::DbError;
-use kassandra_tester::kassandra::frame::request::Request;
-use kassandra_tester::kassandra::frame::response::Response;
-use kassandra_tester::kassandra::frame::response::error::Error as CqlError;
-use kassandra_tester::kassandra::frame::{request_stream, response_sink};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -216,140 +209,6 @@ impl RedisCluster {
     /// `redis://127.0.0.1:<port>/` of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
-    }
-}
-
-/// The in-process CQL server of `kassandra-tester` (the `kassandra` in-memory, single-node
-/// CQL v4 engine) on a free loopback port, served from a thread of its own. Stopped on
-/// drop.
-///
-/// The accept loop is `KassandraTester::in_scope`'s, with one change: sockets get
-/// `TCP_NODELAY`. Without it, pipelined responses on one connection wait for the client's
-/// delayed ACK (40 ms on Linux), which showed up as a 40 ms p99.9 in every benchmark.
-///
-/// What the engine lacks, as measured against the `scylla` driver: lightweight
-/// transactions (it drops or refuses `IF ...`), `USING TTL ?`, `TTL(value)`, and range
-/// restrictions on clustering keys (`WHERE key >= ?`); and it answers a point read with
-/// every row from that key to the end of the partition. A session needs
-/// `fetch_schema_metadata(false)` and `auto_await_schema_agreement(false)`.
-pub struct CqlServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl CqlServer {
-    /// Start a fresh, empty server.
-    pub fn start() -> Self {
-        let listener = StdListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("cannot bind the CQL server: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("no CQL server address: {e}"));
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("CQL listener: {e}"));
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("kassandra".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => panic!("kassandra runtime: {e}"),
-                };
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => panic!("CQL listener: {e}"),
-                    };
-                    let session = Arc::new(Mutex::new(KassandraSession::new()));
-                    tokio::select! {
-                        _ = stop_rx => {}
-                        _ = cql_accept_loop(listener, session) => {}
-                    }
-                });
-            })
-            .unwrap_or_else(|e| panic!("cannot start the kassandra thread: {e}"));
-        wait_listening(addr, "the in-process CQL server", START_TIMEOUT);
-        Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Its loopback address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for CqlServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-async fn cql_accept_loop(listener: TcpListener, session: Arc<Mutex<KassandraSession>>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(cql_client(stream, Arc::clone(&session)));
-    }
-}
-
-async fn cql_client(mut stream: TcpStream, session: Arc<Mutex<KassandraSession>>) {
-    let (read, write) = stream.split();
-    let mut requests = request_stream(read);
-    let mut responses = response_sink(write);
-    while let Some(frame) = requests.next().await {
-        let Ok((frame, opcode, data)) = frame else {
-            break;
-        };
-        let response = match Request::deserialize(opcode, &data, frame.flags) {
-            Ok(request) => cql_respond(&session, request),
-            Err(_) => Response::Error(CqlError::new(
-                DbError::ProtocolError,
-                "Error parsing request",
-            )),
-        };
-        if responses.send((response, frame.stream)).await.is_err() {
-            break;
-        }
-    }
-}
-
-fn cql_respond(session: &Mutex<KassandraSession>, request: Request<'_>) -> Response {
-    let mut kass = session.lock().unwrap_or_else(|p| p.into_inner());
-    let result = match request {
-        Request::StartUp(_) | Request::Register { .. } => return Response::Ready,
-        Request::Options => return Response::options(),
-        Request::AuthResponse => {
-            return Response::Error(CqlError::new(
-                DbError::ProtocolError,
-                "authentication is not supported",
-            ));
-        }
-        Request::Query(query) => kass.process(query),
-        Request::Prepare(prepare) => kass.prepare(prepare),
-        Request::Execute(execute) => kass.execute(execute),
-        Request::Batch(batch) => kass.process_batch(batch),
-    };
-    match result {
-        Ok(result) => Response::Result(result),
-        Err(e) => Response::Error(e),
     }
 }
 

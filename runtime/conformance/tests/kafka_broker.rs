@@ -1,8 +1,8 @@
-//! The Kafka test harness against a real `tansu` broker (a missing binary fails with how to
-//! install it): topics, produce and read-back with headers, consumer-group commits,
-//! cooperative-sticky rebalancing, the idempotent producer, and cutting the network through
-//! the fault proxy. The quirks these tests pin down are listed in `src/kafka.rs`; timings are
-//! printed (`--nocapture`) so they can be re-measured.
+//! The Kafka test harness against a real Apache Kafka broker (KRaft, from its Maven Central
+//! jars): topics, batched produce and read-back with headers, consumer-group commits,
+//! cooperative-sticky rebalancing, the idempotent producer, end offsets, resuming inside a
+//! record batch, a restart that keeps the data, and cutting the network through the fault
+//! proxy. Timings are printed (`--nocapture`) so they can be re-measured.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use rdkafka::ClientContext;
@@ -11,7 +11,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use spate_conformance::kafka::{
     KafkaBroker, NewRecord, committed_offsets, consume_all, end_offsets, produce, produce_records,
-    produce_unbatched,
 };
 use spate_conformance::unique_id;
 use std::collections::BTreeSet;
@@ -75,8 +74,7 @@ fn group_consumer<C: ConsumerContext>(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "500")
-        .set("fetch.wait.max.ms", "100");
+        .set("heartbeat.interval.ms", "500");
     for (k, v) in extra {
         config.set(*k, *v);
     }
@@ -91,7 +89,7 @@ async fn keyed_records_round_trip_with_headers_across_partitions() {
     let started = Instant::now();
     broker.create_topic(&topic, 3).await;
     eprintln!(
-        "tansu: create_topic (3 partitions, until metadata shows them) took {:?}",
+        "kafka: create_topic (3 partitions, until metadata shows them) took {:?}",
         started.elapsed()
     );
 
@@ -200,7 +198,7 @@ async fn group_commits_round_trip_through_committed_offsets() {
             }
         }
         eprintln!(
-            "tansu: one member's first record after subscribe: {:?}",
+            "kafka: one member's first record after subscribe: {:?}",
             first.unwrap()
         );
         consumer.commit_consumer_state(CommitMode::Sync).unwrap();
@@ -286,7 +284,7 @@ async fn cooperative_sticky_group_splits_partitions_between_members() {
         let a = group_consumer(&bootstrap, &group, &extra, a_events.clone());
         a.subscribe(&[&topic]).unwrap();
         let alone = poll_until(&[&a], "first member", |s| s[0].len() == 3);
-        eprintln!("tansu: first member of a group assigned all 3 partitions after {alone:?}");
+        eprintln!("kafka: first member of a group assigned all 3 partitions after {alone:?}");
         assert!(matches!(
             a.rebalance_protocol(),
             rdkafka::consumer::RebalanceProtocol::Cooperative
@@ -301,14 +299,14 @@ async fn cooperative_sticky_group_splits_partitions_between_members() {
                 && s[0].union(&s[1]).count() == 3
         });
         eprintln!(
-            "tansu: second member joined and partitions split {:?} / {:?} after {split:?}",
+            "kafka: second member joined and partitions split {:?} / {:?} after {split:?}",
             assigned(&a),
             assigned(&b)
         );
         // Incremental: the first member only lost what moved, it never had everything revoked.
         let a_log = a_events.0.lock().unwrap().clone();
         let b_log = b_events.0.lock().unwrap().clone();
-        eprintln!("tansu: rebalance callbacks: a {a_log:?}, b {b_log:?}");
+        eprintln!("kafka: rebalance callbacks: a {a_log:?}, b {b_log:?}");
         assert!(a_log.iter().any(|e| e.starts_with("revoke")), "{a_log:?}");
         assert!(!a_log.contains(&"revoke {0, 1, 2}".to_owned()), "{a_log:?}");
         assert!(b_log.iter().any(|e| e.starts_with("assign")), "{b_log:?}");
@@ -316,7 +314,7 @@ async fn cooperative_sticky_group_splits_partitions_between_members() {
         // The second member leaves (close sends LeaveGroup): the first takes everything back.
         drop(b);
         let back = poll_until(&[&a], "after leave", |s| s[0].len() == 3);
-        eprintln!("tansu: after the second member left, the first had all 3 again after {back:?}");
+        eprintln!("kafka: after the second member left, the first had all 3 again after {back:?}");
     })
     .await
     .unwrap();
@@ -339,8 +337,10 @@ async fn idempotent_producer_writes_each_record_once_in_order() {
     assert_eq!(read.len(), 100, "no duplicates");
 }
 
+/// The registry's control topic is compacted: it takes tombstones (a `None` payload), and
+/// its active segment — never compacted — reads back every record in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compacted_topic_keeps_every_version_and_tombstones() {
+async fn a_compacted_topic_takes_tombstones() {
     let broker = KafkaBroker::start();
     let bootstrap = broker.bootstrap();
     let topic = unique_id();
@@ -359,14 +359,13 @@ async fn compacted_topic_keeps_every_version_and_tombstones() {
         .unwrap();
     let read = consume_all(&bootstrap, &topic, 3, WAIT);
     let payloads: Vec<Option<Vec<u8>>> = read.into_iter().map(|r| r.payload).collect();
-    assert_eq!(
-        payloads, versions,
-        "tansu never compacts; a tombstone reads as None"
-    );
+    assert_eq!(payloads, versions, "a tombstone reads as None");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_are_never_auto_created() {
+    // The harness's broker runs with auto.create.topics.enable=false, as most managed
+    // clusters do: a missing topic is an error a test can see.
     let broker = KafkaBroker::start();
     let bootstrap = broker.bootstrap();
     let missing = unique_id();
@@ -384,13 +383,15 @@ async fn topics_are_never_auto_created() {
     .await
     .unwrap_err();
     eprintln!(
-        "tansu: producing to a missing topic failed after {:?} with {err}",
+        "kafka: producing to a missing topic failed after {:?} with {err}",
         started.elapsed()
     );
     assert!(
         matches!(
             err,
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::UnknownTopicOrPartition
+            )
         ),
         "{err:?}"
     );
@@ -408,7 +409,7 @@ async fn topics_are_never_auto_created() {
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until {
             if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
-                eprintln!("tansu: subscribing to a missing topic: {e}");
+                eprintln!("kafka: subscribing to a missing topic: {e}");
             }
         }
         let metadata = consumer
@@ -416,7 +417,7 @@ async fn topics_are_never_auto_created() {
             .unwrap();
         let topic = &metadata.topics()[0];
         eprintln!(
-            "tansu: metadata for a missing topic: error {:?}, {} partitions",
+            "kafka: metadata for a missing topic: error {:?}, {} partitions",
             topic.error(),
             topic.partitions().len()
         );
@@ -447,7 +448,7 @@ async fn cut_network_stalls_producers_and_restore_keeps_the_data() {
         .await
         .unwrap_err();
     eprintln!(
-        "tansu: produce while cut failed after {:?} with {err}",
+        "kafka: produce while cut failed after {:?} with {err}",
         started.elapsed()
     );
     assert!(
@@ -462,7 +463,7 @@ async fn cut_network_stalls_producers_and_restore_keeps_the_data() {
     proxy.restore();
     let started = Instant::now();
     produce(&bootstrap, &topic, &keyed(10)).await;
-    eprintln!("tansu: produce after restore took {:?}", started.elapsed());
+    eprintln!("kafka: produce after restore took {:?}", started.elapsed());
     let read = consume_all(&bootstrap, &topic, 20, WAIT);
     assert_eq!(
         read.len(),
@@ -473,38 +474,67 @@ async fn cut_network_stalls_producers_and_restore_keeps_the_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_keeps_the_port_and_loses_the_memory_storage() {
+async fn a_restart_keeps_topics_records_and_committed_offsets() {
     let mut broker = KafkaBroker::start();
     let bootstrap = broker.bootstrap();
     let topic = unique_id();
-    broker.create_topic(&topic, 1).await;
-    produce(&bootstrap, &topic, &keyed(5)).await;
+    let group = unique_id();
+    broker.create_topic(&topic, 2).await;
+    produce(&bootstrap, &topic, &keyed(500)).await;
+    let (bs, t, g) = (bootstrap.clone(), topic.clone(), group.clone());
+    tokio::task::spawn_blocking(move || {
+        let committer = group_consumer(&bs, &g, &[], rdkafka::consumer::DefaultConsumerContext);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 1, rdkafka::Offset::Offset(7))
+            .unwrap();
+        committer.commit(&tpl, CommitMode::Sync).unwrap();
+    })
+    .await
+    .unwrap();
+    let ends = end_offsets(&bootstrap, &topic);
 
+    // SIGKILL: no clean shutdown, the log is recovered at start.
     broker.stop();
     assert!(!broker.is_running());
+    let started = Instant::now();
     broker.restart();
+    eprintln!("kafka: restart after SIGKILL took {:?}", started.elapsed());
     assert!(broker.is_running());
     assert_eq!(broker.bootstrap(), bootstrap);
-    assert!(
-        consume_all(&bootstrap, &topic, 1, Duration::from_secs(2)).is_empty(),
-        "memory storage: the topic is gone"
+    assert_eq!(end_offsets(&bootstrap, &topic), ends, "every record kept");
+    assert_eq!(consume_all(&bootstrap, &topic, 500, WAIT).len(), 500);
+    assert_eq!(
+        committed_offsets(&bootstrap, &group, &topic),
+        vec![None, Some(7)],
+        "committed offsets kept"
     );
-    broker.create_topic(&topic, 1).await;
-    produce(&bootstrap, &topic, &keyed(1)).await;
-    assert_eq!(end_offsets(&bootstrap, &topic), vec![1]);
+    produce(&bootstrap, &topic, &keyed(10)).await;
+    assert_eq!(end_offsets(&bootstrap, &topic).iter().sum::<i64>(), 510);
 }
 
+/// The end offsets the broker answers (`ListOffsets(latest)`) are the records produced,
+/// also when thousands share a batch — what lag and the API's topic view are built on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_offsets_latest_is_short_by_the_last_batch_but_end_offsets_is_right() {
+async fn end_offsets_count_every_record_of_large_batches() {
     let broker = KafkaBroker::start();
     let bootstrap = broker.bootstrap();
     let topic = unique_id();
     broker.create_topic(&topic, 1).await;
-    let offsets = produce_one_batch(&bootstrap, &topic, 10).await;
-    assert_eq!(offsets, (0..10).collect::<Vec<_>>());
-
+    let offsets = produce_one_batch(&bootstrap, &topic, 5_000).await;
+    assert_eq!(offsets, (0..5_000).collect::<Vec<_>>());
+    let batches = broker.record_batches(&topic, 0);
+    eprintln!("kafka: 5,000 records stored as batches {batches:?}");
+    assert!(
+        batches.iter().any(|(_, n)| *n >= 1_000),
+        "the producer did not batch: {batches:?}"
+    );
+    assert_eq!(
+        batches.iter().map(|(_, n)| i64::from(*n)).sum::<i64>(),
+        5_000
+    );
+    assert_eq!(end_offsets(&bootstrap, &topic), vec![5_000]);
     let (bs, t) = (bootstrap.clone(), topic.clone());
-    let (_, high) = tokio::task::spawn_blocking(move || {
+    let (low, high) = tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bs)
             .create()
@@ -515,35 +545,27 @@ async fn list_offsets_latest_is_short_by_the_last_batch_but_end_offsets_is_right
     })
     .await
     .unwrap();
-    eprintln!("tansu: ListOffsets(latest) after one 10-record batch: {high}");
-    assert!(
-        high < 10,
-        "tansu answered ListOffsets(latest) right ({high}); update the module docs"
-    );
-    assert_eq!(end_offsets(&bootstrap, &topic), vec![10]);
+    assert_eq!((low, high), (0, 5_000));
 }
 
-/// What a consumer resuming from a committed offset reads, on a fresh one-partition topic
-/// whose first ten records were produced in one batch (or, `unbatched`, one batch each) and
-/// the next ten in one batch.
-async fn resume_at_5(broker: &KafkaBroker, unbatched: bool) -> Vec<i64> {
+/// What a consumer resuming from committed offset `at` reads, on a fresh one-partition
+/// topic whose first `batch` records were produced as one batch and the next `batch` as
+/// another.
+async fn resume_inside_a_batch(broker: &KafkaBroker, batch: usize, at: i64) -> Vec<i64> {
     let bootstrap = broker.bootstrap();
     let topic = unique_id();
     broker.create_topic(&topic, 1).await;
-    if unbatched {
-        let records: Vec<NewRecord> = keyed(10)
-            .into_iter()
-            .map(|(key, payload)| NewRecord {
-                key,
-                payload: Some(payload),
-                ..NewRecord::default()
-            })
-            .collect();
-        produce_unbatched(&bootstrap, &topic, &records).await;
-    } else {
-        produce_one_batch(&bootstrap, &topic, 10).await;
-    }
-    produce_one_batch(&bootstrap, &topic, 10).await;
+    produce_one_batch(&bootstrap, &topic, batch).await;
+    produce_one_batch(&bootstrap, &topic, batch).await;
+    let stored = broker.record_batches(&topic, 0);
+    assert!(
+        stored.len() <= 4
+            && stored
+                .iter()
+                .any(|(base, n)| *base < at && at < base + i64::from(*n)),
+        "offset {at} is not inside a stored batch: {stored:?}"
+    );
+    let last = i64::try_from(2 * batch).unwrap() - 1;
     tokio::task::spawn_blocking(move || {
         let group = unique_id();
         let committer = group_consumer(
@@ -553,7 +575,7 @@ async fn resume_at_5(broker: &KafkaBroker, unbatched: bool) -> Vec<i64> {
             rdkafka::consumer::DefaultConsumerContext,
         );
         let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(5))
+        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(at))
             .unwrap();
         committer.commit(&tpl, CommitMode::Sync).unwrap();
         drop(committer);
@@ -566,13 +588,13 @@ async fn resume_at_5(broker: &KafkaBroker, unbatched: bool) -> Vec<i64> {
         consumer.subscribe(&[&topic]).unwrap();
         let started = Instant::now();
         let mut offsets = Vec::new();
-        // Until offset 19 arrives, then a little longer to catch duplicates.
+        // Until the last offset arrives, then a little longer to catch duplicates.
         let mut until = WAIT;
         while started.elapsed() < until {
             if let Some(m) = consumer.poll(Duration::from_millis(50)) {
                 let offset = rdkafka::Message::offset(&m.unwrap());
                 offsets.push(offset);
-                if offset == 19 {
+                if offset == last {
                     until = started.elapsed() + Duration::from_secs(1);
                 }
             }
@@ -583,16 +605,14 @@ async fn resume_at_5(broker: &KafkaBroker, unbatched: bool) -> Vec<i64> {
     .unwrap()
 }
 
+/// A consumer group that resumes at a committed offset inside a record batch reads the rest
+/// of that batch and everything after, once — what Spate's consumer does after every
+/// restart, rebalance and pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resuming_inside_a_batch_skips_its_rest_unless_records_are_unbatched() {
+async fn resuming_inside_a_batch_reads_the_rest_of_it() {
     let broker = KafkaBroker::start();
-    let batched = resume_at_5(&broker, false).await;
-    eprintln!("tansu: resumed at 5 inside a 10-record batch, read {batched:?}");
-    assert_eq!(
-        batched,
-        (10..20).collect::<Vec<_>>(),
-        "tansu no longer skips the rest of a batch on a mid-batch fetch; update the module docs"
-    );
-    let unbatched = resume_at_5(&broker, true).await;
-    assert_eq!(unbatched, (5..20).collect::<Vec<_>>());
+    let read = resume_inside_a_batch(&broker, 10, 5).await;
+    assert_eq!(read, (5..20).collect::<Vec<_>>());
+    let read = resume_inside_a_batch(&broker, 3_000, 1_234).await;
+    assert_eq!(read, (1_234..6_000).collect::<Vec<_>>());
 }

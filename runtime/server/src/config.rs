@@ -300,11 +300,6 @@ pub enum StateConfig {
         /// Password for `username`.
         #[serde(default)]
         password: Option<String>,
-        /// Accept a server without TTLs, range scans or lightweight transactions. Only for
-        /// the in-process test server: TTLs are then ignored, and scans and
-        /// compare-and-swap fail.
-        #[serde(default)]
-        allow_missing_features: bool,
     },
 }
 
@@ -384,7 +379,6 @@ impl StateConfig {
             scan_page_size,
             username,
             password,
-            allow_missing_features,
         } = self
         else {
             return None;
@@ -414,7 +408,6 @@ impl StateConfig {
             credentials: username
                 .clone()
                 .map(|u| (u, password.clone().unwrap_or_default())),
-            allow_missing_features: *allow_missing_features,
         })
     }
 }
@@ -903,7 +896,6 @@ on-write = "invalidate"
         assert_eq!(cql.tablets, Some(false));
         assert_eq!(cql.consistency, spate_state_cql::Consistency::Quorum);
         assert_eq!(cql.request_timeout, Duration::from_secs(2));
-        assert!(!cql.allow_missing_features);
         let redis = c.cache.redis_options().unwrap();
         assert_eq!(redis.urls, vec!["redis://10.0.0.9:6379/0"]);
         assert!(!redis.cluster);

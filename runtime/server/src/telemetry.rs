@@ -98,6 +98,11 @@ fn describe() {
         "Events appended to a subscribed topic but not yet committed by the plugin."
     );
     metrics::describe_counter!(
+        "spate_partition_pauses_total",
+        Unit::Count,
+        "Times a partition was paused because its unfinished events reached dispatch.max-buffered-per-partition (backpressure)."
+    );
+    metrics::describe_counter!(
         "spate_infrastructure_errors_total",
         Unit::Count,
         "Backend failures (state, emit, source) that made an event be retried without counting an attempt."

@@ -27,11 +27,9 @@
 //! capped at it.
 //!
 //! At start-up the store checks that the server understood each statement as written (the
-//! bind markers it reports must match): a server that silently ignores `USING TTL ?`, range
-//! restrictions or `IF` would otherwise corrupt state. Such a server is refused unless
-//! [`CqlOptions::allow_missing_features`] is set, which exists for the in-process test
-//! server (`kassandra`): then TTLs are not applied, and scans and conditional writes fail
-//! with [`BackendError::Invalid`].
+//! bind markers and result columns it reports must match): a server that silently ignores
+//! `USING TTL ?`, range restrictions or `IF` would otherwise corrupt state, so it is
+//! refused with [`ConnectError::MissingFeatures`] naming what it lacks.
 
 use async_trait::async_trait;
 use scylla::client::execution_profile::ExecutionProfile;
@@ -85,9 +83,6 @@ pub struct CqlOptions {
     pub scan_page_size: u32,
     /// Credentials, if the cluster requires them.
     pub credentials: Option<(String, String)>,
-    /// Accept a server that lacks TTLs, range scans or lightweight transactions (test
-    /// servers only; see the crate docs).
-    pub allow_missing_features: bool,
 }
 
 impl Default for CqlOptions {
@@ -105,7 +100,6 @@ impl Default for CqlOptions {
             connect_timeout: Duration::from_secs(5),
             scan_page_size: 1000,
             credentials: None,
-            allow_missing_features: false,
         }
     }
 }
@@ -179,67 +173,29 @@ pub enum ConnectError {
     },
     /// The server lacks something the store relies on.
     #[error(
-        "the CQL server does not support {0}, which the state store relies on (ScyllaDB and Cassandra 3+ do); \
-         allow-missing-features is for test servers only"
+        "the CQL server does not support {0}, which the state store relies on (ScyllaDB and Cassandra 3+ do)"
     )]
     MissingFeatures(String),
 }
 
-/// What the server turned out to support.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Features {
-    /// `USING TTL ?` on writes.
-    pub ttl: bool,
-    /// `TTL(value)` in selects (remaining lifetime of a value).
-    pub ttl_read: bool,
-    /// Range restrictions on the clustering key with `LIMIT ?` (scans).
-    pub scan: bool,
-    /// Lightweight transactions (`IF ...`, compare-and-swap).
-    pub conditions: bool,
-}
-
-impl Features {
-    fn missing(&self) -> Vec<&'static str> {
-        let mut m = Vec::new();
-        if !self.ttl {
-            m.push("`USING TTL ?`");
-        }
-        if !self.ttl_read {
-            m.push("`TTL(value)`");
-        }
-        if !self.scan {
-            m.push("range restrictions on clustering keys (`key >= ? AND key < ?`) with `LIMIT ?`");
-        }
-        if !self.conditions {
-            m.push("lightweight transactions (`IF value = ?`)");
-        }
-        m
-    }
-}
-
 struct Statements {
+    /// A point read with the value's remaining TTL.
     get: PreparedStatement,
-    get_ttl: Option<PreparedStatement>,
     put: PreparedStatement,
-    put_ttl: Option<PreparedStatement>,
+    put_ttl: PreparedStatement,
     delete: PreparedStatement,
-    scan_range: Option<PreparedStatement>,
-    scan_from: Option<PreparedStatement>,
-    cas: Option<CasStatements>,
-}
-
-struct CasStatements {
-    put: PreparedStatement,
-    put_absent: PreparedStatement,
-    delete: PreparedStatement,
-    delete_absent: PreparedStatement,
+    scan_range: PreparedStatement,
+    scan_from: PreparedStatement,
+    cas_put: PreparedStatement,
+    cas_put_absent: PreparedStatement,
+    cas_delete: PreparedStatement,
+    cas_delete_absent: PreparedStatement,
 }
 
 /// The CQL state store; see the [crate docs](crate).
 pub struct CqlStateStore {
     session: Session,
     statements: Statements,
-    features: Features,
     page_size: u32,
 }
 
@@ -306,61 +262,81 @@ impl CqlStateStore {
             }
         }
 
-        let required = |statement: String| {
-            let session = &session;
-            async move {
-                let mut p = session
-                    .prepare(statement.as_str())
-                    .await
-                    .map_err(|source| ConnectError::Prepare { statement, source })?;
-                p.set_is_idempotent(true);
-                Ok::<_, ConnectError>(p)
+        // Each statement must be read as written: the bind markers (and result columns)
+        // the server reports are checked, and what fails is reported together.
+        let mut missing = Vec::new();
+        let mut prepare = async |feature: &'static str,
+                                 statement: String,
+                                 markers: usize,
+                                 columns: Option<usize>,
+                                 idempotent: bool|
+               -> Result<Option<PreparedStatement>, ConnectError> {
+            match checked(&session, &statement, markers, columns, idempotent).await {
+                Ok(p) => Ok(Some(p)),
+                Err(Misread::Refused(source)) if feature.is_empty() => {
+                    Err(ConnectError::Prepare { statement, source })
+                }
+                Err(_) => {
+                    missing.push(if feature.is_empty() { "CQL 3" } else { feature });
+                    Ok(None)
+                }
             }
         };
-        let get = required(format!(
-            "SELECT key, value FROM {table} WHERE ns = ? AND key = ?"
-        ))
-        .await?;
-        let put = required(format!(
-            "UPDATE {table} SET value = ? WHERE ns = ? AND key = ?"
-        ))
-        .await?;
-        let delete = required(format!("DELETE FROM {table} WHERE ns = ? AND key = ?")).await?;
-
-        let get_ttl = optional(
-            &session,
+        let get = prepare(
+            "`TTL(value)`",
             format!("SELECT key, value, TTL(value) FROM {table} WHERE ns = ? AND key = ?"),
             2,
             Some(3),
             true,
         )
-        .await;
-        let put_ttl = optional(
-            &session,
+        .await?;
+        let put = prepare(
+            "",
+            format!("UPDATE {table} SET value = ? WHERE ns = ? AND key = ?"),
+            3,
+            None,
+            true,
+        )
+        .await?;
+        let delete = prepare(
+            "",
+            format!("DELETE FROM {table} WHERE ns = ? AND key = ?"),
+            2,
+            None,
+            true,
+        )
+        .await?;
+        let put_ttl = prepare(
+            "`USING TTL ?`",
             format!("UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ?"),
             4,
             None,
             true,
         )
-        .await;
-        let scan_range = optional(
-            &session,
+        .await?;
+        let ranges =
+            "range restrictions on clustering keys (`key >= ? AND key < ?`) with `LIMIT ?`";
+        let scan_range = prepare(
+            ranges,
             format!("SELECT key, value FROM {table} WHERE ns = ? AND key >= ? AND key < ? LIMIT ?"),
             4,
             Some(2),
             true,
         )
-        .await;
-        let scan_from = optional(
-            &session,
+        .await?;
+        let scan_from = prepare(
+            ranges,
             format!("SELECT key, value FROM {table} WHERE ns = ? AND key >= ? LIMIT ?"),
             3,
             Some(2),
             true,
         )
-        .await;
-        let cas_put = optional(
-            &session,
+        .await?;
+        // Lightweight transactions are never idempotent: a retried Paxos round may see its
+        // own earlier write.
+        let lwt = "lightweight transactions (`IF value = ?`)";
+        let cas_put = prepare(
+            lwt,
             format!(
                 "UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ? IF value = ?"
             ),
@@ -368,9 +344,9 @@ impl CqlStateStore {
             None,
             false,
         )
-        .await;
-        let cas_put_absent = optional(
-            &session,
+        .await?;
+        let cas_put_absent = prepare(
+            lwt,
             format!(
                 "UPDATE {table} USING TTL ? SET value = ? WHERE ns = ? AND key = ? IF value = null"
             ),
@@ -378,17 +354,17 @@ impl CqlStateStore {
             None,
             false,
         )
-        .await;
-        let cas_delete = optional(
-            &session,
+        .await?;
+        let cas_delete = prepare(
+            lwt,
             format!("DELETE FROM {table} WHERE ns = ? AND key = ? IF value = ?"),
             3,
             None,
             false,
         )
-        .await;
-        let cas_delete_absent = optional(
-            &session,
+        .await?;
+        let cas_delete_absent = prepare(
+            lwt,
             format!("DELETE FROM {table} WHERE ns = ? AND key = ? IF value = null"),
             // Same markers as a plain delete: a server ignoring `IF` is caught by the
             // other three.
@@ -396,54 +372,52 @@ impl CqlStateStore {
             None,
             false,
         )
-        .await;
-        let cas = match (cas_put, cas_put_absent, cas_delete, cas_delete_absent) {
-            (Some(put), Some(put_absent), Some(delete), Some(delete_absent)) => {
-                Some(CasStatements {
-                    put,
-                    put_absent,
-                    delete,
-                    delete_absent,
-                })
-            }
-            _ => None,
+        .await?;
+        let (
+            Some(get),
+            Some(put),
+            Some(put_ttl),
+            Some(delete),
+            Some(scan_range),
+            Some(scan_from),
+            Some(cas_put),
+            Some(cas_put_absent),
+            Some(cas_delete),
+            Some(cas_delete_absent),
+        ) = (
+            get,
+            put,
+            put_ttl,
+            delete,
+            scan_range,
+            scan_from,
+            cas_put,
+            cas_put_absent,
+            cas_delete,
+            cas_delete_absent,
+        )
+        else {
+            missing.dedup();
+            return Err(ConnectError::MissingFeatures(missing.join(", ")));
         };
-        let features = Features {
-            ttl: put_ttl.is_some(),
-            ttl_read: get_ttl.is_some(),
-            scan: scan_range.is_some() && scan_from.is_some(),
-            conditions: cas.is_some(),
+        let statements = Statements {
+            get,
+            put,
+            put_ttl,
+            delete,
+            scan_range,
+            scan_from,
+            cas_put,
+            cas_put_absent,
+            cas_delete,
+            cas_delete_absent,
         };
-        let missing = features.missing();
-        if !missing.is_empty() {
-            if !options.allow_missing_features {
-                return Err(ConnectError::MissingFeatures(missing.join(", ")));
-            }
-            warn!(missing = %missing.join(", "),
-                "CQL server lacks features; allowed by configuration (test servers only): \
-                 TTLs are not applied, scans and compare-and-swap fail");
-        }
         info!(nodes = ?options.nodes, %table, "CQL state store ready");
         Ok(Self {
             session,
-            statements: Statements {
-                get,
-                get_ttl,
-                put,
-                put_ttl,
-                delete,
-                scan_range,
-                scan_from,
-                cas,
-            },
-            features,
+            statements,
             page_size: options.scan_page_size,
         })
-    }
-
-    /// What the server supports.
-    pub fn features(&self) -> Features {
-        self.features
     }
 
     /// The driver session (for tests and tools).
@@ -452,37 +426,26 @@ impl CqlStateStore {
     }
 
     async fn read(&self, ns: &str, key: &str) -> BackendResult<Option<Entry>> {
-        let with_ttl = self.statements.get_ttl.as_ref();
-        let statement = with_ttl.unwrap_or(&self.statements.get);
         let result = self
             .session
-            .execute_unpaged(statement, (ns, key.as_bytes()))
+            .execute_unpaged(&self.statements.get, (ns, key.as_bytes()))
             .await
             .map_err(execution_error)?;
         let rows = result.into_rows_result().map_err(corrupt)?;
         // At most one row; take the first and check its key, so a server that answers a
         // point lookup with a range can never hand back a neighbour's value.
-        let first = if with_ttl.is_some() {
-            rows.rows::<(Vec<u8>, Option<Vec<u8>>, Option<i32>)>()
-                .map_err(corrupt)?
-                .next()
-                .transpose()
-                .map_err(corrupt)?
-        } else {
-            rows.rows::<(Vec<u8>, Option<Vec<u8>>)>()
-                .map_err(corrupt)?
-                .next()
-                .transpose()
-                .map_err(corrupt)?
-                .map(|(k, v)| (k, v, None))
-        };
+        let first = rows
+            .rows::<(Vec<u8>, Option<Vec<u8>>, Option<i32>)>()
+            .map_err(corrupt)?
+            .next()
+            .transpose()
+            .map_err(corrupt)?;
         Ok(match first {
             Some((k, Some(value), ttl)) if k == key.as_bytes() => Some(Entry {
                 value,
-                expiry: match (with_ttl.is_some(), ttl) {
-                    (false, _) => Expiry::Unknown,
-                    (true, None) => Expiry::Never,
-                    (true, Some(secs)) => Expiry::In(Duration::from_secs(
+                expiry: match ttl {
+                    None => Expiry::Never,
+                    Some(secs) => Expiry::In(Duration::from_secs(
                         u64::try_from(secs.max(0)).unwrap_or_default(),
                     )),
                 },
@@ -496,7 +459,7 @@ impl CqlStateStore {
         &'a self,
         ns: &'a str,
         w: &'a StateWrite,
-    ) -> BackendResult<(&'a PreparedStatement, Vec<Arg<'a>>)> {
+    ) -> (&'a PreparedStatement, Vec<Arg<'a>>) {
         let key = Arg::Blob(w.key.as_bytes());
         let ns = Arg::Text(ns);
         let ttl = w.ttl.map(ttl_secs);
@@ -506,28 +469,22 @@ impl CqlStateStore {
             (Some(v), _) => Some(Arg::Blob(v)),
         };
         let ttl_arg = Arg::Int(ttl.unwrap_or(0));
+        let st = &self.statements;
         let Some(condition) = &w.condition else {
-            return Ok(match value {
-                None => (&self.statements.delete, vec![ns, key]),
-                Some(v) => match (&self.statements.put_ttl, ttl) {
-                    (Some(put_ttl), Some(_)) => (put_ttl, vec![ttl_arg, v, ns, key]),
-                    // Without TTL support the value is kept without one (test servers).
-                    _ => (&self.statements.put, vec![v, ns, key]),
-                },
-            });
+            return match (value, ttl) {
+                (None, _) => (&st.delete, vec![ns, key]),
+                (Some(v), Some(_)) => (&st.put_ttl, vec![ttl_arg, v, ns, key]),
+                (Some(v), None) => (&st.put, vec![v, ns, key]),
+            };
         };
-        let Some(cas) = &self.statements.cas else {
-            return Err(BackendError::Invalid(
-                "this CQL server has no lightweight transactions, so compare-and-swap is unavailable"
-                    .into(),
-            ));
-        };
-        Ok(match (value, condition) {
-            (Some(v), Some(expected)) => (&cas.put, vec![ttl_arg, v, ns, key, Arg::Blob(expected)]),
-            (Some(v), None) => (&cas.put_absent, vec![ttl_arg, v, ns, key]),
-            (None, Some(expected)) => (&cas.delete, vec![ns, key, Arg::Blob(expected)]),
-            (None, None) => (&cas.delete_absent, vec![ns, key]),
-        })
+        match (value, condition) {
+            (Some(v), Some(expected)) => {
+                (&st.cas_put, vec![ttl_arg, v, ns, key, Arg::Blob(expected)])
+            }
+            (Some(v), None) => (&st.cas_put_absent, vec![ttl_arg, v, ns, key]),
+            (None, Some(expected)) => (&st.cas_delete, vec![ns, key, Arg::Blob(expected)]),
+            (None, None) => (&st.cas_delete_absent, vec![ns, key]),
+        }
     }
 
     /// Which conditional write failed: the first whose condition does not hold now.
@@ -548,32 +505,39 @@ impl CqlStateStore {
     }
 }
 
-/// Prepare a statement the store can do without; `None` if the server refuses it or
-/// reports other bind markers (or result columns) than written.
-async fn optional(
+/// Why a statement cannot be used.
+enum Misread {
+    /// The server refused to prepare it.
+    Refused(PrepareError),
+    /// It reports other bind markers (or result columns) than written.
+    Misread,
+}
+
+/// Prepare `statement`, checking that the server read it as written.
+async fn checked(
     session: &Session,
-    statement: String,
+    statement: &str,
     markers: usize,
     columns: Option<usize>,
     idempotent: bool,
-) -> Option<PreparedStatement> {
-    match session.prepare(statement.as_str()).await {
+) -> Result<PreparedStatement, Misread> {
+    match session.prepare(statement).await {
         Ok(mut p) => {
             let markers_ok = p.get_variable_col_specs().len() == markers;
             let columns_ok =
                 columns.is_none_or(|c| p.get_current_result_set_col_specs().get().len() == c);
             if markers_ok && columns_ok {
                 p.set_is_idempotent(idempotent);
-                Some(p)
+                Ok(p)
             } else {
                 warn!(%statement, markers = p.get_variable_col_specs().len(), expected = markers,
-                    "the CQL server misread a statement; treating the feature as unsupported");
-                None
+                    "the CQL server misread a statement");
+                Err(Misread::Misread)
             }
         }
         Err(e) => {
-            warn!(%statement, error = %e, "the CQL server refused a statement; treating the feature as unsupported");
-            None
+            warn!(%statement, error = %e, "the CQL server refused a statement");
+            Err(Misread::Refused(e))
         }
     }
 }
@@ -617,12 +581,7 @@ impl StateStore for CqlStateStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let (Some(range), Some(from)) = (&self.statements.scan_range, &self.statements.scan_from)
-        else {
-            return Err(BackendError::Invalid(
-                "this CQL server cannot scan key ranges, so state scans are unavailable".into(),
-            ));
-        };
+        let (range, from) = (&self.statements.scan_range, &self.statements.scan_from);
         let end = successor(prefix.as_bytes());
         let mut start = prefix.as_bytes().to_vec();
         let mut out: Vec<(String, Vec<u8>)> = Vec::new();
@@ -668,7 +627,7 @@ impl StateStore for CqlStateStore {
         let conditional = writes.iter().any(|w| w.condition.is_some());
         let mut statements = Vec::with_capacity(writes.len());
         for w in writes {
-            statements.push(self.statement_for(namespace, w)?);
+            statements.push(self.statement_for(namespace, w));
         }
         let result = if let [(statement, values)] = statements.as_slice() {
             self.session.execute_unpaged(statement, values).await

@@ -7,9 +7,10 @@
 //! plugin does per order: read its key's state and write it back changed (`get` + `apply`),
 //! in per-key order (events hash to lanes, each lane in order, lanes concurrently).
 //!
-//! By default it starts its own `redis-server` and the in-process CQL server
-//! (`kassandra-tester`) on free loopback ports; `--redis URL` and `--cql HOST:PORT` point
-//! it at real ones (say the compose file's ScyllaDB and Redis).
+//! By default it starts its own `redis-server` and Apache Cassandra node (the test
+//! harness's, from its Maven Central jars: a JDK 17+ and Maven are needed) on free loopback
+//! ports; `--redis URL` and `--cql HOST:PORT` point it at others (say the compose file's
+//! ScyllaDB and Redis).
 //!
 //! ```sh
 //! cargo run --release -p spate-tier-bench -- [--events N] [--keys N] [--lanes N]
@@ -18,7 +19,8 @@
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use spate_cache_redis::{RedisCache, RedisOptions};
-use spate_conformance::services::{CqlServer, RedisServer};
+use spate_conformance::cassandra::Cassandra;
+use spate_conformance::services::RedisServer;
 use spate_core::backend::{BackendResult, Cache, StateStore, StateWrite};
 use spate_core::cache_guard::GuardedCache;
 use spate_core::tiered::{ReadThroughConfig, StateTier, TierStats};
@@ -250,7 +252,7 @@ fn main() -> anyhow::Result<()> {
 async fn bench(args: Args) -> anyhow::Result<()> {
     // Our own servers unless pointed at real ones; kept alive until the end.
     let redis_server = args.redis.is_none().then(RedisServer::start);
-    let cql_server = args.cql.is_none().then(CqlServer::start);
+    let cql_server = args.cql.is_none().then(Cassandra::start);
     let redis_url = match (&args.redis, &redis_server) {
         (Some(url), _) => url.clone(),
         (None, Some(s)) => s.url(),
@@ -264,8 +266,6 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let store = Arc::new(
         CqlStateStore::connect(CqlOptions {
             nodes: vec![cql_node.clone()],
-            // The in-process server lacks TTLs, scans and LWT; the workload uses none.
-            allow_missing_features: cql_server.is_some(),
             ..CqlOptions::default()
         })
         .await
@@ -298,7 +298,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
         "  store: CQL at {cql_node}{}; cache: Redis at {redis_url}{}",
         if cql_server.is_some() {
-            " (in-process kassandra)"
+            " (local Apache Cassandra)"
         } else {
             ""
         },

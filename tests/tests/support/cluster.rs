@@ -1,13 +1,15 @@
-//! The cluster-mode harness: a runtime whose state lives in a CQL server and whose cache
-//! is a real `redis-server`, each started on a free loopback port for the test and
-//! stopped after it (see `spate_conformance::services`). The CQL server is reached through
-//! a fault proxy, so a test can cut the store off mid-run and bring it back.
+//! The cluster-mode harness: a runtime whose state lives in Apache Cassandra and whose
+//! cache is a real `redis-server`, on free loopback ports. The Cassandra node is shared by
+//! the tests of this binary (each test in a keyspace of its own) and stopped when it exits;
+//! Redis is started per test (see `spate_conformance::{cassandra, services}`). The node is
+//! reached through a fault proxy, so a test can cut the store off mid-run and bring it back.
 
 use super::{TOKEN, test_config};
 use serde_json::Value;
 use spate::config::{CacheConfig, ReadThroughSettings, StateConfig};
 use spate::{Backends, Config, Runtime};
-use spate_conformance::services::{CqlServer, FaultProxy, RedisServer};
+use spate_conformance::cassandra::{cql_node, fresh_keyspace};
+use spate_conformance::services::{FaultProxy, RedisServer};
 use spate_core::{EventBus, NewEvent};
 use std::sync::Arc;
 
@@ -15,13 +17,12 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub rt: Arc<Runtime>,
     pub redis: RedisServer,
-    /// Kept alive for the runtime; reached through `cql_proxy`.
-    pub cql: CqlServer,
+    /// In front of the shared Cassandra node.
     pub cql_proxy: FaultProxy,
 }
 
-/// `test_config` with state in the CQL server behind `proxy` and the cache in `redis`,
-/// with short timeouts so outages are noticed quickly.
+/// `test_config` with state in a fresh keyspace of the CQL node behind `proxy` and the
+/// cache in `redis`, with short timeouts so outages are noticed quickly.
 pub fn cluster_config(
     dir: &std::path::Path,
     redis: &RedisServer,
@@ -31,20 +32,18 @@ pub fn cluster_config(
     let mut c = test_config(dir);
     c.state = StateConfig::Cql {
         nodes: vec![proxy.addr().to_string()],
-        keyspace: "spate".into(),
+        keyspace: fresh_keyspace(),
         table: "state".into(),
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
         tablets: None,
         create_schema: true,
         consistency: Default::default(),
         serial_consistency: Default::default(),
-        request_timeout_ms: 1_000,
-        connect_timeout_ms: 1_000,
+        request_timeout_ms: 2_000,
+        connect_timeout_ms: 2_000,
         scan_page_size: 1_000,
         username: None,
         password: None,
-        // kassandra has no TTL, range scans or LWT; the tests here use none of them.
-        allow_missing_features: true,
     };
     c.cache = CacheConfig::Redis {
         urls: vec![redis.url()],
@@ -65,8 +64,10 @@ impl Cluster {
     pub async fn start(read_through: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start();
-        let cql = CqlServer::start();
-        let cql_proxy = FaultProxy::start(cql.addr());
+        let node = cql_node()
+            .parse()
+            .expect("SPATE_TEST_CQL must be host:port");
+        let cql_proxy = FaultProxy::start(node);
         let config = cluster_config(dir.path(), &redis, &cql_proxy, read_through);
         config.validate().unwrap();
         let backends = Backends::from_config(&config).await.unwrap();
@@ -75,7 +76,6 @@ impl Cluster {
             dir,
             rt,
             redis,
-            cql,
             cql_proxy,
         }
     }

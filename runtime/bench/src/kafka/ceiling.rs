@@ -120,8 +120,8 @@ pub struct Ceiling {
 
 impl Ceiling {
     /// Create the producer and wait until it delivered one record to the warm-up topic
-    /// (an idempotent producer's initialisation takes about 0.5 s on tansu), then
-    /// subscribe and start consuming. Returns it and when consuming started.
+    /// (so an idempotent producer's initialisation is not on the clock, as it is not for
+    /// Spate), then subscribe and start consuming. Returns it and when consuming started.
     pub fn start(settings: Settings) -> Result<(Self, Instant)> {
         let tracker = Arc::new(Tracker::default());
         let producer: ThreadedProducer<Retire> = settings

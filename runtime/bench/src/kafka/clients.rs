@@ -24,17 +24,12 @@ use std::time::{Duration, Instant};
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one observer poll waits (also its reaction time to `stop`).
 const OBSERVER_POLL: Duration = Duration::from_millis(20);
-/// `fetch.wait.max.ms` of the observer, whatever the subjects use: tansu 0.6 reads a
-/// fetch's records, then holds the answer for the rest of `fetch.wait.max.ms` (half of it
-/// from 250 ms up), so each consumer hop adds up to twice the wait. The observer is the
-/// measuring instrument, so its hop is kept as short as it goes.
-const OBSERVER_FETCH_WAIT_MS: &str = "1";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// librdkafka settings every client of a run shares (`fetch.wait.max.ms`, `--librdkafka`).
+/// librdkafka settings every client of a run shares (`--fetch-wait-ms`, `--librdkafka`).
 #[derive(Clone, Debug, Default)]
 pub struct Common {
     /// Applied to every client, in order.
@@ -97,11 +92,8 @@ impl ProducerContext for AckContext {
     }
 }
 
-/// The producer of input events: idempotent, `acks=all`, one record per batch.
-///
-/// One record per batch because tansu 0.6 answers a fetch from an offset inside a batch
-/// with the next batch: a consumer that pauses a partition (Spate's does, for
-/// backpressure) resumes mid-batch and would never see the rest of it.
+/// The producer of input events: idempotent, `acks=all`, batching as a user's producer
+/// does (the backlog goes in large batches, so the subjects consume what real topics hold).
 pub struct InputProducer {
     producer: ThreadedProducer<AckContext>,
     log: Arc<AckLog>,
@@ -118,8 +110,9 @@ impl InputProducer {
             .set("client.id", "bench-input")
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("batch.num.messages", "1")
+            // spate-kafka's and the ceiling's linger: a paced input waits at most 1 ms
+            // for company, which the latency it is part of can afford.
+            .set("linger.ms", "1")
             .set("partitioner", "murmur2_random")
             .set(
                 "message.timeout.ms",
@@ -239,7 +232,6 @@ impl Observer {
         let consumer: BaseConsumer = common
             .config(bootstrap)
             .set("client.id", "bench-observer")
-            .set("fetch.wait.max.ms", OBSERVER_FETCH_WAIT_MS)
             // librdkafka wants a group id to assign; this one never joins or commits.
             .set("group.id", "bench-observer")
             .set("enable.auto.commit", "false")
@@ -327,8 +319,6 @@ fn observe(
     progress: &Progress,
 ) -> Result<Seen> {
     let mut seen = Seen::default();
-    // tansu can return a batch twice in one fetch: count each output record once.
-    let mut records: std::collections::HashSet<(bool, i32, i64)> = Default::default();
     while !stop.load(Ordering::Acquire) {
         let Some(result) = consumer.poll(OBSERVER_POLL) else {
             continue;
@@ -337,11 +327,7 @@ fn observe(
             continue;
         };
         let at = Instant::now();
-        let is_dead = m.topic() == dead_topic;
-        if !records.insert((is_dead, m.partition(), m.offset())) {
-            continue;
-        }
-        if is_dead {
+        if m.topic() == dead_topic {
             seen.dead_letters += 1;
             progress.dead.fetch_add(1, Ordering::Release);
             continue;
@@ -384,25 +370,6 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100.0)
-}
-
-/// The pid of the tansu process listening on `port` (found by its command line), so its
-/// CPU time can be read.
-pub fn broker_pid(port: u16) -> Option<String> {
-    let needle = format!("tcp://127.0.0.1:{port}");
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            if !name.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let is_tansu = args.first().is_some_and(|a| a.ends_with(b"tansu"));
-            (is_tansu && args.contains(&needle.as_bytes())).then_some(name)
-        })
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub struct KafkaReport {
 /// Settings of the run.
 #[derive(Debug, Serialize)]
 pub struct KafkaSettings {
-    /// The broker, as `tansu --version` would name it.
+    /// The broker: its release and how it runs.
     pub broker: String,
     /// Partitions of every topic.
     pub partitions: i32,
@@ -50,7 +50,8 @@ pub struct KafkaSettings {
 pub struct ThroughputRun {
     /// Inputs in the backlog.
     pub events: usize,
-    /// Seconds producing the backlog took (one record per batch; before the clock).
+    /// Seconds producing the backlog took (batched as a user's producer does; before the
+    /// clock).
     pub produce_seconds: f64,
     /// Inputs whose output became visible.
     pub outputs: usize,
@@ -179,30 +180,30 @@ const STALL_NOTE_MS: f64 = 200.0;
 
 /// The paragraph printed under the tables.
 const HOW_TO_READ: &str = "
-How to read this: every run gets a fresh tansu broker (memory storage) on loopback,
-sharing the machine's cores with this process. `spate` rows run the real dispatcher
-(Pipeline) on KafkaBus from spate-kafka, one runtime: one consumer-group member per
-topic, emits through its idempotent acks=all producer, commits after the emits are
-acknowledged; the `rdkafka` row is the ceiling, a plain consume -> produce -> commit
-loop with the same client settings and no Spate. Throughput: N inputs are produced first
-(one record per batch, see tansu's quirks in spate-conformance's kafka module); the
-subject connects and its producer delivers one warm-up record, then it starts consuming;
-`ev/s` is N over the time from then to its last output visible, `drain` N over the time
-from its first output to its last (`join s`, before the first output, is the group join
-and the first fetch); `gap` is the longest time between two consecutive outputs, where a
-consumer that stopped fetching shows. The median round is the one with the median `ev/s`. `CPU s`
-is this process (subject and observer), `broker` the tansu process, over the same span;
-on two cores the broker's share is capacity the subject did not get. Latency: inputs
-sent one at a time at the paced rate once a probe's output showed the group joined,
-after a warm-up; per-event time from the producer's send to the output being read by a
-separate consumer of the output topic (no group, fetch.wait.max.ms=1), pooled across
-rounds; `ack` is the input's own produce acknowledgement, part of that time. tansu reads
-a fetch's records and then holds the answer for the rest of fetch.wait.max.ms (below 250
-ms), so the subject's hop adds up to twice its fetch wait: that is the floor under these
-latencies, and a tansu artefact (a Kafka broker answers as soon as fetch.min.bytes is
-there). `dup` counts outputs for inputs that already had one, `dlq` dead letters,
-`commit` the committed offsets against the inputs after the subject stopped; `*` marks a
-run that stalled before every output.
+How to read this: every run gets a fresh Apache Kafka broker (KRaft, one node, its log on
+disk in the system temp dir, a JVM with the optimizing JIT) on loopback, sharing the
+machine's cores with this process; the broker's JVM starts cold in each run, alike for
+every subject. `spate` rows run the real dispatcher (Pipeline) on KafkaBus from
+spate-kafka, one runtime: one consumer-group member per topic, emits through its
+idempotent acks=all producer, commits after the emits are acknowledged; the `rdkafka` row
+is the ceiling, a plain consume -> produce -> commit loop with the same client settings
+and no Spate. Throughput: N inputs are produced first, batched as a user's producer does
+(linger.ms=1, idempotent, acks=all); the subject connects and its producer delivers one
+warm-up record, then it starts consuming; `ev/s` is N over the time from then to its last
+output visible, `drain` N over the time from its first output to its last (`join s`,
+before the first output, is the group join and the first fetch); `gap` is the longest
+time between two consecutive outputs, where a consumer that stopped fetching shows. The
+median round is the one with the median `ev/s`. `CPU s` is this process (subject and
+observer), `broker` the broker's JVM, over the same span; on two cores the broker's share
+is capacity the subject did not get. Latency: inputs sent one at a time at the paced rate
+once a probe's output showed the group joined, after a warm-up; per-event time from the
+producer's send to the output being read by a separate consumer of the output topic (no
+group, librdkafka's default fetch settings: the broker answers a fetch as soon as records
+arrive, so fetch.wait.max.ms is no floor under these latencies), pooled across rounds;
+`ack` is the input's own produce acknowledgement, part of that time. `dup` counts outputs
+for inputs that already had one, `dlq` dead letters, `commit` the committed offsets
+against the inputs after the subject stopped; `*` marks a run that stalled before every
+output.
 ";
 
 fn human_us(us: f64) -> String {
@@ -230,7 +231,7 @@ impl KafkaReport {
             "Spate bench, Kafka: the trivial plugin through the real dispatcher on spate-kafka,\n",
         );
         o.push_str(&format!(
-            "against a {} broker on loopback, and the same work as a plain rdkafka program.\n\n",
+            "against {} on loopback, and the same work as a plain rdkafka program.\n\n",
             s.broker
         ));
         o.push_str(&format!(

@@ -361,6 +361,7 @@ impl Pipeline {
                             {
                                 debug!(plugin = %cfg.plugin, partition, "partition full; pausing it");
                                 sub.pause(&TopicPartition::new(cfg.topic.clone(), partition));
+                                metrics::counter!("spate_partition_pauses_total", "plugin" => cfg.plugin.clone()).increment(1);
                             }
                         }
                     }
