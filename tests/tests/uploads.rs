@@ -231,3 +231,120 @@ async fn a_restart_serves_the_active_version_from_the_compiled_cache() {
     assert_eq!(json(&out[1])["value"], "1");
     rt.shutdown().await;
 }
+
+/// Many uploads of one new component at once (24 plugins sharing it): each is compiled
+/// once and stored once, and every upload succeeds — none trips over another's artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_of_one_new_component_all_succeed() {
+    let h = Harness::start().await;
+    let app = spate::api::router(spate::api::ApiState::new(
+        h.rt.clone(),
+        TOKEN,
+        spate::telemetry::metrics(),
+    ));
+    let wasm = chaos_wasm();
+    let uploads = (0..24).map(|i| {
+        let manifest = chaos_manifest(&format!("race-{i}"), "1.0.0", "in", "");
+        let request = upload_request(
+            Some(TOKEN),
+            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
+        );
+        let app = app.clone();
+        async move { call(&app, request).await }
+    });
+    let answers = futures::future::join_all(uploads).await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, StatusCode::CREATED, "race-{i}: {body}");
+    }
+    let compiled = std::fs::read_dir(h.dir.path().join("compiled"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        compiled.iter().filter(|n| n.ends_with(".cwasm")).count(),
+        1,
+        "one artifact, no temp files left: {compiled:?}"
+    );
+    assert_eq!(compiled.len(), 1, "no temp files left: {compiled:?}");
+}
+
+/// A dead-letter topic is a write no emit capability grants: it may not be another
+/// plugin's input (a plugin without emit rights could feed it), nor the plugin's own input
+/// or the workflow topic; a plugin may not emit onto the workflow topic either. Each is a
+/// 4xx that says what to fix, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topics_and_the_workflow_topic_are_not_write_capabilities() {
+    let h = Harness::start().await;
+    let app = spate::api::router(spate::api::ApiState::new(
+        h.rt.clone(),
+        TOKEN,
+        spate::telemetry::metrics(),
+    ));
+    let wasm = chaos_wasm();
+    let upload = |manifest: String| {
+        let request = upload_request(
+            Some(TOKEN),
+            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
+        );
+        let app = app.clone();
+        async move { call(&app, request).await }
+    };
+    let (status, body) = upload(chaos_manifest("totals", "1.0.0", "orders", "")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let cases = [
+        (
+            format!(
+                "dead-letter-topic = \"orders\"\n{}",
+                chaos_manifest("forger", "1.0.0", "in", "")
+            ),
+            StatusCode::CONFLICT,
+            "input topic of plugin `totals`",
+        ),
+        (
+            format!(
+                "dead-letter-topic = \"in\"\n{}",
+                chaos_manifest("looper", "1.0.0", "in", "")
+            ),
+            StatusCode::BAD_REQUEST,
+            "also subscribed",
+        ),
+        (
+            format!(
+                "dead-letter-topic = \"workflows\"\n{}",
+                chaos_manifest("starter", "1.0.0", "in", "")
+            ),
+            StatusCode::BAD_REQUEST,
+            "workflow topic",
+        ),
+        (
+            chaos_manifest("starter", "1.0.0", "in", "").replace(
+                "emit-topics = [\"out\"]",
+                "emit-topics = [\"out\", \"workflows\"]",
+            ),
+            StatusCode::BAD_REQUEST,
+            "start-workflow",
+        ),
+    ];
+    for (manifest, want, problem) in cases {
+        let (status, body) = upload(manifest.clone()).await;
+        assert_eq!(status, want, "{manifest}: {body}");
+        assert!(error_message(&body).contains(problem), "{manifest}: {body}");
+    }
+    for refused in ["forger", "looper", "starter"] {
+        let (status, body) = call(
+            &app,
+            Request::get(format!("/v1/plugins/{refused}"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{refused} was stored: {body}"
+        );
+    }
+}

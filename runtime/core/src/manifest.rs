@@ -19,6 +19,9 @@ pub struct LimitCeilings {
     pub max_memory_mb: u64,
     /// Largest number of concurrent events per plugin.
     pub max_concurrency: u32,
+    /// The runtime's workflow topic: workflows start only through `start-workflow` (checked
+    /// against `capabilities.workflows`), so no plugin may emit or dead-letter into it.
+    pub workflow_topic: String,
 }
 
 impl Default for LimitCeilings {
@@ -27,6 +30,7 @@ impl Default for LimitCeilings {
             max_timeout_ms: 60_000,
             max_memory_mb: 512,
             max_concurrency: 1024,
+            workflow_topic: "workflows".into(),
         }
     }
 }
@@ -258,9 +262,12 @@ pub fn valid_name(s: &str) -> bool {
         && !s.starts_with('-')
 }
 
-/// Whether `s` is an acceptable topic name: 1–249 of `[A-Za-z0-9._-]`, as in Kafka.
+/// Whether `s` is an acceptable topic name: 1–249 of `[A-Za-z0-9._-]`, and neither `.`
+/// nor `..`, as in Kafka (those two would name directories of the log).
 pub fn valid_topic(s: &str) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.len() <= 249
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -288,10 +295,19 @@ impl Manifest {
         if self.subscriptions.is_empty() {
             p.push("subscriptions must name at least one topic".into());
         }
+        let mut subscribed = std::collections::HashSet::new();
         for s in &self.subscriptions {
             if !valid_topic(&s.topic) {
                 p.push(format!(
                     "subscription topic `{}` is not a valid topic name",
+                    s.topic
+                ));
+            }
+            // Two pipelines in one consumer group would each handle every event, and the
+            // key's order would be lost between them.
+            if !subscribed.insert(s.topic.as_str()) {
+                p.push(format!(
+                    "topic `{}` is subscribed twice; list each topic once",
                     s.topic
                 ));
             }
@@ -300,11 +316,36 @@ impl Manifest {
             if !valid_topic(t) {
                 p.push(format!("emit topic `{t}` is not a valid topic name"));
             }
+            if *t == ceilings.workflow_topic {
+                p.push(format!(
+                    "emit topic `{t}` is the workflow topic: start workflows with \
+                     start-workflow and list them in capabilities.workflows"
+                ));
+            }
         }
         if let Some(t) = &self.dead_letter_topic
             && !valid_topic(t)
         {
             p.push(format!("dead-letter-topic `{t}` is not a valid topic name"));
+        }
+        // A dead-letter topic is a write the plugin gets without asking for it: it must be
+        // the plugin's own, never a topic it reads (its dead letters would loop), emits to,
+        // or the workflow topic. Other plugins' topics are checked at upload.
+        let dlq = self.dead_letter_topic();
+        if self.subscriptions.iter().any(|s| s.topic == dlq) {
+            p.push(format!(
+                "dead-letter-topic `{dlq}` is also subscribed: its dead letters would come back forever"
+            ));
+        }
+        if self.capabilities.emit_topics.contains(&dlq) {
+            p.push(format!(
+                "dead-letter-topic `{dlq}` is also an emit topic; give dead letters a topic of their own"
+            ));
+        }
+        if dlq == ceilings.workflow_topic {
+            p.push(format!(
+                "dead-letter-topic `{dlq}` is the workflow topic; give dead letters a topic of their own"
+            ));
         }
         if let Some(ns) = &self.capabilities.state_namespace
             && (ns.is_empty() || ns.len() > 128)
@@ -468,5 +509,45 @@ memory-mb = 100000
 "#;
         let err = Manifest::parse(text, &LimitCeilings::default()).unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn the_dead_letter_topic_is_the_plugins_own() {
+        for (extra, problem) in [
+            ("dead-letter-topic = \"orders\"\n", "also subscribed"),
+            ("dead-letter-topic = \"alerts\"\n", "also an emit topic"),
+            ("dead-letter-topic = \"workflows\"\n", "the workflow topic"),
+        ] {
+            let text = format!("{extra}{GOOD}");
+            let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+            assert!(err.to_string().contains(problem), "{extra}: {err}");
+        }
+        let text = GOOD.replace("\"alerts\"", "\"workflows\"");
+        let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+        assert!(err.to_string().contains("start-workflow"), "{err}");
+    }
+
+    #[test]
+    fn a_topic_subscribed_twice_is_refused() {
+        let text = GOOD.replace(
+            r#"subscriptions = [{ topic = "orders" }]"#,
+            r#"subscriptions = [{ topic = "orders" }, { topic = "orders", start = "latest" }]"#,
+        );
+        let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("`orders` is subscribed twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dot_and_dot_dot_are_not_topic_names() {
+        for bad in [".", ".."] {
+            assert!(!valid_topic(bad), "{bad}");
+            let text = GOOD.replace("\"alerts\"", &format!("\"{bad}\""));
+            let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+            assert!(err.to_string().contains("not a valid topic name"), "{err}");
+        }
+        assert!(valid_topic(".hidden") && valid_topic("a..b"));
     }
 }

@@ -556,10 +556,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// No two plugins may share a state namespace, and no cache prefix may be a prefix of
-/// another plugin's: otherwise one plugin could read the other's data.
+/// another plugin's: otherwise one plugin could read the other's data. A dead-letter topic
+/// is the plugin's own: never another plugin's input, emit or dead-letter topic (a write
+/// into another plugin's input that no emit capability granted).
 fn check_namespaces(file: &RegistryFile, manifest: &Manifest) -> Result<(), RegistryError> {
     let ns = manifest.state_namespace();
     let prefix = manifest.cache_prefix();
+    let dlq = manifest.dead_letter_topic();
     for (other, record) in &file.plugins {
         if *other == manifest.name {
             continue;
@@ -577,6 +580,21 @@ fn check_namespaces(file: &RegistryFile, manifest: &Manifest) -> Result<(), Regi
             if p.starts_with(&prefix) || prefix.starts_with(&p) {
                 return Err(RegistryError::Conflict(format!(
                     "cache prefix `{prefix}` overlaps `{p}` of plugin `{other}`"
+                )));
+            }
+            let used = if m.subscriptions.iter().any(|s| s.topic == dlq) {
+                Some("an input topic")
+            } else if m.capabilities.emit_topics.contains(&dlq) {
+                Some("an emit topic")
+            } else if m.dead_letter_topic() == dlq {
+                Some("the dead-letter topic")
+            } else {
+                None
+            };
+            if let Some(role) = used {
+                return Err(RegistryError::Conflict(format!(
+                    "dead-letter-topic `{dlq}` is {role} of plugin `{other}`; give dead \
+                     letters a topic of their own"
                 )));
             }
         }

@@ -82,6 +82,9 @@ pub struct Sandbox {
     config: SandboxConfig,
     engine_hash: String,
     ticker_stop: Arc<AtomicBool>,
+    /// One lock per content hash being loaded: concurrent uploads of one component compile
+    /// it once and write its artifact once.
+    loading: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>,
 }
 
 impl Drop for Sandbox {
@@ -150,6 +153,7 @@ impl Sandbox {
             config,
             engine_hash,
             ticker_stop,
+            loading: Default::default(),
         }))
     }
 
@@ -196,8 +200,24 @@ impl Sandbox {
     /// present, else compile `bytes` and write the cache. Blocking.
     pub fn load_cached(&self, hash: &str, bytes: &[u8]) -> Result<Component, LoadError> {
         let path = self.compiled_path(hash);
+        let lock = {
+            let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(loading.entry(hash.to_owned()).or_default())
+        };
+        let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.load_locked(&path, bytes);
+        drop(_one_at_a_time);
+        let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the lock once nobody else holds or waits for it.
+        if loading.get(hash).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            loading.remove(hash);
+        }
+        result
+    }
+
+    fn load_locked(&self, path: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
         if path.exists() {
-            match deserialize(&self.engine, &path) {
+            match deserialize(&self.engine, path) {
                 Ok(c) => {
                     self.check_world(&c)?;
                     return Ok(c);
@@ -209,7 +229,7 @@ impl Sandbox {
         }
         let component = self.compile(bytes)?;
         let serialized = component.serialize().map_err(engine_err)?;
-        write_atomic(&path, &serialized).map_err(engine_err)?;
+        write_atomic(path, &serialized).map_err(engine_err)?;
         Ok(component)
     }
 
@@ -247,17 +267,16 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Component, LoadError> {
     unsafe { Component::deserialize_file(engine, path) }.map_err(engine_err)
 }
 
-/// Write `bytes` to `path` through a temporary file and a rename, so a crash never leaves
-/// a half-written file under the final name.
+/// Write `bytes` to `path` through a temporary file of its own (unique, so concurrent
+/// writers never share one) and a rename, so a crash never leaves a half-written file
+/// under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
 }
 
 /// The memory cap of one store. Growing past it traps with [`MemoryCapExceeded`] instead

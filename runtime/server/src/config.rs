@@ -801,6 +801,7 @@ impl Config {
             max_timeout_ms: self.sandbox.max_timeout_ms,
             max_memory_mb: self.sandbox.max_memory_mb,
             max_concurrency: self.sandbox.max_concurrency,
+            workflow_topic: self.workflow_topic.clone(),
         }
     }
 }

@@ -438,6 +438,17 @@ async fn unknown_routes_methods_and_bad_json_are_json_errors() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.error().0, "invalid_topic");
+    // `.` and `..` would name directories, not topics.
+    for dots in ["%2E", "%2E%2E"] {
+        let r = app
+            .post_json(
+                &format!("/v1/topics/{dots}/events"),
+                &json!({ "payload": 1 }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{dots}");
+        assert_eq!(r.error().0, "invalid_topic", "{dots}");
+    }
 
     let r = app.get("/v1/topics/orders/events?limit=abc").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
