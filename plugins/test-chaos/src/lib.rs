@@ -66,6 +66,55 @@ impl Call<'_> {
                 }
                 self.emit(out)
             }
+            "emit-raw" => {
+                // An emit with a chosen key and headers: `key-pad` bytes of key,
+                // `headers` {name: value}, `header-pad` bytes in one more header.
+                let key = match self.opt_u64("key-pad")? {
+                    Some(n) => Some("k".repeat(usize::try_from(n).unwrap_or(0)).into_bytes()),
+                    None => self.event.key().map(<[u8]>::to_vec),
+                };
+                let mut headers: Vec<(String, Vec<u8>)> = match self.input.get("headers") {
+                    Some(Value::Object(h)) => h
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.as_str().unwrap_or("").as_bytes().to_vec()))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if let Some(n) = self.opt_u64("header-pad")? {
+                    headers.push(("pad".into(), vec![b'h'; usize::try_from(n).unwrap_or(0)]));
+                }
+                let refs: Vec<(&str, &[u8])> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_slice()))
+                    .collect();
+                let payload = serde_json::to_vec(&self.with_seq(json!({ "raw": true })))
+                    .map_err(|e| HandlerError::reject(e.to_string()))?;
+                emit::emit_with_headers(self.topic()?, key.as_deref(), payload, &refs);
+                Ok(())
+            }
+            "put-many" => {
+                // `count` puts of `bytes`-byte values under `<prefix>/<i>`.
+                let prefix = self.opt_str("prefix")?.unwrap_or("many");
+                let value = "v".repeat(usize::try_from(self.u64("bytes")?).unwrap_or(0));
+                for i in 0..self.u64("count")? {
+                    state::put(&format!("{prefix}/{i:06}"), &value);
+                }
+                self.emit(json!({ "put": self.u64("count")? }))
+            }
+            "log-many" => {
+                let line = "l".repeat(usize::try_from(self.u64("bytes")?).unwrap_or(0));
+                for _ in 0..self.u64("count")? {
+                    log::log(log::Level::Info, &line);
+                }
+                Ok(())
+            }
+            "exit" => std::process::exit(0),
+            "forward" => {
+                // Re-emit the input payload unchanged: with `topic` = the plugin's own input,
+                // every event begets the next (a loop only `limits.max-hops` stops).
+                emit::emit(self.topic()?, self.event.key(), self.event.payload());
+                Ok(())
+            }
             "emit-many" => {
                 for n in 0..self.u64("count")? {
                     self.emit(json!({ "n": n }))?;
@@ -130,9 +179,14 @@ impl Call<'_> {
                 }
                 Ok(())
             }
-            "reject" => Err(HandlerError::reject(
-                self.opt_str("reason")?.unwrap_or("rejected by test-chaos"),
-            )),
+            "reject" => match self.opt_u64("reason-pad")? {
+                Some(n) => Err(HandlerError::reject(
+                    "r".repeat(usize::try_from(n).unwrap_or(0)),
+                )),
+                None => Err(HandlerError::reject(
+                    self.opt_str("reason")?.unwrap_or("rejected by test-chaos"),
+                )),
+            },
             "retry" => Err(HandlerError::retry(
                 self.opt_str("reason")?
                     .unwrap_or("retry requested by test-chaos"),

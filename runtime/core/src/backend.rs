@@ -217,6 +217,20 @@ pub trait StateStore: Send + Sync + 'static {
         namespace: &str,
         prefix: &str,
         limit: u32,
+    ) -> BackendResult<Vec<(String, Vec<u8>)>> {
+        self.scan_bounded(namespace, prefix, limit, usize::MAX)
+            .await
+    }
+
+    /// [`StateStore::scan`] that stops reading once the entries' keys and values add up
+    /// to more than `max_bytes` (the entry crossing it is the last one returned), so a
+    /// caller can bound what one scan makes it hold.
+    async fn scan_bounded(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>>;
 
     /// Apply `writes` to `namespace` as one unit, checking their conditions first.

@@ -19,6 +19,27 @@ pub const MAX_KEY_LEN: usize = 1024;
 pub const MAX_VALUE_LEN: usize = 4 << 20;
 /// Most entries one `scan` returns.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// Longest retry or reject reason kept from a guest (the rest is cut, and says so).
+pub const MAX_REASON_LEN: usize = 4096;
+/// Most log lines one call may write; later ones are counted and dropped.
+pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
+/// Most log bytes one call may write; later lines are counted and dropped.
+pub const MAX_LOG_BYTES_PER_CALL: usize = 64 << 10;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying how much was cut.
+pub fn truncate_reason(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("… [{} of {total} bytes cut]", total - end));
+    text
+}
 
 /// What the host knows of one loaded plugin version, shared by all its invocations.
 #[derive(Debug)]
@@ -142,6 +163,9 @@ pub struct Journal {
     /// Emits in call order.
     pub emits: Vec<PendingEmit>,
     emitted_bytes: u64,
+    /// Bytes of the recorded state and cache writes (keys and values): what the host
+    /// holds for the call until it is applied.
+    write_bytes: usize,
 }
 
 impl Journal {
@@ -156,6 +180,16 @@ impl Journal {
                 condition: w.condition.clone(),
             })
             .collect()
+    }
+
+    /// State and cache writes recorded (a key written twice counts once).
+    pub fn writes(&self) -> usize {
+        self.state.len() + self.cache.len()
+    }
+
+    /// Bytes the recorded writes and emits hold.
+    pub fn bytes(&self) -> u64 {
+        self.write_bytes as u64 + self.emitted_bytes
     }
 
     /// Whether the call changed nothing.
@@ -244,7 +278,12 @@ impl Invocation {
         Ok(self.services.state.get(&self.plugin.namespace, key).await?)
     }
 
-    fn record_state(&mut self, key: &str, value: Option<Vec<u8>>, ttl: Option<Duration>) {
+    fn record_state(
+        &mut self,
+        key: &str,
+        value: Option<Vec<u8>>,
+        ttl: Option<Duration>,
+    ) -> Result<(), HostError> {
         // A later blind write keeps an earlier compare-and-swap's condition: the swap's
         // answer was given to the guest and must still hold when the batch is applied.
         let condition = self
@@ -252,14 +291,73 @@ impl Invocation {
             .state
             .get(key)
             .and_then(|p| p.condition.clone());
-        self.journal.state.insert(
-            key.to_string(),
+        self.insert_state(
+            key,
             PendingState {
                 value,
                 ttl,
                 condition,
             },
-        );
+        )
+    }
+
+    /// Bytes a pending state write holds in the journal.
+    fn state_bytes(key: &str, p: &PendingState) -> usize {
+        let value = p.value.as_ref().map_or(0, Vec::len);
+        let condition = p
+            .condition
+            .as_ref()
+            .and_then(Option::as_ref)
+            .map_or(0, Vec::len);
+        key.len() + value + condition
+    }
+
+    /// The journal may hold at most `limits.max-writes` writes and, with the emits, as
+    /// many bytes as the plugin's own memory (`limits.memory-mb`): a call cannot make the
+    /// host hold more for it than its sandbox may hold itself.
+    fn check_budget(&self, added_writes: usize, added_bytes: usize) -> Result<(), HostError> {
+        let limits = &self.plugin.manifest.limits;
+        let writes = self.journal.writes() + added_writes;
+        if writes > limits.max_writes as usize {
+            return Err(HostError::Limit(format!(
+                "more than {} state and cache writes in one event (limits.max-writes)",
+                limits.max_writes
+            )));
+        }
+        let bytes = self.journal.bytes() + added_bytes as u64;
+        if bytes > limits.memory_bytes() as u64 {
+            return Err(HostError::Limit(format!(
+                "the event's writes and emits hold more than {} MiB, its memory limit \
+                 (limits.memory-mb); write less per event",
+                limits.memory_mb
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert_state(&mut self, key: &str, pending: PendingState) -> Result<(), HostError> {
+        let old = self
+            .journal
+            .state
+            .get(key)
+            .map(|p| Self::state_bytes(key, p));
+        let new = Self::state_bytes(key, &pending);
+        let added = new.saturating_sub(old.unwrap_or(0));
+        self.check_budget(usize::from(old.is_none()), added)?;
+        self.journal.write_bytes = self.journal.write_bytes + new - old.unwrap_or(0);
+        self.journal.state.insert(key.to_string(), pending);
+        Ok(())
+    }
+
+    fn record_cache(&mut self, op: CacheOp) -> Result<(), HostError> {
+        let bytes = match &op {
+            CacheOp::Set { key, value, .. } => key.len() + value.len(),
+            CacheOp::Delete { key } | CacheOp::Incr { key, .. } => key.len() + 8,
+        };
+        self.check_budget(1, bytes)?;
+        self.journal.write_bytes += bytes;
+        self.journal.cache.push(op);
+        Ok(())
     }
 
     /// `state.put`.
@@ -271,15 +369,13 @@ impl Invocation {
     ) -> Result<(), HostError> {
         Self::check_key(key)?;
         Self::check_value(&value)?;
-        self.record_state(key, Some(value), ttl);
-        Ok(())
+        self.record_state(key, Some(value), ttl)
     }
 
     /// `state.delete`.
     pub fn state_delete(&mut self, key: &str) -> Result<(), HostError> {
         Self::check_key(key)?;
-        self.record_state(key, None, None);
-        Ok(())
+        self.record_state(key, None, None)
     }
 
     /// `state.compare-and-swap` against the call's view; re-checked when applied.
@@ -310,14 +406,14 @@ impl Invocation {
             Some(c) => c,
             None => Some(expected),
         };
-        self.journal.state.insert(
-            key.to_string(),
+        self.insert_state(
+            key,
             PendingState {
                 value: new,
                 ttl,
                 condition,
             },
-        );
+        )?;
         Ok(true)
     }
 
@@ -338,15 +434,27 @@ impl Invocation {
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .count() as u32;
+        // The answer is copied into the guest's memory: more bytes than that memory holds
+        // can never be useful, so the store stops reading there.
+        let max_bytes = self.plugin.manifest.limits.memory_bytes();
         let stored = self
             .services
             .state
-            .scan(
+            .scan_bounded(
                 &self.plugin.namespace,
                 prefix,
                 limit.saturating_add(pending_in_range),
+                max_bytes,
             )
             .await?;
+        let scanned: usize = stored.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if scanned > max_bytes {
+            return Err(HostError::Limit(format!(
+                "state.scan of prefix `{prefix}` returns more than {} MiB, the plugin's memory \
+                 limit (limits.memory-mb); scan with a smaller limit or a longer prefix",
+                self.plugin.manifest.limits.memory_mb
+            )));
+        }
         let mut merged: BTreeMap<String, Vec<u8>> = stored.into_iter().collect();
         for (k, p) in self
             .journal
@@ -401,15 +509,13 @@ impl Invocation {
     pub fn cache_set(&mut self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), HostError> {
         let key = self.cache_key(key)?;
         Self::check_value(&value)?;
-        self.journal.cache.push(CacheOp::Set { key, value, ttl });
-        Ok(())
+        self.record_cache(CacheOp::Set { key, value, ttl })
     }
 
     /// `cache.delete`.
     pub fn cache_delete(&mut self, key: &str) -> Result<(), HostError> {
         let key = self.cache_key(key)?;
-        self.journal.cache.push(CacheOp::Delete { key });
-        Ok(())
+        self.record_cache(CacheOp::Delete { key })
     }
 
     /// `cache.incr`: the value the counter will have if this call's effects are applied
@@ -421,7 +527,7 @@ impl Invocation {
             Some(v) => parse_counter(&v)?,
         };
         let full = self.cache_key(key)?;
-        self.journal.cache.push(CacheOp::Incr { key: full, delta });
+        self.record_cache(CacheOp::Incr { key: full, delta })?;
         Ok(base.saturating_add(delta))
     }
 
@@ -439,6 +545,10 @@ impl Invocation {
                 self.plugin.name()
             )));
         }
+        // `spate-*` headers are the runtime's (provenance, idempotency, workflow starts):
+        // a guest may not set any of them.
+        let mut extra_headers = extra_headers;
+        extra_headers.retain(|h| !headers::is_reserved(&h.name));
         self.record_emit(topic.to_string(), key, payload, extra_headers, None)
     }
 
@@ -465,12 +575,15 @@ impl Invocation {
             Header::text(headers::WORKFLOW_ID, id),
         ];
         let topic = self.services.workflow_topic.clone();
+        // Workflow ids are the plugin's own: another plugin starting the same name and id
+        // is another run, never a duplicate of this one.
+        let plugin = self.plugin.name().to_string();
         self.record_emit(
             topic,
             Some(id.as_bytes().to_vec()),
             input,
             headers,
-            Some(format!("workflow/{name}/{id}")),
+            Some(format!("workflow/{plugin}/{name}/{id}")),
         )
     }
 
@@ -489,19 +602,34 @@ impl Invocation {
                 limits.max_emits
             )));
         }
-        let bytes = self.journal.emitted_bytes + payload.len() as u64;
+        // Keys and headers are bytes the host holds and publishes as much as payloads.
+        let size = payload.len()
+            + key.as_ref().map_or(0, Vec::len)
+            + extra
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>();
+        let bytes = self.journal.emitted_bytes + size as u64;
         if bytes > limits.max_emit_bytes {
             return Err(HostError::Limit(format!(
-                "more than {} emitted bytes in one event (limits.max-emit-bytes)",
+                "more than {} emitted bytes (keys, headers and payloads) in one event \
+                 (limits.max-emit-bytes)",
                 limits.max_emit_bytes
             )));
         }
-        // Guests may not forge the runtime's provenance headers.
-        extra.retain(|h| {
-            !h.name.starts_with("spate-")
-                || h.name == headers::WORKFLOW
-                || h.name == headers::WORKFLOW_ID
-        });
+        self.check_budget(0, size)?;
+        let hops = crate::types::header_str(&self.event.headers, headers::HOPS)
+            .and_then(|h| h.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
+        if hops > limits.max_hops {
+            return Err(HostError::Limit(format!(
+                "this emit would be hop {hops} of a chain of handlers feeding each other \
+                 (limits.max-hops = {}): a plugin emitting to its own input, or plugins \
+                 emitting to each other's, loop",
+                limits.max_hops
+            )));
+        }
         let index = self.journal.emits.len();
         let id = id.unwrap_or_else(|| idempotency_id(self.plugin.name(), &self.event, index));
         let e = &self.event;
@@ -512,6 +640,7 @@ impl Invocation {
             self.plugin.manifest.version.to_string(),
         ));
         extra.push(Header::text(headers::PLUGIN_HASH, &self.plugin.hash));
+        extra.push(Header::text(headers::HOPS, hops.to_string()));
         extra.push(Header::text(
             headers::SOURCE,
             format!("{}/{}/{}", e.topic, e.partition, e.offset),
@@ -590,7 +719,142 @@ fn add_to_counter(v: &[u8], delta: i64) -> Result<Vec<u8>, HostError> {
 
 #[cfg(test)]
 mod tests {
-    use super::child_traceparent;
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::embedded::{EmbeddedStateStore, MokaCache};
+    use crate::manifest::LimitCeilings;
+
+    /// An invocation of a plugin with `limits`, on an event with `input_headers`, over an
+    /// embedded store in a directory of its own (kept alive with it).
+    fn invocation(limits: &str, input_headers: Vec<Header>) -> (tempfile::TempDir, Invocation) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "name = \"p\"\nversion = \"1.0.0\"\nsubscriptions = [{{ topic = \"in\" }}]\n\
+             [capabilities]\nemit-topics = [\"out\"]\n[limits]\n{limits}\n"
+        );
+        let manifest = Manifest::parse(&text, &LimitCeilings::default()).unwrap();
+        let services = HostServices {
+            state: EmbeddedStateStore::open(dir.path()).unwrap(),
+            cache: Arc::new(MokaCache::new(1 << 20)),
+            workflow_topic: "workflows".into(),
+        };
+        let event = Event {
+            topic: "in".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"k".to_vec()),
+            payload: b"{}".to_vec(),
+            headers: input_headers,
+            timestamp_ms: 0,
+        };
+        let inv = Invocation::new(
+            Arc::new(PluginInfo::new(manifest, "hash".into())),
+            services,
+            Arc::new(event),
+        );
+        (dir, inv)
+    }
+
+    #[test]
+    fn the_journal_holds_at_most_the_plugins_memory_and_max_writes() {
+        let (_dir, mut inv) = invocation("memory-mb = 4", vec![]);
+        let mib = vec![0u8; 1 << 20];
+        // Rewriting one key does not grow the journal.
+        for _ in 0..100 {
+            inv.state_put("same", mib.clone(), None).unwrap();
+        }
+        for i in 0..2 {
+            inv.state_put(&format!("k{i}"), mib.clone(), None).unwrap();
+        }
+        let err = inv
+            .state_put("one-too-many", mib.clone(), None)
+            .unwrap_err();
+        assert!(
+            matches!(&err, HostError::Limit(m) if m.contains("limits.memory-mb")),
+            "{err}"
+        );
+        let err = inv.cache_set("c", mib, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(err, HostError::Limit(_)));
+
+        let (_dir2, mut inv) = invocation("max-writes = 10", vec![]);
+        for i in 0..10 {
+            inv.state_delete(&format!("k{i}")).unwrap();
+        }
+        let err = inv.state_delete("k10").unwrap_err();
+        assert!(
+            matches!(&err, HostError::Limit(m) if m.contains("limits.max-writes")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn emit_bytes_count_keys_and_headers_and_reserved_headers_are_dropped() {
+        let (_dir, mut inv) = invocation("max-emit-bytes = 100", vec![]);
+        let err = inv
+            .emit("out", Some(vec![b'k'; 200]), Vec::new(), vec![])
+            .unwrap_err();
+        assert!(
+            matches!(&err, HostError::Limit(m) if m.contains("max-emit-bytes")),
+            "{err}"
+        );
+        let err = inv
+            .emit(
+                "out",
+                None,
+                Vec::new(),
+                vec![Header::text("h", "x".repeat(200))],
+            )
+            .unwrap_err();
+        assert!(matches!(err, HostError::Limit(_)));
+        let forged = vec![
+            Header::text(headers::WORKFLOW, "w"),
+            Header::text("SPATE-IDEMPOTENCY-ID", "x"),
+            Header::text("mine", "1"),
+        ];
+        inv.emit("out", None, b"{}".to_vec(), forged).unwrap();
+        let journal = inv.take_journal();
+        let names: Vec<&str> = journal.emits[0]
+            .event
+            .headers
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect();
+        assert!(names.contains(&"mine"));
+        assert!(!names.contains(&headers::WORKFLOW), "{names:?}");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.eq_ignore_ascii_case(headers::IDEMPOTENCY_ID))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn emits_carry_a_hop_count_bounded_by_max_hops() {
+        let (_dir, mut inv) = invocation("max-hops = 3", vec![Header::text(headers::HOPS, "2")]);
+        inv.emit("out", None, b"{}".to_vec(), vec![]).unwrap();
+        let journal = inv.take_journal();
+        let hops = crate::types::header_str(&journal.emits[0].event.headers, headers::HOPS);
+        assert_eq!(hops, Some("3"));
+        let (_dir2, mut inv) = invocation("max-hops = 3", vec![Header::text(headers::HOPS, "3")]);
+        let err = inv.emit("out", None, b"{}".to_vec(), vec![]).unwrap_err();
+        assert!(
+            matches!(&err, HostError::Limit(m) if m.contains("max-hops")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        let cut = truncate_reason("é".repeat(3000), 4096);
+        assert!(
+            cut.len() < 4200 && cut.contains("bytes cut"),
+            "{}",
+            cut.len()
+        );
+        assert_eq!(truncate_reason("short".into(), 4096), "short");
+    }
 
     #[test]
     fn emits_continue_the_input_trace() {

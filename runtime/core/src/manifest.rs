@@ -19,6 +19,14 @@ pub struct LimitCeilings {
     pub max_memory_mb: u64,
     /// Largest number of concurrent events per plugin.
     pub max_concurrency: u32,
+    /// Most emits per event a manifest may ask for.
+    pub max_emits: u32,
+    /// Most emitted bytes per event a manifest may ask for.
+    pub max_emit_bytes: u64,
+    /// Most state and cache writes per event a manifest may ask for.
+    pub max_writes: u32,
+    /// Longest retry backoff a manifest may ask for, in milliseconds.
+    pub max_backoff_ms: u64,
     /// The runtime's workflow topic: workflows start only through `start-workflow` (checked
     /// against `capabilities.workflows`), so no plugin may emit or dead-letter into it.
     pub workflow_topic: String,
@@ -30,6 +38,10 @@ impl Default for LimitCeilings {
             max_timeout_ms: 60_000,
             max_memory_mb: 512,
             max_concurrency: 1024,
+            max_emits: 10_000,
+            max_emit_bytes: 64 << 20,
+            max_writes: 100_000,
+            max_backoff_ms: 3_600_000,
             workflow_topic: "workflows".into(),
         }
     }
@@ -95,6 +107,10 @@ pub struct Capabilities {
     /// Workflow names `start-workflow` may start; `["*"]` allows any.
     #[serde(default)]
     pub workflows: Vec<String>,
+    /// Allow `emit-topics` to include a subscribed topic: the plugin feeds itself, and only
+    /// `limits.max-hops` stops a chain. Off by default (one seed event would loop forever).
+    #[serde(default)]
+    pub allow_self_emit: bool,
 }
 
 /// Per-event limits.
@@ -110,9 +126,18 @@ pub struct Limits {
     /// Most emits (including workflow starts) per event.
     #[serde(default = "Limits::default_max_emits")]
     pub max_emits: u32,
-    /// Most payload bytes emitted per event.
+    /// Most bytes emitted per event: payloads, keys and headers.
     #[serde(default = "Limits::default_max_emit_bytes")]
     pub max_emit_bytes: u64,
+    /// Most state and cache writes per event (a key written twice counts once). The bytes
+    /// they and the emits hold are bounded by `memory-mb`.
+    #[serde(default = "Limits::default_max_writes")]
+    pub max_writes: u32,
+    /// Most handlers an event may have passed through by emits (its `spate-hops`): an emit
+    /// past it traps, so a loop of plugins feeding each other dead-letters instead of
+    /// growing the log forever.
+    #[serde(default = "Limits::default_max_hops")]
+    pub max_hops: u32,
     /// Most events of this plugin handled at once.
     #[serde(default = "Limits::default_concurrency")]
     pub concurrency: u32,
@@ -130,6 +155,12 @@ impl Limits {
     }
     fn default_max_emit_bytes() -> u64 {
         1 << 20
+    }
+    fn default_max_writes() -> u32 {
+        10_000
+    }
+    fn default_max_hops() -> u32 {
+        32
     }
     fn default_concurrency() -> u32 {
         32
@@ -153,6 +184,8 @@ impl Default for Limits {
             memory_mb: Self::default_memory_mb(),
             max_emits: Self::default_max_emits(),
             max_emit_bytes: Self::default_max_emit_bytes(),
+            max_writes: Self::default_max_writes(),
+            max_hops: Self::default_max_hops(),
             concurrency: Self::default_concurrency(),
         }
     }
@@ -316,6 +349,13 @@ impl Manifest {
             if !valid_topic(t) {
                 p.push(format!("emit topic `{t}` is not a valid topic name"));
             }
+            if subscribed.contains(t.as_str()) && !self.capabilities.allow_self_emit {
+                p.push(format!(
+                    "emit topic `{t}` is also subscribed: the plugin would feed its own input \
+                     (one event could loop forever); set capabilities.allow-self-emit = true \
+                     if that is intended (limits.max-hops bounds each chain)"
+                ));
+            }
             if *t == ceilings.workflow_topic {
                 p.push(format!(
                     "emit topic `{t}` is the workflow topic: start workflows with \
@@ -390,6 +430,36 @@ impl Manifest {
             p.push(format!(
                 "limits.concurrency must be 1..={} (got {})",
                 ceilings.max_concurrency, l.concurrency
+            ));
+        }
+        if l.max_emits > ceilings.max_emits {
+            p.push(format!(
+                "limits.max-emits must be 0..={} (got {})",
+                ceilings.max_emits, l.max_emits
+            ));
+        }
+        if l.max_emit_bytes > ceilings.max_emit_bytes {
+            p.push(format!(
+                "limits.max-emit-bytes must be 0..={} (got {})",
+                ceilings.max_emit_bytes, l.max_emit_bytes
+            ));
+        }
+        if l.max_writes > ceilings.max_writes {
+            p.push(format!(
+                "limits.max-writes must be 0..={} (got {})",
+                ceilings.max_writes, l.max_writes
+            ));
+        }
+        if l.max_hops == 0 || l.max_hops > 1_000 {
+            p.push(format!(
+                "limits.max-hops must be 1..=1000 (got {})",
+                l.max_hops
+            ));
+        }
+        if self.retry.max_backoff_ms > ceilings.max_backoff_ms {
+            p.push(format!(
+                "retry.max-backoff-ms must be at most {} (got {})",
+                ceilings.max_backoff_ms, self.retry.max_backoff_ms
             ));
         }
         if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
@@ -549,5 +619,37 @@ memory-mb = 100000
             assert!(err.to_string().contains("not a valid topic name"), "{err}");
         }
         assert!(valid_topic(".hidden") && valid_topic("a..b"));
+    }
+
+    #[test]
+    fn emitting_to_a_subscribed_topic_needs_the_opt_in() {
+        let text = GOOD.replace("\"alerts\"", "\"orders\"");
+        let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();
+        assert!(err.to_string().contains("allow-self-emit"), "{err}");
+        let opted = text.replace(
+            "workflows = [\"review-order\"]",
+            "workflows = [\"review-order\"]\nallow-self-emit = true",
+        );
+        let m = Manifest::parse(&opted, &LimitCeilings::default()).unwrap();
+        assert!(m.capabilities.allow_self_emit);
+        assert_eq!(m.limits.max_hops, 32);
+    }
+
+    #[test]
+    fn limits_and_backoffs_have_ceilings() {
+        let ceilings = LimitCeilings::default();
+        for (line, field) in [
+            ("max-emits = 10001", "limits.max-emits"),
+            ("max-emit-bytes = 67108865", "limits.max-emit-bytes"),
+            ("max-writes = 100001", "limits.max-writes"),
+            ("max-hops = 0", "limits.max-hops"),
+        ] {
+            let text = GOOD.replace("timeout-ms = 500", &format!("timeout-ms = 500\n{line}"));
+            let err = Manifest::parse(&text, &ceilings).unwrap_err();
+            assert!(err.to_string().contains(field), "{line}: {err}");
+        }
+        let text = format!("{GOOD}[retry]\nmax-backoff-ms = 3600001\n");
+        let err = Manifest::parse(&text, &ceilings).unwrap_err();
+        assert!(err.to_string().contains("retry.max-backoff-ms"), "{err}");
     }
 }

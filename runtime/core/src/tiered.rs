@@ -482,9 +482,10 @@ impl StateTier {
         ns: &str,
         prefix: &str,
         limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         c.scans.fetch_add(1, Ordering::Relaxed);
-        self.store.scan(ns, prefix, limit).await
+        self.store.scan_bounded(ns, prefix, limit, max_bytes).await
     }
 }
 
@@ -747,14 +748,15 @@ impl StateStore for PluginState {
         self.tier.read(&self.counters, namespace, key).await
     }
 
-    async fn scan(
+    async fn scan_bounded(
         &self,
         namespace: &str,
         prefix: &str,
         limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         self.tier
-            .list(&self.counters, namespace, prefix, limit)
+            .list(&self.counters, namespace, prefix, limit, max_bytes)
             .await
     }
 
@@ -771,14 +773,15 @@ impl StateStore for StateTier {
         self.read(&c, namespace, key).await
     }
 
-    async fn scan(
+    async fn scan_bounded(
         &self,
         namespace: &str,
         prefix: &str,
         limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         let c = self.counters("_");
-        self.list(&c, namespace, prefix, limit).await
+        self.list(&c, namespace, prefix, limit, max_bytes).await
     }
 
     async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
@@ -837,13 +840,14 @@ mod tests {
             self.pause().await;
             v
         }
-        async fn scan(
+        async fn scan_bounded(
             &self,
             ns: &str,
             prefix: &str,
             limit: u32,
+            max_bytes: usize,
         ) -> BackendResult<Vec<(String, Vec<u8>)>> {
-            self.inner.scan(ns, prefix, limit).await
+            self.inner.scan_bounded(ns, prefix, limit, max_bytes).await
         }
         async fn apply(&self, ns: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
             self.inner.apply(ns, writes).await
@@ -1296,7 +1300,13 @@ mod tests {
             let map = self.map.lock().unwrap();
             Ok(map.get(&(ns.to_owned(), key.to_owned())).cloned())
         }
-        async fn scan(&self, _: &str, _: &str, _: u32) -> BackendResult<Vec<(String, Vec<u8>)>> {
+        async fn scan_bounded(
+            &self,
+            _: &str,
+            _: &str,
+            _: u32,
+            _: usize,
+        ) -> BackendResult<Vec<(String, Vec<u8>)>> {
             Ok(Vec::new())
         }
         async fn apply(&self, ns: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {

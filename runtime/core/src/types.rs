@@ -131,4 +131,13 @@ pub mod headers {
     pub const DLQ_KIND: &str = "spate-dlq-kind";
     /// Number of attempts made before dead-lettering.
     pub const DLQ_ATTEMPTS: &str = "spate-dlq-attempts";
+    /// Emits a chain of handlers has made to reach this event (see `limits.max-hops`).
+    pub const HOPS: &str = "spate-hops";
+
+    /// Whether `name` is one of the runtime's own headers (`spate-*`, any case), which
+    /// guests and producers may not set.
+    pub fn is_reserved(name: &str) -> bool {
+        name.get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("spate-"))
+    }
 }

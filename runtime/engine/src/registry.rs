@@ -84,6 +84,15 @@ struct RegistryFile {
     plugins: BTreeMap<String, PluginRecord>,
 }
 
+/// Prefix of the record a deleted plugin leaves (`deleted.<name>`; plugin names have no
+/// `.`): its versions' manifests keep its state namespace and cache prefix reserved until
+/// it is purged, so no new plugin reads the old plugin's state.
+pub const TOMBSTONE_PREFIX: &str = "deleted.";
+
+fn tombstone(name: &str) -> String {
+    format!("{TOMBSTONE_PREFIX}{name}")
+}
+
 /// How often a registry with a change feed re-reads every record, in case a notice was
 /// lost.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
@@ -215,14 +224,57 @@ impl Registry {
         v
     }
 
-    /// Every plugin and its versions.
+    /// Every plugin and its versions (deleted ones excluded).
     pub async fn list(&self) -> BTreeMap<String, PluginRecord> {
-        self.file.lock().await.plugins.clone()
+        let file = self.file.lock().await;
+        file.plugins
+            .iter()
+            .filter(|(name, _)| !name.starts_with(TOMBSTONE_PREFIX))
+            .map(|(name, r)| (name.clone(), r.clone()))
+            .collect()
     }
 
     /// One plugin and its versions.
     pub async fn show(&self, name: &str) -> Option<PluginRecord> {
+        if name.starts_with(TOMBSTONE_PREFIX) {
+            return None;
+        }
         self.file.lock().await.plugins.get(name).cloned()
+    }
+
+    /// The state namespaces a deleted plugin keeps reserved, if `name` was deleted and not
+    /// purged since.
+    pub async fn deleted_namespaces(&self, name: &str) -> Option<Vec<String>> {
+        let file = self.file.lock().await;
+        let record = file.plugins.get(&tombstone(name))?;
+        let mut namespaces: Vec<String> = record
+            .versions
+            .iter()
+            .filter_map(|v| toml::from_str::<Manifest>(&v.manifest).ok())
+            .map(|m| m.state_namespace().to_string())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        Some(namespaces)
+    }
+
+    /// Forget a deleted plugin (its state already removed): its namespace and cache prefix
+    /// may be claimed again.
+    pub async fn release(&self, name: &str) -> Result<(), RegistryError> {
+        let key = tombstone(name);
+        let mut file = self.file.lock().await;
+        if !file.plugins.contains_key(&key) {
+            return Err(RegistryError::NotFound(format!(
+                "deleted plugin `{name}` (nothing to purge)"
+            )));
+        }
+        let mut new_file = file.clone();
+        new_file.plugins.remove(&key);
+        self.persist(&new_file, &key).await?;
+        *file = new_file;
+        drop(file);
+        self.announce(&key).await;
+        Ok(())
     }
 
     async fn load_version(
@@ -515,7 +567,13 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("plugin `{name}`")));
         }
         let mut new_file = file.clone();
-        new_file.plugins.remove(name);
+        if let Some(record) = new_file.plugins.remove(name) {
+            // The tombstone keeps the namespaces reserved (of every version ever deleted
+            // under this name); it never serves.
+            let stone = new_file.plugins.entry(tombstone(name)).or_default();
+            stone.versions.extend(record.versions);
+        }
+        self.persist(&new_file, &tombstone(name)).await?;
         self.persist(&new_file, name).await?;
         *file = new_file;
         lock(&self.active).remove(name);
@@ -564,22 +622,31 @@ fn check_namespaces(file: &RegistryFile, manifest: &Manifest) -> Result<(), Regi
     let prefix = manifest.cache_prefix();
     let dlq = manifest.dead_letter_topic();
     for (other, record) in &file.plugins {
-        if *other == manifest.name {
+        // A plugin's own versions, and those it left when deleted (a re-deploy of a deleted
+        // plugin takes its state back).
+        if *other == manifest.name || *other == tombstone(&manifest.name) {
             continue;
         }
+        let other = match other.strip_prefix(TOMBSTONE_PREFIX) {
+            Some(deleted) => format!(
+                "deleted plugin `{deleted}` (its state is kept until purged: \
+                 `spate plugin rm {deleted} --purge`)"
+            ),
+            None => format!("plugin `{other}`"),
+        };
         for v in &record.versions {
             let Ok(m) = toml::from_str::<Manifest>(&v.manifest) else {
                 continue;
             };
             if m.state_namespace() == ns {
                 return Err(RegistryError::Conflict(format!(
-                    "state namespace `{ns}` belongs to plugin `{other}`"
+                    "state namespace `{ns}` belongs to {other}"
                 )));
             }
             let p = m.cache_prefix();
             if p.starts_with(&prefix) || prefix.starts_with(&p) {
                 return Err(RegistryError::Conflict(format!(
-                    "cache prefix `{prefix}` overlaps `{p}` of plugin `{other}`"
+                    "cache prefix `{prefix}` overlaps `{p}` of {other}"
                 )));
             }
             let used = if m.subscriptions.iter().any(|s| s.topic == dlq) {
@@ -593,7 +660,7 @@ fn check_namespaces(file: &RegistryFile, manifest: &Manifest) -> Result<(), Regi
             };
             if let Some(role) = used {
                 return Err(RegistryError::Conflict(format!(
-                    "dead-letter-topic `{dlq}` is {role} of plugin `{other}`; give dead \
+                    "dead-letter-topic `{dlq}` is {role} of {other}; give dead \
                      letters a topic of their own"
                 )));
             }

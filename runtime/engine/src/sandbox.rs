@@ -5,15 +5,18 @@
 use crate::bindings::spate::plugin::{cache, emit, log, state, types};
 use crate::bindings::{EventHandler, EventHandlerPre};
 use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
-use spate_core::host::{HostError, Invocation, PluginInfo};
+use spate_core::host::{
+    HostError, Invocation, MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINES_PER_CALL, MAX_REASON_LEN,
+    PluginInfo, truncate_reason,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
-    Store, Trap,
+    Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -23,6 +26,11 @@ const HOST_CALL_GRACE: Duration = Duration::from_millis(500);
 
 /// Bytes of guest stderr kept per store (for panic messages).
 const STDERR_CAPTURE: usize = 4096;
+
+/// How long guest code runs before it yields its worker thread to the scheduler: a
+/// spinning handler gets its share of the CPU, never a whole worker for its deadline
+/// (the API, probes, commits and other plugins run on the same threads).
+const YIELD_EVERY: Duration = Duration::from_millis(10);
 
 /// Settings of the process-wide engine.
 #[derive(Clone, Debug)]
@@ -253,9 +261,10 @@ impl Sandbox {
         }))
     }
 
-    fn deadline_ticks(&self, timeout: Duration) -> u64 {
+    /// Epoch ticks between a guest's yields to the scheduler.
+    fn yield_ticks(&self) -> u64 {
         let tick = self.config.epoch_tick.as_nanos().max(1);
-        (timeout.as_nanos().div_ceil(tick) as u64).max(1) + 1
+        (YIELD_EVERY.as_nanos().div_ceil(tick) as u64).max(1)
     }
 }
 
@@ -328,6 +337,12 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryCap,
+    /// When the current call (or instantiation) must end.
+    deadline: Instant,
+    /// Log lines and bytes the current call wrote, and lines dropped past the limits.
+    log_lines: u32,
+    log_bytes: usize,
+    log_dropped: u32,
 }
 
 impl HostState {
@@ -348,6 +363,34 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryCap { cap: memory_cap },
+            deadline: Instant::now(),
+            log_lines: 0,
+            log_bytes: 0,
+            log_dropped: 0,
+        }
+    }
+
+    /// Start a call (or an instantiation) that must end within `timeout`.
+    fn begin(&mut self, timeout: Duration) {
+        self.deadline = Instant::now() + timeout;
+        self.log_lines = 0;
+        self.log_bytes = 0;
+        self.log_dropped = 0;
+    }
+
+    /// Say once how many log lines the call lost to the per-call limits.
+    fn report_dropped_logs(&mut self) {
+        if self.log_dropped > 0 {
+            let plugin = self
+                .invocation
+                .as_ref()
+                .map(|i| i.plugin().name().to_string())
+                .unwrap_or_default();
+            tracing::warn!(target: "spate::guest", %plugin, dropped = self.log_dropped,
+                "log lines dropped: a call may log {MAX_LOG_LINES_PER_CALL} lines and {MAX_LOG_BYTES_PER_CALL} bytes");
+            metrics::counter!("spate_guest_log_lines_dropped_total", "plugin" => plugin)
+                .increment(u64::from(self.log_dropped));
+            self.log_dropped = 0;
         }
     }
 
@@ -474,6 +517,17 @@ const MAX_LOG_LINE: usize = 4096;
 
 impl log::Host for HostState {
     async fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
+        // A guest logging in a loop must not fill the runtime's log (and disk): each call
+        // gets a line and byte budget; the rest is counted and reported once.
+        let len = message.len().min(MAX_LOG_LINE);
+        if self.log_lines >= MAX_LOG_LINES_PER_CALL
+            || self.log_bytes.saturating_add(len) > MAX_LOG_BYTES_PER_CALL
+        {
+            self.log_dropped = self.log_dropped.saturating_add(1);
+            return Ok(());
+        }
+        self.log_lines += 1;
+        self.log_bytes += len;
         let inv = self.inv()?;
         let plugin = inv.plugin().name().to_string();
         let mut message = message;
@@ -581,8 +635,18 @@ pub fn classify(err: &wasmtime::Error) -> (TrapKind, String) {
     // runtime is saturated, the event is not at fault. Retried without counting.
     if let Some(p) = err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
         return (
-            TrapKind::Infrastructure,
+            TrapKind::PoolExhausted,
             format!("sandbox pool exhausted ({p}); raise sandbox.pool-instances"),
+        );
+    }
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return (
+            TrapKind::Exit,
+            format!(
+                "the guest called exit({}) instead of returning from `handle`; a handler ends \
+                 by returning ok, retry or reject (its effects are dropped)",
+                exit.0
+            ),
         );
     }
     if let Some(trap) = err.downcast_ref::<Trap>() {
@@ -611,9 +675,20 @@ async fn fresh_live(
 ) -> wasmtime::Result<Live> {
     let mut store = Store::new(sandbox.engine(), HostState::new(memory_cap));
     store.limiter(|s| &mut s.limiter);
-    // Instantiation runs guest start code too: it is under the same deadline.
-    store.set_epoch_deadline(sandbox.deadline_ticks(timeout));
-    store.epoch_deadline_trap();
+    // Guest code yields to the scheduler every few ticks and traps past the call's
+    // deadline. Instantiation runs guest start code too: it is under the same deadline.
+    let ticks = sandbox.yield_ticks();
+    store.data_mut().begin(timeout);
+    store.set_epoch_deadline(ticks);
+    store.epoch_deadline_callback(move |ctx| {
+        if Instant::now() >= ctx.data().deadline {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::YieldCustom(
+            ticks,
+            Box::pin(tokio::task::yield_now()),
+        ))
+    });
     let bindings = pre.instantiate_async(&mut store).await?;
     Ok(Live {
         store,
@@ -652,8 +727,8 @@ impl Instance for WasmInstance {
             },
         };
         live.store.data_mut().invocation = Some(invocation);
-        live.store
-            .set_epoch_deadline(self.sandbox.deadline_ticks(self.timeout));
+        live.store.data_mut().begin(self.timeout);
+        live.store.set_epoch_deadline(self.sandbox.yield_ticks());
         // Epoch interruption only fires while guest code runs; a host call stuck on a
         // backend would outlive the deadline. This bound covers that case: dropping the
         // future abandons the call and the store with it.
@@ -674,6 +749,7 @@ impl Instance for WasmInstance {
                 };
             }
         };
+        live.store.data_mut().report_dropped_logs();
         let journal = live
             .store
             .data_mut()
@@ -683,8 +759,12 @@ impl Instance for WasmInstance {
             .unwrap_or_default();
         let outcome = match result {
             Ok(Ok(())) => CallOutcome::Ok,
-            Ok(Err(types::HandleError::Retry(r))) => CallOutcome::Retry(r),
-            Ok(Err(types::HandleError::Reject(r))) => CallOutcome::Reject(r),
+            Ok(Err(types::HandleError::Retry(r))) => {
+                CallOutcome::Retry(truncate_reason(r, MAX_REASON_LEN))
+            }
+            Ok(Err(types::HandleError::Reject(r))) => {
+                CallOutcome::Reject(truncate_reason(r, MAX_REASON_LEN))
+            }
             Err(e) => {
                 let (kind, mut message) = classify(&e);
                 let stderr = live.store.data().stderr.contents();

@@ -29,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use spate_core::manifest::{Manifest, valid_topic};
+use spate_core::types::headers;
 use spate_core::{BackendError, Event, Header, NewEvent};
 use spate_engine::{LoadError, RegistryError};
 use std::collections::BTreeMap;
@@ -772,13 +773,60 @@ async fn rollback_plugin(
     Ok(Json(json!({ "name": name, "active": version })))
 }
 
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    /// Also delete the plugin's state and release its namespace and cache prefix.
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `DELETE /v1/plugins/{name}[?purge=true]`. A deleted plugin's state namespace and cache
+/// prefix stay reserved (no new plugin can read its state) until it is purged; purging
+/// deletes its state (the cache forgets on its own: entries expire) and releases them.
 async fn delete_plugin(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<StatusCode> {
     let Path(name) = name.map_err(path_error)?;
-    state.runtime.registry.delete(&name).await?;
-    tracing::info!(plugin = %name, "plugin deleted");
+    let Query(query) = query.map_err(query_error)?;
+    let registry = &state.runtime.registry;
+    let existed = match registry.delete(&name).await {
+        Ok(()) => true,
+        Err(RegistryError::NotFound(_)) if query.purge => false,
+        Err(e) => return Err(e.into()),
+    };
+    if existed {
+        tracing::info!(plugin = %name, "plugin deleted");
+    }
+    if query.purge {
+        let Some(namespaces) = registry.deleted_namespaces(&name).await else {
+            return Err(RegistryError::NotFound(format!("plugin `{name}`")).into());
+        };
+        let store = &state.runtime.backends.state;
+        let mut removed = 0usize;
+        for ns in &namespaces {
+            loop {
+                let page = store.scan(ns, "", 1000).await?;
+                if page.is_empty() {
+                    break;
+                }
+                let deletes: Vec<spate_core::backend::StateWrite> = page
+                    .into_iter()
+                    .map(|(key, _)| spate_core::backend::StateWrite {
+                        key,
+                        value: None,
+                        ttl: None,
+                        condition: None,
+                    })
+                    .collect();
+                removed += deletes.len();
+                store.apply(ns, &deletes).await?;
+            }
+        }
+        registry.release(&name).await?;
+        tracing::info!(plugin = %name, ?namespaces, keys = removed, "plugin purged");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -849,6 +897,13 @@ impl EventIn {
         };
         if self.headers.keys().any(String::is_empty) {
             return Err("header names must not be empty".into());
+        }
+        // The runtime's own headers drive deduplication, provenance and workflow starts: a
+        // producer setting one could have its event silently dropped as a duplicate.
+        if let Some(name) = self.headers.keys().find(|n| headers::is_reserved(n)) {
+            return Err(format!(
+                "header `{name}` is reserved: names starting with `spate-` are set by the runtime"
+            ));
         }
         let headers = self
             .headers

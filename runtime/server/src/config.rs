@@ -560,6 +560,8 @@ impl Default for CacheConfig {
 pub struct DispatchConfig {
     /// Events read and unfinished per subscription before reading pauses.
     pub max_buffered: usize,
+    /// Bytes of events read and unfinished per subscription before reading pauses.
+    pub max_buffered_bytes: usize,
     /// Events read and unfinished per partition before that partition is paused (the
     /// subscription's other partitions keep flowing). Half of `max-buffered` by default:
     /// only a partition that hogs the buffer is paused, since librdkafka takes ~0.5 s to
@@ -575,6 +577,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             max_buffered: 4096,
+            max_buffered_bytes: 128 << 20,
             max_buffered_per_partition: 2048,
             commit_interval_ms: 100,
             drain_timeout_ms: 10_000,
@@ -592,8 +595,21 @@ pub struct SandboxSettings {
     pub max_timeout_ms: u64,
     /// Largest concurrency a manifest may ask for.
     pub max_concurrency: u32,
+    /// Largest `limits.max-emits` a manifest may ask for.
+    pub max_emits: u32,
+    /// Largest `limits.max-emit-bytes` a manifest may ask for.
+    pub max_emit_bytes: u64,
+    /// Largest `limits.max-writes` a manifest may ask for.
+    pub max_writes: u32,
+    /// Longest `retry.max-backoff-ms` a manifest may ask for.
+    pub max_backoff_ms: u64,
     /// Sandboxes alive at once across all plugins (pooling allocator slots).
     pub pool_instances: u32,
+    /// Warm-mode instances kept between a lane's bursts, across all plugins (each holds
+    /// a pool slot; the oldest makes room, and all are evicted when the pool is full).
+    pub idle_instances: usize,
+    /// How long an idle warm instance is kept, in milliseconds.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for SandboxSettings {
@@ -602,7 +618,13 @@ impl Default for SandboxSettings {
             max_memory_mb: 256,
             max_timeout_ms: 60_000,
             max_concurrency: 256,
+            max_emits: 10_000,
+            max_emit_bytes: 64 << 20,
+            max_writes: 100_000,
+            max_backoff_ms: 3_600_000,
             pool_instances: 512,
+            idle_instances: 64,
+            idle_timeout_ms: 30_000,
         }
     }
 }
@@ -782,6 +804,9 @@ impl Config {
         if self.dispatch.max_buffered == 0 {
             p.push("dispatch.max-buffered must be at least 1".into());
         }
+        if self.dispatch.max_buffered_bytes == 0 {
+            p.push("dispatch.max-buffered-bytes must be at least 1".into());
+        }
         if self.sandbox.pool_instances == 0 {
             p.push("sandbox.pool-instances must be at least 1".into());
         }
@@ -801,6 +826,10 @@ impl Config {
             max_timeout_ms: self.sandbox.max_timeout_ms,
             max_memory_mb: self.sandbox.max_memory_mb,
             max_concurrency: self.sandbox.max_concurrency,
+            max_emits: self.sandbox.max_emits,
+            max_emit_bytes: self.sandbox.max_emit_bytes,
+            max_writes: self.sandbox.max_writes,
+            max_backoff_ms: self.sandbox.max_backoff_ms,
             workflow_topic: self.workflow_topic.clone(),
         }
     }

@@ -7,7 +7,7 @@ use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
 use spate_core::dispatch::PipelineHealth;
-use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_core::dispatch::{ActiveVersion, IdleInstances, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::HostServices;
 use spate_core::manifest::{Manifest, Ordering};
@@ -56,6 +56,13 @@ impl Backends {
         use anyhow::Context;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        // The data directory holds events, state, plugins and the API token: the runtime's
+        // user only, whatever the umask made the files inside.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting data dir {}", config.data_dir.display()))?;
+        }
         let mut kafka = None;
         let (bus, source): (Arc<dyn EventBus>, Arc<dyn EventSource>) = match &config.events {
             EventsConfig::Embedded {
@@ -226,6 +233,10 @@ impl Runtime {
             config: config.clone(),
             runs: HashMap::new(),
             shutdown: shutdown.clone(),
+            idle: IdleInstances::new(
+                config.sandbox.idle_instances,
+                Duration::from_millis(config.sandbox.idle_timeout_ms),
+            ),
         };
         let changes = registry.changes();
         let ready_flag = Arc::clone(&ready);
@@ -315,6 +326,8 @@ struct Supervisor {
     config: Config,
     runs: HashMap<String, PluginRun>,
     shutdown: CancellationToken,
+    /// Idle warm instances of every pipeline: one budget and one timeout.
+    idle: Arc<IdleInstances>,
 }
 
 impl Supervisor {
@@ -417,6 +430,7 @@ impl Supervisor {
             cfg.start = *start;
             cfg.ordering = shape.ordering;
             cfg.max_buffered = self.config.dispatch.max_buffered;
+            cfg.max_buffered_bytes = self.config.dispatch.max_buffered_bytes;
             cfg.commit_interval = Duration::from_millis(self.config.dispatch.commit_interval_ms);
             cfg.drain_timeout = Duration::from_millis(self.config.dispatch.drain_timeout_ms);
             let pipeline = Pipeline::new(
@@ -427,7 +441,8 @@ impl Supervisor {
                 services.clone(),
                 Arc::clone(&permits),
                 token.clone(),
-            );
+            )
+            .with_idle_instances(Arc::clone(&self.idle));
             lock(&self.health.pipelines)
                 .insert((name.to_string(), topic.clone()), pipeline.health());
             let plugin = name.to_string();

@@ -572,15 +572,17 @@ impl StateStore for CqlStateStore {
         self.read(namespace, key).await
     }
 
-    async fn scan(
+    async fn scan_bounded(
         &self,
         namespace: &str,
         prefix: &str,
         limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let mut bytes = 0usize;
         let (range, from) = (&self.statements.scan_range, &self.statements.scan_from);
         let end = successor(prefix.as_bytes());
         let mut start = prefix.as_bytes().to_vec();
@@ -612,7 +614,11 @@ impl StateStore for CqlStateStore {
                 let Some(value) = value else { continue };
                 let key = String::from_utf8(key)
                     .map_err(|_| BackendError::Corrupt("a stored key is not UTF-8".into()))?;
+                bytes = bytes.saturating_add(key.len() + value.len());
                 out.push((key, value));
+                if bytes > max_bytes {
+                    return Ok(out);
+                }
             }
             if got < want || out.len() >= limit as usize {
                 return Ok(out);

@@ -9,9 +9,11 @@
 //! The dispatcher does not know what a plugin is made of: the sandbox implements
 //! [`PluginVersion`] (and the benchmark's native handler does too).
 
+mod idle;
 mod pipeline;
 pub mod watermark;
 
+pub use idle::IdleInstances;
 pub use pipeline::{Pipeline, PipelineConfig};
 
 use std::sync::OnceLock;
@@ -78,6 +80,11 @@ pub enum TrapKind {
     InvalidArgument,
     /// A backing service failed; not the plugin's fault.
     Infrastructure,
+    /// Every sandbox pool slot is taken: the runtime is saturated, not the event at
+    /// fault. Retried without counting, after idle warm instances are evicted.
+    PoolExhausted,
+    /// The guest called `exit` (WASI `proc_exit`) instead of returning from `handle`.
+    Exit,
     /// Any other trap (stack overflow, out-of-bounds access, instantiation failure, ...).
     Other,
 }
@@ -93,6 +100,8 @@ impl TrapKind {
             Self::Limit => "limit",
             Self::InvalidArgument => "invalid-argument",
             Self::Infrastructure => "infrastructure",
+            Self::PoolExhausted => "pool-exhausted",
+            Self::Exit => "exit",
             Self::Other => "other",
         }
     }
@@ -100,7 +109,10 @@ impl TrapKind {
     /// Whether retrying may help. Capability, limit and argument violations are
     /// deterministic: they go to the dead-letter topic at once.
     pub fn retryable(self) -> bool {
-        !matches!(self, Self::Capability | Self::Limit | Self::InvalidArgument)
+        !matches!(
+            self,
+            Self::Capability | Self::Limit | Self::InvalidArgument | Self::Exit
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
 
+use super::idle::IdleInstances;
 use super::watermark::Watermark;
 use super::{
     ActiveVersion, CallOutcome, CallResult, Instance, PipelineHealth, PluginVersion, TrapKind,
@@ -7,7 +8,7 @@ use super::{
 use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use crate::host::{HostServices, Invocation, Journal, PluginInfo};
+use crate::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
 use crate::manifest::{ExecutionMode, Ordering};
 use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -21,8 +22,10 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-/// Warm instances of quiet lanes kept per pipeline.
+/// Warm instances of quiet lanes a pipeline keeps when it is not given a shared budget.
 const IDLE_WARM_INSTANCES: usize = 32;
+/// How long an idle warm instance is kept when the pipeline is not given a shared budget.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -48,6 +51,9 @@ pub struct PipelineConfig {
     pub ordering: Ordering,
     /// Most events read and not yet finished; reading pauses above it.
     pub max_buffered: usize,
+    /// Most bytes of events read and not yet finished; reading pauses above it (a backlog
+    /// of large events must not fill memory before the count bound is reached).
+    pub max_buffered_bytes: usize,
     /// Most events of one partition read and not yet finished: above it that partition
     /// is paused (the others keep flowing) until half of them are done.
     pub max_buffered_per_partition: usize,
@@ -73,6 +79,7 @@ impl PipelineConfig {
             start: StartPosition::Earliest,
             ordering: Ordering::Key,
             max_buffered: 4096,
+            max_buffered_bytes: 128 << 20,
             max_buffered_per_partition: 2048,
             commit_interval: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
@@ -94,6 +101,8 @@ pub struct Pipeline {
 
 struct WorkerCtx {
     plugin: String,
+    /// Idle warm instances of every pipeline, evicted when the sandbox pool is full.
+    idle: Arc<IdleInstances>,
     active: Arc<ActiveVersion>,
     bus: Arc<dyn EventBus>,
     services: HostServices,
@@ -104,14 +113,14 @@ struct WorkerCtx {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum LaneKey {
+pub(super) enum LaneKey {
     Key(u32, Vec<u8>),
     Partition(u32),
     /// Keyless events have no order to keep: each is a lane of its own.
     Single(u32, u64),
 }
 
-type WarmInstance = (Arc<dyn PluginVersion>, Box<dyn Instance>);
+pub(super) type WarmInstance = (Arc<dyn PluginVersion>, Box<dyn Instance>);
 
 #[derive(Default)]
 struct Lane {
@@ -120,27 +129,33 @@ struct Lane {
     instance: Option<WarmInstance>,
     /// The running worker, while `busy`.
     task: Option<AbortHandle>,
+    /// Bytes of the event in the worker, while `busy`.
+    busy_bytes: usize,
 }
 
 /// The pipeline's key lanes, the events they hold, and the warm instances of lanes that
 /// went quiet (so a warm-mode lane keeps its instance between bursts).
 struct Lanes {
     map: HashMap<LaneKey, Lane>,
-    idle: HashMap<LaneKey, WarmInstance>,
-    idle_cap: usize,
+    idle: Arc<IdleInstances>,
+    /// This pipeline's id in `idle`.
+    owner: u64,
     /// Events read and not yet finished (queued or in a worker).
     buffered: usize,
+    /// Their bytes.
+    bytes: usize,
     /// The same, per partition.
     per_partition: HashMap<u32, usize>,
 }
 
 impl Lanes {
-    fn new(idle_cap: usize) -> Self {
+    fn new(idle: Arc<IdleInstances>) -> Self {
         Self {
             map: HashMap::new(),
-            idle: HashMap::new(),
-            idle_cap,
+            owner: idle.owner(),
+            idle,
             buffered: 0,
+            bytes: 0,
             per_partition: HashMap::new(),
         }
     }
@@ -170,9 +185,10 @@ impl Lanes {
     /// Queue `event`; returns the lane if it is idle and must be started.
     fn push(&mut self, key: &LaneKey, event: Event) -> Option<&mut Lane> {
         self.count(event.partition, 1, 0);
-        let idle = &mut self.idle;
+        self.bytes += event_bytes(&event);
+        let (idle, owner) = (&self.idle, self.owner);
         let lane = self.map.entry(key.clone()).or_insert_with(|| Lane {
-            instance: idle.remove(key),
+            instance: idle.take(owner, key),
             ..Lane::default()
         });
         lane.queue.push_back(event);
@@ -183,11 +199,13 @@ impl Lanes {
     fn clear(&mut self, key: &LaneKey) {
         let queued = self.map.get_mut(key).map(|lane| {
             let n = lane.queue.len();
+            let bytes: usize = lane.queue.iter().map(event_bytes).sum();
             lane.queue.clear();
-            n
+            (n, bytes)
         });
-        if let Some(n) = queued {
+        if let Some((n, bytes)) = queued {
             self.count(lane_partition(key), 0, n);
+            self.bytes = self.bytes.saturating_sub(bytes);
         }
     }
 
@@ -230,11 +248,15 @@ impl Lanes {
             self.clear(&k);
             // An in-flight event of the lane no longer counts either: its report will
             // find no lane and is dropped.
-            if self.map.remove(&k).is_some_and(|l| l.busy) {
+            if let Some(lane) = self.map.remove(&k)
+                && lane.busy
+            {
                 self.count(partition, 0, 1);
+                self.bytes = self.bytes.saturating_sub(lane.busy_bytes);
             }
         }
-        self.idle.retain(|k, _| lane_partition(k) != partition);
+        self.idle
+            .forget(self.owner, |k| lane_partition(k) == partition);
         self.per_partition.remove(&partition);
     }
 
@@ -242,9 +264,8 @@ impl Lanes {
     fn retire(&mut self, key: &LaneKey) {
         if let Some(lane) = self.map.remove(key)
             && let Some(instance) = lane.instance
-            && self.idle.len() < self.idle_cap
         {
-            self.idle.insert(key.clone(), instance);
+            self.idle.put(self.owner, key.clone(), instance);
         }
     }
 }
@@ -279,6 +300,7 @@ impl Pipeline {
     ) -> Self {
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
+            idle: IdleInstances::new(IDLE_WARM_INSTANCES, IDLE_TIMEOUT),
             active,
             bus,
             services,
@@ -293,6 +315,15 @@ impl Pipeline {
             ctx,
             health: Arc::default(),
         }
+    }
+
+    /// Share `idle` (the runtime's one budget of idle warm instances) instead of the
+    /// pipeline's own.
+    pub fn with_idle_instances(mut self, idle: Arc<IdleInstances>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.idle = idle;
+        }
+        self
     }
 
     /// Its consumer's membership and its event loop's heartbeat, for the probes.
@@ -312,8 +343,8 @@ impl Pipeline {
         self.health.set_joined(sub.joined());
         let mut st = RunState {
             marks: HashMap::new(),
-            // Idle warm instances hold pool slots: keep at most a few per pipeline.
-            lanes: Lanes::new(IDLE_WARM_INSTANCES),
+            // Idle warm instances hold pool slots: they live in the runtime's shared budget.
+            lanes: Lanes::new(Arc::clone(&self.ctx.idle)),
             tasks: JoinSet::new(),
             paused: HashSet::new(),
             last_lag: None,
@@ -325,7 +356,8 @@ impl Pipeline {
         loop {
             // A full buffer reads only partition changes: a revocation must still be
             // heard while every lane is busy.
-            let full = st.lanes.buffered >= cfg.max_buffered;
+            let full =
+                st.lanes.buffered >= cfg.max_buffered || st.lanes.bytes >= cfg.max_buffered_bytes;
             let next = if full { sub.next_control() } else { sub.next() };
             tokio::select! {
                 biased;
@@ -376,6 +408,7 @@ impl Pipeline {
                 _ = ticker.tick() => {
                     self.health.beat();
                     self.health.set_joined(sub.joined());
+                    self.ctx.idle.expire();
                     self.commit(&mut *sub, &mut st.marks).await;
                     self.report_lag(&mut st).await;
                 }
@@ -414,6 +447,8 @@ impl Pipeline {
         }
         self.commit(&mut *sub, &mut st.marks).await;
         sub.close().await;
+        // A stopped pipeline (plugin removed, runtime stopping) keeps no instance.
+        st.lanes.idle.forget(st.lanes.owner, |_| true);
         self.health.set_joined(false);
         Ok(())
     }
@@ -495,6 +530,9 @@ impl Pipeline {
         lane.busy = false;
         lane.task = None;
         lane.instance = report.instance;
+        lanes.bytes = lanes
+            .bytes
+            .saturating_sub(std::mem::take(&mut lane.busy_bytes));
         lanes.count(report.partition, 0, 1);
         if matches!(report.finish, Finish::Abandoned) {
             // The plugin is gone or we are stopping: later events of this lane must not
@@ -516,6 +554,7 @@ impl Pipeline {
             return;
         };
         lane.busy = true;
+        lane.busy_bytes = event_bytes(&event);
         let instance = lane.instance.take();
         let ctx = Arc::clone(&self.ctx);
         let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
@@ -601,6 +640,16 @@ fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {
         (Ordering::Key, Some(k)) => LaneKey::Key(event.partition, k.clone()),
         (Ordering::Key, None) => LaneKey::Single(event.partition, event.offset),
     }
+}
+
+/// What an event holds in memory: key, payload and headers.
+fn event_bytes(e: &Event) -> usize {
+    e.payload.len()
+        + e.key.as_ref().map_or(0, Vec::len)
+        + e.headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum::<usize>()
 }
 
 fn lane_partition(k: &LaneKey) -> u32 {
@@ -718,6 +767,16 @@ async fn handle_event(
                     instance = version.instance();
                     match kind {
                         TrapKind::Infrastructure => Failure::Infrastructure(message),
+                        TrapKind::PoolExhausted => {
+                            // Idle warm instances hold slots nobody is using: free them
+                            // before this event waits for one.
+                            let evicted = ctx.idle.evict_all();
+                            if evicted > 0 {
+                                debug!(evicted, "sandbox pool full; evicted idle warm instances");
+                                continue;
+                            }
+                            Failure::Infrastructure(message)
+                        }
                         k if k.retryable() => Failure::Retryable(k.as_str(), message),
                         k => Failure::Fatal(k.as_str(), message),
                     }
@@ -835,9 +894,10 @@ async fn dead_letter(
     attempts: u32,
 ) -> bool {
     let mut hdrs = event.headers.clone();
-    hdrs.retain(|h| !h.name.starts_with("spate-"));
+    hdrs.retain(|h| !headers::is_reserved(&h.name));
+    let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
     hdrs.extend([
-        Header::text(headers::DLQ_REASON, reason),
+        Header::text(headers::DLQ_REASON, &reason),
         Header::text(headers::DLQ_KIND, kind),
         Header::text(headers::DLQ_ATTEMPTS, attempts.to_string()),
         Header::text(headers::PLUGIN, info.name()),

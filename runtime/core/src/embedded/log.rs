@@ -49,6 +49,9 @@ pub struct LogConfig {
     pub auto_create_topics: bool,
     /// Most events in one [`SourceMessage::Events`]. Default 512.
     pub max_fetch_events: usize,
+    /// Most bytes (keys, payloads, headers) in one [`SourceMessage::Events`]; a single
+    /// larger event is still delivered alone. Default 16 MiB.
+    pub max_fetch_bytes: usize,
     /// Most write requests committed in one transaction. Default 1024.
     pub max_group_commit: usize,
     /// Most memory `redb` uses to cache the file's pages. Default 256 MiB.
@@ -61,6 +64,7 @@ impl Default for LogConfig {
             default_partitions: 4,
             auto_create_topics: true,
             max_fetch_events: 512,
+            max_fetch_bytes: 16 << 20,
             max_group_commit: 1024,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
@@ -371,24 +375,36 @@ struct FetchRange {
     to: u64,
 }
 
-/// Reads `ranges` in one snapshot, each in offset order, in the order given.
-fn read_ranges(db: &Database, ranges: &[FetchRange]) -> BackendResult<Vec<Event>> {
+/// Reads `ranges` in one snapshot, each in offset order, in the order given, stopping
+/// after the event that takes the total past `max_bytes` (so one event is always read).
+/// Returns the events and whether the byte bound cut the read short.
+fn read_ranges(
+    db: &Database,
+    ranges: &[FetchRange],
+    max_bytes: usize,
+) -> BackendResult<(Vec<Event>, bool)> {
     let txn = db.begin_read().map_err(redb_error)?;
     let table = txn.open_table(EVENTS).map_err(redb_error)?;
     let total: u64 = ranges.iter().map(|r| r.to.saturating_sub(r.from)).sum();
     let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0).min(4096));
+    let mut bytes = 0usize;
     for r in ranges {
         let topic = r.topic.as_str();
         let rows = table
             .range((topic, r.partition, r.from)..(topic, r.partition, r.to))
             .map_err(redb_error)?;
         for row in rows {
+            if bytes > max_bytes {
+                return Ok((out, true));
+            }
             let (key, value) = row.map_err(redb_error)?;
             let (_, _, offset) = key.value();
-            out.push(decode_event(topic, r.partition, offset, value.value())?);
+            let record = value.value();
+            bytes = bytes.saturating_add(record.len());
+            out.push(decode_event(topic, r.partition, offset, record)?);
         }
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -720,7 +736,7 @@ impl EventBus for EmbeddedLog {
             to,
         };
         let db = self.inner.db.clone();
-        blocking(move || read_ranges(&db, &[range])).await
+        blocking(move || read_ranges(&db, &[range], usize::MAX).map(|(events, _)| events)).await
     }
 
     async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>> {
@@ -812,6 +828,7 @@ impl EventSource for EmbeddedLog {
             watches,
             assigned: Some(assigned),
             rotate: 0,
+            pending: None,
         }))
     }
 
@@ -856,7 +873,17 @@ struct LogSubscription {
     assigned: Option<Vec<(TopicPartition, u64)>>,
     /// Where the next fetch starts looking, so no partition is always last in line.
     rotate: usize,
+    /// The read in flight and what it covers. It outlives a cancelled `next` (the
+    /// dispatcher races `next` against its commit tick), so the next call awaits the same
+    /// read instead of starting another: one fetch per subscription, bounded in bytes.
+    pending: Option<PendingFetch>,
 }
+
+/// A fetch's plan and its blocking read.
+type PendingFetch = (
+    Vec<(usize, FetchRange)>,
+    tokio::task::JoinHandle<BackendResult<(Vec<Event>, bool)>>,
+);
 
 impl LogSubscription {
     /// Chooses what to read next: up to `max_fetch_events` spread evenly over the
@@ -923,29 +950,52 @@ impl Subscription for LogSubscription {
             return Ok(SourceMessage::Assigned(assigned));
         }
         loop {
-            // Mark before looking, so an append landing after the look still wakes us.
-            for w in &mut self.watches {
-                w.mark_unchanged();
-            }
-            let plan = self.plan();
-            if plan.is_empty() {
-                self.wait_for_data().await?;
+            let handle = match &mut self.pending {
+                Some((_, handle)) => handle,
+                None => {
+                    // Mark before looking, so an append landing after the look still
+                    // wakes us.
+                    for w in &mut self.watches {
+                        w.mark_unchanged();
+                    }
+                    let plan = self.plan();
+                    if plan.is_empty() {
+                        self.wait_for_data().await?;
+                        continue;
+                    }
+                    let ranges: Vec<FetchRange> = plan.iter().map(|(_, r)| r.clone()).collect();
+                    let db = self.inner.db.clone();
+                    let max_bytes = self.inner.config.max_fetch_bytes;
+                    let read =
+                        tokio::task::spawn_blocking(move || read_ranges(&db, &ranges, max_bytes));
+                    &mut self.pending.insert((plan, read)).1
+                }
+            };
+            let joined = handle.await;
+            let Some((plan, _)) = self.pending.take() else {
                 continue;
-            }
-            let ranges: Vec<FetchRange> = plan.iter().map(|(_, r)| r.clone()).collect();
-            let wanted: u64 = ranges.iter().map(|r| r.to - r.from).sum();
-            let db = self.inner.db.clone();
-            let events = blocking(move || read_ranges(&db, &ranges)).await?;
-            if events.len() as u64 != wanted {
-                return Err(BackendError::Corrupt(format!(
-                    "expected {wanted} events but found {}: the log has holes",
-                    events.len()
-                )));
-            }
+            };
+            let (events, cut) = joined
+                .map_err(|e| BackendError::Unavailable(format!("storage task failed: {e}")))??;
+            // Each range's events are contiguous from its start; a read the byte bound
+            // did not cut short holds every offset it asked for.
             for (i, range) in &plan {
-                self.parts[*i].fetch = range.to;
+                let read = events
+                    .iter()
+                    .filter(|e| e.partition == range.partition && e.topic == range.topic)
+                    .count() as u64;
+                if !cut && read != range.to - range.from {
+                    return Err(BackendError::Corrupt(format!(
+                        "expected offsets {}..{} of {}/{} but found {read} events: the log has holes",
+                        range.from, range.to, range.topic, range.partition
+                    )));
+                }
+                self.parts[*i].fetch = range.from + read;
             }
             self.rotate = self.rotate.wrapping_add(1);
+            if events.is_empty() {
+                continue;
+            }
             return Ok(SourceMessage::Events(events));
         }
     }

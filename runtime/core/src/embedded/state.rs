@@ -276,11 +276,12 @@ impl StateStore for EmbeddedStateStore {
         .await
     }
 
-    async fn scan(
+    async fn scan_bounded(
         &self,
         namespace: &str,
         prefix: &str,
         limit: u32,
+        max_bytes: usize,
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -293,6 +294,7 @@ impl StateStore for EmbeddedStateStore {
             let now = now_ms();
             let limit = limit as usize;
             let mut out = Vec::new();
+            let mut bytes = 0usize;
             for row in table
                 .range((ns.as_str(), prefix.as_str())..)
                 .map_err(redb_error)?
@@ -304,8 +306,9 @@ impl StateStore for EmbeddedStateStore {
                     break;
                 }
                 if let Some(value) = live(v.value(), now)? {
+                    bytes = bytes.saturating_add(row_key.len() + value.len());
                     out.push((row_key.to_owned(), value.to_vec()));
-                    if out.len() >= limit {
+                    if out.len() >= limit || bytes > max_bytes {
                         break;
                     }
                 }

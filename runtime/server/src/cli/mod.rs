@@ -152,11 +152,17 @@ pub enum PluginCommand {
         /// Plugin name.
         name: String,
     },
-    /// Remove a plugin and all its versions (its consumer positions are kept).
-    #[command(after_help = "Example:\n  spate plugin rm order-totals")]
+    /// Remove a plugin and all its versions (its consumer positions are kept). Its state
+    /// namespace and cache prefix stay reserved for it until purged.
+    #[command(
+        after_help = "Examples:\n  spate plugin rm order-totals\n  spate plugin rm order-totals --purge"
+    )]
     Rm {
         /// Plugin name.
         name: String,
+        /// Also delete its state and release its namespace (works on a removed plugin).
+        #[arg(long)]
+        purge: bool,
     },
 }
 

@@ -78,11 +78,19 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::New(_) | PluginCommand::Build(_) => {
             anyhow::bail!("`spate plugin new` and `spate plugin build` are local commands")
         }
-        PluginCommand::Rm { name } => {
-            client
-                .write(client.request(Method::DELETE, &format!("/v1/plugins/{name}")))
-                .await?;
-            println!("removed plugin {name} and all its versions");
+        PluginCommand::Rm { name, purge } => {
+            let path = match purge {
+                true => format!("/v1/plugins/{name}?purge=true"),
+                false => format!("/v1/plugins/{name}"),
+            };
+            client.write(client.request(Method::DELETE, &path)).await?;
+            match purge {
+                true => println!("removed plugin {name} and purged its state"),
+                false => println!(
+                    "removed plugin {name} and all its versions; its state is kept (and its \
+                     namespace reserved) until `spate plugin rm {name} --purge`"
+                ),
+            }
             Ok(())
         }
     }
