@@ -236,7 +236,7 @@ async fn keyed_events_are_handled_once_in_key_order_and_committed_to_the_end() {
     ids.sort();
     let mut expected: Vec<String> = (0..N)
         .step_by(10)
-        .map(|i| format!("workflow/chaos-workflow/w-{i}"))
+        .map(|i| format!("workflow/chaos/chaos-workflow/w-{i}"))
         .collect();
     expected.sort();
     assert_eq!(ids, expected, "workflow idempotency ids");
