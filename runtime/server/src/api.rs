@@ -12,6 +12,8 @@
 
 use crate::config::Config;
 use crate::runtime::Runtime;
+use crate::serve::ConnLimits;
+use crate::telemetry::Metrics;
 use anyhow::Context as _;
 use axum::body::Bytes;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
@@ -24,7 +26,6 @@ use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -60,16 +61,12 @@ pub struct ApiState {
     /// Bearer token required on mutating routes.
     pub token: Arc<str>,
     /// Renders `GET /metrics`.
-    pub metrics: PrometheusHandle,
+    pub metrics: Metrics,
 }
 
 impl ApiState {
     /// State for a runtime, its API token and the process's metrics handle.
-    pub fn new(
-        runtime: Arc<Runtime>,
-        token: impl Into<Arc<str>>,
-        metrics: PrometheusHandle,
-    ) -> Self {
+    pub fn new(runtime: Arc<Runtime>, token: impl Into<Arc<str>>, metrics: Metrics) -> Self {
         Self {
             runtime,
             token: token.into(),
@@ -353,16 +350,20 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serve `state`'s API on `listener` until `shutdown` completes, then stop accepting
-/// and wait for in-flight requests to finish.
+/// Serve `state`'s API on `listener` until `shutdown` completes, then stop accepting and
+/// give open connections `api.shutdown-grace-ms` to finish (see [`crate::serve`]).
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let api = &state.runtime.config.api;
+    let limits = ConnLimits {
+        header_read: Duration::from_millis(api.header_read_timeout_ms.max(1)),
+        idle: Duration::from_millis(api.idle_timeout_ms.max(1)),
+        shutdown_grace: Duration::from_millis(api.shutdown_grace_ms),
+    };
+    crate::serve::serve(listener, router(state), limits, shutdown).await
 }
 
 /// The API token: `api.token` if configured; otherwise the one in
