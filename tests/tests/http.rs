@@ -353,3 +353,209 @@ async fn a_deleted_plugins_lag_leaves_metrics() {
     assert!(lag_lines(&http, &node, "lagger").await.is_empty());
     assert!(!lag_lines(&http, &node, "stays").await.is_empty());
 }
+
+async fn get_json(
+    http: &reqwest::Client,
+    node: &Node,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut req = http.get(format!("{}{path}", node.base));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn append(http: &reqwest::Client, node: &Node, topic: &str, events: Value) {
+    let r = http
+        .post(format!("{}/v1/topics/{topic}/events", node.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_need_the_token_and_are_bounded_in_bytes_and_in_number() {
+    const CAP: usize = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let cap = CAP.to_string();
+    let node = spawn_node(
+        dir.path(),
+        &http,
+        &[
+            ("SPATE_API__MAX_READ_BYTES", cap.as_str()),
+            ("SPATE_API__MAX_CONCURRENT_READS", "2"),
+        ],
+    )
+    .await;
+
+    // A dead letter and a workflow start, written by a plugin.
+    upload(
+        &http,
+        &node,
+        chaos_manifest("reader", "1.0.0", "orders", ""),
+    )
+    .await;
+    append(
+        &http,
+        &node,
+        "orders",
+        json!([
+            { "key": "a", "payload": { "op": "reject" } },
+            { "key": "b", "payload": { "op": "workflow", "name": "review", "input": { "secret": 1 } } },
+        ]),
+    )
+    .await;
+    let started = Instant::now();
+    loop {
+        let (dlq, _) = get_json(&http, &node, "/v1/topics/reader.dlq", Some(TOKEN)).await;
+        let (wf, _) = get_json(&http, &node, "/v1/topics/workflows", Some(TOKEN)).await;
+        if dlq == 200 && wf == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no dead letter or workflow"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for path in [
+        "/v1/topics/orders/events",
+        "/v1/topics/reader.dlq/events",
+        "/v1/topics/workflows/events",
+        "/v1/topics/orders",
+        "/v1/plugins",
+        "/v1/plugins/reader",
+    ] {
+        let (status, body) = get_json(&http, &node, path, None).await;
+        assert_eq!(status, 401, "{path} without a token: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized", "{path}: {body}");
+        let (status, body) = get_json(&http, &node, path, Some("wrong-token-123")).await;
+        assert_eq!(status, 403, "{path} with a wrong token: {body}");
+        let (status, body) = get_json(&http, &node, path, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{path} with the token: {body}");
+    }
+    let (_, dlq) = get_json(&http, &node, "/v1/topics/reader.dlq/events", Some(TOKEN)).await;
+    assert_eq!(dlq["events"].as_array().unwrap().len(), 1, "{dlq}");
+    for path in ["/healthz", "/readyz", "/livez"] {
+        assert_eq!(get_json(&http, &node, path, None).await.0, 200, "{path}");
+    }
+    let metrics = http
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    // 12 events of 1 MB in one partition (one key): more than the 8 MiB cap.
+    let payload = "x".repeat(1_000_000);
+    for _ in 0..12 {
+        append(
+            &http,
+            &node,
+            "big",
+            json!([{ "key": "k", "payload": payload }]),
+        )
+        .await;
+    }
+    let r = http
+        .get(format!("{}/v1/topics/big/events", node.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let raw = r.bytes().await.unwrap();
+    let page: Value = serde_json::from_slice(&raw).unwrap();
+    let first = page["events"].as_array().unwrap().len();
+    println!(
+        "capped read: {} bytes of answer, {first} events of 1 MB, truncated = {} (cap {CAP})",
+        raw.len(),
+        page["truncated"]
+    );
+    assert!(raw.len() <= CAP + 1024, "{} bytes", raw.len());
+    assert!(page["bytes"].as_u64().unwrap() <= CAP as u64);
+    assert_eq!(first, 8);
+    assert_eq!(page["truncated"], true);
+    // The cursor continues where the cap stopped it.
+    let from = page["next_from"].as_str().unwrap();
+    let (_, rest) = get_json(
+        &http,
+        &node,
+        &format!("/v1/topics/big/events?from={from}"),
+        Some(TOKEN),
+    )
+    .await;
+    let offsets: Vec<u64> = rest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![8, 9, 10, 11]);
+    assert_eq!(rest["truncated"], false);
+
+    // Two readers that never read their 8 MB answers hold both read slots; a third read
+    // is told to come back, while health and other routes still answer.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8192).unwrap();
+        let mut s = socket.connect(addr(&node).parse().unwrap()).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /v1/topics/big/events HTTP/1.1\r\nHost: spate\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = http
+        .get(format!("{}/v1/topics/big/events", node.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    assert_eq!(get_json(&http, &node, "/healthz", None).await.0, 200);
+    assert_eq!(
+        get_json(&http, &node, "/v1/plugins", Some(TOKEN)).await.0,
+        200
+    );
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("");
+    println!("node peak RSS after the capped reads and two stalled 8 MB readers: {peak}");
+
+    drop(stalled);
+    let started = Instant::now();
+    loop {
+        let (status, _) =
+            get_json(&http, &node, "/v1/topics/big/events?limit=1", Some(TOKEN)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "read slots never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
