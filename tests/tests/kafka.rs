@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::kafka::*;
 use support::node::{Node, handled_ok, metric, spawn_node, upload};
-use support::{chaos_manifest, chaos_wasm, test_config};
+use support::{TOKEN, chaos_manifest, chaos_wasm, test_config};
 
 /// Group of plugin `chaos` under the default deployment group `spate`.
 const GROUP: &str = "spate.chaos";
@@ -612,6 +612,7 @@ max-backoff-ms = 5000
 
     let view: serde_json::Value = http
         .get(format!("{}/v1/topics/chaos", node.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()

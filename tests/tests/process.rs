@@ -33,7 +33,7 @@ async fn read_topic(http: &reqwest::Client, node: &Node, topic: &str) -> Vec<Val
         if let Some(f) = &from {
             url.push_str(&format!("&from={f}"));
         }
-        let r = http.get(url).send().await.unwrap();
+        let r = http.get(url).bearer_auth(TOKEN).send().await.unwrap();
         if r.status() == 404 {
             return all;
         }
@@ -51,6 +51,7 @@ async fn read_topic(http: &reqwest::Client, node: &Node, topic: &str) -> Vec<Val
 async fn topic_size(http: &reqwest::Client, node: &Node, topic: &str) -> u64 {
     let r = http
         .get(format!("{}/v1/topics/{topic}", node.base))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();

@@ -114,6 +114,7 @@ impl Cluster {
         let r = self
             .http
             .get(format!("{}/v1/plugins/{plugin}", node.base))
+            .bearer_auth(TOKEN)
             .send()
             .await
             .ok()?;

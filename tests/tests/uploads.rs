@@ -147,6 +147,7 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
     let (status, body) = call(
         &app,
         Request::get("/v1/plugins/chaos")
+            .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::empty())
             .unwrap(),
     )

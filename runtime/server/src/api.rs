@@ -4,14 +4,18 @@
 //! [`router`] builds the whole API from an [`ApiState`], so tests drive it in-process;
 //! [`serve`] runs it on a listener until a shutdown signal. Every failure — a handler's,
 //! an extractor's, the framework's (unknown route, wrong method, body too large, time
-//! limit) — is rendered as `{"error":{"code","message"}}` by [`ApiError`]. Mutating
-//! routes need `Authorization: Bearer <token>`; reads are open.
+//! limit) — is rendered as `{"error":{"code","message"}}` by [`ApiError`]. Every
+//! `/v1` route, reads included, needs `Authorization: Bearer <token>`; health and metrics
+//! are open. Event reads are bounded in bytes (`api.max-read-bytes`) and in number at
+//! once (`api.max-concurrent-reads`).
 //!
 //! This module maps requests onto the registry and the event bus; it does not validate
 //! manifests or components itself (the registry does) and holds no state of its own.
 
 use crate::config::Config;
 use crate::runtime::Runtime;
+use crate::serve::ConnLimits;
+use crate::telemetry::Metrics;
 use anyhow::Context as _;
 use axum::body::Bytes;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
@@ -24,7 +28,6 @@ use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -35,11 +38,13 @@ use spate_engine::{LoadError, RegistryError};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -61,20 +66,22 @@ pub struct ApiState {
     /// Bearer token required on mutating routes.
     pub token: Arc<str>,
     /// Renders `GET /metrics`.
-    pub metrics: PrometheusHandle,
+    pub metrics: Metrics,
+    /// Permits of event reads served at once (`api.max-concurrent-reads`).
+    pub reads: Arc<Semaphore>,
 }
 
 impl ApiState {
     /// State for a runtime, its API token and the process's metrics handle.
-    pub fn new(
-        runtime: Arc<Runtime>,
-        token: impl Into<Arc<str>>,
-        metrics: PrometheusHandle,
-    ) -> Self {
+    pub fn new(runtime: Arc<Runtime>, token: impl Into<Arc<str>>, metrics: Metrics) -> Self {
+        let reads = Arc::new(Semaphore::new(
+            runtime.config.api.max_concurrent_reads.max(1),
+        ));
         Self {
             runtime,
             token: token.into(),
             metrics,
+            reads,
         }
     }
 }
@@ -119,6 +126,9 @@ pub enum ApiError {
     /// 503 `unavailable`: a backing service is unreachable; retrying may help.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 `busy` with `Retry-After`: too many event reads at once.
+    #[error("{0}")]
+    Busy(String),
     /// 500 `internal`: details are logged, never returned.
     #[error("internal error; the server log has the details")]
     Internal,
@@ -159,7 +169,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::WrongWorld(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Other { status, .. } => *status,
         }
@@ -178,6 +188,7 @@ impl ApiError {
             Self::TooLarge(_) => "too_large",
             Self::WrongWorld(_) => "wrong_world",
             Self::Unavailable(_) => "unavailable",
+            Self::Busy(_) => "busy",
             Self::Internal => "internal",
         }
     }
@@ -232,9 +243,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
         let mut res = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Unauthorized(_)) {
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            Self::Unauthorized(_) => {
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Busy(_) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         res
     }
@@ -305,10 +323,6 @@ pub fn router(state: ApiState) -> Router {
     }
 
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/livez", get(livez))
-        .route("/metrics", get(metrics))
         .route(
             "/v1/plugins",
             bounded(get(list_plugins), body, timeout).merge(bounded(
@@ -336,6 +350,11 @@ pub fn router(state: ApiState) -> Router {
         )
         // Only matched routes check the token, so an unknown path is a 404, not a 401.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Added after the token layer: probes and scrapers carry no token.
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/livez", get(livez))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(json_errors))
@@ -354,16 +373,20 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serve `state`'s API on `listener` until `shutdown` completes, then stop accepting
-/// and wait for in-flight requests to finish.
+/// Serve `state`'s API on `listener` until `shutdown` completes, then stop accepting and
+/// give open connections `api.shutdown-grace-ms` to finish (see [`crate::serve`]).
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let api = &state.runtime.config.api;
+    let limits = ConnLimits {
+        header_read: Duration::from_millis(api.header_read_timeout_ms.max(1)),
+        idle: Duration::from_millis(api.idle_timeout_ms.max(1)),
+        shutdown_grace: Duration::from_millis(api.shutdown_grace_ms),
+    };
+    crate::serve::serve(listener, router(state), limits, shutdown).await
 }
 
 /// The API token: `api.token` if configured; otherwise the one in
@@ -423,11 +446,9 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 // ---------------------------------------------------------------------------------------
 // Middleware and fallbacks
 
-/// Mutating methods need the bearer token; reads pass.
+/// Every route behind it needs the bearer token, reads included: events, dead letters,
+/// workflows and manifests are the deployment's data.
 async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return next.run(req).await;
-    }
     match check_token(&state.token, req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
@@ -1043,18 +1064,32 @@ async fn topic_info(
     })))
 }
 
+/// Events of the first read of a partition, before their size is known.
+const FIRST_BATCH: usize = 4;
+/// Most events asked of the bus at once.
+const MAX_BATCH: usize = 256;
+
 async fn read_events(
     State(state): State<ApiState>,
     topic: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let topic = checked_topic(topic)?;
     let Query(q) = query.map_err(query_error)?;
-    let max = state.runtime.config.api.max_read_events.max(1);
+    let api = &state.runtime.config.api;
+    let max = api.max_read_events.max(1);
     let limit = q.limit.unwrap_or(max).min(max);
     if limit == 0 {
         return Err(ApiError::bad("invalid_query", "`limit` must be at least 1"));
     }
+    let cap = api.max_read_bytes.max(1);
+    // Held until the answer has been handed to the connection (see `held_body`).
+    let permit = Arc::clone(&state.reads).try_acquire_owned().map_err(|_| {
+        ApiError::Busy(format!(
+            "{} event reads are being served, the most at once (api.max-concurrent-reads); retry in a second",
+            api.max_concurrent_reads.max(1)
+        ))
+    })?;
     let partitions = topic_partitions(&state, &topic).await?;
     let cursors = q
         .from
@@ -1063,7 +1098,7 @@ async fn read_events(
         .transpose()?
         .unwrap_or_default();
     let default_offset = q.offset.unwrap_or(0);
-    let targets: Vec<u32> = match q.partition {
+    let mut targets: Vec<u32> = match q.partition {
         Some(p) if p >= partitions => {
             return Err(ApiError::NotFound {
                 code: "unknown_partition",
@@ -1081,40 +1116,129 @@ async fn read_events(
             ),
         ));
     }
-    // An equal share per partition keeps one busy partition from starving the others.
-    let share = limit.div_ceil(targets.len().max(1));
+    // Which partition goes first moves with the cursors: the first event of an answer is
+    // taken whatever its size, so an event larger than the cap in any partition is
+    // reached even while others keep filling answers.
+    let starts: u64 = targets
+        .iter()
+        .map(|p| cursors.get(p).copied().unwrap_or(default_offset))
+        .fold(0u64, u64::wrapping_add);
+    let turn = usize::try_from(starts % targets.len().max(1) as u64).unwrap_or(0);
+    targets.rotate_left(turn);
+    // The answer is built as bytes, event by event, and never grows past the cap (one
+    // event larger than the cap alone excepted): a read costs at most `cap` plus one
+    // batch of the bus, and batches are sized by the largest event seen so far.
+    let mut out = Vec::new();
+    out.extend_from_slice(br#"{"topic":"#);
+    serde_json::to_writer(&mut out, &topic).map_err(ApiError::internal)?;
+    out.extend_from_slice(br#","events":["#);
+    let header_len = out.len();
+    // An equal share, of events and of bytes, per partition with events past its cursor
+    // keeps one busy partition from starving the others; what a partition leaves unused
+    // goes to the next ones.
+    let ends = state.runtime.backends.bus.end_offsets(&topic).await?;
+    let start_of = |p: u32| cursors.get(&p).copied().unwrap_or(default_offset);
+    let has_events = |p: u32| ends.get(p as usize).is_none_or(|end| start_of(p) < *end);
+    let mut sharing = targets.iter().filter(|p| has_events(**p)).count();
     let mut remaining = limit;
-    let mut events = Vec::new();
+    let mut used = 0usize;
+    let mut largest = 0usize;
+    // Some partition stopped at its byte share or the cap, with events left.
+    let mut truncated = false;
+    // The cap is reached: no partition gets more.
+    let mut full = false;
     let mut next = Map::new();
-    for p in targets {
-        let start = cursors.get(&p).copied().unwrap_or(default_offset);
-        let want = share.min(remaining);
-        let batch = if want == 0 {
-            Vec::new()
-        } else {
-            state
+    for &p in &targets {
+        let mut at = start_of(p);
+        if !has_events(p) {
+            next.insert(p.to_string(), json!(at));
+            continue;
+        }
+        let mut want = remaining.div_ceil(sharing.max(1));
+        let byte_share = cap.saturating_sub(used) / sharing.max(1);
+        sharing = sharing.saturating_sub(1);
+        let mut part_bytes = 0usize;
+        'partition: while want > 0 && !full {
+            let batch_len = cap
+                .saturating_sub(used)
+                .checked_div(largest)
+                .map_or(FIRST_BATCH, |n| n.clamp(1, MAX_BATCH))
+                .min(want);
+            let batch = state
                 .runtime
                 .backends
                 .bus
-                .read(&topic, p, start, want)
-                .await?
-        };
-        remaining -= batch.len();
-        let after = batch.last().map_or(start, |e| e.offset + 1);
-        next.insert(p.to_string(), json!(after));
-        events.extend(batch.iter().map(event_json));
+                .read(&topic, p, at, batch_len)
+                .await?;
+            let got = batch.len();
+            for e in batch {
+                let json = serde_json::to_vec(&event_json(&e)).map_err(ApiError::internal)?;
+                largest = largest.max(json.len());
+                let size = json.len() + usize::from(out.len() > header_len);
+                let in_cap = used + size <= cap;
+                // A partition's first event needs only to fit the cap; the very first
+                // event of the answer is taken whatever its size, so a read always moves.
+                let fits = in_cap && (part_bytes == 0 || part_bytes + size <= byte_share);
+                if !fits && used > 0 {
+                    truncated = true;
+                    full = !in_cap;
+                    break 'partition;
+                }
+                if out.len() > header_len {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&json);
+                used += size;
+                part_bytes += size;
+                at = e.offset + 1;
+                want -= 1;
+                remaining -= 1;
+                if want == 0 {
+                    break 'partition;
+                }
+            }
+            if got < batch_len {
+                break;
+            }
+        }
+        next.insert(p.to_string(), json!(at));
     }
     let next_from = next
         .iter()
         .map(|(p, o)| format!("{p}:{o}"))
         .collect::<Vec<_>>()
         .join(",");
-    Ok(Json(json!({
-        "topic": topic,
-        "events": events,
-        "next": next,
-        "next_from": next_from,
-    })))
+    out.extend_from_slice(br#"],"next":"#);
+    serde_json::to_writer(&mut out, &next).map_err(ApiError::internal)?;
+    out.extend_from_slice(br#","next_from":"#);
+    serde_json::to_writer(&mut out, &next_from).map_err(ApiError::internal)?;
+    let _ = write!(out, r#","truncated":{truncated},"bytes":{used}}}"#);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        held_body(Bytes::from(out), permit),
+    )
+        .into_response())
+}
+
+/// A body that keeps the read's permit until the connection asks for more after it,
+/// i.e. until the answer has left the handler's memory for the socket's buffers.
+fn held_body(bytes: Bytes, permit: OwnedSemaphorePermit) -> axum::body::Body {
+    enum Step {
+        Send(Bytes, OwnedSemaphorePermit),
+        Release(OwnedSemaphorePermit),
+    }
+    let stream = futures::stream::unfold(Some(Step::Send(bytes, permit)), |step| async move {
+        match step? {
+            Step::Send(bytes, permit) => {
+                Some((Ok::<_, Infallible>(bytes), Some(Step::Release(permit))))
+            }
+            Step::Release(_permit) => None,
+        }
+    });
+    axum::body::Body::from_stream(stream)
 }
 
 /// An event as JSON: the key as text when it is UTF-8 (else `key_base64`), the payload

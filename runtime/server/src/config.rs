@@ -71,6 +71,22 @@ pub struct ApiConfig {
     pub request_timeout_ms: u64,
     /// Most events one read returns.
     pub max_read_events: usize,
+    /// Most bytes of events one read returns (its JSON): a read stops adding events at
+    /// this size, says `"truncated": true`, and its `next_from` continues from there. An
+    /// event larger than this alone is returned by itself.
+    pub max_read_bytes: usize,
+    /// Event reads served at once; one more is answered 503 `busy` with `Retry-After`.
+    pub max_concurrent_reads: usize,
+    /// From a request's first byte to the end of its head (request line and headers), in
+    /// milliseconds; a connection that takes longer is closed.
+    pub header_read_timeout_ms: u64,
+    /// A connection that holds no request is closed after this many milliseconds without
+    /// a byte moving (a keep-alive connection between requests, or a client that stopped
+    /// reading its response).
+    pub idle_timeout_ms: u64,
+    /// On shutdown, how long open connections may finish their requests before they are
+    /// dropped, in milliseconds (idle ones close at once).
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -82,6 +98,11 @@ impl Default for ApiConfig {
             max_upload_bytes: 64 << 20,
             request_timeout_ms: 30_000,
             max_read_events: 1000,
+            max_read_bytes: 4 << 20,
+            max_concurrent_reads: 4,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            shutdown_grace_ms: 5_000,
         }
     }
 }
@@ -738,6 +759,15 @@ impl Config {
             && t.len() < 8
         {
             p.push("api.token must be at least 8 characters".into());
+        }
+        if self.api.max_read_bytes < 1024 {
+            p.push("api.max-read-bytes must be at least 1024".into());
+        }
+        if self.api.max_concurrent_reads == 0 {
+            p.push("api.max-concurrent-reads must be at least 1".into());
+        }
+        if self.api.header_read_timeout_ms == 0 || self.api.idle_timeout_ms == 0 {
+            p.push("api.header-read-timeout-ms and api.idle-timeout-ms must be at least 1".into());
         }
         match &self.events {
             EventsConfig::Embedded {

@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod node;
 pub mod runtime;
+pub mod serve;
 pub mod telemetry;
 
 pub use config::Config;

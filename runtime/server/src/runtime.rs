@@ -374,6 +374,7 @@ impl Supervisor {
                 run.active.clear();
                 stop(run).await;
                 lock(&self.health.pipelines).retain(|(p, _), _| p != name);
+                crate::telemetry::forget_plugin(name);
                 info!(plugin = name, "plugin removed; pipelines stopped");
             }
             return;
@@ -390,6 +391,8 @@ impl Supervisor {
         }
         if let Some(run) = self.runs.remove(name) {
             stop(run).await;
+            // Topics it no longer reads must not keep their last lag.
+            crate::telemetry::forget_plugin(name);
         }
         lock(&self.health.pipelines).retain(|(p, _), _| p != name);
         let run = self.start(name, version, shape);

@@ -5,10 +5,19 @@
 //! runtimes and routers in one process share them. Metric names and labels are the ones
 //! the dispatcher records (low cardinality: plugin, outcome, kind, topic — never keys or
 //! offsets).
+//!
+//! Gauges that name a plugin (`spate_consumer_lag`) are kept beside the Prometheus
+//! registry, which cannot forget a series: [`forget_plugin`] drops them when the plugin's
+//! pipelines stop, so a deleted plugin does not keep reporting its last lag.
 
-use metrics::Unit;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -21,7 +30,123 @@ pub const HANDLER_DURATION_BUCKETS: &[f64] = &[
 /// How often histogram data is drained when nobody scrapes `/metrics`.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+/// Gauges labelled by plugin that [`forget_plugin`] removes, with their HELP text.
+const PLUGIN_GAUGES: &[(&str, &str)] = &[(
+    "spate_consumer_lag",
+    "Events appended to a subscribed topic but not yet committed by the plugin.",
+)];
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics: renders the scrape text of `GET /metrics`.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    plugin_gauges: Arc<PluginGauges>,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = self.handle.render();
+        self.plugin_gauges.render(&mut text);
+        text
+    }
+}
+
+/// The series of [`PLUGIN_GAUGES`], by key.
+#[derive(Default)]
+struct PluginGauges {
+    series: Mutex<BTreeMap<Key, Arc<AtomicU64>>>,
+}
+
+impl PluginGauges {
+    fn gauge(&self, key: &Key) -> Gauge {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        Gauge::from_arc(Arc::clone(series.entry(key.clone()).or_default()))
+    }
+
+    fn forget(&self, plugin: &str) {
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| {
+                !key.labels()
+                    .any(|l| l.key() == "plugin" && l.value() == plugin)
+            });
+    }
+
+    fn render(&self, out: &mut String) {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, help) in PLUGIN_GAUGES {
+            let mut of_name = series.iter().filter(|(k, _)| k.name() == *name).peekable();
+            if of_name.peek().is_none() {
+                continue;
+            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (key, value) in of_name {
+                let labels: Vec<String> = key
+                    .labels()
+                    .map(|l| format!("{}=\"{}\"", l.key(), escape_label(l.value())))
+                    .collect();
+                let value = f64::from_bits(value.load(Ordering::Acquire));
+                let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+            }
+            out.push('\n');
+        }
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus recorder, with [`PLUGIN_GAUGES`] routed to [`PluginGauges`].
+struct Recorder {
+    inner: PrometheusRecorder,
+    plugin_gauges: Arc<PluginGauges>,
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.inner.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        if PLUGIN_GAUGES.iter().any(|(name, _)| key.name() == *name) {
+            self.plugin_gauges.gauge(key)
+        } else {
+            self.inner.register_gauge(key, metadata)
+        }
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.inner.register_histogram(key, metadata)
+    }
+}
+
+/// Remove every series of a plugin-labelled gauge (`spate_consumer_lag`) that names
+/// `plugin`. Called once its pipelines have stopped (removed, or restarted on other
+/// topics); running pipelines report again within a second.
+pub fn forget_plugin(plugin: &str) {
+    if let Some(m) = METRICS.get() {
+        m.plugin_gauges.forget(plugin);
+    }
+}
 
 /// Install the Prometheus recorder (first call only) and return a handle that renders
 /// the scrape text. Later calls return the same handle.
@@ -29,7 +154,7 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// If another recorder was installed first (say, by an embedding program), metrics
 /// recorded through the `metrics` macros go there and this handle renders nothing; the
 /// process keeps running either way.
-pub fn metrics() -> PrometheusHandle {
+pub fn metrics() -> Metrics {
     METRICS
         .get_or_init(|| {
             let builder = match PrometheusBuilder::new().set_buckets_for_metric(
@@ -40,8 +165,13 @@ pub fn metrics() -> PrometheusHandle {
                 // Only fails for an empty bucket list, which the constant is not.
                 Err(_) => PrometheusBuilder::new(),
             };
-            let recorder = builder.build_recorder();
-            let handle = recorder.handle();
+            let inner = builder.build_recorder();
+            let handle = inner.handle();
+            let plugin_gauges = Arc::new(PluginGauges::default());
+            let recorder = Recorder {
+                inner,
+                plugin_gauges: Arc::clone(&plugin_gauges),
+            };
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => describe(),
                 Err(e) => tracing::warn!(error = %e, "a metrics recorder was already installed; /metrics will be empty"),
@@ -60,7 +190,10 @@ pub fn metrics() -> PrometheusHandle {
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "could not start the metrics upkeep thread");
             }
-            handle
+            Metrics {
+                handle,
+                plugin_gauges,
+            }
         })
         .clone()
 }
@@ -91,11 +224,6 @@ fn describe() {
         "spate_traps_total",
         Unit::Count,
         "Handler calls that trapped, by kind (deadline, memory, panic, ...)."
-    );
-    metrics::describe_gauge!(
-        "spate_consumer_lag",
-        Unit::Count,
-        "Events appended to a subscribed topic but not yet committed by the plugin."
     );
     metrics::describe_counter!(
         "spate_partition_pauses_total",
@@ -178,5 +306,25 @@ mod tests {
             "{text}"
         );
         assert_eq!(a.render().is_empty(), text.is_empty());
+    }
+
+    #[test]
+    fn a_forgotten_plugin_loses_its_lag_series() {
+        let m = metrics();
+        metrics::gauge!("spate_consumer_lag", "plugin" => "gone", "topic" => "t").set(7.0);
+        metrics::gauge!("spate_consumer_lag", "plugin" => "kept", "topic" => "t").set(3.0);
+        let text = m.render();
+        assert!(text.contains("# TYPE spate_consumer_lag gauge"), "{text}");
+        assert!(
+            text.contains("spate_consumer_lag{plugin=\"gone\",topic=\"t\"} 7"),
+            "{text}"
+        );
+        forget_plugin("gone");
+        let text = m.render();
+        assert!(!text.contains("plugin=\"gone\""), "{text}");
+        assert!(
+            text.contains("spate_consumer_lag{plugin=\"kept\",topic=\"t\"} 3"),
+            "{text}"
+        );
     }
 }

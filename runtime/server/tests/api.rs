@@ -20,6 +20,8 @@ struct App {
     _dir: tempfile::TempDir,
     runtime: Arc<Runtime>,
     router: Router,
+    /// The router's event-read permits.
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 async fn app_with(tweak: impl FnOnce(&mut Config)) -> App {
@@ -38,6 +40,7 @@ async fn app_with(tweak: impl FnOnce(&mut Config)) -> App {
     App {
         _dir: dir,
         runtime,
+        reads: Arc::clone(&state.reads),
         router: api::router(state),
     }
 }
@@ -96,7 +99,19 @@ impl App {
         }
     }
 
+    /// `GET uri` with the token.
     async fn get(&self, uri: &str) -> Answer {
+        self.send(
+            Request::get(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// `GET uri` without a token.
+    async fn get_anon(&self, uri: &str) -> Answer {
         self.send(Request::get(uri).body(Body::empty()).unwrap())
             .await
     }
@@ -247,7 +262,7 @@ async fn mutating_routes_need_the_token() {
         StatusCode::NOT_FOUND
     );
 
-    // The scheme is case-insensitive; reads need no token.
+    // The scheme is case-insensitive.
     let r = app
         .send(
             Request::post("/v1/topics/orders/events")
@@ -258,6 +273,134 @@ async fn mutating_routes_need_the_token() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(app.get("/v1/plugins").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn reads_need_the_token_but_health_and_metrics_do_not() {
+    let app = app().await;
+    let r = app
+        .post_json("/v1/topics/orders/events", &json!({ "payload": 1 }))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    for uri in [
+        "/v1/topics/orders/events",
+        "/v1/topics/orders",
+        "/v1/plugins",
+        "/v1/plugins/x",
+    ] {
+        let r = app.get_anon(uri).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(r.error().0, "unauthorized", "{uri}");
+        let r = app
+            .send(
+                Request::get(uri)
+                    .header(header::AUTHORIZATION, "Bearer not-the-token")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{uri}");
+    }
+    assert_eq!(
+        app.get("/v1/topics/orders/events").await.status,
+        StatusCode::OK
+    );
+    for uri in ["/healthz", "/livez", "/metrics"] {
+        assert_eq!(app.get_anon(uri).await.status, StatusCode::OK, "{uri}");
+    }
+    // An unknown route is still a 404, token or not.
+    assert_eq!(app.get_anon("/v1/nope").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
+    const CAP: usize = 64 << 10;
+    let app = app_with(|c| {
+        c.api.max_read_bytes = CAP;
+        c.events = spate::config::EventsConfig::Embedded {
+            default_partitions: 2,
+            auto_create_topics: true,
+        };
+    })
+    .await;
+    // 60 events of ~4 KiB (240 KiB) over two partitions, and one of 100 KiB.
+    let pad = "p".repeat(4000);
+    let events: Vec<Value> = (0..60)
+        .map(|i| json!({ "key": format!("k{}", i % 7), "payload": { "i": i, "pad": pad } }))
+        .collect();
+    let r = app
+        .post_json("/v1/topics/orders/events", &json!({ "events": events }))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .post_json(
+            "/v1/topics/orders/events",
+            &json!({ "key": "huge", "payload": { "i": 60, "pad": "h".repeat(100_000) } }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    let mut pages = 0;
+    let mut flags = Vec::new();
+    loop {
+        let r = app
+            .get(&format!("/v1/topics/orders/events?from={from}"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let page = r.json();
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            assert_eq!(page["truncated"], false);
+            break;
+        }
+        pages += 1;
+        let largest = events.iter().map(|e| e.to_string().len()).max().unwrap();
+        // At most the cap, or one event on its own when that event is larger.
+        assert!(
+            r.body.len() <= CAP + 512 || events.len() == 1,
+            "{} bytes in {} events (largest {largest})",
+            r.body.len(),
+            events.len()
+        );
+        assert!(page["bytes"].as_u64().unwrap() as usize <= CAP.max(largest));
+        flags.push(page["truncated"].as_bool().unwrap());
+        seen.extend(events.iter().map(|e| e["payload"]["i"].as_u64().unwrap()));
+        from = page["next_from"].as_str().unwrap().to_string();
+        assert!(pages < 40, "the cursor does not advance");
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..61).collect::<Vec<_>>(), "every event once");
+    assert!(pages >= 4, "{pages} pages");
+    // Every page the cap cut short says so; the last one, which reached the end, does not.
+    assert_eq!(flags.pop(), Some(false));
+    assert!(flags.iter().all(|t| *t), "{flags:?}");
+}
+
+#[tokio::test]
+async fn reads_over_the_concurrency_limit_are_told_to_retry() {
+    let app = app_with(|c| c.api.max_concurrent_reads = 2).await;
+    let r = app
+        .post_json("/v1/topics/orders/events", &json!({ "payload": 1 }))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // Two reads in flight: the test holds their permits.
+    let held = Arc::clone(&app.reads).acquire_many_owned(2).await.unwrap();
+    let r = app.get("/v1/topics/orders/events").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers.get(header::RETRY_AFTER).unwrap(), "1");
+    let (code, message) = r.error();
+    assert_eq!(code, "busy");
+    assert!(message.contains("api.max-concurrent-reads"), "{message}");
+    // Other reads and health are not limited.
+    assert_eq!(app.get("/v1/topics/orders").await.status, StatusCode::OK);
+    assert_eq!(app.get_anon("/healthz").await.status, StatusCode::OK);
+    drop(held);
+    let r = app.get("/v1/topics/orders/events").await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The permit is back once the answer was taken.
+    assert_eq!(app.reads.available_permits(), 2);
 }
 
 #[tokio::test]

@@ -70,18 +70,18 @@ impl ApiClient {
         self.http.request(method, format!("{}{path}", self.base))
     }
 
-    /// Send a request that needs no token.
+    /// Send a read (`GET`). Every `/v1` route needs the token, reads included.
     pub async fn read(&self, req: RequestBuilder) -> anyhow::Result<Value> {
-        let req = match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        self.send(req).await
+        self.authorized(req).await
     }
 
-    /// Send a request that changes something: it carries the token, and fails before
-    /// sending when there is none.
+    /// Send a request that changes something.
     pub async fn write(&self, req: RequestBuilder) -> anyhow::Result<Value> {
+        self.authorized(req).await
+    }
+
+    /// Send `req` with the token; fails before sending when there is none.
+    async fn authorized(&self, req: RequestBuilder) -> anyhow::Result<Value> {
         let Some(token) = &self.token else {
             anyhow::bail!(
                 "no API token: pass --token or set SPATE_API_TOKEN, or run where `spate up` wrote {} \

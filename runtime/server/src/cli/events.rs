@@ -279,6 +279,14 @@ async fn send_file(
     Ok(())
 }
 
+/// How often a read answered 503 `busy` is tried again, a second apart.
+const BUSY_RETRIES: u32 = 30;
+
+fn is_busy(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<super::client::ApiFailure>()
+        .is_some_and(|f| f.status == StatusCode::SERVICE_UNAVAILABLE && f.code == "busy")
+}
+
 /// A page of events and where the next page starts.
 struct Page {
     events: Vec<Value>,
@@ -287,13 +295,24 @@ struct Page {
 
 async fn read_page(client: &ApiClient, topic: &str, from: &str) -> anyhow::Result<Page> {
     let limit = PAGE.to_string();
-    let v = client
-        .read(
-            client
-                .request(Method::GET, &format!("/v1/topics/{topic}/events"))
-                .query(&[("from", from), ("limit", limit.as_str())]),
-        )
-        .await?;
+    let mut attempts = 0;
+    let v = loop {
+        let answer = client
+            .read(
+                client
+                    .request(Method::GET, &format!("/v1/topics/{topic}/events"))
+                    .query(&[("from", from), ("limit", limit.as_str())]),
+            )
+            .await;
+        match answer {
+            // The server serves a few reads at once and asks the rest to come back.
+            Err(e) if is_busy(&e) && attempts < BUSY_RETRIES => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => break other?,
+        }
+    };
     Ok(Page {
         events: v
             .get("events")
