@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 
 /// A value written and removed after a reopen, to check that the file takes writes again.
 const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("_spate_probe");
-/// Bytes of that value: enough to need fresh pages, so a still-full disk fails it.
+/// Bytes of that value.
 const PROBE_BYTES: usize = 1 << 20;
+/// Least free space on the file's filesystem before a failed file is reopened. The probe
+/// alone is not enough: it may fit in pages the failed transaction already wrote, and the
+/// file would flap between failed and healthy while the disk stays full.
+const MIN_FREE_BYTES: u64 = 8 << 20;
 
 /// Whether an embedded database file can be written, and why not; one per file.
 #[derive(Debug)]
@@ -160,11 +164,16 @@ impl SharedDb {
         )
     }
 
-    /// Marks the file failed with `reason` and drops the database once no reader holds
-    /// it, so that it can be opened again. Called on the writer thread.
-    pub(crate) fn close_failed(&self, reason: String) {
+    /// Marks the file failed with `reason`: done before anyone hears of the failure, so
+    /// a caller told to retry finds the probes already saying why.
+    pub(crate) fn mark_failed(&self, reason: String) {
         self.health.failures.fetch_add(1, Ordering::Relaxed);
         self.health.set(Some(reason));
+    }
+
+    /// Drops the database once no reader holds it, so that it can be opened again.
+    /// Called on the writer thread, after [`Self::mark_failed`].
+    pub(crate) fn close_failed(&self) {
         let taken = self.slot.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut db) = taken {
             // Readers finish quickly (one snapshot read each): wait for them, so dropping
@@ -193,12 +202,35 @@ impl SharedDb {
     /// Opens the file again and checks that it takes a write; on success the file is
     /// healthy again and the new handle is returned.
     pub(crate) fn try_reopen(&self) -> BackendResult<Arc<Database>> {
+        if let Some(free) = free_bytes(&self.health.path)
+            && free < MIN_FREE_BYTES
+        {
+            return Err(BackendError::Unavailable(format!(
+                "{} bytes free on the filesystem of {}; waiting for {MIN_FREE_BYTES}",
+                free,
+                self.health.path.display()
+            )));
+        }
         let db = open_database(&self.health.path, self.cache_bytes)?;
         probe(&db).map_err(redb_error)?;
         let db = Arc::new(db);
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
         self.health.set(None);
         Ok(db)
+    }
+}
+
+/// Bytes available to this process on the filesystem holding `path`, if known.
+fn free_bytes(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let stats = rustix::fs::statvfs(path.parent()?).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 

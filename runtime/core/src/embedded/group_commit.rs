@@ -223,8 +223,9 @@ fn run<B: Batcher>(
             }
             Err(e) if is_io(&e) => {
                 let reason = failure_reason(db, &e);
-                refuse(group.drain(..), &BackendError::Unavailable(reason.clone()));
-                if !recover(db, &mut batcher, &mut rx, &mut pending, reason) {
+                db.mark_failed(reason.clone());
+                refuse(group.drain(..), &BackendError::Unavailable(reason));
+                if !recover(db, &mut batcher, &mut rx, &mut pending) {
                     return;
                 }
             }
@@ -243,7 +244,9 @@ fn run<B: Batcher>(
                         commit_group(&handle, &mut batcher, std::slice::from_ref(&request)).map_err(
                             |e| {
                                 if is_io(&e) {
-                                    failed_io = Some(failure_reason(db, &e));
+                                    let reason = failure_reason(db, &e);
+                                    db.mark_failed(reason.clone());
+                                    failed_io = Some(reason);
                                 }
                                 super::redb_error(e)
                             },
@@ -258,9 +261,7 @@ fn run<B: Batcher>(
                     // The caller may have stopped waiting; its write stands either way.
                     let _ = request.reply.send(out);
                 }
-                if let Some(reason) = failed_io
-                    && !recover(db, &mut batcher, &mut rx, &mut pending, reason)
-                {
+                if failed_io.is_some() && !recover(db, &mut batcher, &mut rx, &mut pending) {
                     return;
                 }
             }
@@ -280,18 +281,19 @@ fn failure_reason(db: &SharedDb, e: &redb::Error) -> String {
     )
 }
 
-/// Drops the failed database and reopens it until a probe write succeeds, refusing
-/// whatever is queued meanwhile. False if every sender is gone (shut down).
+/// Drops the database [`SharedDb::mark_failed`] marked and reopens it until a probe
+/// write succeeds, refusing whatever is queued meanwhile. False if every sender is gone
+/// (shut down).
 fn recover<B: Batcher>(
     db: &SharedDb,
     batcher: &mut B,
     rx: &mut mpsc::Receiver<Job<B>>,
     pending: &mut Option<Job<B>>,
-    reason: String,
 ) -> bool {
-    tracing::error!(file = %db.health().path().display(), %reason, "embedded storage failed; reopening it");
+    tracing::error!(file = %db.health().path().display(),
+        reason = db.health().degraded().unwrap_or_default(), "embedded storage failed; reopening it");
     let started = Instant::now();
-    db.close_failed(reason);
+    db.close_failed();
     loop {
         match db.try_reopen() {
             Ok(handle) => match batcher.reopened(&handle) {
@@ -303,16 +305,12 @@ fn recover<B: Batcher>(
                 }
                 Err(e) => {
                     drop(handle);
-                    db.close_failed(format!("reloading after a reopen failed: {e}"));
+                    db.mark_failed(format!("reloading after a reopen failed: {e}"));
+                    db.close_failed();
                 }
             },
-            Err(e) => {
-                tracing::debug!(error = %e, "reopen failed; trying again");
-                // The open failed: keep the first reason unless there was none.
-                if db.health().degraded().is_none() {
-                    db.close_failed(e.to_string());
-                }
-            }
+            // The first reason stays: it says what went wrong, this only that it still is.
+            Err(e) => tracing::debug!(error = %e, "reopen failed; trying again"),
         }
         let unavailable = || {
             BackendError::Unavailable(
