@@ -565,8 +565,27 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Api
 // ---------------------------------------------------------------------------------------
 // Health and metrics
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Health: 200 `ok`, or 503 `degraded` naming the embedded storage that cannot be
+/// written (a full disk) while it is being reopened. Liveness is `/livez`: a degraded
+/// runtime recovers by itself and needs no restart.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    let h = state.runtime.health();
+    if h.storage.is_empty() {
+        return Json(json!({ "status": "ok" })).into_response();
+    }
+    let body = json!({
+        "status": "degraded",
+        "error": { "code": "storage_unavailable", "message": storage_message(&h.storage) },
+        "storage": h.storage,
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+fn storage_message(storage: &[String]) -> String {
+    format!(
+        "embedded storage cannot be written (appends and event handling wait and are retried): {}",
+        storage.join("; ")
+    )
 }
 
 /// Ready: plugins loaded and every consumer joined its group. 503 with the API's error
@@ -576,7 +595,9 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if h.ready {
         return Json(json!({ "status": "ready" })).into_response();
     }
-    let message = if h.not_joined.is_empty() {
+    let message = if !h.storage.is_empty() {
+        storage_message(&h.storage)
+    } else if h.not_joined.is_empty() {
         "the runtime is starting or shutting down".to_string()
     } else {
         format!(
@@ -587,6 +608,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     let body = json!({
         "error": { "code": "not_ready", "message": message },
         "not_joined": h.not_joined,
+        "storage": h.storage,
     });
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
@@ -609,6 +631,18 @@ async fn livez(State(state): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    // Sizes are read when scraped: a stat call per file and the log's in-memory counts.
+    let backends = &state.runtime.backends;
+    for h in &backends.storage {
+        metrics::gauge!("spate_storage_file_bytes", "file" => h.name()).set(h.file_bytes() as f64);
+    }
+    if let Some(log) = &backends.log {
+        for t in log.usage() {
+            metrics::gauge!("spate_log_retained_bytes", "topic" => t.topic.clone())
+                .set(t.bytes as f64);
+            metrics::gauge!("spate_log_retained_events", "topic" => t.topic).set(t.events as f64);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -8,7 +8,7 @@ use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
 use spate_core::dispatch::PipelineHealth;
 use spate_core::dispatch::{ActiveVersion, IdleInstances, Pipeline, PipelineConfig, PluginVersion};
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
 use spate_core::host::HostServices;
 use spate_core::manifest::{Manifest, Ordering};
 use spate_core::tiered::StateTier;
@@ -47,6 +47,10 @@ pub struct Backends {
     /// The Kafka client behind `bus` and `source`, when events are on Kafka (the shared
     /// registry's control topic uses it too).
     pub kafka: Option<Arc<spate_kafka::KafkaBus>>,
+    /// The embedded log, when events are embedded (its per-topic usage is reported).
+    pub log: Option<Arc<EmbeddedLog>>,
+    /// The embedded database files in use: whether each takes writes, and its size.
+    pub storage: Vec<Arc<StorageHealth>>,
 }
 
 impl Backends {
@@ -64,20 +68,26 @@ impl Backends {
                 .with_context(|| format!("restricting data dir {}", config.data_dir.display()))?;
         }
         let mut kafka = None;
+        let mut embedded_log = None;
+        let mut storage = Vec::new();
         let (bus, source): (Arc<dyn EventBus>, Arc<dyn EventSource>) = match &config.events {
             EventsConfig::Embedded {
                 default_partitions,
                 auto_create_topics,
+                retention,
             } => {
                 let log = EmbeddedLog::open(
                     &config.data_dir.join("log"),
                     LogConfig {
                         default_partitions: *default_partitions,
                         auto_create_topics: *auto_create_topics,
+                        retention: retention.log_config(),
                         ..LogConfig::default()
                     },
                 )
                 .context("opening the embedded event log")?;
+                storage.push(log.health());
+                embedded_log = Some(log.clone());
                 (log.clone(), log)
             }
             EventsConfig::Kafka { .. } => {
@@ -93,8 +103,12 @@ impl Backends {
             }
         };
         let store: Arc<dyn StateStore> = match &config.state {
-            StateConfig::Embedded => EmbeddedStateStore::open(&config.data_dir.join("state"))
-                .context("opening the embedded state store")?,
+            StateConfig::Embedded => {
+                let store = EmbeddedStateStore::open(&config.data_dir.join("state"))
+                    .context("opening the embedded state store")?;
+                storage.push(store.health());
+                store
+            }
             StateConfig::Cql { .. } => {
                 let options = config
                     .state
@@ -146,6 +160,8 @@ impl Backends {
             cache,
             cache_health,
             kafka,
+            log: embedded_log,
+            storage,
         })
     }
 }
@@ -184,6 +200,9 @@ pub struct HealthReport {
     pub not_joined: Vec<String>,
     /// Pipelines whose event loop is stuck.
     pub stalled: Vec<String>,
+    /// Embedded database files that cannot be written now, with the reason; they are
+    /// being reopened.
+    pub storage: Vec<String>,
 }
 
 impl Runtime {
@@ -272,12 +291,22 @@ impl Runtime {
         }
         not_joined.sort();
         stalled.sort();
+        let storage: Vec<String> = self
+            .backends
+            .storage
+            .iter()
+            .filter_map(|h| h.degraded().map(|r| format!("{}: {r}", h.name())))
+            .collect();
         let started = self.ready.load(AtomicOrdering::Acquire);
         HealthReport {
-            ready: started && not_joined.is_empty() && !self.shutdown.is_cancelled(),
+            ready: started
+                && not_joined.is_empty()
+                && storage.is_empty()
+                && !self.shutdown.is_cancelled(),
             live: stalled.is_empty(),
             not_joined,
             stalled,
+            storage,
         }
     }
 

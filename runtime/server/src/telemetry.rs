@@ -275,6 +275,35 @@ fn describe() {
         Unit::Count,
         "Read-through cache calls per plugin that failed (reads fall back to the store)."
     );
+    metrics::describe_gauge!(
+        "spate_storage_file_bytes",
+        Unit::Bytes,
+        "Size on disk of each embedded database file (file = log | state)."
+    );
+    metrics::describe_gauge!(
+        "spate_storage_degraded",
+        "1 while an embedded database file cannot be written (a full disk) and is being reopened."
+    );
+    metrics::describe_counter!(
+        "spate_storage_compactions_total",
+        Unit::Count,
+        "Compactions of an embedded database file after retention freed space."
+    );
+    metrics::describe_gauge!(
+        "spate_log_retained_bytes",
+        Unit::Bytes,
+        "Bytes of the records the embedded log keeps per topic."
+    );
+    metrics::describe_gauge!(
+        "spate_log_retained_events",
+        Unit::Count,
+        "Events the embedded log keeps per topic."
+    );
+    metrics::describe_counter!(
+        "spate_log_retention_deleted_events_total",
+        Unit::Count,
+        "Events the embedded log's retention deleted per topic."
+    );
 }
 
 /// Install the `tracing` subscriber: human-readable logs to stderr, filtered by

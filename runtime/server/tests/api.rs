@@ -320,6 +320,7 @@ async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
         c.events = spate::config::EventsConfig::Embedded {
             default_partitions: 2,
             auto_create_topics: true,
+            retention: Default::default(),
         };
     })
     .await;

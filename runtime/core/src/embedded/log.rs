@@ -3,15 +3,22 @@
 //!
 //! It is the event source and the emit target of `spate up` on one machine. It does not
 //! balance partitions between consumers (every subscription of a group is assigned every
-//! partition of its topics) and does not expire old events.
+//! partition of its topics).
+//!
+//! Retention ([`RetentionConfig`]): a maintenance thread deletes each partition's oldest
+//! events by age and by size, never at or past the lowest position any consumer group has
+//! committed on it, and compacts the file once enough was deleted. Idempotency ids are
+//! kept for good (dedupe does not depend on the event still being there), so a replayed
+//! emit of a deleted event still lands once.
 //!
 //! Writes (appends, topic creation, position commits) go through one group-commit writer,
 //! so an `append` returns once durable and concurrent appends share one fsync. End offsets
 //! live in memory, published after each commit together with a per-topic `watch` that
 //! wakes subscriptions.
 
+use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
-use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, open_database, redb_error};
+use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
 use crate::backend::{
     BackendError, BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
@@ -21,7 +28,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// topic -> partition count.
@@ -32,6 +41,8 @@ const EVENTS: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("e
 const IDEMPOTENCY: TableDefinition<(&str, &[u8]), (u32, u64)> = TableDefinition::new("idempotency");
 /// (group, topic, partition) -> next offset to handle.
 const POSITIONS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("positions");
+/// (topic, partition) -> (first offset kept, bytes of the records kept).
+const STATS: TableDefinition<(&str, u32), (u64, u64)> = TableDefinition::new("partition_stats");
 
 /// Version byte leading every stored record.
 const RECORD_V1: u8 = 1;
@@ -56,6 +67,8 @@ pub struct LogConfig {
     pub max_group_commit: usize,
     /// Most memory `redb` uses to cache the file's pages. Default 256 MiB.
     pub cache_bytes: usize,
+    /// What old events are deleted, and when. Default: none.
+    pub retention: RetentionConfig,
 }
 
 impl Default for LogConfig {
@@ -67,17 +80,95 @@ impl Default for LogConfig {
             max_fetch_bytes: 16 << 20,
             max_group_commit: 1024,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            retention: RetentionConfig::default(),
         }
     }
+}
+
+/// How long, or how much, of a topic the log keeps. Whatever a consumer group has not
+/// committed yet is kept regardless.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicRetention {
+    /// Delete events older than this (by their append time). `None`: no age limit.
+    pub max_age: Option<Duration>,
+    /// Delete a partition's oldest events while its records take more bytes than this.
+    /// `None`: no size limit.
+    pub max_partition_bytes: Option<u64>,
+}
+
+impl TopicRetention {
+    fn is_unlimited(&self) -> bool {
+        self.max_age.is_none() && self.max_partition_bytes.is_none()
+    }
+}
+
+/// Retention of the embedded log.
+#[derive(Clone, Debug)]
+pub struct RetentionConfig {
+    /// Retention of every topic not named in `topics`. Default: keep everything.
+    pub default: TopicRetention,
+    /// Per-topic retention, replacing `default` for that topic.
+    pub topics: HashMap<String, TopicRetention>,
+    /// How often the maintenance thread looks for events to delete. Default 60 s.
+    pub interval: Duration,
+    /// Compact the file (give freed pages back to the filesystem) once retention deleted
+    /// at least this many bytes since the last compaction and the file has that much
+    /// free. Writers wait while it runs. Default 64 MiB.
+    pub compact_min_bytes: u64,
+    /// Most events deleted in one write transaction, so writers are never held up long.
+    /// Default 20,000.
+    pub max_deletes_per_commit: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            default: TopicRetention::default(),
+            topics: HashMap::new(),
+            interval: Duration::from_secs(60),
+            compact_min_bytes: 64 << 20,
+            max_deletes_per_commit: 20_000,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The retention of `topic`.
+    pub fn of(&self, topic: &str) -> TopicRetention {
+        self.topics.get(topic).copied().unwrap_or(self.default)
+    }
+}
+
+/// What one retention pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Events deleted.
+    pub deleted_events: u64,
+    /// Bytes of the records deleted.
+    pub deleted_bytes: u64,
+    /// Bytes the file shrank by compaction (0 if it did not compact).
+    pub compacted_bytes: u64,
+}
+
+/// What the log holds of one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicUsage {
+    /// Topic name.
+    pub topic: String,
+    /// Events kept (all partitions).
+    pub events: u64,
+    /// Bytes of the records kept (all partitions).
+    pub bytes: u64,
 }
 
 /// The durable embedded event log; see the [module docs](self).
 pub struct EmbeddedLog {
     inner: Arc<Inner>,
+    maintenance: Option<Maintenance>,
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<SharedDb>,
     topics: Arc<TopicMap>,
     config: LogConfig,
     writer: GroupWriter<LogWriter>,
@@ -88,16 +179,41 @@ type TopicMap = RwLock<HashMap<String, Arc<Topic>>>;
 /// Published state of one topic: what readers may see.
 struct Topic {
     ends: Vec<AtomicU64>,
+    /// First offset kept per partition (retention moves it).
+    starts: Vec<AtomicU64>,
+    /// Bytes of the records kept per partition.
+    bytes: Vec<AtomicU64>,
     /// Bumped after every commit that appended to the topic.
     changed: watch::Sender<u64>,
 }
 
 impl Topic {
-    fn new(ends: &[u64]) -> Self {
+    fn new(state: &WriterTopic) -> Self {
+        let atomics = |v: &[u64]| v.iter().map(|&e| AtomicU64::new(e)).collect();
         Self {
-            ends: ends.iter().map(|&e| AtomicU64::new(e)).collect(),
+            ends: atomics(&state.ends),
+            starts: atomics(&state.starts),
+            bytes: atomics(&state.bytes),
             changed: watch::Sender::new(0),
         }
+    }
+
+    fn publish(&self, state: &WriterTopic) {
+        for (slots, values) in [
+            (&self.starts, &state.starts),
+            (&self.bytes, &state.bytes),
+            (&self.ends, &state.ends),
+        ] {
+            for (slot, &v) in slots.iter().zip(values) {
+                slot.store(v, Ordering::Release);
+            }
+        }
+    }
+
+    fn start(&self, partition: u32) -> u64 {
+        self.starts
+            .get(partition as usize)
+            .map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     fn partitions(&self) -> u32 {
@@ -125,12 +241,12 @@ impl EmbeddedLog {
                 "max_fetch_events and max_group_commit must be at least 1".into(),
             ));
         }
-        let db = Arc::new(open_database(&dir.join("log.redb"), config.cache_bytes)?);
-        let known = load(&db)?;
+        let db = SharedDb::open("log", &dir.join("log.redb"), config.cache_bytes)?;
+        let known = load(&*db.get()?)?;
         let topics: Arc<TopicMap> = Arc::new(RwLock::new(
             known
                 .iter()
-                .map(|(name, t)| (name.clone(), Arc::new(Topic::new(&t.ends))))
+                .map(|(name, t)| (name.clone(), Arc::new(Topic::new(t))))
                 .collect(),
         ));
         let batcher = LogWriter {
@@ -144,14 +260,19 @@ impl EmbeddedLog {
             batcher,
             config.max_group_commit,
         )?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(Inner {
-                db,
-                topics,
-                config,
-                writer,
-            }),
-        }))
+        let inner = Arc::new(Inner {
+            db,
+            topics,
+            config,
+            writer,
+        });
+        let maintenance = Maintenance::start(&inner)?;
+        Ok(Arc::new(Self { inner, maintenance }))
+    }
+
+    /// Whether the file takes writes, and its size on disk.
+    pub fn health(&self) -> Arc<StorageHealth> {
+        self.inner.db.health().clone()
     }
 
     /// Every topic with its partition count, sorted by name.
@@ -165,13 +286,137 @@ impl EmbeddedLog {
         out
     }
 
+    /// Events and bytes kept per topic, sorted by name.
+    pub fn usage(&self) -> Vec<TopicUsage> {
+        let map = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = map
+            .iter()
+            .map(|(name, t)| TopicUsage {
+                topic: name.clone(),
+                events: (0..t.partitions())
+                    .map(|p| t.end(p).saturating_sub(t.start(p)))
+                    .sum(),
+                bytes: t.bytes.iter().map(|b| b.load(Ordering::Acquire)).sum(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.topic.cmp(&b.topic));
+        out
+    }
+
+    /// First offset kept of each partition of `topic`.
+    pub fn start_offsets(&self, topic: &str) -> BackendResult<Vec<u64>> {
+        let t = self.inner.known_topic(topic)?;
+        Ok((0..t.partitions()).map(|p| t.start(p)).collect())
+    }
+
+    /// Runs one retention pass now, as of `now_ms` (wall-clock milliseconds): deletes
+    /// what the retention settings allow, then compacts the file if that freed enough.
+    /// The maintenance thread does this every `retention.interval`.
+    pub async fn enforce_retention(&self, now_ms: u64) -> BackendResult<RetentionReport> {
+        let inner = self.inner.clone();
+        blocking(move || inner.enforce_retention(now_ms, &mut 0)).await
+    }
+
     #[cfg(test)]
     fn commits(&self) -> u64 {
         self.inner.writer.commits()
     }
 }
 
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        if let Some(m) = self.maintenance.take() {
+            m.stop();
+        }
+    }
+}
+
+/// The retention thread: wakes every `retention.interval` until stopped.
+struct Maintenance {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
+}
+
+impl Maintenance {
+    fn start(inner: &Arc<Inner>) -> BackendResult<Option<Self>> {
+        let retention = &inner.config.retention;
+        if retention.default.is_unlimited()
+            && retention.topics.values().all(TopicRetention::is_unlimited)
+        {
+            return Ok(None);
+        }
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let weak: Weak<Inner> = Arc::downgrade(inner);
+        let interval = retention.interval.max(Duration::from_millis(10));
+        let signal = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("spate-log-retention".into())
+            .spawn(move || {
+                // Bytes deleted since the last compaction.
+                let mut freed = 0u64;
+                loop {
+                    let (lock, wake) = &*signal;
+                    let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (stopped, _) = wake
+                        .wait_timeout_while(stopped, interval, |s| !*s)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = inner.enforce_retention(now_ms(), &mut freed) {
+                        tracing::warn!(error = %e, "log retention failed; trying again later");
+                    }
+                }
+            })
+            .map_err(|e| BackendError::Unavailable(format!("cannot start log retention: {e}")))?;
+        Ok(Some(Self { stop, thread }))
+    }
+
+    fn stop(self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if self.thread.join().is_err() {
+            tracing::error!("log retention thread panicked");
+        }
+    }
+}
+
 impl Inner {
+    /// One retention pass; `freed` carries bytes deleted since the last compaction.
+    fn enforce_retention(&self, now: u64, freed: &mut u64) -> BackendResult<RetentionReport> {
+        let mut report = RetentionReport::default();
+        loop {
+            let op = LogOp::Retain { now_ms: now };
+            let LogOut::Retained {
+                events,
+                bytes,
+                more,
+            } = self.writer.call_blocking(op)?
+            else {
+                return Err(unexpected_reply());
+            };
+            report.deleted_events += events;
+            report.deleted_bytes += bytes;
+            *freed += bytes;
+            if !more {
+                break;
+            }
+        }
+        let min = self.config.retention.compact_min_bytes;
+        if *freed >= min.max(1) {
+            let health = self.db.health().clone();
+            let compacted = self
+                .writer
+                .exclusive_blocking(move |db| compact_if_worth_it(db, &health, min))?;
+            *freed = 0;
+            report.compacted_bytes = compacted;
+        }
+        Ok(report)
+    }
+
     fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics
             .read()
@@ -186,7 +431,29 @@ impl Inner {
     }
 }
 
-/// Creates the tables of a new file and reads each topic's end offsets.
+/// Compacts the file if at least `min` bytes of it are free pages; the bytes it shrank.
+fn compact_if_worth_it(db: &mut Database, health: &StorageHealth, min: u64) -> BackendResult<u64> {
+    let allocated = {
+        let txn = db.begin_write().map_err(redb_error)?;
+        let stats = txn.stats().map_err(redb_error)?;
+        txn.abort().map_err(redb_error)?;
+        stats.allocated_pages() * stats.page_size() as u64
+    };
+    let before = health.file_bytes();
+    if before.saturating_sub(allocated) < min {
+        return Ok(0);
+    }
+    let started = std::time::Instant::now();
+    db.compact().map_err(|e| redb_error(redb::Error::from(e)))?;
+    let after = health.file_bytes();
+    metrics::counter!("spate_storage_compactions_total", "file" => health.name()).increment(1);
+    tracing::info!(file = %health.path().display(), before, after,
+        ms = started.elapsed().as_millis() as u64, "compacted the event log");
+    Ok(before.saturating_sub(after))
+}
+
+/// Creates the tables of a new file and reads each topic's partitions: end offsets, and
+/// first offsets and bytes kept (computed once for a file written before they were kept).
 fn load(db: &Database) -> BackendResult<HashMap<String, WriterTopic>> {
     let txn = db.begin_write().map_err(redb_error)?;
     for result in [
@@ -194,6 +461,7 @@ fn load(db: &Database) -> BackendResult<HashMap<String, WriterTopic>> {
         txn.open_table(EVENTS).map(drop),
         txn.open_table(IDEMPOTENCY).map(drop),
         txn.open_table(POSITIONS).map(drop),
+        txn.open_table(STATS).map(drop),
     ] {
         result.map_err(redb_error)?;
     }
@@ -202,23 +470,77 @@ fn load(db: &Database) -> BackendResult<HashMap<String, WriterTopic>> {
     let txn = db.begin_read().map_err(redb_error)?;
     let topics = txn.open_table(TOPICS).map_err(redb_error)?;
     let events = txn.open_table(EVENTS).map_err(redb_error)?;
+    let stats = txn.open_table(STATS).map_err(redb_error)?;
     let mut known = HashMap::new();
+    let mut missing = Vec::new();
     for entry in topics.iter().map_err(redb_error)? {
         let (name, partitions) = entry.map_err(redb_error)?;
         let name = name.value().to_owned();
-        let mut ends = Vec::new();
+        let mut state = WriterTopic::empty(0);
         for p in 0..partitions.value() {
+            let range = (name.as_str(), p, 0)..=(name.as_str(), p, u64::MAX);
             let last = events
-                .range((name.as_str(), p, 0)..=(name.as_str(), p, u64::MAX))
+                .range(range.clone())
                 .map_err(redb_error)?
                 .next_back()
                 .transpose()
                 .map_err(redb_error)?;
-            ends.push(last.map_or(0, |(k, _)| k.value().2 + 1));
+            let end = last.map_or(0, |(k, _)| k.value().2 + 1);
+            let (start, bytes) = match stats.get((name.as_str(), p)).map_err(redb_error)? {
+                Some(g) => g.value(),
+                None => {
+                    let mut start = end;
+                    let mut bytes = 0u64;
+                    for row in events.range(range).map_err(redb_error)? {
+                        let (k, v) = row.map_err(redb_error)?;
+                        start = start.min(k.value().2);
+                        bytes += v.value().len() as u64;
+                    }
+                    missing.push((name.clone(), p, (start, bytes)));
+                    (start, bytes)
+                }
+            };
+            state.ends.push(end);
+            state.starts.push(start);
+            state.bytes.push(bytes);
         }
-        known.insert(name, WriterTopic { ends, next_rr: 0 });
+        known.insert(name, state);
+    }
+    drop((topics, events, stats, txn));
+    if !missing.is_empty() {
+        let txn = db.begin_write().map_err(redb_error)?;
+        {
+            let mut stats = txn.open_table(STATS).map_err(redb_error)?;
+            for (name, p, value) in &missing {
+                stats
+                    .insert((name.as_str(), *p), value)
+                    .map_err(redb_error)?;
+            }
+        }
+        txn.commit().map_err(redb_error)?;
     }
     Ok(known)
+}
+
+/// The lowest committed position of any group on each (topic, partition).
+fn lowest_positions(txn: &WriteTransaction) -> Result<HashMap<(String, u32), u64>, redb::Error> {
+    let positions = txn.open_table(POSITIONS)?;
+    let mut out: HashMap<(String, u32), u64> = HashMap::new();
+    for row in positions.iter()? {
+        let (k, v) = row?;
+        let (_, topic, p) = k.value();
+        let slot = out.entry((topic.to_owned(), p)).or_insert(u64::MAX);
+        *slot = (*slot).min(v.value());
+    }
+    Ok(out)
+}
+
+/// Timestamp of an encoded record (0 if it is too short to have one).
+fn record_timestamp(record: &[u8]) -> i64 {
+    record
+        .get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, i64::from_le_bytes)
 }
 
 fn validate_topic(name: &str) -> BackendResult<()> {
@@ -437,6 +759,11 @@ enum LogOp {
         topics: Vec<String>,
         start: StartPosition,
     },
+    /// Delete what retention allows as of `now_ms`, at most
+    /// `retention.max_deletes_per_commit` events.
+    Retain {
+        now_ms: u64,
+    },
 }
 
 enum LogOut {
@@ -444,20 +771,44 @@ enum LogOut {
     Partitions(u32),
     Committed,
     Joined(Vec<(TopicPartition, u64)>),
+    /// Events and bytes deleted; `more` if the cap stopped it.
+    Retained {
+        events: u64,
+        bytes: u64,
+        more: bool,
+    },
 }
 
 /// The writer's own view of a topic; ahead of [`Topic`] while a group is uncommitted.
 #[derive(Clone)]
 struct WriterTopic {
     ends: Vec<u64>,
+    /// First offset kept, per partition.
+    starts: Vec<u64>,
+    /// Bytes of the records kept, per partition.
+    bytes: Vec<u64>,
     /// Next partition for a keyless event.
     next_rr: u32,
+}
+
+impl WriterTopic {
+    fn empty(partitions: u32) -> Self {
+        let n = partitions as usize;
+        Self {
+            ends: vec![0; n],
+            starts: vec![0; n],
+            bytes: vec![0; n],
+            next_rr: 0,
+        }
+    }
 }
 
 struct StagedTopic {
     state: WriterTopic,
     created: bool,
     appended: bool,
+    /// Retention deleted events of it: events per partition.
+    deleted: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -479,6 +830,7 @@ impl LogWriter {
             staged.topics.insert(
                 topic.to_owned(),
                 StagedTopic {
+                    deleted: vec![0; state.ends.len()],
                     state,
                     created: false,
                     appended: false,
@@ -502,12 +854,10 @@ impl LogWriter {
         staged.topics.insert(
             topic.to_owned(),
             StagedTopic {
-                state: WriterTopic {
-                    ends: vec![0; partitions as usize],
-                    next_rr: 0,
-                },
+                state: WriterTopic::empty(partitions),
                 created: true,
                 appended: false,
+                deleted: vec![0; partitions as usize],
             },
         );
         Ok(())
@@ -557,6 +907,7 @@ impl LogWriter {
                 index.insert((topic, id.as_slice()), (partition, offset))?;
             }
             *end += 1;
+            st.state.bytes[partition as usize] += event.record.len() as u64;
             st.appended = true;
             out.push(Appended { partition, offset });
         }
@@ -594,7 +945,7 @@ impl LogWriter {
                     Some(offset) => offset,
                     None => {
                         let offset = match start {
-                            StartPosition::Earliest => 0,
+                            StartPosition::Earliest => st.state.starts[p as usize],
                             StartPosition::Latest => end,
                         };
                         positions.insert(key, offset)?;
@@ -605,6 +956,92 @@ impl LogWriter {
             }
         }
         Ok(Ok(LogOut::Joined(out)))
+    }
+}
+
+impl LogWriter {
+    /// Deletes each partition's oldest events that retention allows, below every group's
+    /// committed position, up to the per-commit cap.
+    fn retain(
+        &self,
+        txn: &WriteTransaction,
+        staged: &mut Staged,
+        now: u64,
+    ) -> Result<BackendResult<LogOut>, redb::Error> {
+        let retention = &self.config.retention;
+        let lowest = lowest_positions(txn)?;
+        let mut events = txn.open_table(EVENTS)?;
+        let mut budget = retention.max_deletes_per_commit.max(1) as u64;
+        let (mut deleted, mut freed, mut more) = (0u64, 0u64, false);
+        let mut names: Vec<String> = self.known.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let policy = retention.of(&name);
+            if policy.is_unlimited() {
+                continue;
+            }
+            let oldest_kept = policy.max_age.map(|age| {
+                let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                i64::try_from(now.saturating_sub(age)).unwrap_or(i64::MAX)
+            });
+            let Some(st) = self.stage(staged, &name) else {
+                continue;
+            };
+            for p in 0..st.state.ends.len() {
+                if budget == 0 {
+                    more = true;
+                    break;
+                }
+                let pi = u32::try_from(p).unwrap_or(u32::MAX);
+                let start = st.state.starts[p];
+                // Never what a group has yet to handle: its committed position and on.
+                let limit = lowest
+                    .get(&(name.clone(), pi))
+                    .copied()
+                    .unwrap_or(u64::MAX)
+                    .min(st.state.ends[p]);
+                if limit <= start {
+                    continue;
+                }
+                let mut bytes = st.state.bytes[p];
+                let (mut cut, mut cut_bytes) = (start, 0u64);
+                for row in events.range((name.as_str(), pi, start)..(name.as_str(), pi, limit))? {
+                    if cut - start >= budget {
+                        more = true;
+                        break;
+                    }
+                    let (_, v) = row?;
+                    let record = v.value();
+                    let too_old = oldest_kept.is_some_and(|t| record_timestamp(record) < t);
+                    let too_big = policy.max_partition_bytes.is_some_and(|max| bytes > max);
+                    if !too_old && !too_big {
+                        break;
+                    }
+                    let len = record.len() as u64;
+                    bytes = bytes.saturating_sub(len);
+                    cut_bytes += len;
+                    cut += 1;
+                }
+                if cut == start {
+                    continue;
+                }
+                events.retain_in(
+                    (name.as_str(), pi, start)..(name.as_str(), pi, cut),
+                    |_, _| false,
+                )?;
+                st.state.starts[p] = cut;
+                st.state.bytes[p] = bytes;
+                st.deleted[p] += cut - start;
+                budget -= cut - start;
+                deleted += cut - start;
+                freed += cut_bytes;
+            }
+        }
+        Ok(Ok(LogOut::Retained {
+            events: deleted,
+            bytes: freed,
+            more,
+        }))
     }
 }
 
@@ -641,7 +1078,48 @@ impl Batcher for LogWriter {
                 topics,
                 start,
             } => self.join(txn, staged, group, topics, *start),
+            LogOp::Retain { now_ms } => self.retain(txn, staged, *now_ms),
         }
+    }
+
+    fn before_commit(
+        &mut self,
+        txn: &WriteTransaction,
+        staged: &mut Staged,
+    ) -> Result<(), redb::Error> {
+        let mut stats = txn.open_table(STATS)?;
+        for (name, st) in &staged.topics {
+            let changed = st.created || st.appended || st.deleted.iter().any(|&d| d > 0);
+            if !changed {
+                continue;
+            }
+            for (p, (&start, &bytes)) in st.state.starts.iter().zip(&st.state.bytes).enumerate() {
+                let p = u32::try_from(p).unwrap_or(u32::MAX);
+                stats.insert((name.as_str(), p), (start, bytes))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reopened(&mut self, db: &Database) -> BackendResult<()> {
+        let known = load(db)?;
+        let mut map = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        for (name, mut state) in known {
+            if let Some(old) = self.known.get(&name) {
+                state.next_rr = old.next_rr;
+            }
+            match map.get(&name) {
+                Some(topic) if topic.ends.len() == state.ends.len() => {
+                    topic.publish(&state);
+                    topic.changed.send_modify(|v| *v = v.wrapping_add(1));
+                }
+                _ => {
+                    map.insert(name.clone(), Arc::new(Topic::new(&state)));
+                }
+            }
+            self.known.insert(name, state);
+        }
+        Ok(())
     }
 
     fn committed(&mut self, staged: Staged) {
@@ -649,16 +1127,21 @@ impl Batcher for LogWriter {
         {
             let mut map = self.topics.write().unwrap_or_else(|e| e.into_inner());
             for (name, st) in staged.topics {
+                let deleted: u64 = st.deleted.iter().sum();
+                if deleted > 0 {
+                    metrics::counter!("spate_log_retention_deleted_events_total", "topic" => name.clone())
+                        .increment(deleted);
+                }
                 if st.created {
-                    let topic = Arc::new(Topic::new(&st.state.ends));
+                    let topic = Arc::new(Topic::new(&st.state));
                     map.insert(name.clone(), topic);
-                } else if st.appended
-                    && let Some(topic) = map.get(&name)
-                {
-                    for (slot, &end) in topic.ends.iter().zip(&st.state.ends) {
-                        slot.store(end, Ordering::Release);
+                } else if let Some(topic) = map.get(&name) {
+                    // Starts move before anyone could read below them: retention only
+                    // deletes below every committed position.
+                    topic.publish(&st.state);
+                    if st.appended {
+                        wake.push(topic.clone());
                     }
-                    wake.push(topic.clone());
                 }
                 self.known.insert(name, st.state);
             }
@@ -723,6 +1206,8 @@ impl EventBus for EmbeddedLog {
                 t.partitions()
             )));
         }
+        // Retention may have deleted the beginning: read from the first event kept.
+        let from = from.max(t.start(partition));
         let to = t
             .end(partition)
             .min(from.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
@@ -736,7 +1221,8 @@ impl EventBus for EmbeddedLog {
             to,
         };
         let db = self.inner.db.clone();
-        blocking(move || read_ranges(&db, &[range], usize::MAX).map(|(events, _)| events)).await
+        blocking(move || read_ranges(&*db.get()?, &[range], usize::MAX).map(|(events, _)| events))
+            .await
     }
 
     async fn partitions(&self, topic: &str) -> BackendResult<Option<u32>> {
@@ -837,7 +1323,8 @@ impl EventSource for EmbeddedLog {
         let db = self.inner.db.clone();
         let (group, topic) = (group.to_owned(), topic.to_owned());
         blocking(move || {
-            let txn = db.begin_read().map_err(redb_error)?;
+            let handle = db.get()?;
+            let txn = handle.begin_read().map_err(redb_error)?;
             let table = txn.open_table(POSITIONS).map_err(redb_error)?;
             (0..partitions)
                 .map(|p| {
@@ -858,6 +1345,14 @@ struct PartitionCursor {
     /// Next offset to fetch (in memory only; commits are the dispatcher's call).
     fetch: u64,
     paused: bool,
+}
+
+impl PartitionCursor {
+    /// Where the next fetch starts: `fetch`, or the first event kept if retention
+    /// deleted past it (only possible for a position no group had committed).
+    fn from(&self) -> u64 {
+        self.fetch.max(self.topic.start(self.tp.partition))
+    }
 }
 
 /// A group's subscription to the embedded log.
@@ -898,7 +1393,10 @@ impl LogSubscription {
             .map(|i| (start + i) % n)
             .filter_map(|i| {
                 let part = &self.parts[i];
-                let available = part.topic.end(part.tp.partition).saturating_sub(part.fetch);
+                let available = part
+                    .topic
+                    .end(part.tp.partition)
+                    .saturating_sub(part.from());
                 (!part.paused && available > 0).then_some((i, available))
             })
             .collect();
@@ -927,8 +1425,8 @@ impl LogSubscription {
                 let range = FetchRange {
                     topic: part.tp.topic.clone(),
                     partition: part.tp.partition,
-                    from: part.fetch,
-                    to: part.fetch + n,
+                    from: part.from(),
+                    to: part.from() + n,
                 };
                 (i, range)
             })
@@ -966,8 +1464,9 @@ impl Subscription for LogSubscription {
                     let ranges: Vec<FetchRange> = plan.iter().map(|(_, r)| r.clone()).collect();
                     let db = self.inner.db.clone();
                     let max_bytes = self.inner.config.max_fetch_bytes;
-                    let read =
-                        tokio::task::spawn_blocking(move || read_ranges(&db, &ranges, max_bytes));
+                    let read = tokio::task::spawn_blocking(move || {
+                        read_ranges(&*db.get()?, &ranges, max_bytes)
+                    });
                     &mut self.pending.insert((plan, read)).1
                 }
             };
@@ -1456,6 +1955,204 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored[0].payload, b"one");
+    }
+
+    fn retained(retention: TopicRetention, compact_min_bytes: u64) -> LogConfig {
+        LogConfig {
+            retention: RetentionConfig {
+                default: retention,
+                // The tests run passes themselves.
+                interval: Duration::from_secs(3600),
+                compact_min_bytes,
+                max_deletes_per_commit: 7,
+                ..RetentionConfig::default()
+            },
+            ..LogConfig::default()
+        }
+    }
+
+    fn sized(i: usize, len: usize) -> NewEvent {
+        NewEvent {
+            key: None,
+            payload: format!("{i:0len$}").into_bytes(),
+            headers: Vec::new(),
+        }
+    }
+
+    async fn offsets(log: &EmbeddedLog, topic: &str) -> Vec<u64> {
+        log.read(topic, 0, 0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.offset)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_by_size_never_passes_committed_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = TopicRetention {
+            max_age: None,
+            max_partition_bytes: Some(10 * 118),
+        };
+        let log = EmbeddedLog::open(dir.path(), retained(policy, u64::MAX)).unwrap();
+        log.ensure_topic("t", 1).await.unwrap();
+        log.ensure_topic("free", 1).await.unwrap();
+        let record = encode_record(&sized(0, 100), 0).unwrap().len() as u64;
+        assert_eq!(record, 118);
+        log.append("t", (0..100).map(|i| sized(i, 100)).collect())
+            .await
+            .unwrap();
+        log.append("free", (0..100).map(|i| sized(i, 100)).collect())
+            .await
+            .unwrap();
+        // Two groups on `t`: the slower one's position bounds what is deleted.
+        for group in ["fast", "slow"] {
+            let mut sub = log
+                .subscribe(group, &["t".into()], StartPosition::Earliest)
+                .await
+                .unwrap();
+            assigned(&mut sub).await;
+            let committed = if group == "fast" { 90 } else { 60 };
+            sub.commit(&[(TopicPartition::new("t", 0), committed)])
+                .await
+                .unwrap();
+        }
+
+        let report = log.enforce_retention(now_ms()).await.unwrap();
+        // `t` stops at the slow group's position; `free` (no group) keeps its last 10.
+        assert_eq!(log.start_offsets("t").unwrap(), vec![60]);
+        assert_eq!(log.start_offsets("free").unwrap(), vec![90]);
+        assert_eq!(report.deleted_events, 60 + 90);
+        assert_eq!(report.deleted_bytes, 150 * record);
+        assert_eq!(offsets(&log, "t").await, (60..100).collect::<Vec<_>>());
+        assert_eq!(offsets(&log, "free").await, (90..100).collect::<Vec<_>>());
+        let usage = log.usage();
+        assert_eq!(usage[0].topic, "free");
+        assert_eq!((usage[0].events, usage[0].bytes), (10, 10 * record));
+        assert_eq!((usage[1].events, usage[1].bytes), (40, 40 * record));
+
+        // The slow group catches up: `t` shrinks to its limit too.
+        let mut sub = log
+            .subscribe("slow", &["t".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assert_eq!(
+            assigned(&mut sub).await,
+            vec![(TopicPartition::new("t", 0), 60)]
+        );
+        sub.commit(&[(TopicPartition::new("t", 0), 100)])
+            .await
+            .unwrap();
+        log.enforce_retention(now_ms()).await.unwrap();
+        assert_eq!(log.start_offsets("t").unwrap(), vec![90]);
+        // A new group starting from the earliest begins at the first event kept.
+        let mut late = log
+            .subscribe("late", &["t".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assert_eq!(
+            assigned(&mut late).await,
+            vec![(TopicPartition::new("t", 0), 90)]
+        );
+        assert_eq!(next_events(&mut late).await.len(), 10);
+        drop((sub, late));
+        drop(log);
+
+        // Starts and sizes survive a reopen; offsets keep counting from the end.
+        let log = EmbeddedLog::open(dir.path(), retained(policy, u64::MAX)).unwrap();
+        assert_eq!(log.start_offsets("t").unwrap(), vec![90]);
+        assert_eq!(log.usage()[1].bytes, 10 * record);
+        let a = log.append("t", vec![sized(100, 100)]).await.unwrap();
+        assert_eq!(a[0].offset, 100);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_by_time_keeps_recent_and_uncommitted_events_and_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = TopicRetention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_partition_bytes: None,
+        };
+        let log = EmbeddedLog::open(dir.path(), retained(policy, u64::MAX)).unwrap();
+        log.ensure_topic("t", 1).await.unwrap();
+        log.ensure_topic("out", 1).await.unwrap();
+        log.append("t", (0..20).map(|i| sized(i, 10)).collect())
+            .await
+            .unwrap();
+        let first = log
+            .append("out", vec![with_id(event(None, "once"), "id-1")])
+            .await
+            .unwrap();
+        let mut sub = log
+            .subscribe("g", &["t".into()], StartPosition::Earliest)
+            .await
+            .unwrap();
+        assigned(&mut sub).await;
+        sub.commit(&[(TopicPartition::new("t", 0), 12)])
+            .await
+            .unwrap();
+
+        // Nothing is an hour old yet.
+        let now = now_ms();
+        assert_eq!(log.enforce_retention(now).await.unwrap().deleted_events, 0);
+        // Two hours later: everything is old, but `g` has not handled 12.. yet.
+        let later = now + 2 * 3600 * 1000;
+        assert_eq!(
+            log.enforce_retention(later).await.unwrap().deleted_events,
+            12 + 1
+        );
+        assert_eq!(offsets(&log, "t").await, (12..20).collect::<Vec<_>>());
+        assert_eq!(log.start_offsets("out").unwrap(), vec![1]);
+        // A fetch still sees every event the group has not committed.
+        let got = next_events(&mut sub).await;
+        assert_eq!(
+            got.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (12..20).collect::<Vec<_>>()
+        );
+        // The idempotency id outlives its event: a replayed emit still lands once.
+        let again = log
+            .append("out", vec![with_id(event(None, "once"), "id-1")])
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+        assert_eq!(log.end_offsets("out").await.unwrap(), vec![1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_compacts_the_file_once_enough_is_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = TopicRetention {
+            max_age: None,
+            max_partition_bytes: Some(64 << 10),
+        };
+        let mut config = retained(policy, 4 << 20);
+        config.retention.max_deletes_per_commit = 1000;
+        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        log.ensure_topic("t", 1).await.unwrap();
+        for batch in 0..40 {
+            let events = (0..64).map(|i| sized(batch * 64 + i, 4096)).collect();
+            log.append("t", events).await.unwrap();
+        }
+        let before = log.health().file_bytes();
+        assert!(before > 10 << 20, "file is {before} bytes");
+        let started = std::time::Instant::now();
+        let report = log.enforce_retention(now_ms()).await.unwrap();
+        let took = started.elapsed();
+        let after = log.health().file_bytes();
+        assert!(report.deleted_bytes > 9 << 20, "{report:?}");
+        assert!(report.compacted_bytes > 0, "{report:?}");
+        eprintln!("file {before} -> {after} bytes in {took:?}; {report:?}");
+        assert!(after < before / 4, "file {before} -> {after} bytes");
+        assert_eq!(before - after, report.compacted_bytes);
+        // Still a working log.
+        let kept = log.start_offsets("t").unwrap()[0];
+        assert_eq!(
+            log.read("t", 0, 0, 100).await.unwrap()[0].offset,
+            kept,
+            "reads start at the first event kept"
+        );
+        log.append("t", vec![sized(0, 10)]).await.unwrap();
     }
 
     #[test]

@@ -8,12 +8,16 @@
 //! tokio's blocking pool against `redb`'s MVCC snapshots and never wait for the writer.
 
 pub mod cache;
+mod db;
 mod group_commit;
 pub mod log;
 pub mod state;
 
 pub use cache::MokaCache;
-pub use log::{EmbeddedLog, LogConfig};
+pub use db::StorageHealth;
+pub use log::{
+    EmbeddedLog, LogConfig, RetentionConfig, RetentionReport, TopicRetention, TopicUsage,
+};
 pub use state::{EmbeddedStateStore, StateConfig};
 
 use crate::backend::{BackendError, BackendResult};

@@ -13,13 +13,14 @@
 //! transaction, after the earlier applies of the same group, so compare-and-swap stays
 //! exact under concurrency.
 
+use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
-use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, open_database, redb_error};
+use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
 use crate::backend::{
     ApplyOutcome, BackendError, BackendResult, Entry, Expiry, StateStore, StateWrite,
 };
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +59,7 @@ impl Default for StateConfig {
 
 /// The durable embedded state store; see the [module docs](self).
 pub struct EmbeddedStateStore {
-    db: Arc<Database>,
+    db: Arc<SharedDb>,
     writer: GroupWriter<StateWriter>,
 }
 
@@ -76,10 +77,11 @@ impl EmbeddedStateStore {
                 "purge_batch and max_group_commit must be at least 1".into(),
             ));
         }
-        let db = Arc::new(open_database(&dir.join("state.redb"), config.cache_bytes)?);
+        let db = SharedDb::open("state", &dir.join("state.redb"), config.cache_bytes)?;
         // Create the tables, and clear what expired while the store was closed.
+        let handle = db.get()?;
         loop {
-            let txn = db.begin_write().map_err(redb_error)?;
+            let txn = handle.begin_write().map_err(redb_error)?;
             txn.open_table(ENTRIES).map_err(redb_error)?;
             let purged = purge(&txn, now_ms(), config.purge_batch).map_err(redb_error)?;
             txn.commit().map_err(redb_error)?;
@@ -87,6 +89,7 @@ impl EmbeddedStateStore {
                 break;
             }
         }
+        drop(handle);
         let batcher = StateWriter {
             last_purge: Instant::now(),
             config: config.clone(),
@@ -98,6 +101,11 @@ impl EmbeddedStateStore {
             config.max_group_commit,
         )?;
         Ok(Arc::new(Self { db, writer }))
+    }
+
+    /// Whether the file takes writes, and its size on disk.
+    pub fn health(&self) -> Arc<StorageHealth> {
+        self.db.health().clone()
     }
 
     #[cfg(test)]
@@ -234,7 +242,7 @@ impl Batcher for StateWriter {
         Ok(Ok(ApplyOutcome::Applied))
     }
 
-    fn before_commit(&mut self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+    fn before_commit(&mut self, txn: &WriteTransaction, _: &mut ()) -> Result<(), redb::Error> {
         if self.last_purge.elapsed() >= self.config.purge_interval {
             self.last_purge = Instant::now();
             purge(txn, now_ms(), self.config.purge_batch)?;
@@ -255,7 +263,9 @@ impl StateStore for EmbeddedStateStore {
         let db = self.db.clone();
         let (ns, key) = (namespace.to_owned(), key.to_owned());
         blocking(move || {
-            let txn = db.begin_read().map_err(redb_error)?;
+            // The handle outlives the snapshot: a reopen or compaction waits for both.
+            let handle = db.get()?;
+            let txn = handle.begin_read().map_err(redb_error)?;
             let table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let stored = table.get((ns.as_str(), key.as_str())).map_err(redb_error)?;
             let Some(g) = stored else { return Ok(None) };
@@ -289,7 +299,9 @@ impl StateStore for EmbeddedStateStore {
         let db = self.db.clone();
         let (ns, prefix) = (namespace.to_owned(), prefix.to_owned());
         blocking(move || {
-            let txn = db.begin_read().map_err(redb_error)?;
+            // The handle outlives the snapshot: a reopen or compaction waits for both.
+            let handle = db.get()?;
+            let txn = handle.begin_read().map_err(redb_error)?;
             let table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let now = now_ms();
             let limit = limit as usize;
@@ -372,7 +384,7 @@ mod tests {
     }
 
     fn raw_entries(store: &EmbeddedStateStore) -> usize {
-        let txn = store.db.begin_read().unwrap();
+        let txn = store.db.get().unwrap().begin_read().unwrap();
         let entries = txn.open_table(ENTRIES).unwrap().iter().unwrap().count();
         let expiries = txn.open_table(EXPIRIES).unwrap().iter().unwrap().count();
         entries + expiries
