@@ -14,7 +14,7 @@ use axum::http::{Request, StatusCode, header as http_header};
 use serde_json::{Value, json};
 use spate_core::types::headers;
 use std::time::{Duration, Instant};
-use support::node::{Node, handled_ok, metric, spawn_node, upload};
+use support::node::{Node, append, handled_ok, metric, spawn_node, upload};
 use support::*;
 use tower::ServiceExt as _;
 
@@ -34,17 +34,6 @@ fn proc_mem(pid: u32, field: &str) -> u64 {
                 .ok()
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-async fn produce(http: &reqwest::Client, node: &Node, topic: &str, events: Vec<Value>) {
-    let r = http
-        .post(format!("{}/v1/topics/{topic}/events", node.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
 }
 
 /// Waits until `plugin` handled `n` events ok, failing early if `check` says so.
@@ -87,7 +76,7 @@ async fn a_backlog_of_large_events_is_read_in_bounded_memory() {
     let pad = "x".repeat(SIZE);
     for i in 0..EVENTS {
         let e = json!({ "key": format!("k{i}"), "payload": { "op": "noop", "pad": pad } });
-        produce(&http, &node, "big", vec![e]).await;
+        append(&http, &node, "big", vec![e]).await;
     }
     let before = proc_mem(pid, "VmRSS:");
     let manifest = chaos_manifest("big", "1.0.0", "big", "[limits]\nmemory-mb = 64\n");
@@ -149,10 +138,10 @@ async fn spinning_plugins_leave_the_api_and_other_plugins_running() {
     )
     .await;
     for topic in ["spin-a", "spin-b"] {
-        let loops = (0..4)
+        let loops: Vec<Value> = (0..4)
             .map(|i| json!({ "key": format!("s{i}"), "payload": { "op": "loop" } }))
             .collect();
-        produce(&http, &node, topic, loops).await;
+        append(&http, &node, topic, loops).await;
     }
     // Let the spinners take the workers.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -169,11 +158,11 @@ async fn spinning_plugins_leave_the_api_and_other_plugins_running() {
         worst = worst.max(t.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let calm = (0..10)
+    let calm: Vec<Value> = (0..10)
         .map(|i| json!({ "key": format!("c{i}"), "payload": { "op": "emit", "n": i } }))
         .collect();
     let t = Instant::now();
-    produce(&http, &node, "calm", calm).await;
+    append(&http, &node, "calm", calm).await;
     wait_handled(
         &http,
         &node,
@@ -218,8 +207,8 @@ async fn a_call_cannot_make_the_host_hold_more_than_its_memory() {
             } })
         })
         .collect();
-    produce(&http, &node, "hoard", vec![bomb]).await;
-    produce(&http, &node, "hoard", fills).await;
+    append(&http, &node, "hoard", vec![bomb]).await;
+    append(&http, &node, "hoard", fills).await;
     wait_handled(&http, &node, "hoard", 5, WAIT, || {}).await;
     // A 16 MiB plugin of the same namespace scanning 50 MiB.
     let scanner = chaos_manifest(
@@ -231,7 +220,7 @@ async fn a_call_cannot_make_the_host_hold_more_than_its_memory() {
     upload(&http, &node, scanner).await;
     let scan =
         json!({ "key": "scan", "payload": { "op": "scan", "prefix": "big/", "limit": 1000 } });
-    produce(&http, &node, "hoard", vec![scan]).await;
+    append(&http, &node, "hoard", vec![scan]).await;
     let dead = dead_letters(&http, &node, "hoard.dlq", 2).await;
     let peak = proc_mem(pid, "VmHWM:");
     eprintln!(
@@ -533,7 +522,7 @@ async fn guest_logs_are_rate_limited_per_call() {
     )
     .await;
     let e = json!({ "key": "c", "payload": { "op": "log-many", "count": 20000, "bytes": 200 } });
-    produce(&http, &node, "chatty", vec![e]).await;
+    append(&http, &node, "chatty", vec![e]).await;
     wait_handled(&http, &node, "chatty", 1, WAIT, || {}).await;
     let dropped = metric(
         &http,

@@ -10,7 +10,7 @@ mod support;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::node::{Node, spawn_node, upload};
+use support::node::{Node, append, spawn_node, upload};
 use support::{TOKEN, chaos_manifest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -369,17 +369,6 @@ async fn get_json(
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn append(http: &reqwest::Client, node: &Node, topic: &str, events: Value) {
-    let r = http
-        .post(format!("{}/v1/topics/{topic}/events", node.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_need_the_token_and_are_bounded_in_bytes_and_in_number() {
     const CAP: usize = 8 << 20;
@@ -407,10 +396,10 @@ async fn reads_need_the_token_and_are_bounded_in_bytes_and_in_number() {
         &http,
         &node,
         "orders",
-        json!([
-            { "key": "a", "payload": { "op": "reject" } },
-            { "key": "b", "payload": { "op": "workflow", "name": "review", "input": { "secret": 1 } } },
-        ]),
+        [
+            json!({ "key": "a", "payload": { "op": "reject" } }),
+            json!({ "key": "b", "payload": { "op": "workflow", "name": "review", "input": { "secret": 1 } } }),
+        ],
     )
     .await;
     let started = Instant::now();
@@ -461,7 +450,7 @@ async fn reads_need_the_token_and_are_bounded_in_bytes_and_in_number() {
             &http,
             &node,
             "big",
-            json!([{ "key": "k", "payload": payload }]),
+            [json!({ "key": "k", "payload": payload })],
         )
         .await;
     }

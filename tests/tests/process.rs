@@ -10,19 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::node::{Node, handled_ok, spawn_node, upload};
+use support::node::{Node, append, handled_ok, spawn_node, upload};
 use support::{TOKEN, chaos_manifest};
-
-async fn append(http: &reqwest::Client, node: &Node, topic: &str, events: Vec<Value>) {
-    let r = http
-        .post(format!("{}/v1/topics/{topic}/events", node.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
 
 /// Every event of `topic`, read through the API's cursors.
 async fn read_topic(http: &reqwest::Client, node: &Node, topic: &str) -> Vec<Value> {

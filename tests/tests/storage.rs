@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::node::{Node, handled_ok, metric, spawn_node, upload};
+use support::node::{Node, handled_ok, metric, post_events, spawn_node, upload};
 use support::{TOKEN, chaos_manifest};
 
 /// A tmpfs of `size` mounted at a directory for the life of the value.
@@ -63,18 +63,6 @@ fn fill(dir: &Path) -> PathBuf {
 }
 
 /// POSTs `events` to `topic`; the status and body.
-async fn post(http: &reqwest::Client, node: &Node, topic: &str, events: &[Value]) -> (u16, Value) {
-    let r = http
-        .post(format!("{}/v1/topics/{topic}/events", node.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn get(http: &reqwest::Client, node: &Node, path: &str) -> (u16, Value) {
     let r = http
         .get(format!("{}{path}", node.base))
@@ -141,7 +129,7 @@ async fn full_disk_degrades_health_then_recovers_without_a_restart() {
 
     let mut sent = 0u64;
     let mut accepted: HashSet<u64> = HashSet::new();
-    let (status, body) = post(&http, &node, "in", &puts(0..100)).await;
+    let (status, body) = post_events(&http, &node, "in", &puts(0..100)).await;
     assert_eq!(status, 201, "{body}");
     accepted.extend(0..100);
     sent += 100;
@@ -159,7 +147,7 @@ async fn full_disk_degrades_health_then_recovers_without_a_restart() {
     let filler = fill(&data);
     let mut refused = None;
     for _ in 0..200 {
-        let (status, body) = post(&http, &node, "in", &puts(sent..sent + 20)).await;
+        let (status, body) = post_events(&http, &node, "in", &puts(sent..sent + 20)).await;
         match status {
             201 => accepted.extend(sent..sent + 20),
             503 => {
@@ -203,7 +191,7 @@ async fn full_disk_degrades_health_then_recovers_without_a_restart() {
     assert_eq!(get(&http, &node, "/livez").await.0, 200);
     // Still refused a while later (redb alone would stay wedged, and say "retry" forever).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (status, _) = post(&http, &node, "in", &puts(sent..sent + 20)).await;
+    let (status, _) = post_events(&http, &node, "in", &puts(sent..sent + 20)).await;
     assert_eq!(status, 503, "an append while the disk is still full");
     sent += 20;
 
@@ -227,7 +215,7 @@ async fn full_disk_degrades_health_then_recovers_without_a_restart() {
         recovered_in.as_millis()
     );
     assert_eq!(get(&http, &node, "/healthz").await.0, 200);
-    let (status, body) = post(&http, &node, "in", &puts(sent..sent + 100)).await;
+    let (status, body) = post_events(&http, &node, "in", &puts(sent..sent + 100)).await;
     assert_eq!(status, 201, "append after recovery: {body}");
     accepted.extend(sent..sent + 100);
     sent += 100;
@@ -302,7 +290,8 @@ async fn retention_shrinks_the_log_file_and_keeps_an_uncommitted_backlog() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     for chunk in 0..2u64 {
-        let (status, body) = post(&http, &node, "held", &big(chunk * 40..chunk * 40 + 40)).await;
+        let (status, body) =
+            post_events(&http, &node, "held", &big(chunk * 40..chunk * 40 + 40)).await;
         assert_eq!(status, 201, "{body}");
     }
 
@@ -321,10 +310,11 @@ max-backoff-ms = 3000
 "#;
     upload(&http, &node, manifest.to_string()).await;
     let gate = json!({"key": "gate", "payload": {"op": "fail-until", "id": "gate"}});
-    assert_eq!(post(&http, &node, "in", &[gate]).await.0, 201);
+    assert_eq!(post_events(&http, &node, "in", &[gate]).await.0, 201);
     let mut peak = 0u64;
     for chunk in 0..10u64 {
-        let (status, body) = post(&http, &node, "in", &big(chunk * 50..chunk * 50 + 50)).await;
+        let (status, body) =
+            post_events(&http, &node, "in", &big(chunk * 50..chunk * 50 + 50)).await;
         assert_eq!(status, 201, "{body}");
         peak = peak.max(std::fs::metadata(&file).unwrap().len());
     }

@@ -86,6 +86,35 @@ pub async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
 }
 
+/// POSTs `events` to `topic` over a node's API; the status and the JSON body.
+pub async fn post_events(
+    http: &reqwest::Client,
+    node: &Node,
+    topic: &str,
+    events: impl AsRef<[serde_json::Value]>,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .post(format!("{}/v1/topics/{topic}/events", node.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "events": events.as_ref() }))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `events` to `topic`, which must take them all.
+pub async fn append(
+    http: &reqwest::Client,
+    node: &Node,
+    topic: &str,
+    events: impl AsRef<[serde_json::Value]>,
+) {
+    let (status, body) = post_events(http, node, topic, events).await;
+    assert_eq!(status, 201, "{body}");
+}
+
 /// `spate_events_total{plugin, outcome="ok"}` of a node.
 pub async fn handled_ok(http: &reqwest::Client, node: &Node, plugin: &str) -> u64 {
     let plugin = format!("plugin=\"{plugin}\"");
