@@ -169,3 +169,90 @@ async fn sigterm_under_load_drains_and_commits_so_a_restart_redoes_nothing() {
     let out = read_topic(&http, &node, "out").await;
     assert_exactly_once_in_order(&out, TOTAL);
 }
+
+/// The count job killed five times at random points: every key's count in durable state
+/// equals its number of events, and each key's emitted counts are exactly 1..=n, once
+/// each (a state write applied twice would skip a number; a lost one would repeat one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_five_times_keeps_state_exactly_once() {
+    use spate_core::StateStore;
+    const KEYS: usize = 25;
+    const TOTAL: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let mut node = spawn_node(dir.path(), &http, &[]).await;
+    upload(
+        &http,
+        &node,
+        chaos_manifest("chaos", "1.0.0", "in", "[limits]\nconcurrency = 8\n"),
+    )
+    .await;
+    let events: Vec<Value> = (0..TOTAL)
+        .map(|i| json!({"key": format!("k{}", i % KEYS), "payload": {"op": "count", "seq": i}}))
+        .collect();
+    for chunk in events.chunks(500) {
+        append(&http, &node, "in", chunk.to_vec()).await;
+    }
+    let mut kills = 0;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut last = 0;
+    while kills < 5 {
+        // Mid-stream: once this run has handled some events, at a random point after.
+        let started = Instant::now();
+        let mut done = topic_size(&http, &node, "out").await;
+        while done < last + 100 && done < TOTAL as u64 {
+            assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            done = topic_size(&http, &node, "out").await;
+        }
+        if done >= TOTAL as u64 {
+            break;
+        }
+        last = done;
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_millis(20 + (seed >> 33) % 150)).await;
+        node.child.kill().unwrap();
+        node.child.wait().unwrap();
+        kills += 1;
+        drop(node);
+        node = spawn_node(dir.path(), &http, &[]).await;
+    }
+    assert!(kills >= 3, "killed mid-stream at least 3 times, got {kills}");
+    wait_size(&http, &node, "out", TOTAL as u64, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = read_topic(&http, &node, "out").await;
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seqs = HashSet::new();
+    for e in &out {
+        seqs.insert(e["payload"]["seq"].as_u64().unwrap());
+        per_key
+            .entry(e["key"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e["payload"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(seqs.len(), TOTAL, "every event's emit is present");
+    assert_eq!(out.len(), TOTAL, "no emit duplicated");
+    let per = (TOTAL / KEYS) as u64;
+    for (key, mut ns) in per_key {
+        ns.sort_unstable();
+        assert_eq!(ns, (1..=per).collect::<Vec<_>>(), "counts emitted for {key}");
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(node.child.wait().unwrap().success());
+    drop(node);
+    let state = spate_core::embedded::EmbeddedStateStore::open(&dir.path().join("data/state"))
+        .unwrap();
+    for k in 0..KEYS {
+        let v = state.get("chaos", &format!("count/k{k}")).await.unwrap();
+        let n: u64 = String::from_utf8(v.unwrap()).unwrap().parse().unwrap();
+        assert_eq!(n, per, "state count of k{k} after {kills} SIGKILLs");
+    }
+    eprintln!("killed {kills} times; {TOTAL} events, {KEYS} keys counted exactly");
+}

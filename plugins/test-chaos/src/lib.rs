@@ -138,6 +138,20 @@ impl Call<'_> {
                 }
                 self.emit_state_value(key)
             }
+            "count" => {
+                // The count job: one more event of this key, in durable state, emitted.
+                let key = format!(
+                    "count/{}",
+                    String::from_utf8_lossy(self.event.key().unwrap_or_default())
+                );
+                let n = state::get(&key)
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + 1;
+                state::put(&key, n.to_string());
+                self.emit(json!({ "n": n }))
+            }
             "get" => self.emit_state_value(self.str("key")?),
             "delete" => {
                 let key = self.str("key")?;

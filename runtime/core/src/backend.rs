@@ -74,6 +74,35 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// The next offset to be written in each partition of `topic` (its end).
     async fn end_offsets(&self, topic: &str) -> BackendResult<Vec<u64>>;
+
+    /// Queue `events` for `topic` and return once they are queued (in call order with
+    /// earlier sends), without waiting for them to be durable: the ticket resolves when
+    /// they are. What the dispatcher uses to publish emits without a round trip per
+    /// event. The default appends and hands back the answer.
+    async fn send(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<EmitTicket> {
+        let appended = self.append(topic, events).await;
+        Ok(Box::pin(std::future::ready(appended)))
+    }
+}
+
+/// Resolves once events queued by [`EventBus::send`] are durable (or failed).
+pub type EmitTicket = futures::future::BoxFuture<'static, BackendResult<Vec<Appended>>>;
+
+/// How far a consumer group got in one source partition, as recorded with the state
+/// written by the events it covers (see [`StateStore::commit_checkpoint`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePosition {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Every event below this offset is done.
+    pub next: u64,
+    /// Offsets at or above `next` that are done too (events of other keys finish
+    /// out of order): a replay skips them.
+    pub done: Vec<u64>,
 }
 
 /// What a subscription yields to the dispatcher.
@@ -235,6 +264,38 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Apply `writes` to `namespace` as one unit, checking their conditions first.
     async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome>;
+
+    /// Whether this process is the store's only writer, so a write-back view kept in
+    /// front of it is the truth (compare-and-swap checked there is exact), and it can
+    /// make a checkpoint durable in one unit with [`StateStore::commit_checkpoint`].
+    /// Stores shared by several runtimes answer `false` (the default): their writes are
+    /// applied event by event.
+    fn checkpoints(&self) -> bool {
+        false
+    }
+
+    /// Make a checkpoint durable in one unit: `writes` (per namespace, unconditional)
+    /// and the source `positions` they cover, so after a crash state and positions agree.
+    async fn commit_checkpoint(
+        &self,
+        _writes: &[(String, Vec<StateWrite>)],
+        _positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        Err(BackendError::Invalid(
+            "this state store does not take checkpoints".into(),
+        ))
+    }
+
+    /// The position last recorded by [`StateStore::commit_checkpoint`] for `group` in
+    /// one source partition.
+    async fn source_position(
+        &self,
+        _group: &str,
+        _topic: &str,
+        _partition: u32,
+    ) -> BackendResult<Option<SourcePosition>> {
+        Ok(None)
+    }
 }
 
 /// A cache with expiry. Keys arrive fully prefixed by the host layer.

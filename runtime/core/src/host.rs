@@ -192,6 +192,12 @@ impl Journal {
         self.write_bytes as u64 + self.emitted_bytes
     }
 
+    /// The state writes (with their conditions), cache writes and emits, in that order.
+    pub fn into_parts(self) -> (Vec<StateWrite>, Vec<CacheOp>, Vec<PendingEmit>) {
+        let writes = self.state_writes();
+        (writes, self.cache, self.emits)
+    }
+
     /// Whether the call changed nothing.
     pub fn is_empty(&self) -> bool {
         self.state.is_empty() && self.cache.is_empty() && self.emits.is_empty()

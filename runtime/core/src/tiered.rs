@@ -29,7 +29,9 @@
 //! (another pod's write to a key this pod has cached); keys normally stay on one pod, since
 //! events are partitioned by key.
 
-use crate::backend::{ApplyOutcome, BackendResult, Cache, Entry, Expiry, StateStore, StateWrite};
+use crate::backend::{
+    ApplyOutcome, BackendResult, Cache, Entry, Expiry, SourcePosition, StateStore, StateWrite,
+};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -762,6 +764,29 @@ impl StateStore for PluginState {
 
     async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
         self.tier.write(&self.counters, namespace, writes).await
+    }
+
+    // A direct tier adds nothing to writes, so the store's checkpoints pass through. A
+    // read-through tier copies values into a cache on every write: it takes none.
+    fn checkpoints(&self) -> bool {
+        self.tier.layer.is_none() && self.tier.store.checkpoints()
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        writes: &[(String, Vec<StateWrite>)],
+        positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        self.tier.store.commit_checkpoint(writes, positions).await
+    }
+
+    async fn source_position(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> BackendResult<Option<SourcePosition>> {
+        self.tier.store.source_position(group, topic, partition).await
     }
 }
 

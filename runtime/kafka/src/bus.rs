@@ -13,7 +13,7 @@ use rdkafka::message::{BorrowedMessage, Header as KHeader, Headers, Message, Own
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use spate_core::backend::{
-    BackendError, BackendResult, EventBus, EventSource, StartPosition, Subscription,
+    BackendError, BackendResult, EmitTicket, EventBus, EventSource, StartPosition, Subscription,
 };
 use spate_core::types::{Appended, Event, Header, NewEvent};
 use std::sync::{Arc, Mutex};
@@ -264,6 +264,25 @@ impl EventBus for KafkaBus {
             })
     }
 
+    async fn send(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<EmitTicket> {
+        // Enqueued in order now; acknowledged (acks=all) when the ticket resolves.
+        let producer = self.producer.load_full();
+        let pending = Self::enqueue(&producer, self.opts.produce_timeout, topic, &events)
+            .await
+            .map_err(|e| {
+                self.replace_if_dead(&producer, &e);
+                backend_error(e, Some(topic))
+            })?;
+        // A producer that died meanwhile fails the ticket; the caller sends again, and that
+        // send finds it dead and replaces it.
+        let topic = topic.to_owned();
+        Ok(Box::pin(async move {
+            Self::acknowledged(pending)
+                .await
+                .map_err(|e| backend_error(e, Some(&topic)))
+        }))
+    }
+
     async fn read(
         &self,
         topic: &str,
@@ -328,6 +347,17 @@ impl KafkaBus {
         topic: &str,
         events: &[NewEvent],
     ) -> Result<Vec<Appended>, KafkaError> {
+        let pending = Self::enqueue(producer, produce_timeout, topic, events).await?;
+        Self::acknowledged(pending).await
+    }
+
+    /// Hand every event to the producer's queue, in order (waiting while it is full).
+    async fn enqueue(
+        producer: &FutureProducer,
+        produce_timeout: Duration,
+        topic: &str,
+        events: &[NewEvent],
+    ) -> Result<Vec<DeliveryFuture>, KafkaError> {
         let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
         for event in events {
             let headers = Self::record(event);
@@ -355,6 +385,11 @@ impl KafkaBus {
                 }
             }
         }
+        Ok(pending)
+    }
+
+    /// Wait for the broker to acknowledge every enqueued event.
+    async fn acknowledged(pending: Vec<DeliveryFuture>) -> Result<Vec<Appended>, KafkaError> {
         let mut out = Vec::with_capacity(pending.len());
         for f in pending {
             match f.await {

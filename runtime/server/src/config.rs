@@ -665,8 +665,11 @@ pub struct DispatchConfig {
     /// only a partition that hogs the buffer is paused, since librdkafka takes ~0.5 s to
     /// fetch again after a resume.
     pub max_buffered_per_partition: usize,
-    /// Commit interval in milliseconds.
+    /// Longest time between two checkpoints of a plugin's effects (state, cache, the
+    /// acknowledgement of its emits) and commits of its positions, in milliseconds.
     pub commit_interval_ms: u64,
+    /// A checkpoint is taken early once this many events finished since the last one.
+    pub checkpoint_events: usize,
     /// How long shutdown waits for in-flight events, in milliseconds.
     pub drain_timeout_ms: u64,
 }
@@ -678,6 +681,7 @@ impl Default for DispatchConfig {
             max_buffered_bytes: 128 << 20,
             max_buffered_per_partition: 2048,
             commit_interval_ms: 100,
+            checkpoint_events: 8192,
             drain_timeout_ms: 10_000,
         }
     }

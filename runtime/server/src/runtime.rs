@@ -7,7 +7,10 @@ use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
 use spate_core::dispatch::PipelineHealth;
-use spate_core::dispatch::{ActiveVersion, IdleInstances, Pipeline, PipelineConfig, PluginVersion};
+use spate_core::dispatch::{
+    ActiveVersion, CheckpointConfig, Checkpointer, IdleInstances, Pipeline, PipelineConfig,
+    PluginVersion,
+};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
 use spate_core::host::HostServices;
 use spate_core::manifest::{Manifest, Ordering};
@@ -453,10 +456,24 @@ impl Supervisor {
             cache: Arc::clone(&self.backends.cache),
             workflow_topic: self.config.workflow_topic.clone(),
         };
+        // One checkpointer per plugin: its pipelines read each other's writes, and one
+        // checkpoint covers all their positions.
+        let group = format!("{}.{name}", self.config.events.group_prefix());
+        let ckpt = Checkpointer::new(
+            &group,
+            Arc::clone(&services.state),
+            Arc::clone(&services.cache),
+            Arc::clone(&self.backends.bus),
+            CheckpointConfig {
+                interval: Duration::from_millis(self.config.dispatch.commit_interval_ms),
+                max_events: self.config.dispatch.checkpoint_events,
+                ..CheckpointConfig::default()
+            },
+        );
         let mut tasks = JoinSet::new();
         for (topic, start) in &shape.subscriptions {
             let mut cfg = PipelineConfig::new(name, topic);
-            cfg.group = format!("{}.{name}", self.config.events.group_prefix());
+            cfg.group = group.clone();
             cfg.revoke_timeout = self.config.events.revoke_timeout();
             cfg.max_buffered_per_partition = self.config.dispatch.max_buffered_per_partition;
             cfg.start = *start;
@@ -464,6 +481,7 @@ impl Supervisor {
             cfg.max_buffered = self.config.dispatch.max_buffered;
             cfg.max_buffered_bytes = self.config.dispatch.max_buffered_bytes;
             cfg.commit_interval = Duration::from_millis(self.config.dispatch.commit_interval_ms);
+            cfg.checkpoint_events = self.config.dispatch.checkpoint_events;
             cfg.drain_timeout = Duration::from_millis(self.config.dispatch.drain_timeout_ms);
             let pipeline = Pipeline::new(
                 cfg,
@@ -474,7 +492,8 @@ impl Supervisor {
                 Arc::clone(&permits),
                 token.clone(),
             )
-            .with_idle_instances(Arc::clone(&self.idle));
+            .with_idle_instances(Arc::clone(&self.idle))
+            .with_checkpointer(Arc::clone(&ckpt));
             lock(&self.health.pipelines)
                 .insert((name.to_string(), topic.clone()), pipeline.health());
             let plugin = name.to_string();

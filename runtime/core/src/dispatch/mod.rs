@@ -9,10 +9,12 @@
 //! The dispatcher does not know what a plugin is made of: the sandbox implements
 //! [`PluginVersion`] (and the benchmark's native handler does too).
 
+pub mod checkpoint;
 mod idle;
 mod pipeline;
 pub mod watermark;
 
+pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use idle::IdleInstances;
 pub use pipeline::{Pipeline, PipelineConfig};
 

@@ -1,13 +1,14 @@
 //! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
 
+use super::checkpoint::{CheckpointConfig, Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
-use super::watermark::Watermark;
 use super::{
     ActiveVersion, CallOutcome, CallResult, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
 use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
+use crate::host::PendingEmit;
 use crate::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
 use crate::manifest::{ExecutionMode, Ordering};
 use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
@@ -57,8 +58,11 @@ pub struct PipelineConfig {
     /// Most events of one partition read and not yet finished: above it that partition
     /// is paused (the others keep flowing) until half of them are done.
     pub max_buffered_per_partition: usize,
-    /// How often finished positions are committed.
+    /// How often finished positions are committed, and longest time between two
+    /// checkpoints of the plugin's effects.
     pub commit_interval: Duration,
+    /// A checkpoint is taken early once this many events finished since the last one.
+    pub checkpoint_events: usize,
     /// How long shutdown keeps handling the events already read (in handlers, in back-off,
     /// or queued in lanes) before abandoning the rest uncommitted.
     pub drain_timeout: Duration,
@@ -82,6 +86,7 @@ impl PipelineConfig {
             max_buffered_bytes: 128 << 20,
             max_buffered_per_partition: 2048,
             commit_interval: Duration::from_millis(100),
+            checkpoint_events: 8192,
             drain_timeout: Duration::from_secs(10),
             max_infra_backoff: Duration::from_secs(5),
             revoke_timeout: Duration::from_secs(10),
@@ -106,6 +111,8 @@ struct WorkerCtx {
     active: Arc<ActiveVersion>,
     bus: Arc<dyn EventBus>,
     services: HostServices,
+    /// Where finished events' effects and positions go.
+    ckpt: Arc<Checkpointer>,
     permits: Arc<Semaphore>,
     /// Cancelled when the drain gives up: workers in back-off abandon their event.
     abandon: CancellationToken,
@@ -281,7 +288,6 @@ enum Finish {
 struct WorkerReport {
     lane: LaneKey,
     partition: u32,
-    offset: u64,
     finish: Finish,
     instance: Option<WarmInstance>,
 }
@@ -298,12 +304,29 @@ impl Pipeline {
         permits: Arc<Semaphore>,
         shutdown: CancellationToken,
     ) -> Self {
+        let ckpt = Checkpointer::new(
+            &config.group,
+            Arc::clone(&services.state),
+            Arc::clone(&services.cache),
+            Arc::clone(&bus),
+            CheckpointConfig {
+                interval: config.commit_interval,
+                max_events: config.checkpoint_events,
+                max_backoff: config.max_infra_backoff,
+                ..CheckpointConfig::default()
+            },
+        );
+        let services = HostServices {
+            state: ckpt.view(),
+            ..services
+        };
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
             idle: IdleInstances::new(IDLE_WARM_INSTANCES, IDLE_TIMEOUT),
             active,
             bus,
             services,
+            ckpt,
             permits,
             abandon: CancellationToken::new(),
             max_infra_backoff: config.max_infra_backoff,
@@ -326,6 +349,16 @@ impl Pipeline {
         self
     }
 
+    /// Share `ckpt` (one per plugin, so every pipeline of the plugin reads the others'
+    /// writes and one checkpoint covers them all) instead of the pipeline's own.
+    pub fn with_checkpointer(mut self, ckpt: Arc<Checkpointer>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.services.state = ckpt.view();
+            ctx.ckpt = ckpt;
+        }
+        self
+    }
+
     /// Its consumer's membership and its event loop's heartbeat, for the probes.
     pub fn health(&self) -> Arc<PipelineHealth> {
         Arc::clone(&self.health)
@@ -341,8 +374,9 @@ impl Pipeline {
             .await?;
         self.health.beat();
         self.health.set_joined(sub.joined());
+        self.ctx.ckpt.enter();
         let mut st = RunState {
-            marks: HashMap::new(),
+            committed: HashMap::new(),
             // Idle warm instances hold pool slots: they live in the runtime's shared budget.
             lanes: Lanes::new(Arc::clone(&self.ctx.idle)),
             tasks: JoinSet::new(),
@@ -370,7 +404,8 @@ impl Pipeline {
                 msg = next => match msg {
                     Ok(SourceMessage::Assigned(parts)) => {
                         for (tp, start) in parts {
-                            st.marks.insert(tp.partition, Watermark::new(start));
+                            let from = self.assign(&tp, start).await;
+                            st.committed.insert(tp.partition, from);
                         }
                     }
                     Ok(SourceMessage::Revoked(parts)) => {
@@ -378,11 +413,11 @@ impl Pipeline {
                     }
                     Ok(SourceMessage::Events(events)) => {
                         for event in events {
-                            let Some(mark) = st.marks.get_mut(&event.partition) else { continue };
-                            if event.offset < mark.next_offset() {
-                                continue; // already tracked: a re-delivery
+                            // A re-delivery, a revoked partition, or an event a checkpoint
+                            // recorded as done before a restart: not handled again.
+                            if self.ctx.ckpt.track(&cfg.topic, event.partition, event.offset) != Track::New {
+                                continue;
                             }
-                            mark.track(event.offset);
                             let partition = event.partition;
                             let key = lane_key(cfg.ordering, &event);
                             if let Some(lane) = st.lanes.push(&key, event) {
@@ -409,7 +444,7 @@ impl Pipeline {
                     self.health.beat();
                     self.health.set_joined(sub.joined());
                     self.ctx.idle.expire();
-                    self.commit(&mut *sub, &mut st.marks).await;
+                    self.commit(&mut *sub, &mut st.committed).await;
                     self.report_lag(&mut st).await;
                 }
             }
@@ -441,11 +476,13 @@ impl Pipeline {
                 }
                 _ = ticker.tick() => {
                     self.health.beat();
-                    self.commit(&mut *sub, &mut st.marks).await;
+                    self.commit(&mut *sub, &mut st.committed).await;
                 }
             }
         }
-        self.commit(&mut *sub, &mut st.marks).await;
+        self.checkpoint_now().await;
+        self.commit(&mut *sub, &mut st.committed).await;
+        self.ctx.ckpt.leave();
         sub.close().await;
         // A stopped pipeline (plugin removed, runtime stopping) keeps no instance.
         st.lanes.idle.forget(st.lanes.owner, |_| true);
@@ -485,15 +522,20 @@ impl Pipeline {
                 }
             }
         }
+        // What the revoked partitions finished is made durable before they are handed over.
+        self.checkpoint_now().await;
         let mut offsets = Vec::new();
         for p in &revoked {
-            if let Some(next) = st.marks.get_mut(p).and_then(Watermark::take_commit) {
+            let committed = st.committed.remove(p).unwrap_or(0);
+            if let Some(next) = self.ctx.ckpt.durable(&cfg.topic, *p)
+                && next > committed
+            {
                 offsets.push((TopicPartition::new(cfg.topic.clone(), *p), next));
             }
-            st.marks.remove(p);
             st.lanes.revoke(*p);
             st.paused.remove(p);
         }
+        self.ctx.ckpt.release(&cfg.topic, revoked.iter().copied());
         debug!(plugin = %cfg.plugin, partitions = ?revoked, ?offsets, "releasing revoked partitions");
         if let Err(e) = sub.release(&parts, &offsets).await {
             warn!(plugin = %cfg.plugin, error = %e, "final commit of revoked partitions failed; their next owner redoes the uncommitted events");
@@ -520,10 +562,7 @@ impl Pipeline {
     }
 
     fn finish(&self, report: WorkerReport, st: &mut RunState, continue_lane: bool) {
-        let (marks, lanes, tasks) = (&mut st.marks, &mut st.lanes, &mut st.tasks);
-        if let (Finish::Done, Some(mark)) = (&report.finish, marks.get_mut(&report.partition)) {
-            mark.complete(report.offset);
-        }
+        let (lanes, tasks) = (&mut st.lanes, &mut st.tasks);
         let Some(lane) = lanes.map.get_mut(&report.lane) else {
             return; // its partition was revoked
         };
@@ -560,12 +599,11 @@ impl Pipeline {
         let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
         let handle = tasks.spawn(
             async move {
-                let (partition, offset) = (event.partition, event.offset);
+                let partition = event.partition;
                 let (finish, instance) = handle_event(&ctx, event, instance).await;
                 WorkerReport {
                     lane: key,
                     partition,
-                    offset,
                     finish,
                     instance,
                 }
@@ -575,27 +613,58 @@ impl Pipeline {
         lane.task = Some(handle);
     }
 
-    async fn commit(&self, sub: &mut dyn Subscription, marks: &mut HashMap<u32, Watermark>) {
-        let cfg = &self.config;
-        let mut offsets = Vec::new();
-        let mut previous = Vec::new();
-        for (p, mark) in marks.iter_mut() {
-            let before = mark.committed();
-            if let Some(next) = mark.take_commit() {
-                offsets.push((TopicPartition::new(cfg.topic.clone(), *p), next));
-                previous.push((*p, before));
-            }
-        }
-        if !offsets.is_empty()
-            && let Err(e) = sub.commit(&offsets).await
-        {
-            warn!(plugin = %cfg.plugin, error = %e, "commit failed; will retry");
-            // Forget the failed commit so the next tick tries again.
-            for (p, before) in previous {
-                if let Some(m) = marks.get_mut(&p) {
-                    m.revert_commit(before);
+    /// Where `tp` resumes: the later of the source's committed position and the last
+    /// checkpoint's (whose done offsets above it are skipped). A store that cannot be read
+    /// is asked again: resuming without it could apply an event's state twice.
+    async fn assign(&self, tp: &TopicPartition, start: u64) -> u64 {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.ctx.ckpt.assign(&tp.topic, tp.partition, start).await {
+                Ok(from) => return from,
+                Err(e) => {
+                    warn!(plugin = %self.config.plugin, topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the partition's checkpoint; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.config.max_infra_backoff);
                 }
             }
+        }
+    }
+
+    /// Take a checkpoint covering every event finished so far, within the drain timeout.
+    async fn checkpoint_now(&self) {
+        let ckpt = &self.ctx.ckpt;
+        match tokio::time::timeout(self.config.drain_timeout, ckpt.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(plugin = %self.config.plugin, error = %e, "checkpoint failed; the events it would cover are handled again after a restart");
+            }
+            Err(_) => {
+                warn!(plugin = %self.config.plugin, "checkpoint timed out; the events it would cover are handled again after a restart");
+            }
+        }
+    }
+
+    /// Commit to the source what the last durable checkpoint covers.
+    async fn commit(&self, sub: &mut dyn Subscription, committed: &mut HashMap<u32, u64>) {
+        let cfg = &self.config;
+        let offsets: Vec<(TopicPartition, u64)> = committed
+            .iter()
+            .filter_map(|(p, c)| {
+                let next = self.ctx.ckpt.durable(&cfg.topic, *p)?;
+                (next > *c).then(|| (TopicPartition::new(cfg.topic.clone(), *p), next))
+            })
+            .collect();
+        if offsets.is_empty() {
+            return;
+        }
+        match sub.commit(&offsets).await {
+            Ok(()) => {
+                for (tp, next) in offsets {
+                    committed.insert(tp.partition, next);
+                }
+            }
+            // The next tick tries again.
+            Err(e) => warn!(plugin = %cfg.plugin, error = %e, "commit failed; will retry"),
         }
     }
 
@@ -609,14 +678,9 @@ impl Pipeline {
         let cfg = &self.config;
         if let Ok(ends) = self.ctx.bus.end_offsets(&cfg.topic).await {
             let lag: u64 = st
-                .marks
+                .committed
                 .iter()
-                .map(|(p, m)| {
-                    ends.get(*p as usize)
-                        .copied()
-                        .unwrap_or(0)
-                        .saturating_sub(m.committed())
-                })
+                .map(|(p, c)| ends.get(*p as usize).copied().unwrap_or(0).saturating_sub(*c))
                 .sum();
             metrics::gauge!("spate_consumer_lag", "plugin" => cfg.plugin.clone(), "topic" => cfg.topic.clone())
                 .set(lag as f64);
@@ -626,7 +690,8 @@ impl Pipeline {
 
 /// What [`Pipeline::run`] keeps between messages.
 struct RunState {
-    marks: HashMap<u32, Watermark>,
+    /// Assigned partitions and the position last committed to the source.
+    committed: HashMap<u32, u64>,
     lanes: Lanes,
     tasks: JoinSet<WorkerReport>,
     /// Partitions paused because they hold too many unfinished events.
@@ -752,7 +817,7 @@ async fn handle_event(
                 ExecutionMode::Warm => Some(permit),
             };
             match result.outcome {
-                CallOutcome::Ok => match apply(ctx, &info, result.journal).await {
+                CallOutcome::Ok => match apply(ctx, &info, &event, result.journal).await {
                     Ok(()) => {
                         metrics::counter!("spate_events_total", "plugin" => plugin.clone(), "outcome" => "ok").increment(1);
                         return (Finish::Done, Some((version, instance)));
@@ -829,51 +894,45 @@ fn with_attempt(event: &Event, attempt: u32) -> Event {
     e
 }
 
-/// Apply a successful call's journal: emits first (they carry idempotency ids, so a
-/// replay after a later failure does not duplicate them), then state, then the cache.
-async fn apply(ctx: &WorkerCtx, info: &PluginInfo, journal: Journal) -> Result<(), Failure> {
-    let writes = journal.state_writes();
-    let mut by_topic: Vec<(String, Vec<NewEvent>)> = Vec::new();
-    for emit in journal.emits {
-        match by_topic.iter_mut().find(|(t, _)| *t == emit.topic) {
-            Some((_, v)) => v.push(emit.event),
-            None => by_topic.push((emit.topic, vec![emit.event])),
-        }
-    }
-    for (topic, events) in by_topic {
-        ctx.bus
-            .append(&topic, events)
-            .await
-            .map_err(|e| backend_failure("emit", e))?;
-    }
-    if !writes.is_empty() {
+/// Apply a successful call's journal, all of it or nothing: state first (to the
+/// checkpoint's view, where a compare-and-swap that no longer holds fails the whole event
+/// before anything is published; or, for a store shared with other runtimes, to the store
+/// itself), then, together with the event's position, its emits and cache writes.
+async fn apply(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+    journal: Journal,
+) -> Result<(), Failure> {
+    let (writes, cache, emits) = journal.into_parts();
+    let conflict = |key: String| {
+        Failure::Retryable(
+            "state-conflict",
+            format!("compare-and-swap on `{key}` lost to a concurrent write"),
+        )
+    };
+    if !ctx.ckpt.write_back() && !writes.is_empty() {
         match ctx.services.state.apply(&info.namespace, &writes).await {
             Ok(ApplyOutcome::Applied) => {}
-            Ok(ApplyOutcome::Conflict { key }) => {
-                return Err(Failure::Retryable(
-                    "state-conflict",
-                    format!("compare-and-swap on `{key}` lost to a concurrent write"),
-                ));
-            }
+            Ok(ApplyOutcome::Conflict { key }) => return Err(conflict(key)),
             Err(e) => return Err(backend_failure("state", e)),
         }
     }
-    for op in journal.cache {
-        use crate::host::CacheOp;
-        let r = match op {
-            CacheOp::Set { key, value, ttl } => ctx.services.cache.set(&key, value, ttl).await,
-            CacheOp::Delete { key } => ctx.services.cache.delete(&key).await,
-            CacheOp::Incr { key, delta } => ctx.services.cache.incr(&key, delta).await.map(|_| ()),
-        };
-        // The cache may forget anything at any time; a failed cache write must not fail
-        // an event whose durable effects are already applied.
-        if let Err(e) = r {
-            metrics::counter!("spate_cache_errors_total", "plugin" => ctx.plugin.clone())
-                .increment(1);
-            warn!(error = %e, "cache write failed after the event was applied");
-        }
+    let effects = Effects {
+        namespace: info.namespace.clone(),
+        writes,
+        cache,
+        emits,
+    };
+    match ctx
+        .ckpt
+        .finish(&event.topic, event.partition, event.offset, effects)
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(FinishError::Conflict(key)) => Err(conflict(key)),
+        Err(FinishError::Backend(e)) => Err(backend_failure("state", e)),
     }
-    Ok(())
 }
 
 fn backend_failure(what: &'static str, e: BackendError) -> Failure {
@@ -923,26 +982,26 @@ async fn dead_letter(
         payload: event.payload.clone(),
         headers: hdrs,
     };
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match ctx
-            .bus
-            .append(&info.dead_letter_topic, vec![record.clone()])
-            .await
-        {
-            Ok(_) => {
-                metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.to_string()).increment(1);
-                metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
-                warn!(kind, %reason, attempts, "event dead-lettered");
-                return true;
-            }
-            Err(e) => {
-                warn!(error = %e, "dead-letter write failed; retrying");
-                if !sleep_or_shutdown(ctx, delay).await {
-                    return false;
-                }
-                delay = (delay * 2).min(ctx.max_infra_backoff);
-            }
-        }
+    // Published by the checkpoint's sender like an emit (retried until taken), and
+    // acknowledged before the event's position is committed.
+    let effects = Effects {
+        emits: vec![PendingEmit {
+            topic: info.dead_letter_topic.clone(),
+            event: record,
+        }],
+        ..Effects::default()
+    };
+    // It writes no state, so it can neither conflict nor need the store.
+    if let Err(e) = ctx
+        .ckpt
+        .finish(&event.topic, event.partition, event.offset, effects)
+        .await
+    {
+        warn!(error = ?e, "dead letter not queued; the event stays uncommitted");
+        return false;
     }
+    metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.to_string()).increment(1);
+    metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
+    warn!(kind, %reason, attempts, "event dead-lettered");
+    true
 }

@@ -11,6 +11,11 @@ use std::collections::BTreeSet;
 #[derive(Clone, Debug)]
 pub struct Watermark {
     pending: BTreeSet<u64>,
+    /// Finished offsets above the lowest unfinished one: what a checkpoint records so a
+    /// replay from the committable position skips them.
+    done: BTreeSet<u64>,
+    /// Offsets a checkpoint recorded as done, not yet seen again: skipped when read.
+    skip: BTreeSet<u64>,
     /// Next offset to commit if nothing were pending: one past the highest tracked offset.
     next: u64,
     committed: u64,
@@ -21,21 +26,63 @@ impl Watermark {
     pub fn new(start: u64) -> Self {
         Self {
             pending: BTreeSet::new(),
+            done: BTreeSet::new(),
+            skip: BTreeSet::new(),
             next: start,
             committed: start,
         }
     }
 
-    /// An event at `offset` was handed to a lane. Offsets must be tracked in increasing order.
-    pub fn track(&mut self, offset: u64) {
+    /// A partition restored from a checkpoint: every offset below `start` is done, and
+    /// so are `done` (above it), which [`Watermark::track`] will report as done.
+    pub fn restored(start: u64, done: impl IntoIterator<Item = u64>) -> Self {
+        let mut w = Self::new(start);
+        w.skip = done.into_iter().filter(|o| *o >= start).collect();
+        w
+    }
+
+    /// An event at `offset` was read. Offsets must be tracked in increasing order. Returns
+    /// `false` if a checkpoint already recorded it as done: it is not handled again.
+    pub fn track(&mut self, offset: u64) -> bool {
         debug_assert!(offset >= self.next, "offsets tracked out of order");
-        self.pending.insert(offset);
         self.next = self.next.max(offset + 1);
+        if self.skip.remove(&offset) {
+            if !self.pending.is_empty() {
+                self.done.insert(offset);
+            }
+            return false;
+        }
+        self.pending.insert(offset);
+        true
     }
 
     /// The event at `offset` finished (handled, or dead-lettered).
     pub fn complete(&mut self, offset: u64) {
-        self.pending.remove(&offset);
+        if !self.pending.remove(&offset) {
+            return;
+        }
+        // Only finished offsets above the lowest unfinished one need remembering.
+        match self.pending.first().copied() {
+            Some(low) if low < offset => {
+                self.done.insert(offset);
+            }
+            Some(low) => self.done = self.done.split_off(&low),
+            None => self.done.clear(),
+        }
+    }
+
+    /// Finished offsets at or above [`Watermark::committable`], plus those a restored
+    /// checkpoint recorded and that were not read again yet.
+    pub fn done_above(&self) -> Vec<u64> {
+        let from = self.committable();
+        let mut out: Vec<u64> = self
+            .done
+            .iter()
+            .chain(self.skip.range(from..))
+            .copied()
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// The position that may be committed now: every offset below it is finished.
@@ -93,7 +140,7 @@ mod tests {
             let mut o = start;
             for g in &gaps {
                 offsets.push(o);
-                w.track(o);
+                prop_assert!(w.track(o));
                 o += g;
             }
             let end = offsets.last().unwrap() + 1;
@@ -118,11 +165,33 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_watermark_skips_what_its_checkpoint_recorded() {
+        let mut w = Watermark::new(0);
+        for o in 0..5 {
+            assert!(w.track(o));
+        }
+        w.complete(3);
+        w.complete(0);
+        w.complete(4);
+        assert_eq!((w.committable(), w.done_above()), (1, vec![3, 4]));
+        // A crash here: the checkpoint holds (1, [3, 4]). The replay handles 1 and 2 only.
+        let mut r = Watermark::restored(1, [3, 4]);
+        let handled: Vec<u64> = (1..6).filter(|o| r.track(*o)).collect();
+        assert_eq!(handled, vec![1, 2, 5]);
+        assert_eq!(r.done_above(), vec![3, 4]);
+        r.complete(2);
+        r.complete(1);
+        assert_eq!((r.committable(), r.done_above()), (5, vec![]));
+        r.complete(5);
+        assert_eq!(r.committable(), 6);
+    }
+
+    #[test]
     fn commit_only_moves_forward() {
         let mut w = Watermark::new(10);
         assert_eq!(w.take_commit(), None);
-        w.track(10);
-        w.track(11);
+        assert!(w.track(10));
+        assert!(w.track(11));
         w.complete(11);
         assert_eq!(w.take_commit(), None);
         w.complete(10);

@@ -125,6 +125,20 @@ impl<B: Batcher> GroupWriter<B> {
         answer.await.map_err(|_| closed())?
     }
 
+    /// Queues `op` and returns once it is queued; the returned future resolves when it
+    /// is committed (or refused). Ops queued by one caller commit in the order queued.
+    pub(crate) async fn submit(
+        &self,
+        op: B::Op,
+    ) -> BackendResult<impl Future<Output = BackendResult<B::Out>> + Send + 'static> {
+        let tx = self.tx.as_ref().ok_or_else(closed)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(Job::Write(Request { op, reply }))
+            .await
+            .map_err(|_| closed())?;
+        Ok(async move { answer.await.map_err(|_| closed())? })
+    }
+
     /// [`Self::call`] from a thread outside the async runtime.
     pub(crate) fn call_blocking(&self, op: B::Op) -> BackendResult<B::Out> {
         let tx = self.tx.as_ref().ok_or_else(closed)?;

@@ -20,7 +20,7 @@ use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
 use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
 use crate::backend::{
-    BackendError, BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+    BackendError, BackendResult, EmitTicket, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
 use crate::types::{Appended, Event, Header, NewEvent, TopicPartition, headers, partition_for_key};
 use async_trait::async_trait;
@@ -1160,12 +1160,16 @@ impl Batcher for LogWriter {
 #[async_trait]
 impl EventBus for EmbeddedLog {
     async fn append(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<Vec<Appended>> {
+        self.send(topic, events).await?.await
+    }
+
+    async fn send(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<EmitTicket> {
         validate_topic(topic)?;
         if !self.inner.config.auto_create_topics {
             self.inner.known_topic(topic)?;
         }
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Box::pin(std::future::ready(Ok(Vec::new()))));
         }
         let timestamp_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX);
         let mut prepared = Vec::with_capacity(events.len());
@@ -1186,10 +1190,13 @@ impl EventBus for EmbeddedLog {
             topic: topic.to_owned(),
             events: prepared,
         };
-        match self.inner.writer.call(op).await? {
-            LogOut::Appended(appended) => Ok(appended),
-            _ => Err(unexpected_reply()),
-        }
+        let answer = self.inner.writer.submit(op).await?;
+        Ok(Box::pin(async move {
+            match answer.await? {
+                LogOut::Appended(appended) => Ok(appended),
+                _ => Err(unexpected_reply()),
+            }
+        }))
     }
 
     async fn read(

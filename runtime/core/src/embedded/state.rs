@@ -15,9 +15,11 @@
 
 use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
-use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
+use super::{DEFAULT_CACHE_BYTES, now_ms, redb_error};
+use redb::ReadTransaction;
 use crate::backend::{
-    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, StateStore, StateWrite,
+    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, SourcePosition, StateStore,
+    StateWrite,
 };
 use async_trait::async_trait;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -29,6 +31,9 @@ use std::time::{Duration, Instant};
 const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
 /// (expires-at millis, namespace, key) -> (): which entries to purge, oldest first.
 const EXPIRIES: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("expiries");
+/// (group, topic, partition) -> next offset (u64 LE) followed by the offsets above it that
+/// are done (u64 LE each): the source positions a checkpoint's state covers.
+const POSITIONS: TableDefinition<(&str, &str, u32), &[u8]> = TableDefinition::new("positions");
 
 /// Bytes of the expiry prefix of a stored value.
 const EXPIRY_LEN: usize = 8;
@@ -176,9 +181,84 @@ fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, redb::
     Ok(due.len())
 }
 
-struct ApplyOp {
-    namespace: String,
-    writes: Vec<StateWrite>,
+enum StateOp {
+    /// One batch of one namespace, conditions checked first.
+    Apply {
+        namespace: String,
+        writes: Vec<StateWrite>,
+    },
+    /// A checkpoint: unconditional writes and the positions they cover.
+    Checkpoint {
+        writes: Vec<(String, Vec<StateWrite>)>,
+        positions: Vec<SourcePosition>,
+    },
+}
+
+fn encode_position(p: &SourcePosition) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * (1 + p.done.len()));
+    out.extend_from_slice(&p.next.to_le_bytes());
+    for o in &p.done {
+        out.extend_from_slice(&o.to_le_bytes());
+    }
+    out
+}
+
+fn decode_position(
+    group: &str,
+    topic: &str,
+    partition: u32,
+    bytes: &[u8],
+) -> BackendResult<SourcePosition> {
+    if bytes.len() < 8 || bytes.len() % 8 != 0 {
+        return Err(BackendError::Corrupt("malformed source position".into()));
+    }
+    let mut words = bytes.chunks_exact(8).map(|c| {
+        let mut w = [0; 8];
+        w.copy_from_slice(c);
+        u64::from_le_bytes(w)
+    });
+    Ok(SourcePosition {
+        group: group.to_owned(),
+        topic: topic.to_owned(),
+        partition,
+        next: words.next().unwrap_or(0),
+        done: words.collect(),
+    })
+}
+
+/// Writes `writes` to `ns` in `txn` without checking conditions.
+fn write_entries(
+    txn: &WriteTransaction,
+    ns: &str,
+    writes: &[StateWrite],
+    now: u64,
+) -> Result<(), redb::Error> {
+    let mut entries = txn.open_table(ENTRIES)?;
+    let mut expiries = txn.open_table(EXPIRIES)?;
+    for write in writes {
+        let key = write.key.as_str();
+        let (new_exp, old) = match &write.value {
+            Some(value) => {
+                let exp = expires_at(now, write.ttl);
+                let old = entries.insert((ns, key), encode(exp, value).as_slice())?;
+                (exp, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
+            }
+            None => {
+                let old = entries.remove((ns, key))?;
+                (0, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
+            }
+        };
+        if let Some(old_exp) = old
+            && old_exp != 0
+            && old_exp != new_exp
+        {
+            expiries.remove((old_exp, ns, key))?;
+        }
+        if new_exp != 0 {
+            expiries.insert((new_exp, ns, key), ())?;
+        }
+    }
+    Ok(())
 }
 
 struct StateWriter {
@@ -187,56 +267,51 @@ struct StateWriter {
 }
 
 impl Batcher for StateWriter {
-    type Op = ApplyOp;
+    type Op = StateOp;
     type Out = ApplyOutcome;
     type Staged = ();
 
     fn apply(
         &mut self,
         txn: &WriteTransaction,
-        op: &ApplyOp,
+        op: &StateOp,
         _staged: &mut (),
     ) -> Result<BackendResult<ApplyOutcome>, redb::Error> {
         let now = now_ms();
-        let ns = op.namespace.as_str();
-        let mut entries = txn.open_table(ENTRIES)?;
-        for write in &op.writes {
-            let Some(expected) = &write.condition else {
-                continue;
-            };
-            let stored = entries.get((ns, write.key.as_str()))?;
-            let current = match stored.as_ref().map(|g| live(g.value(), now)).transpose() {
-                Ok(current) => current.flatten(),
-                Err(e) => return Ok(Err(e)),
-            };
-            if current != expected.as_deref() {
-                return Ok(Ok(ApplyOutcome::Conflict {
-                    key: write.key.clone(),
-                }));
-            }
-        }
-        let mut expiries = txn.open_table(EXPIRIES)?;
-        for write in &op.writes {
-            let key = write.key.as_str();
-            let (new_exp, old) = match &write.value {
-                Some(value) => {
-                    let exp = expires_at(now, write.ttl);
-                    let old = entries.insert((ns, key), encode(exp, value).as_slice())?;
-                    (exp, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
+        match op {
+            StateOp::Apply { namespace, writes } => {
+                let ns = namespace.as_str();
+                let entries = txn.open_table(ENTRIES)?;
+                for write in writes {
+                    let Some(expected) = &write.condition else {
+                        continue;
+                    };
+                    let stored = entries.get((ns, write.key.as_str()))?;
+                    let current = match stored.as_ref().map(|g| live(g.value(), now)).transpose()
+                    {
+                        Ok(current) => current.flatten(),
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    if current != expected.as_deref() {
+                        return Ok(Ok(ApplyOutcome::Conflict {
+                            key: write.key.clone(),
+                        }));
+                    }
                 }
-                None => {
-                    let old = entries.remove((ns, key))?;
-                    (0, old.and_then(|g| split(g.value()).ok().map(|(e, _)| e)))
-                }
-            };
-            if let Some(old_exp) = old
-                && old_exp != 0
-                && old_exp != new_exp
-            {
-                expiries.remove((old_exp, ns, key))?;
+                drop(entries);
+                write_entries(txn, ns, writes, now)?;
             }
-            if new_exp != 0 {
-                expiries.insert((new_exp, ns, key), ())?;
+            StateOp::Checkpoint { writes, positions } => {
+                for (ns, writes) in writes {
+                    write_entries(txn, ns, writes, now)?;
+                }
+                let mut table = txn.open_table(POSITIONS)?;
+                for p in positions {
+                    table.insert(
+                        (p.group.as_str(), p.topic.as_str(), p.partition),
+                        encode_position(p).as_slice(),
+                    )?;
+                }
             }
         }
         Ok(Ok(ApplyOutcome::Applied))
@@ -260,14 +335,11 @@ impl StateStore for EmbeddedStateStore {
     }
 
     async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
-        let db = self.db.clone();
-        let (ns, key) = (namespace.to_owned(), key.to_owned());
-        blocking(move || {
-            // The handle outlives the snapshot: a reopen or compaction waits for both.
-            let handle = db.get()?;
-            let txn = handle.begin_read().map_err(redb_error)?;
+        // Answered inline: a read of pages redb already caches takes microseconds, less
+        // than handing it to another thread and back.
+        self.read(|txn| {
             let table = txn.open_table(ENTRIES).map_err(redb_error)?;
-            let stored = table.get((ns.as_str(), key.as_str())).map_err(redb_error)?;
+            let stored = table.get((namespace, key)).map_err(redb_error)?;
             let Some(g) = stored else { return Ok(None) };
             let now = now_ms();
             let (exp, value) = split(g.value())?;
@@ -283,7 +355,6 @@ impl StateStore for EmbeddedStateStore {
                 _ => None,
             })
         })
-        .await
     }
 
     async fn scan_bounded(
@@ -296,25 +367,21 @@ impl StateStore for EmbeddedStateStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let db = self.db.clone();
-        let (ns, prefix) = (namespace.to_owned(), prefix.to_owned());
-        blocking(move || {
-            // The handle outlives the snapshot: a reopen or compaction waits for both.
-            let handle = db.get()?;
-            let txn = handle.begin_read().map_err(redb_error)?;
+        let (ns, prefix) = (namespace, prefix);
+        self.read(|txn| {
             let table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let now = now_ms();
             let limit = limit as usize;
             let mut out = Vec::new();
             let mut bytes = 0usize;
             for row in table
-                .range((ns.as_str(), prefix.as_str())..)
+                .range((ns, prefix)..)
                 .map_err(redb_error)?
             {
                 let (k, v) = row.map_err(redb_error)?;
                 let (row_ns, row_key) = k.value();
                 // Keys with the prefix are contiguous in key order: stop at the first miss.
-                if row_ns != ns || !row_key.starts_with(prefix.as_str()) {
+                if row_ns != ns || !row_key.starts_with(prefix) {
                     break;
                 }
                 if let Some(value) = live(v.value(), now)? {
@@ -327,7 +394,6 @@ impl StateStore for EmbeddedStateStore {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome> {
@@ -335,11 +401,63 @@ impl StateStore for EmbeddedStateStore {
             return Ok(ApplyOutcome::Applied);
         }
         self.writer
-            .call(ApplyOp {
+            .call(StateOp::Apply {
                 namespace: namespace.to_owned(),
                 writes: writes.to_vec(),
             })
             .await
+    }
+
+    fn checkpoints(&self) -> bool {
+        // The file is locked by this process: nobody else writes it.
+        true
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        writes: &[(String, Vec<StateWrite>)],
+        positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        if writes.iter().all(|(_, w)| w.is_empty()) && positions.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .call(StateOp::Checkpoint {
+                writes: writes.to_vec(),
+                positions: positions.to_vec(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn source_position(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> BackendResult<Option<SourcePosition>> {
+        self.read(|txn| {
+            let table = match txn.open_table(POSITIONS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(redb_error(e)),
+            };
+            table
+                .get((group, topic, partition))
+                .map_err(redb_error)?
+                .map(|g| decode_position(group, topic, partition, g.value()))
+                .transpose()
+        })
+    }
+}
+
+impl EmbeddedStateStore {
+    /// Runs `f` on a read transaction, on the calling thread.
+    fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> BackendResult<T>) -> BackendResult<T> {
+        // The handle outlives the snapshot: a reopen or compaction waits for both.
+        let handle = self.db.get()?;
+        let txn = handle.begin_read().map_err(redb_error)?;
+        f(&txn)
     }
 }
 

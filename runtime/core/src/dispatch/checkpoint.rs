@@ -1,0 +1,734 @@
+//! Checkpoints: a plugin's effects made durable per checkpoint instead of per event.
+//!
+//! A handler's journal still applies only when it returns ok, and as one unit, but it is
+//! applied in memory, at once ([`Checkpointer::finish`]): state writes go to a write-back
+//! view the next events read (read-your-writes across events, no wait for a disk), emits
+//! are queued for a sender task that publishes them as they come (no wait for the broker
+//! per event), cache writes wait for the checkpoint, and the event's offset is marked done
+//! in its partition's [`Watermark`] — all under one lock, so a checkpoint sees an event's
+//! effects and its position together or not at all.
+//!
+//! Every `interval`, or after `max_events` events, a checkpoint takes what was applied
+//! since the last one, waits until the broker (or log) has acknowledged every emit queued
+//! before it, and writes the state and the positions it covers in one unit
+//! ([`StateStore::commit_checkpoint`]: one redb transaction for the embedded store). Only
+//! then may the pipelines commit those positions to their source. After a crash the
+//! store's positions say where to resume and which events above them are already done, so
+//! a replayed event never applies its state twice.
+//!
+//! Stores shared with other runtimes ([`StateStore::checkpoints`] is `false`, CQL) cannot
+//! be fronted by a view that only this process sees: their writes are applied event by
+//! event by the caller, conditions checked by the store, and only emits, cache writes and
+//! positions go through the checkpoint.
+
+use super::watermark::Watermark;
+use crate::backend::{
+    BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
+    StateWrite,
+};
+use crate::host::{CacheOp, PendingEmit};
+use crate::types::NewEvent;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// When checkpoints are taken and how much they may hold.
+#[derive(Clone, Debug)]
+pub struct CheckpointConfig {
+    /// Longest time between checkpoints.
+    pub interval: Duration,
+    /// A checkpoint is taken early once this many events finished since the last one.
+    pub max_events: usize,
+    /// Most bytes of state writes, or of emits not yet acknowledged, held in memory:
+    /// events wait above it until a checkpoint (or the broker) catches up.
+    pub max_bytes: usize,
+    /// Longest delay between retries of an emit the broker refused.
+    pub max_backoff: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(100),
+            max_events: 8192,
+            max_bytes: 64 << 20,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A state write applied to the view and not yet durable.
+#[derive(Clone, Debug)]
+struct Pending {
+    value: Option<Vec<u8>>,
+    /// Wall-clock millis when it expires; 0 = never.
+    expires_at: u64,
+}
+
+impl Pending {
+    /// The value as a read at `now` sees it (`None`: absent or expired).
+    fn live(&self, now: u64) -> Option<&Vec<u8>> {
+        self.value
+            .as_ref()
+            .filter(|_| self.expires_at == 0 || self.expires_at > now)
+    }
+
+    fn bytes(&self, key: &str) -> usize {
+        key.len() + self.value.as_ref().map_or(0, Vec::len) + 16
+    }
+}
+
+/// namespace -> key -> pending write.
+type Overlay = HashMap<String, BTreeMap<String, Pending>>;
+
+/// An emit queued for the sender.
+struct Queued {
+    seq: u64,
+    topic: String,
+    event: NewEvent,
+}
+
+/// What a checkpoint sees; guarded by one lock.
+#[derive(Default)]
+struct Inner {
+    /// Writes applied since the last checkpoint was taken.
+    dirty: Overlay,
+    dirty_bytes: usize,
+    /// The writes of the checkpoint being made durable: still read until it is.
+    flushing: Option<Arc<Overlay>>,
+    /// Bumped when a checkpoint's writes reach the store (and leave `flushing`).
+    generation: u64,
+    /// Per (topic, partition): what is read, in flight and done.
+    marks: HashMap<(String, u32), Watermark>,
+    /// Per (topic, partition): the position the last durable checkpoint covers.
+    durable: HashMap<(String, u32), u64>,
+    /// Emits not yet taken by the sender.
+    queue: VecDeque<Queued>,
+    /// Bytes of emits queued and not yet acknowledged.
+    unacked_bytes: usize,
+    /// Sequence number of the last emit queued.
+    seq: u64,
+    /// Cache writes, applied by the next checkpoint.
+    cache: Vec<CacheOp>,
+    /// Events finished since the last checkpoint was taken.
+    events: usize,
+}
+
+/// What [`Checkpointer::track`] says about an event just read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Track {
+    /// Handle it.
+    New,
+    /// Already read (a re-delivery), or its partition is not assigned here: drop it.
+    Seen,
+    /// A checkpoint recorded it as done before a restart: drop it.
+    Done,
+}
+
+/// Why [`Checkpointer::finish`] did not apply an event's effects.
+#[derive(Debug)]
+pub enum FinishError {
+    /// A compare-and-swap's expected value no longer holds: nothing was applied.
+    Conflict(String),
+    /// The store could not be read to check a condition.
+    Backend(BackendError),
+}
+
+/// The effects of one event, applied together by [`Checkpointer::finish`].
+#[derive(Default)]
+pub struct Effects {
+    /// Namespace of `writes`.
+    pub namespace: String,
+    /// State writes (with their conditions), applied to the view. Empty when the store
+    /// is not fronted by a view (the caller applied them).
+    pub writes: Vec<StateWrite>,
+    /// Cache writes, applied at the checkpoint.
+    pub cache: Vec<CacheOp>,
+    /// Emits, published in order by the sender.
+    pub emits: Vec<PendingEmit>,
+}
+
+/// One plugin's checkpoints: its write-back view, its emit sender, and the positions of
+/// every partition its pipelines read. See the [module docs](self).
+pub struct Checkpointer {
+    group: String,
+    state: Arc<dyn StateStore>,
+    cache: Arc<dyn Cache>,
+    bus: Arc<dyn EventBus>,
+    write_back: bool,
+    config: CheckpointConfig,
+    inner: Mutex<Inner>,
+    /// Wakes the checkpoint loop before its interval.
+    due: Notify,
+    /// Wakes the emit sender.
+    queued: Notify,
+    /// Sequence number of the last emit acknowledged.
+    acked: watch::Sender<u64>,
+    /// Checkpoints made durable so far.
+    checkpoints: watch::Sender<u64>,
+    /// One checkpoint at a time.
+    flush: tokio::sync::Mutex<()>,
+    /// The background tasks, while a pipeline uses the checkpointer.
+    tasks: Mutex<(usize, Option<CancellationToken>)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn expires_at(now: u64, ttl: Option<Duration>) -> u64 {
+    match ttl {
+        None => 0,
+        Some(ttl) => {
+            let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+            now.saturating_add(ms).max(1)
+        }
+    }
+}
+
+/// The overlay's answer for `key`: `Some(value or absence)` if it holds a write of it.
+fn overlay_get<'a>(
+    inner: &'a Inner,
+    namespace: &str,
+    key: &str,
+    now: u64,
+) -> Option<Option<&'a Vec<u8>>> {
+    let hit = |o: &'a Overlay| o.get(namespace).and_then(|m| m.get(key));
+    hit(&inner.dirty)
+        .or_else(|| inner.flushing.as_deref().and_then(hit))
+        .map(|p| p.live(now))
+}
+
+impl Checkpointer {
+    /// Checkpoints of consumer `group`'s effects on `state`, `cache` and `bus`.
+    pub fn new(
+        group: &str,
+        state: Arc<dyn StateStore>,
+        cache: Arc<dyn Cache>,
+        bus: Arc<dyn EventBus>,
+        config: CheckpointConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            group: group.to_owned(),
+            write_back: state.checkpoints(),
+            state,
+            cache,
+            bus,
+            config,
+            inner: Mutex::new(Inner::default()),
+            due: Notify::new(),
+            queued: Notify::new(),
+            acked: watch::Sender::new(0),
+            checkpoints: watch::Sender::new(0),
+            flush: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new((0, None)),
+        })
+    }
+
+    /// Whether state writes go to the write-back view (else the caller applies them).
+    pub fn write_back(&self) -> bool {
+        self.write_back
+    }
+
+    /// The state as handlers read it: the view's pending writes over the store.
+    pub fn view(self: &Arc<Self>) -> Arc<dyn StateStore> {
+        Arc::new(View(Arc::clone(self)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A pipeline starts using the checkpointer: the first one starts its tasks.
+    pub fn enter(self: &Arc<Self>) {
+        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        t.0 += 1;
+        if t.1.is_none() {
+            let stop = CancellationToken::new();
+            tokio::spawn(Arc::clone(self).send_loop(stop.clone()));
+            tokio::spawn(Arc::clone(self).checkpoint_loop(stop.clone()));
+            t.1 = Some(stop);
+        }
+    }
+
+    /// A pipeline is done with it (after its final checkpoint): the last one stops its
+    /// tasks.
+    pub fn leave(&self) {
+        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        t.0 = t.0.saturating_sub(1);
+        if t.0 == 0
+            && let Some(stop) = t.1.take()
+        {
+            stop.cancel();
+        }
+    }
+
+    /// `topic`/`partition` was assigned with the source's committed position `start`:
+    /// where reading really resumes is the later of that and the last checkpoint's
+    /// position, whose done offsets above it are then skipped. Returns the position.
+    pub async fn assign(&self, topic: &str, partition: u32, start: u64) -> BackendResult<u64> {
+        let recorded = if self.write_back {
+            self.state
+                .source_position(&self.group, topic, partition)
+                .await?
+        } else {
+            None
+        };
+        let mark = match recorded {
+            Some(p) if p.next >= start => Watermark::restored(p.next, p.done),
+            _ => Watermark::new(start),
+        };
+        let from = mark.committable();
+        let mut g = self.lock();
+        g.marks.insert((topic.to_owned(), partition), mark);
+        g.durable.insert((topic.to_owned(), partition), from);
+        Ok(from)
+    }
+
+    /// Forget revoked partitions (after the checkpoint that covers what they finished).
+    pub fn release(&self, topic: &str, partitions: impl IntoIterator<Item = u32>) {
+        let mut g = self.lock();
+        for p in partitions {
+            let k = (topic.to_owned(), p);
+            g.marks.remove(&k);
+            g.durable.remove(&k);
+        }
+    }
+
+    /// An event at `offset` was read.
+    pub fn track(&self, topic: &str, partition: u32, offset: u64) -> Track {
+        let mut g = self.lock();
+        let Some(mark) = g.marks.get_mut(&(topic.to_owned(), partition)) else {
+            return Track::Seen;
+        };
+        if offset < mark.next_offset() {
+            Track::Seen
+        } else if mark.track(offset) {
+            Track::New
+        } else {
+            Track::Done
+        }
+    }
+
+    /// The position the last durable checkpoint covers in `topic`/`partition`.
+    pub fn durable(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.lock()
+            .durable
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
+
+    /// The event at `offset` finished with `effects`: apply them all (state to the view,
+    /// emits to the sender, cache writes to the next checkpoint) and mark it done, or, if
+    /// a condition fails, nothing. Waits first while the view or the unacknowledged emits
+    /// hold more than `max_bytes`.
+    pub async fn finish(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        effects: Effects,
+    ) -> Result<(), FinishError> {
+        self.wait_for_room().await;
+        let Effects {
+            namespace,
+            mut writes,
+            cache,
+            emits,
+        } = effects;
+        if !self.write_back {
+            writes.clear();
+        }
+        loop {
+            // Conditions on keys the view does not hold are checked against the store,
+            // read before taking the lock; a checkpoint landing meanwhile means read again.
+            let (generation, missing) = {
+                let g = self.lock();
+                let now = now_ms();
+                let missing: Vec<&str> = writes
+                    .iter()
+                    .filter(|w| w.condition.is_some())
+                    .filter(|w| overlay_get(&g, &namespace, &w.key, now).is_none())
+                    .map(|w| w.key.as_str())
+                    .collect();
+                (g.generation, missing)
+            };
+            let mut stored = HashMap::with_capacity(missing.len());
+            for key in missing {
+                let value = self
+                    .state
+                    .get(&namespace, key)
+                    .await
+                    .map_err(FinishError::Backend)?;
+                stored.insert(key.to_owned(), value);
+            }
+            let mut g = self.lock();
+            if !stored.is_empty() && g.generation != generation {
+                continue;
+            }
+            let now = now_ms();
+            for w in &writes {
+                let Some(expected) = &w.condition else {
+                    continue;
+                };
+                let current = match overlay_get(&g, &namespace, &w.key, now) {
+                    Some(v) => v.cloned(),
+                    None => stored.get(&w.key).cloned().flatten(),
+                };
+                if current.as_ref() != expected.as_ref() {
+                    return Err(FinishError::Conflict(w.key.clone()));
+                }
+            }
+            let k = (topic.to_owned(), partition);
+            let Some(mark) = g.marks.get_mut(&k) else {
+                // Revoked meanwhile: its next owner handles the event again.
+                return Ok(());
+            };
+            mark.complete(offset);
+            let inner = &mut *g;
+            if !writes.is_empty() {
+                let ns = inner.dirty.entry(namespace).or_default();
+                for w in writes {
+                    let p = Pending {
+                        expires_at: expires_at(now, w.ttl),
+                        value: w.value,
+                    };
+                    inner.dirty_bytes += p.bytes(&w.key);
+                    ns.insert(w.key, p);
+                }
+            }
+            let had_emits = !emits.is_empty();
+            for e in emits {
+                inner.seq += 1;
+                inner.unacked_bytes += e.event.payload.len() + 64;
+                inner.queue.push_back(Queued {
+                    seq: inner.seq,
+                    topic: e.topic,
+                    event: e.event,
+                });
+            }
+            inner.cache.extend(cache);
+            inner.events += 1;
+            let due = inner.events >= self.config.max_events;
+            drop(g);
+            if had_emits {
+                self.queued.notify_one();
+            }
+            if due {
+                self.due.notify_one();
+            }
+            return Ok(());
+        }
+    }
+
+    async fn wait_for_room(&self) {
+        loop {
+            let (full, mut acked, mut done) = {
+                let g = self.lock();
+                (
+                    g.dirty_bytes > self.config.max_bytes
+                        || g.unacked_bytes > self.config.max_bytes,
+                    self.acked.subscribe(),
+                    self.checkpoints.subscribe(),
+                )
+            };
+            if !full {
+                return;
+            }
+            self.due.notify_one();
+            tokio::select! {
+                _ = acked.changed() => {}
+                _ = done.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// Take a checkpoint now, and return once it is durable: what every event finished
+    /// before the call did is then in the store and its position may be committed.
+    pub async fn checkpoint(&self) -> BackendResult<()> {
+        let _one = self.flush.lock().await;
+        let (snapshot, positions, target, cache) = {
+            let mut g = self.lock();
+            let snapshot = Arc::new(std::mem::take(&mut g.dirty));
+            g.dirty_bytes = 0;
+            g.flushing = Some(Arc::clone(&snapshot));
+            g.events = 0;
+            let positions: Vec<SourcePosition> = g
+                .marks
+                .iter()
+                .map(|((topic, partition), m)| SourcePosition {
+                    group: self.group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next: m.committable(),
+                    done: m.done_above(),
+                })
+                .collect();
+            (snapshot, positions, g.seq, std::mem::take(&mut g.cache))
+        };
+        // Every emit of the events covered is on the broker before their positions are
+        // recorded.
+        let mut acked = self.acked.subscribe();
+        if acked.wait_for(|a| *a >= target).await.is_err() {
+            self.restore(snapshot, cache);
+            return Err(BackendError::Unavailable("the emit sender stopped".into()));
+        }
+        if self.write_back {
+            let now = now_ms();
+            let writes: Vec<(String, Vec<StateWrite>)> = snapshot
+                .iter()
+                .map(|(ns, entries)| {
+                    let writes = entries
+                        .iter()
+                        .map(|(key, p)| {
+                            let live = p.live(now);
+                            StateWrite {
+                                key: key.clone(),
+                                value: live.cloned(),
+                                ttl: (p.expires_at != 0 && live.is_some())
+                                    .then(|| Duration::from_millis(p.expires_at - now)),
+                                condition: None,
+                            }
+                        })
+                        .collect();
+                    (ns.clone(), writes)
+                })
+                .collect();
+            if let Err(e) = self.state.commit_checkpoint(&writes, &positions).await {
+                self.restore(snapshot, cache);
+                return Err(e);
+            }
+        }
+        for op in cache {
+            let r = match op {
+                CacheOp::Set { key, value, ttl } => self.cache.set(&key, value, ttl).await,
+                CacheOp::Delete { key } => self.cache.delete(&key).await,
+                CacheOp::Incr { key, delta } => self.cache.incr(&key, delta).await.map(|_| ()),
+            };
+            // The cache may forget anything at any time: a failed write fails nothing.
+            if let Err(e) = r {
+                metrics::counter!("spate_cache_errors_total", "plugin" => self.group.clone())
+                    .increment(1);
+                warn!(error = %e, "cache write failed at a checkpoint");
+            }
+        }
+        {
+            let mut g = self.lock();
+            g.flushing = None;
+            g.generation += 1;
+            for p in positions {
+                let d = g.durable.entry((p.topic, p.partition)).or_insert(p.next);
+                *d = (*d).max(p.next);
+            }
+        }
+        self.checkpoints.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// A checkpoint failed: its writes go back under the ones applied since (which are
+    /// newer), to be written by the next one.
+    fn restore(&self, snapshot: Arc<Overlay>, cache: Vec<CacheOp>) {
+        let mut g = self.lock();
+        g.flushing = None;
+        let newer = std::mem::take(&mut g.dirty);
+        let mut merged = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
+        for (ns, entries) in newer {
+            merged.entry(ns).or_default().extend(entries);
+        }
+        g.dirty_bytes = merged
+            .values()
+            .flat_map(|m| m.iter())
+            .map(|(k, p)| p.bytes(k))
+            .sum();
+        g.dirty = merged;
+        let later = std::mem::take(&mut g.cache);
+        g.cache = cache;
+        g.cache.extend(later);
+    }
+
+    async fn checkpoint_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.due.notified() => {}
+            }
+            if let Err(e) = self.checkpoint().await {
+                warn!(group = %self.group, error = %e, "checkpoint failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+
+    /// Publish queued emits in order, as they come, and record how far the broker has
+    /// acknowledged them. A refused batch is sent again (same idempotency ids) until it
+    /// is taken.
+    async fn send_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let batch: Vec<Queued> = {
+                let mut g = self.lock();
+                g.queue.drain(..).collect()
+            };
+            let Some(last) = batch.last().map(|q| q.seq) else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.queued.notified() => {}
+                }
+                continue;
+            };
+            let bytes: usize = batch.iter().map(|q| q.event.payload.len() + 64).sum();
+            // Runs of one topic, in order: each is one send.
+            let mut runs: Vec<(String, Vec<NewEvent>)> = Vec::new();
+            for q in batch {
+                match runs.last_mut() {
+                    Some((t, events)) if *t == q.topic => events.push(q.event),
+                    _ => runs.push((q.topic, vec![q.event])),
+                }
+            }
+            let mut tickets = Vec::with_capacity(runs.len());
+            for (topic, events) in &runs {
+                tickets.push(self.bus.send(topic, events.clone()).await);
+            }
+            for ((topic, events), ticket) in runs.into_iter().zip(tickets) {
+                let sent = match ticket {
+                    Ok(t) => t.await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = sent {
+                    self.resend(&topic, events, e).await;
+                }
+            }
+            {
+                let mut g = self.lock();
+                g.unacked_bytes = g.unacked_bytes.saturating_sub(bytes);
+            }
+            self.acked.send_replace(last);
+        }
+    }
+
+    async fn resend(&self, topic: &str, events: Vec<NewEvent>, first: BackendError) {
+        let mut delay = Duration::from_millis(50);
+        let mut error = first;
+        loop {
+            metrics::counter!("spate_emit_retries_total", "plugin" => self.group.clone())
+                .increment(1);
+            warn!(%topic, error = %error, ?delay, "emit failed; sending again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.config.max_backoff);
+            match self.bus.append(topic, events.clone()).await {
+                Ok(_) => return,
+                Err(e) => error = e,
+            }
+        }
+    }
+}
+
+/// Handlers' reads: the checkpointer's pending writes over the store.
+struct View(Arc<Checkpointer>);
+
+impl View {
+    fn overlay(&self, namespace: &str, key: &str) -> Option<Option<(Vec<u8>, u64)>> {
+        let g = self.0.lock();
+        let now = now_ms();
+        let hit = |o: &Overlay| o.get(namespace).and_then(|m| m.get(key)).cloned();
+        hit(&g.dirty)
+            .or_else(|| g.flushing.as_deref().and_then(hit))
+            .map(|p| {
+                let exp = p.expires_at;
+                p.live(now).cloned().map(|v| (v, exp))
+            })
+    }
+}
+
+#[async_trait]
+impl StateStore for View {
+    async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>> {
+        match self.overlay(namespace, key) {
+            Some(v) => Ok(v.map(|(v, _)| v)),
+            None => self.0.state.get(namespace, key).await,
+        }
+    }
+
+    async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
+        match self.overlay(namespace, key) {
+            Some(v) => Ok(v.map(|(value, exp)| Entry {
+                value,
+                expiry: match exp {
+                    0 => Expiry::Never,
+                    e => Expiry::In(Duration::from_millis(e.saturating_sub(now_ms()))),
+                },
+            })),
+            None => self.0.state.get_entry(namespace, key).await,
+        }
+    }
+
+    async fn scan_bounded(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+        max_bytes: usize,
+    ) -> BackendResult<Vec<(String, Vec<u8>)>> {
+        // Pending writes in range, newest first (dirty over flushing).
+        let pending: BTreeMap<String, Option<Vec<u8>>> = {
+            let g = self.0.lock();
+            let now = now_ms();
+            let mut out = BTreeMap::new();
+            for o in [g.flushing.as_deref(), Some(&g.dirty)].into_iter().flatten() {
+                if let Some(m) = o.get(namespace) {
+                    for (k, p) in m
+                        .range(prefix.to_owned()..)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                    {
+                        out.insert(k.clone(), p.live(now).cloned());
+                    }
+                }
+            }
+            out
+        };
+        let extra = u32::try_from(pending.len()).unwrap_or(u32::MAX);
+        let stored = self
+            .0
+            .state
+            .scan_bounded(namespace, prefix, limit.saturating_add(extra), max_bytes)
+            .await?;
+        let mut merged: BTreeMap<String, Vec<u8>> = stored.into_iter().collect();
+        for (k, v) in pending {
+            match v {
+                Some(v) => merged.insert(k, v),
+                None => merged.remove(&k),
+            };
+        }
+        let mut bytes = 0usize;
+        let mut out = Vec::new();
+        for (k, v) in merged.into_iter().take(limit as usize) {
+            bytes = bytes.saturating_add(k.len() + v.len());
+            out.push((k, v));
+            if bytes > max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply(
+        &self,
+        namespace: &str,
+        writes: &[StateWrite],
+    ) -> BackendResult<crate::backend::ApplyOutcome> {
+        self.0.state.apply(namespace, writes).await
+    }
+}
