@@ -685,3 +685,96 @@ async fn a_broker_restarted_mid_run_loses_nothing() {
     assert_nothing_lost(&b, root.path(), N, "the broker restart").await;
     drop(node);
 }
+
+/// The count job on Kafka with embedded state, its runtime SIGKILLed five times at random
+/// points: afterwards every key's count in state equals its number of events, every
+/// event's emit is there, a replayed emit repeats its first pass's count (state applied
+/// twice would change it), and duplicates stay within what a checkpoint covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_five_times_keeps_state_exactly_once() {
+    use spate_core::StateStore;
+    const TOTAL: usize = 8000;
+    const KEYS: usize = 40;
+    let broker = chaos_broker(4).await;
+    let b = broker.bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let records: Vec<(Option<Vec<u8>>, Vec<u8>)> = (0..TOTAL)
+        .map(|i| {
+            (
+                Some(format!("k{}", i % KEYS).into_bytes()),
+                serde_json::to_vec(&json!({"op": "count", "seq": i})).unwrap(),
+            )
+        })
+        .collect();
+    produce(&b, "chaos", &records).await;
+    let mut node = kafka_node(dir.path(), &http, &b).await;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut kills = 0;
+    while kills < 5 {
+        wait_handled(&http, &node, 100).await;
+        if end_offsets(&b, "out").iter().sum::<i64>() >= TOTAL as i64 {
+            break;
+        }
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_millis(10 + (seed >> 33) % 200)).await;
+        node.child.kill().unwrap();
+        node.child.wait().unwrap();
+        kills += 1;
+        drop(node);
+        let env = kafka_env(&b);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        node = spawn_node(dir.path(), &http, &env).await;
+    }
+    assert!(
+        kills >= 3,
+        "killed mid-stream at least 3 times, got {kills}"
+    );
+    let out = read_all_seqs(&b, "out", TOTAL, Duration::from_secs(180)).await;
+    wait_committed_to_end(&b, "chaos", Duration::from_secs(60)).await;
+    let mut n_of: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &out {
+        let p = payload(r);
+        let (seq, n) = (p["seq"].as_u64().unwrap(), p["n"].as_u64().unwrap());
+        let first = *n_of.entry(seq).or_insert(n);
+        assert_eq!(
+            first, n,
+            "seq {seq} emitted with counts {first} and {n}: state applied twice"
+        );
+    }
+    assert_eq!(n_of.len(), TOTAL, "every event's emit is present");
+    let per = (TOTAL / KEYS) as u64;
+    let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (seq, n) in &n_of {
+        per_key.entry(seq % KEYS as u64).or_default().push(*n);
+    }
+    for (k, mut ns) in per_key {
+        ns.sort_unstable();
+        assert_eq!(ns, (1..=per).collect::<Vec<_>>(), "counts emitted for k{k}");
+    }
+    let duplicates = out.len() - TOTAL;
+    eprintln!("{kills} SIGKILLs: {duplicates} duplicated emits of {TOTAL}");
+    assert!(
+        duplicates <= kills * 2000,
+        "{duplicates} duplicates: more than a checkpoint's worth per kill"
+    );
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(node.child.wait().unwrap().success());
+    drop(node);
+    let state =
+        spate_core::embedded::EmbeddedStateStore::open(&dir.path().join("data/state")).unwrap();
+    for k in 0..KEYS {
+        let v = state.get("chaos", &format!("count/k{k}")).await.unwrap();
+        let n: u64 = String::from_utf8(v.unwrap()).unwrap().parse().unwrap();
+        assert_eq!(n, per, "state count of k{k} after {kills} SIGKILLs");
+    }
+}

@@ -212,7 +212,9 @@ async fn sigkill_five_times_keeps_state_exactly_once() {
             break;
         }
         last = done;
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         tokio::time::sleep(Duration::from_millis(20 + (seed >> 33) % 150)).await;
         node.child.kill().unwrap();
         node.child.wait().unwrap();
@@ -220,7 +222,10 @@ async fn sigkill_five_times_keeps_state_exactly_once() {
         drop(node);
         node = spawn_node(dir.path(), &http, &[]).await;
     }
-    assert!(kills >= 3, "killed mid-stream at least 3 times, got {kills}");
+    assert!(
+        kills >= 3,
+        "killed mid-stream at least 3 times, got {kills}"
+    );
     wait_size(&http, &node, "out", TOTAL as u64, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = read_topic(&http, &node, "out").await;
@@ -238,7 +243,11 @@ async fn sigkill_five_times_keeps_state_exactly_once() {
     let per = (TOTAL / KEYS) as u64;
     for (key, mut ns) in per_key {
         ns.sort_unstable();
-        assert_eq!(ns, (1..=per).collect::<Vec<_>>(), "counts emitted for {key}");
+        assert_eq!(
+            ns,
+            (1..=per).collect::<Vec<_>>(),
+            "counts emitted for {key}"
+        );
     }
     let term = Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
@@ -247,12 +256,58 @@ async fn sigkill_five_times_keeps_state_exactly_once() {
     assert!(term.success());
     assert!(node.child.wait().unwrap().success());
     drop(node);
-    let state = spate_core::embedded::EmbeddedStateStore::open(&dir.path().join("data/state"))
-        .unwrap();
+    let state =
+        spate_core::embedded::EmbeddedStateStore::open(&dir.path().join("data/state")).unwrap();
     for k in 0..KEYS {
         let v = state.get("chaos", &format!("count/k{k}")).await.unwrap();
         let n: u64 = String::from_utf8(v.unwrap()).unwrap().parse().unwrap();
         assert_eq!(n, per, "state count of k{k} after {kills} SIGKILLs");
     }
     eprintln!("killed {kills} times; {TOTAL} events, {KEYS} keys counted exactly");
+}
+
+/// 40 events of different keys race a compare-and-swap on one state key: each handler
+/// sees it absent and swaps, but only one swap can hold when the events' effects are
+/// applied. The others are retried before anything of theirs is published, so exactly one
+/// `swapped: true` is ever emitted (emits published before the conflict showed 17 of 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_swap_that_loses_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let node = spawn_node(dir.path(), &http, &[]).await;
+    upload(
+        &http,
+        &node,
+        chaos_manifest(
+            "chaos",
+            "1.0.0",
+            "in",
+            "[limits]\nconcurrency = 40\n[retry]\nmax-attempts = 100\ninitial-backoff-ms = 1\nmax-backoff-ms = 5\n",
+        ),
+    )
+    .await;
+    let n = 40;
+    let events: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"key": format!("e{i}"), "payload": {"op": "cas", "key": "shared", "new": format!("v{i}"), "seq": i}})
+        })
+        .collect();
+    append(&http, &node, "in", events).await;
+    wait_size(&http, &node, "out", n as u64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = read_topic(&http, &node, "out").await;
+    assert_eq!(out.len(), n, "one emit per event");
+    let winners: Vec<&Value> = out
+        .iter()
+        .filter(|e| e["payload"]["swapped"] == json!(true))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one swap held: {winners:?}");
+    let value = winners[0]["payload"]["value"].as_str().unwrap();
+    for e in &out {
+        assert_eq!(
+            e["payload"]["value"].as_str(),
+            Some(value),
+            "every event saw the winner's value"
+        );
+    }
 }

@@ -786,7 +786,10 @@ impl StateStore for PluginState {
         topic: &str,
         partition: u32,
     ) -> BackendResult<Option<SourcePosition>> {
-        self.tier.store.source_position(group, topic, partition).await
+        self.tier
+            .store
+            .source_position(group, topic, partition)
+            .await
     }
 }
 

@@ -30,7 +30,7 @@ use crate::host::{CacheOp, PendingEmit};
 use crate::types::NewEvent;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -163,9 +163,9 @@ pub struct Checkpointer {
     config: CheckpointConfig,
     inner: Mutex<Inner>,
     /// Wakes the checkpoint loop before its interval.
-    due: Notify,
+    due: Arc<Notify>,
     /// Wakes the emit sender.
-    queued: Notify,
+    queued: Arc<Notify>,
     /// Sequence number of the last emit acknowledged.
     acked: watch::Sender<u64>,
     /// Checkpoints made durable so far.
@@ -173,7 +173,13 @@ pub struct Checkpointer {
     /// One checkpoint at a time.
     flush: tokio::sync::Mutex<()>,
     /// The background tasks, while a pipeline uses the checkpointer.
-    tasks: Mutex<(usize, Option<CancellationToken>)>,
+    tasks: Mutex<(usize, Option<Tasks>)>,
+}
+
+/// The sender and checkpoint tasks, and how to stop them.
+struct Tasks {
+    stop: CancellationToken,
+    handles: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn now_ms() -> u64 {
@@ -223,8 +229,8 @@ impl Checkpointer {
             bus,
             config,
             inner: Mutex::new(Inner::default()),
-            due: Notify::new(),
-            queued: Notify::new(),
+            due: Arc::new(Notify::new()),
+            queued: Arc::new(Notify::new()),
             acked: watch::Sender::new(0),
             checkpoints: watch::Sender::new(0),
             flush: tokio::sync::Mutex::new(()),
@@ -252,21 +258,43 @@ impl Checkpointer {
         t.0 += 1;
         if t.1.is_none() {
             let stop = CancellationToken::new();
-            tokio::spawn(Arc::clone(self).send_loop(stop.clone()));
-            tokio::spawn(Arc::clone(self).checkpoint_loop(stop.clone()));
-            t.1 = Some(stop);
+            // The tasks hold it weakly: once its pipelines and their supervisor let go
+            // (even if a pipeline was aborted and never left), they end, and so does its
+            // hold on the store and the bus.
+            let handles = vec![
+                tokio::spawn(Self::send_loop(
+                    Arc::downgrade(self),
+                    Arc::clone(&self.queued),
+                    stop.clone(),
+                )),
+                tokio::spawn(Self::checkpoint_loop(
+                    Arc::downgrade(self),
+                    Arc::clone(&self.due),
+                    self.config.interval,
+                    stop.clone(),
+                )),
+            ];
+            t.1 = Some(Tasks { stop, handles });
         }
     }
 
     /// A pipeline is done with it (after its final checkpoint): the last one stops its
-    /// tasks.
-    pub fn leave(&self) {
-        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        t.0 = t.0.saturating_sub(1);
-        if t.0 == 0
-            && let Some(stop) = t.1.take()
-        {
-            stop.cancel();
+    /// tasks and waits for them, so nothing holds the store or the bus once it returns.
+    pub async fn leave(&self) {
+        let tasks = {
+            let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            t.0 = t.0.saturating_sub(1);
+            if t.0 == 0 { t.1.take() } else { None }
+        };
+        if let Some(tasks) = tasks {
+            tasks.stop.cancel();
+            for mut h in tasks.handles {
+                // A checkpoint waiting for acknowledgements that will not come (the
+                // broker is gone) must not hold shutdown up.
+                if tokio::time::timeout(Duration::from_secs(5), &mut h).await.is_err() {
+                    h.abort();
+                }
+            }
         }
     }
 
@@ -554,17 +582,27 @@ impl Checkpointer {
         g.cache.extend(later);
     }
 
-    async fn checkpoint_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.interval);
+    async fn checkpoint_loop(
+        this: Weak<Self>,
+        due: Arc<Notify>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                _ = self.due.notified() => {}
+                _ = due.notified() => {}
             }
-            if let Err(e) = self.checkpoint().await {
-                warn!(group = %self.group, error = %e, "checkpoint failed; retrying");
+            let Some(me) = this.upgrade() else { return };
+            if stop.is_cancelled() {
+                return;
+            }
+            if let Err(e) = me.checkpoint().await {
+                warn!(group = %me.group, error = %e, "checkpoint failed; retrying");
+                drop(me);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -576,19 +614,30 @@ impl Checkpointer {
     /// Publish queued emits in order, as they come, and record how far the broker has
     /// acknowledged them. A refused batch is sent again (same idempotency ids) until it
     /// is taken.
-    async fn send_loop(self: Arc<Self>, stop: CancellationToken) {
+    async fn send_loop(this: Weak<Self>, queued: Arc<Notify>, stop: CancellationToken) {
         loop {
-            let batch: Vec<Queued> = {
-                let mut g = self.lock();
-                g.queue.drain(..).collect()
-            };
+            let Some(me) = this.upgrade() else { return };
+            let batch: Vec<Queued> = me.lock().queue.drain(..).collect();
             let Some(last) = batch.last().map(|q| q.seq) else {
+                drop(me);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = self.queued.notified() => {}
+                    _ = queued.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
                 continue;
             };
+            tokio::select! {
+                // Stopped after the final checkpoint: what it did not cover is not
+                // committed, and is handled again after a restart.
+                _ = stop.cancelled() => return,
+                _ = me.send(batch, last) => {}
+            }
+        }
+    }
+
+    async fn send(&self, batch: Vec<Queued>, last: u64) {
+        {
             let bytes: usize = batch.iter().map(|q| q.event.payload.len() + 64).sum();
             // Runs of one topic, in order: each is one send.
             let mut runs: Vec<(String, Vec<NewEvent>)> = Vec::new();
@@ -632,6 +681,15 @@ impl Checkpointer {
                 Ok(_) => return,
                 Err(e) => error = e,
             }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let t = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(tasks) = t.1.take() {
+            tasks.stop.cancel();
         }
     }
 }
@@ -687,7 +745,10 @@ impl StateStore for View {
             let g = self.0.lock();
             let now = now_ms();
             let mut out = BTreeMap::new();
-            for o in [g.flushing.as_deref(), Some(&g.dirty)].into_iter().flatten() {
+            for o in [g.flushing.as_deref(), Some(&g.dirty)]
+                .into_iter()
+                .flatten()
+            {
                 if let Some(m) = o.get(namespace) {
                     for (k, p) in m
                         .range(prefix.to_owned()..)

@@ -104,6 +104,22 @@ pub struct Pipeline {
     health: Arc<PipelineHealth>,
 }
 
+/// The metrics every event touches, resolved once per pipeline (a lookup by name and
+/// labels per event costs more than the update).
+struct Meters {
+    handler_duration: metrics::Histogram,
+    handled: metrics::Counter,
+}
+
+impl Meters {
+    fn new(plugin: &str) -> Self {
+        Self {
+            handler_duration: metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.to_owned()),
+            handled: metrics::counter!("spate_events_total", "plugin" => plugin.to_owned(), "outcome" => "ok"),
+        }
+    }
+}
+
 struct WorkerCtx {
     plugin: String,
     /// Idle warm instances of every pipeline, evicted when the sandbox pool is full.
@@ -114,6 +130,8 @@ struct WorkerCtx {
     /// Where finished events' effects and positions go.
     ckpt: Arc<Checkpointer>,
     permits: Arc<Semaphore>,
+    /// Metric handles of every event, resolved once.
+    meters: Meters,
     /// Cancelled when the drain gives up: workers in back-off abandon their event.
     abandon: CancellationToken,
     max_infra_backoff: Duration,
@@ -327,6 +345,7 @@ impl Pipeline {
             bus,
             services,
             ckpt,
+            meters: Meters::new(&config.plugin),
             permits,
             abandon: CancellationToken::new(),
             max_infra_backoff: config.max_infra_backoff,
@@ -482,7 +501,7 @@ impl Pipeline {
         }
         self.checkpoint_now().await;
         self.commit(&mut *sub, &mut st.committed).await;
-        self.ctx.ckpt.leave();
+        self.ctx.ckpt.leave().await;
         sub.close().await;
         // A stopped pipeline (plugin removed, runtime stopping) keeps no instance.
         st.lanes.idle.forget(st.lanes.owner, |_| true);
@@ -680,7 +699,12 @@ impl Pipeline {
             let lag: u64 = st
                 .committed
                 .iter()
-                .map(|(p, c)| ends.get(*p as usize).copied().unwrap_or(0).saturating_sub(*c))
+                .map(|(p, c)| {
+                    ends.get(*p as usize)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(*c)
+                })
                 .sum();
             metrics::gauge!("spate_consumer_lag", "plugin" => cfg.plugin.clone(), "topic" => cfg.topic.clone())
                 .set(lag as f64);
@@ -759,7 +783,6 @@ async fn handle_event(
         .with_jitter()
         .without_max_times()
         .build();
-    let plugin = ctx.plugin.clone();
     let event = Arc::new(event);
     let mut attempt: u32 = 1;
     loop {
@@ -802,7 +825,8 @@ async fn handle_event(
                     }
                 }
             };
-            metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.clone())
+            ctx.meters
+                .handler_duration
                 .record(started.elapsed().as_secs_f64());
             // The permit bounds concurrent calls (sandboxes, CPU), not effects in flight:
             // waiting for the broker to acknowledge emits must not hold another lane's
@@ -819,7 +843,7 @@ async fn handle_event(
             match result.outcome {
                 CallOutcome::Ok => match apply(ctx, &info, &event, result.journal).await {
                     Ok(()) => {
-                        metrics::counter!("spate_events_total", "plugin" => plugin.clone(), "outcome" => "ok").increment(1);
+                        ctx.meters.handled.increment(1);
                         return (Finish::Done, Some((version, instance)));
                     }
                     Err(f) => f,
@@ -827,7 +851,7 @@ async fn handle_event(
                 CallOutcome::Retry(reason) => Failure::Retryable("retries-exhausted", reason),
                 CallOutcome::Reject(reason) => Failure::Fatal("rejected", reason),
                 CallOutcome::Trap(kind, message) => {
-                    metrics::counter!("spate_traps_total", "plugin" => plugin.clone(), "kind" => kind.as_str()).increment(1);
+                    metrics::counter!("spate_traps_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
                     // A trapped instance is never reused.
                     instance = version.instance();
                     match kind {
@@ -850,7 +874,7 @@ async fn handle_event(
         };
         match failure {
             Failure::Infrastructure(message) => {
-                metrics::counter!("spate_infrastructure_errors_total", "plugin" => plugin.clone())
+                metrics::counter!("spate_infrastructure_errors_total", "plugin" => ctx.plugin.clone())
                     .increment(1);
                 let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
                 warn!(error = %message, ?delay, "infrastructure failure; event will be retried");
@@ -859,7 +883,8 @@ async fn handle_event(
                 }
             }
             Failure::Retryable(kind, reason) if attempt < policy.max_attempts => {
-                metrics::counter!("spate_retries_total", "plugin" => plugin.clone()).increment(1);
+                metrics::counter!("spate_retries_total", "plugin" => ctx.plugin.clone())
+                    .increment(1);
                 let delay = backoff
                     .next()
                     .unwrap_or(Duration::from_millis(policy.max_backoff_ms));

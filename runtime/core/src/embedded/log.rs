@@ -20,7 +20,8 @@ use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
 use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
 use crate::backend::{
-    BackendError, BackendResult, EmitTicket, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+    BackendError, BackendResult, EmitTicket, EventBus, EventSource, SourceMessage, StartPosition,
+    Subscription,
 };
 use crate::types::{Appended, Event, Header, NewEvent, TopicPartition, headers, partition_for_key};
 use async_trait::async_trait;

@@ -16,12 +16,12 @@
 use super::db::{SharedDb, StorageHealth};
 use super::group_commit::{Batcher, GroupWriter};
 use super::{DEFAULT_CACHE_BYTES, now_ms, redb_error};
-use redb::ReadTransaction;
 use crate::backend::{
     ApplyOutcome, BackendError, BackendResult, Entry, Expiry, SourcePosition, StateStore,
     StateWrite,
 };
 use async_trait::async_trait;
+use redb::ReadTransaction;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::sync::Arc;
@@ -209,7 +209,7 @@ fn decode_position(
     partition: u32,
     bytes: &[u8],
 ) -> BackendResult<SourcePosition> {
-    if bytes.len() < 8 || bytes.len() % 8 != 0 {
+    if bytes.len() < 8 || !bytes.len().is_multiple_of(8) {
         return Err(BackendError::Corrupt("malformed source position".into()));
     }
     let mut words = bytes.chunks_exact(8).map(|c| {
@@ -287,8 +287,7 @@ impl Batcher for StateWriter {
                         continue;
                     };
                     let stored = entries.get((ns, write.key.as_str()))?;
-                    let current = match stored.as_ref().map(|g| live(g.value(), now)).transpose()
-                    {
+                    let current = match stored.as_ref().map(|g| live(g.value(), now)).transpose() {
                         Ok(current) => current.flatten(),
                         Err(e) => return Ok(Err(e)),
                     };
@@ -374,10 +373,7 @@ impl StateStore for EmbeddedStateStore {
             let limit = limit as usize;
             let mut out = Vec::new();
             let mut bytes = 0usize;
-            for row in table
-                .range((ns, prefix)..)
-                .map_err(redb_error)?
-            {
+            for row in table.range((ns, prefix)..).map_err(redb_error)? {
                 let (k, v) = row.map_err(redb_error)?;
                 let (row_ns, row_key) = k.value();
                 // Keys with the prefix are contiguous in key order: stop at the first miss.
