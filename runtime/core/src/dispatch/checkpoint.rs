@@ -291,7 +291,10 @@ impl Checkpointer {
             for mut h in tasks.handles {
                 // A checkpoint waiting for acknowledgements that will not come (the
                 // broker is gone) must not hold shutdown up.
-                if tokio::time::timeout(Duration::from_secs(5), &mut h).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(5), &mut h)
+                    .await
+                    .is_err()
+                {
                     h.abort();
                 }
             }
@@ -791,5 +794,165 @@ impl StateStore for View {
         writes: &[StateWrite],
     ) -> BackendResult<crate::backend::ApplyOutcome> {
         self.0.state.apply(namespace, writes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+    use crate::types::Header;
+
+    struct Fixture {
+        ckpt: Arc<Checkpointer>,
+        store: Arc<EmbeddedStateStore>,
+        log: Arc<EmbeddedLog>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStateStore::open(&dir.path().join("state")).unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log"), LogConfig::default()).unwrap();
+        let ckpt = Checkpointer::new(
+            "g",
+            store.clone(),
+            Arc::new(MokaCache::new(1 << 20)),
+            log.clone(),
+            CheckpointConfig {
+                interval: Duration::from_secs(3600),
+                ..CheckpointConfig::default()
+            },
+        );
+        Fixture {
+            ckpt,
+            store,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn put(key: &str, value: &str, condition: Option<Option<&str>>) -> StateWrite {
+        StateWrite {
+            key: key.into(),
+            value: Some(value.as_bytes().to_vec()),
+            ttl: None,
+            condition: condition.map(|c| c.map(|v| v.as_bytes().to_vec())),
+        }
+    }
+
+    fn effects(writes: Vec<StateWrite>, emit: &str) -> Effects {
+        Effects {
+            namespace: "ns".into(),
+            writes,
+            cache: Vec::new(),
+            emits: vec![PendingEmit {
+                topic: "out".into(),
+                event: NewEvent {
+                    key: None,
+                    payload: emit.as_bytes().to_vec(),
+                    headers: vec![Header::text("x", emit)],
+                },
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn effects_are_read_at_once_and_durable_with_their_positions_at_the_checkpoint() {
+        let f = fixture();
+        f.ckpt.enter();
+        let view = f.ckpt.view();
+        assert_eq!(f.ckpt.assign("in", 0, 0).await.unwrap(), 0);
+        for o in 0..3 {
+            assert_eq!(f.ckpt.track("in", 0, o), Track::New);
+        }
+        f.ckpt
+            .finish("in", 0, 1, effects(vec![put("k", "v1", None)], "e1"))
+            .await
+            .unwrap();
+        // The next event reads it at once; the store does not have it yet.
+        assert_eq!(view.get("ns", "k").await.unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(f.store.get("ns", "k").await.unwrap(), None);
+        f.ckpt.checkpoint().await.unwrap();
+        assert_eq!(f.store.get("ns", "k").await.unwrap(), Some(b"v1".to_vec()));
+        // Offset 0 is unfinished: the position stays at 0 and records 1 as done.
+        let p = f
+            .store
+            .source_position("g", "in", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((p.next, p.done), (0, vec![1]));
+        assert_eq!(f.ckpt.durable("in", 0), Some(0));
+        // Its emit was acknowledged before: it is in the log.
+        assert_eq!(
+            f.log.end_offsets("out").await.unwrap().iter().sum::<u64>(),
+            1
+        );
+        f.ckpt
+            .finish("in", 0, 0, effects(Vec::new(), "e0"))
+            .await
+            .unwrap();
+        f.ckpt.checkpoint().await.unwrap();
+        assert_eq!(f.ckpt.durable("in", 0), Some(2));
+        f.ckpt.leave().await;
+
+        // A restart resumes at 2 and skips nothing else; one that saw (0, [1]) skips 1.
+        let g = fixture();
+        g.store
+            .commit_checkpoint(
+                &[],
+                &[SourcePosition {
+                    group: "g".into(),
+                    topic: "in".into(),
+                    partition: 0,
+                    next: 0,
+                    done: vec![1],
+                }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(g.ckpt.assign("in", 0, 0).await.unwrap(), 0);
+        let tracked: Vec<Track> = (0..3).map(|o| g.ckpt.track("in", 0, o)).collect();
+        assert_eq!(tracked, vec![Track::New, Track::Done, Track::New]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_condition_applies_and_publishes_nothing() {
+        let f = fixture();
+        f.ckpt.enter();
+        f.ckpt.assign("in", 0, 0).await.unwrap();
+        for o in 0..2 {
+            f.ckpt.track("in", 0, o);
+        }
+        f.ckpt
+            .finish("in", 0, 0, effects(vec![put("k", "a", Some(None))], "won"))
+            .await
+            .unwrap();
+        let lost = f
+            .ckpt
+            .finish(
+                "in",
+                0,
+                1,
+                effects(
+                    vec![put("k", "b", Some(None)), put("other", "x", None)],
+                    "lost",
+                ),
+            )
+            .await;
+        assert!(matches!(lost, Err(FinishError::Conflict(k)) if k == "k"));
+        f.ckpt.checkpoint().await.unwrap();
+        let view = f.ckpt.view();
+        assert_eq!(view.get("ns", "k").await.unwrap(), Some(b"a".to_vec()));
+        assert_eq!(view.get("ns", "other").await.unwrap(), None);
+        let out = f.log.read("out", 0, 0, 10).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].payload, b"won");
+        // The lost event is not done: the position stops at it.
+        assert_eq!(f.ckpt.durable("in", 0), Some(1));
+        f.ckpt.leave().await;
     }
 }
