@@ -103,9 +103,10 @@ struct Inner {
     /// Bumped when a checkpoint's writes reach the store (and leave `flushing`).
     generation: u64,
     /// Per (topic, partition): what is read, in flight and done.
-    marks: HashMap<(String, u32), Watermark>,
+    /// (Keyed by topic first, so a lookup by `&str` allocates nothing.)
+    marks: HashMap<String, HashMap<u32, Watermark>>,
     /// Per (topic, partition): the position the last durable checkpoint covers.
-    durable: HashMap<(String, u32), u64>,
+    durable: HashMap<String, HashMap<u32, u64>>,
     /// Emits not yet taken by the sender.
     queue: VecDeque<Queued>,
     /// Bytes of emits queued and not yet acknowledged.
@@ -318,8 +319,14 @@ impl Checkpointer {
         };
         let from = mark.committable();
         let mut g = self.lock();
-        g.marks.insert((topic.to_owned(), partition), mark);
-        g.durable.insert((topic.to_owned(), partition), from);
+        g.marks
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, mark);
+        g.durable
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, from);
         Ok(from)
     }
 
@@ -327,16 +334,19 @@ impl Checkpointer {
     pub fn release(&self, topic: &str, partitions: impl IntoIterator<Item = u32>) {
         let mut g = self.lock();
         for p in partitions {
-            let k = (topic.to_owned(), p);
-            g.marks.remove(&k);
-            g.durable.remove(&k);
+            if let Some(m) = g.marks.get_mut(topic) {
+                m.remove(&p);
+            }
+            if let Some(d) = g.durable.get_mut(topic) {
+                d.remove(&p);
+            }
         }
     }
 
     /// An event at `offset` was read.
     pub fn track(&self, topic: &str, partition: u32, offset: u64) -> Track {
         let mut g = self.lock();
-        let Some(mark) = g.marks.get_mut(&(topic.to_owned(), partition)) else {
+        let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
             return Track::Seen;
         };
         if offset < mark.next_offset() {
@@ -352,7 +362,8 @@ impl Checkpointer {
     pub fn durable(&self, topic: &str, partition: u32) -> Option<u64> {
         self.lock()
             .durable
-            .get(&(topic.to_owned(), partition))
+            .get(topic)
+            .and_then(|d| d.get(&partition))
             .copied()
     }
 
@@ -417,8 +428,7 @@ impl Checkpointer {
                     return Err(FinishError::Conflict(w.key.clone()));
                 }
             }
-            let k = (topic.to_owned(), partition);
-            let Some(mark) = g.marks.get_mut(&k) else {
+            let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
                 // Revoked meanwhile: its next owner handles the event again.
                 return Ok(());
             };
@@ -495,12 +505,14 @@ impl Checkpointer {
             let positions: Vec<SourcePosition> = g
                 .marks
                 .iter()
-                .map(|((topic, partition), m)| SourcePosition {
-                    group: self.group.clone(),
-                    topic: topic.clone(),
-                    partition: *partition,
-                    next: m.committable(),
-                    done: m.done_above(),
+                .flat_map(|(topic, marks)| {
+                    marks.iter().map(|(partition, m)| SourcePosition {
+                        group: self.group.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                        next: m.committable(),
+                        done: m.done_above(),
+                    })
                 })
                 .collect();
             (snapshot, positions, g.seq, std::mem::take(&mut g.cache))
@@ -555,9 +567,15 @@ impl Checkpointer {
             let mut g = self.lock();
             g.flushing = None;
             g.generation += 1;
+            // Partitions released meanwhile stay forgotten.
             for p in positions {
-                let d = g.durable.entry((p.topic, p.partition)).or_insert(p.next);
-                *d = (*d).max(p.next);
+                if let Some(d) = g
+                    .durable
+                    .get_mut(&p.topic)
+                    .and_then(|d| d.get_mut(&p.partition))
+                {
+                    *d = (*d).max(p.next);
+                }
             }
         }
         self.checkpoints.send_modify(|n| *n += 1);
