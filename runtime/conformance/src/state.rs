@@ -601,6 +601,60 @@ pub async fn an_expired_value_counts_as_absent_for_conditions(cx: Ctx) {
     assert_eq!(cx.get(&ns, "k").await, val("new"));
 }
 
+/// A checkpoint's writes and positions land together; the positions read back per
+/// partition, a later checkpoint replaces them, and no scan or read of a guest's keys
+/// ever sees them.
+pub async fn a_checkpoint_holds_state_and_positions_together(cx: Ctx) {
+    use spate_core::backend::SourcePosition;
+    let ns = cx.ns("ckpt");
+    let pos = |partition, next, done: Vec<u64>| SourcePosition {
+        group: "g".into(),
+        topic: "in".into(),
+        partition,
+        next,
+        done,
+    };
+    assert!(cx.store.checkpoints());
+    assert_eq!(
+        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        None
+    );
+    cx.store
+        .commit_checkpoint(
+            &[(ns.clone(), vec![put("a", "1"), put("b", "2"), delete("c")])],
+            &ns,
+            &[pos(0, 10, vec![12, 15]), pos(1, 3, vec![])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cx.get(&ns, "a").await, val("1"));
+    assert_eq!(
+        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        Some(pos(0, 10, vec![12, 15]))
+    );
+    assert_eq!(
+        cx.store.source_position(&ns, "g", "in", 1).await.unwrap(),
+        Some(pos(1, 3, vec![]))
+    );
+    assert_eq!(
+        cx.store
+            .source_position(&ns, "other", "in", 0)
+            .await
+            .unwrap(),
+        None
+    );
+    // Positions only: a checkpoint of events that wrote nothing.
+    cx.store
+        .commit_checkpoint(&[], &ns, &[pos(0, 16, vec![])])
+        .await
+        .unwrap();
+    assert_eq!(
+        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        Some(pos(0, 16, vec![]))
+    );
+    assert_eq!(cx.scan_keys(&ns, "", 100).await, vec!["a", "b"]);
+}
+
 /// Generates one `#[tokio::test]` per case of the named groups of the state contract.
 ///
 /// `fixture` is an expression evaluated afresh in each test that yields a future of
@@ -658,6 +712,10 @@ macro_rules! state_suite {
             conditional_deletes,
             concurrent_compare_and_swap_loses_no_update,
         );
+    };
+    (@group checkpoints $attrs:tt $fixture:expr) => {
+        $crate::state_suite!(@cases $attrs $fixture;
+            a_checkpoint_holds_state_and_positions_together);
     };
     (@group ttl_conditions $attrs:tt $fixture:expr) => {
         $crate::state_suite!(@cases $attrs $fixture;

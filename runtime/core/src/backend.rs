@@ -105,6 +105,37 @@ pub struct SourcePosition {
     pub done: Vec<u64>,
 }
 
+impl SourcePosition {
+    /// As stored: `next`, then each of `done`, as u64 little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * (1 + self.done.len()));
+        out.extend_from_slice(&self.next.to_le_bytes());
+        for o in &self.done {
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        out
+    }
+
+    /// The position [`SourcePosition::encode`] stored for one partition.
+    pub fn decode(group: &str, topic: &str, partition: u32, bytes: &[u8]) -> BackendResult<Self> {
+        if bytes.len() < 8 || !bytes.len().is_multiple_of(8) {
+            return Err(BackendError::Corrupt("malformed source position".into()));
+        }
+        let mut words = bytes.chunks_exact(8).map(|c| {
+            let mut w = [0; 8];
+            w.copy_from_slice(c);
+            u64::from_le_bytes(w)
+        });
+        Ok(Self {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            next: words.next().unwrap_or(0),
+            done: words.collect(),
+        })
+    }
+}
+
 /// What a subscription yields to the dispatcher.
 #[derive(Debug)]
 pub enum SourceMessage {
@@ -265,20 +296,26 @@ pub trait StateStore: Send + Sync + 'static {
     /// Apply `writes` to `namespace` as one unit, checking their conditions first.
     async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome>;
 
-    /// Whether this process is the store's only writer, so a write-back view kept in
-    /// front of it is the truth (compare-and-swap checked there is exact), and it can
-    /// make a checkpoint durable in one unit with [`StateStore::commit_checkpoint`].
-    /// Stores shared by several runtimes answer `false` (the default): their writes are
-    /// applied event by event.
+    /// Whether the store can make a checkpoint durable in one unit with
+    /// [`StateStore::commit_checkpoint`], so writes may wait in a view in front of it until
+    /// the checkpoint. Stores that cannot (the default) get every event's writes at once.
     fn checkpoints(&self) -> bool {
         false
     }
 
+    /// Whether other runtimes write this store too (a cluster's CQL store): a
+    /// compare-and-swap must then be decided by the store, not by a view in front of it.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Make a checkpoint durable in one unit: `writes` (per namespace, unconditional)
-    /// and the source `positions` they cover, so after a crash state and positions agree.
+    /// and the source `positions` they cover, kept with namespace `home` (the plugin's),
+    /// so after a crash state and positions agree.
     async fn commit_checkpoint(
         &self,
         _writes: &[(String, Vec<StateWrite>)],
+        _home: &str,
         _positions: &[SourcePosition],
     ) -> BackendResult<()> {
         Err(BackendError::Invalid(
@@ -286,10 +323,11 @@ pub trait StateStore: Send + Sync + 'static {
         ))
     }
 
-    /// The position last recorded by [`StateStore::commit_checkpoint`] for `group` in
-    /// one source partition.
+    /// The position last recorded by [`StateStore::commit_checkpoint`] with namespace
+    /// `home` for `group` in one source partition.
     async fn source_position(
         &self,
+        _home: &str,
         _group: &str,
         _topic: &str,
         _partition: u32,

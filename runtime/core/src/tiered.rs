@@ -772,23 +772,32 @@ impl StateStore for PluginState {
         self.tier.layer.is_none() && self.tier.store.checkpoints()
     }
 
+    fn shared(&self) -> bool {
+        self.tier.store.shared()
+    }
+
     async fn commit_checkpoint(
         &self,
         writes: &[(String, Vec<StateWrite>)],
+        home: &str,
         positions: &[SourcePosition],
     ) -> BackendResult<()> {
-        self.tier.store.commit_checkpoint(writes, positions).await
+        self.tier
+            .store
+            .commit_checkpoint(writes, home, positions)
+            .await
     }
 
     async fn source_position(
         &self,
+        home: &str,
         group: &str,
         topic: &str,
         partition: u32,
     ) -> BackendResult<Option<SourcePosition>> {
         self.tier
             .store
-            .source_position(group, topic, partition)
+            .source_position(home, group, topic, partition)
             .await
     }
 }

@@ -43,7 +43,7 @@ mod embedded_state {
     use super::*;
     spate_conformance::state_suite! {
         fixture: embedded(),
-        groups: [basic, ttl, scan, ttl_scan, conditions, ttl_conditions],
+        groups: [basic, ttl, scan, ttl_scan, conditions, ttl_conditions, checkpoints],
     }
 }
 

@@ -448,6 +448,7 @@ impl Supervisor {
             }
             EventsConfig::Embedded { .. } => Vec::new(),
         };
+        let namespace = version.info().namespace.clone();
         let active = ActiveVersion::new(version);
         let token = self.shutdown.child_token();
         let permits = Arc::new(Semaphore::new(shape.concurrency as usize));
@@ -461,6 +462,7 @@ impl Supervisor {
         let group = format!("{}.{name}", self.config.events.group_prefix());
         let ckpt = Checkpointer::new(
             &group,
+            &namespace,
             Arc::clone(&services.state),
             Arc::clone(&services.cache),
             Arc::clone(&self.backends.bus),

@@ -44,7 +44,8 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
 use spate_core::backend::{
-    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, StateStore, StateWrite,
+    ApplyOutcome, BackendError, BackendResult, Entry, Expiry, SourcePosition, StateStore,
+    StateWrite,
 };
 use std::time::Duration;
 use tracing::{info, warn};
@@ -454,6 +455,39 @@ impl CqlStateStore {
         })
     }
 
+    /// `writes` (unconditional) and the raw `extra` rows in one single-partition batch of
+    /// namespace `ns`.
+    async fn write_batch(
+        &self,
+        ns: &str,
+        writes: &[StateWrite],
+        extra: &[(Vec<u8>, Vec<u8>)],
+    ) -> BackendResult<()> {
+        if writes.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        let mut statements: Vec<(&PreparedStatement, Vec<Arg<'_>>)> =
+            writes.iter().map(|w| self.statement_for(ns, w)).collect();
+        for (key, value) in extra {
+            statements.push((
+                &self.statements.put,
+                vec![Arg::Blob(value), Arg::Text(ns), Arg::Blob(key)],
+            ));
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for (statement, _) in &statements {
+            batch.append_statement((*statement).clone());
+        }
+        // Blind writes of final values: sending it again changes nothing.
+        batch.set_is_idempotent(true);
+        let values: Vec<&Vec<Arg<'_>>> = statements.iter().map(|(_, v)| v).collect();
+        self.session
+            .batch(&batch, values)
+            .await
+            .map_err(execution_error)?;
+        Ok(())
+    }
+
     /// The statement and bound values for one write of a batch.
     fn statement_for<'a>(
         &'a self,
@@ -550,6 +584,23 @@ fn ttl_secs(ttl: Duration) -> i32 {
         .min(MAX_TTL_SECS)
 }
 
+/// First byte of the keys a checkpoint's positions are kept under, in the plugin's own
+/// partition (so they are written in the same single-partition batch as its state). A
+/// guest's key is UTF-8 text and never holds this byte, nor does a scan reach it.
+const RESERVED: u8 = 0xFF;
+
+/// The key of `group`'s position in one source partition.
+fn position_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = vec![RESERVED];
+    k.extend_from_slice(b"position\0");
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
 /// The smallest byte string greater than every string starting with `prefix`, if any.
 fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut s = prefix.to_vec();
@@ -584,7 +635,8 @@ impl StateStore for CqlStateStore {
         }
         let mut bytes = 0usize;
         let (range, from) = (&self.statements.scan_range, &self.statements.scan_from);
-        let end = successor(prefix.as_bytes());
+        // Never past the reserved keys: a guest's scan sees only guests' keys.
+        let end = successor(prefix.as_bytes()).or_else(|| Some(vec![RESERVED]));
         let mut start = prefix.as_bytes().to_vec();
         let mut out: Vec<(String, Vec<u8>)> = Vec::new();
         loop {
@@ -623,6 +675,66 @@ impl StateStore for CqlStateStore {
             if got < want || out.len() >= limit as usize {
                 return Ok(out);
             }
+        }
+    }
+
+    fn checkpoints(&self) -> bool {
+        true
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// Each namespace's writes are one single-partition batch, which the server applies
+    /// atomically and in isolation; the positions go in the batch of namespace `home`, so
+    /// a checkpoint's state and positions land together or not at all (a replay after a
+    /// crash never applies an event's state twice). Namespaces other than `home` (only a
+    /// version that changed its namespace has them) are sent first.
+    async fn commit_checkpoint(
+        &self,
+        writes: &[(String, Vec<StateWrite>)],
+        home: &str,
+        positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        let others = writes.iter().filter(|(ns, w)| ns != home && !w.is_empty());
+        futures::future::try_join_all(others.map(|(ns, w)| self.write_batch(ns, w, &[]))).await?;
+        let own: &[StateWrite] = writes
+            .iter()
+            .find(|(ns, _)| ns == home)
+            .map_or(&[], |(_, w)| w.as_slice());
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> = positions
+            .iter()
+            .map(|p| (position_key(&p.group, &p.topic, p.partition), p.encode()))
+            .collect();
+        self.write_batch(home, own, &encoded).await
+    }
+
+    async fn source_position(
+        &self,
+        home: &str,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> BackendResult<Option<SourcePosition>> {
+        let key = position_key(group, topic, partition);
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.get, (home, key.as_slice()))
+            .await
+            .map_err(execution_error)?;
+        let rows = result.into_rows_result().map_err(corrupt)?;
+        let first = rows
+            .rows::<(Vec<u8>, Option<Vec<u8>>, Option<i32>)>()
+            .map_err(corrupt)?
+            .next()
+            .transpose()
+            .map_err(corrupt)?;
+        match first {
+            Some((k, Some(v), _)) if k == key => {
+                SourcePosition::decode(group, topic, partition, &v).map(Some)
+            }
+            _ => Ok(None),
         }
     }
 

@@ -52,7 +52,7 @@ mod cql {
     use super::*;
     spate_conformance::state_suite! {
         fixture: cassandra(),
-        groups: [basic, ttl, scan, ttl_scan, conditions, ttl_conditions],
+        groups: [basic, ttl, scan, ttl_scan, conditions, ttl_conditions, checkpoints],
     }
 }
 

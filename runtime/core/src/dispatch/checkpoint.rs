@@ -61,6 +61,9 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Most bytes of writes one checkpoint sends a store shared with other runtimes.
+const SHARED_MAX_BYTES: usize = 4 << 20;
+
 /// A state write applied to the view and not yet durable.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -157,10 +160,13 @@ pub struct Effects {
 /// every partition its pipelines read. See the [module docs](self).
 pub struct Checkpointer {
     group: String,
+    /// The plugin's namespace: where the store keeps the positions.
+    namespace: String,
     state: Arc<dyn StateStore>,
     cache: Arc<dyn Cache>,
     bus: Arc<dyn EventBus>,
     write_back: bool,
+    shared: bool,
     config: CheckpointConfig,
     inner: Mutex<Inner>,
     /// Wakes the checkpoint loop before its interval.
@@ -214,17 +220,26 @@ fn overlay_get<'a>(
 }
 
 impl Checkpointer {
-    /// Checkpoints of consumer `group`'s effects on `state`, `cache` and `bus`.
+    /// Checkpoints of consumer `group`'s effects on `state` (positions kept with
+    /// `namespace`, the plugin's), `cache` and `bus`.
     pub fn new(
         group: &str,
+        namespace: &str,
         state: Arc<dyn StateStore>,
         cache: Arc<dyn Cache>,
         bus: Arc<dyn EventBus>,
-        config: CheckpointConfig,
+        mut config: CheckpointConfig,
     ) -> Arc<Self> {
+        if state.shared() {
+            // A shared store takes a checkpoint as one request: keep it well under the
+            // largest one it accepts.
+            config.max_bytes = config.max_bytes.min(SHARED_MAX_BYTES);
+        }
         Arc::new(Self {
             group: group.to_owned(),
+            namespace: namespace.to_owned(),
             write_back: state.checkpoints(),
+            shared: state.shared(),
             state,
             cache,
             bus,
@@ -242,6 +257,12 @@ impl Checkpointer {
     /// Whether state writes go to the write-back view (else the caller applies them).
     pub fn write_back(&self) -> bool {
         self.write_back
+    }
+
+    /// Whether other runtimes write the store too: a compare-and-swap is then decided by
+    /// the store (see [`Checkpointer::finish`]).
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     /// The state as handlers read it: the view's pending writes over the store.
@@ -308,7 +329,7 @@ impl Checkpointer {
     pub async fn assign(&self, topic: &str, partition: u32, start: u64) -> BackendResult<u64> {
         let recorded = if self.write_back {
             self.state
-                .source_position(&self.group, topic, partition)
+                .source_position(&self.namespace, &self.group, topic, partition)
                 .await?
         } else {
             None
@@ -545,7 +566,11 @@ impl Checkpointer {
                     (ns.clone(), writes)
                 })
                 .collect();
-            if let Err(e) = self.state.commit_checkpoint(&writes, &positions).await {
+            if let Err(e) = self
+                .state
+                .commit_checkpoint(&writes, &self.namespace, &positions)
+                .await
+            {
                 self.restore(snapshot, cache);
                 return Err(e);
             }
@@ -836,6 +861,7 @@ mod tests {
         let log = EmbeddedLog::open(&dir.path().join("log"), LogConfig::default()).unwrap();
         let ckpt = Checkpointer::new(
             "g",
+            "ns",
             store.clone(),
             Arc::new(MokaCache::new(1 << 20)),
             log.clone(),
@@ -898,7 +924,7 @@ mod tests {
         // Offset 0 is unfinished: the position stays at 0 and records 1 as done.
         let p = f
             .store
-            .source_position("g", "in", 0)
+            .source_position("ns", "g", "in", 0)
             .await
             .unwrap()
             .unwrap();
@@ -922,6 +948,7 @@ mod tests {
         g.store
             .commit_checkpoint(
                 &[],
+                "ns",
                 &[SourcePosition {
                     group: "g".into(),
                     topic: "in".into(),

@@ -322,8 +322,13 @@ impl Pipeline {
         permits: Arc<Semaphore>,
         shutdown: CancellationToken,
     ) -> Self {
+        let namespace = active
+            .load()
+            .map(|v| v.info().namespace.clone())
+            .unwrap_or_else(|| config.plugin.clone());
         let ckpt = Checkpointer::new(
             &config.group,
+            &namespace,
             Arc::clone(&services.state),
             Arc::clone(&services.cache),
             Arc::clone(&bus),
@@ -936,7 +941,17 @@ async fn apply(
             format!("compare-and-swap on `{key}` lost to a concurrent write"),
         )
     };
-    if !ctx.ckpt.write_back() && !writes.is_empty() {
+    // A compare-and-swap on a store other runtimes write is decided by the store, after
+    // the view's older writes reached it.
+    let by_store = !ctx.ckpt.write_back()
+        || (ctx.ckpt.shared() && writes.iter().any(|w| w.condition.is_some()));
+    if by_store && !writes.is_empty() {
+        if ctx.ckpt.write_back() {
+            ctx.ckpt
+                .checkpoint()
+                .await
+                .map_err(|e| backend_failure("state", e))?;
+        }
         match ctx.services.state.apply(&info.namespace, &writes).await {
             Ok(ApplyOutcome::Applied) => {}
             Ok(ApplyOutcome::Conflict { key }) => return Err(conflict(key)),
@@ -945,7 +960,7 @@ async fn apply(
     }
     let effects = Effects {
         namespace: info.namespace.clone(),
-        writes,
+        writes: if by_store { Vec::new() } else { writes },
         cache,
         emits,
     };

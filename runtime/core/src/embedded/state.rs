@@ -194,38 +194,6 @@ enum StateOp {
     },
 }
 
-fn encode_position(p: &SourcePosition) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 * (1 + p.done.len()));
-    out.extend_from_slice(&p.next.to_le_bytes());
-    for o in &p.done {
-        out.extend_from_slice(&o.to_le_bytes());
-    }
-    out
-}
-
-fn decode_position(
-    group: &str,
-    topic: &str,
-    partition: u32,
-    bytes: &[u8],
-) -> BackendResult<SourcePosition> {
-    if bytes.len() < 8 || !bytes.len().is_multiple_of(8) {
-        return Err(BackendError::Corrupt("malformed source position".into()));
-    }
-    let mut words = bytes.chunks_exact(8).map(|c| {
-        let mut w = [0; 8];
-        w.copy_from_slice(c);
-        u64::from_le_bytes(w)
-    });
-    Ok(SourcePosition {
-        group: group.to_owned(),
-        topic: topic.to_owned(),
-        partition,
-        next: words.next().unwrap_or(0),
-        done: words.collect(),
-    })
-}
-
 /// Writes `writes` to `ns` in `txn` without checking conditions.
 fn write_entries(
     txn: &WriteTransaction,
@@ -308,7 +276,7 @@ impl Batcher for StateWriter {
                 for p in positions {
                     table.insert(
                         (p.group.as_str(), p.topic.as_str(), p.partition),
-                        encode_position(p).as_slice(),
+                        p.encode().as_slice(),
                     )?;
                 }
             }
@@ -405,13 +373,13 @@ impl StateStore for EmbeddedStateStore {
     }
 
     fn checkpoints(&self) -> bool {
-        // The file is locked by this process: nobody else writes it.
         true
     }
 
     async fn commit_checkpoint(
         &self,
         writes: &[(String, Vec<StateWrite>)],
+        _home: &str,
         positions: &[SourcePosition],
     ) -> BackendResult<()> {
         if writes.iter().all(|(_, w)| w.is_empty()) && positions.is_empty() {
@@ -428,6 +396,7 @@ impl StateStore for EmbeddedStateStore {
 
     async fn source_position(
         &self,
+        _home: &str,
         group: &str,
         topic: &str,
         partition: u32,
@@ -441,7 +410,7 @@ impl StateStore for EmbeddedStateStore {
             table
                 .get((group, topic, partition))
                 .map_err(redb_error)?
-                .map(|g| decode_position(group, topic, partition, g.value()))
+                .map(|g| SourcePosition::decode(group, topic, partition, g.value()))
                 .transpose()
         })
     }
