@@ -616,7 +616,10 @@ pub async fn a_checkpoint_holds_state_and_positions_together(cx: Ctx) {
     };
     assert!(cx.store.checkpoints());
     assert_eq!(
-        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        cx.store
+            .source_position(&ns, "g", "in", 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
         None
     );
     cx.store
@@ -626,30 +629,39 @@ pub async fn a_checkpoint_holds_state_and_positions_together(cx: Ctx) {
             &[pos(0, 10, vec![12, 15]), pos(1, 3, vec![])],
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cx.get(&ns, "a").await, val("1"));
     assert_eq!(
-        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        cx.store
+            .source_position(&ns, "g", "in", 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
         Some(pos(0, 10, vec![12, 15]))
     );
     assert_eq!(
-        cx.store.source_position(&ns, "g", "in", 1).await.unwrap(),
+        cx.store
+            .source_position(&ns, "g", "in", 1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
         Some(pos(1, 3, vec![]))
     );
     assert_eq!(
         cx.store
             .source_position(&ns, "other", "in", 0)
             .await
-            .unwrap(),
+            .unwrap_or_else(|e| panic!("{e}")),
         None
     );
     // Positions only: a checkpoint of events that wrote nothing.
     cx.store
         .commit_checkpoint(&[], &ns, &[pos(0, 16, vec![])])
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        cx.store.source_position(&ns, "g", "in", 0).await.unwrap(),
+        cx.store
+            .source_position(&ns, "g", "in", 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
         Some(pos(0, 16, vec![]))
     );
     assert_eq!(cx.scan_keys(&ns, "", 100).await, vec!["a", "b"]);
