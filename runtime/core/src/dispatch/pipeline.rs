@@ -3,7 +3,8 @@
 use super::checkpoint::{CheckpointConfig, Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
 use super::{
-    ActiveVersion, CallOutcome, CallResult, Instance, PipelineHealth, PluginVersion, TrapKind,
+    ActiveVersion, CallOutcome, CallResult, DeadLetterKind, Instance, PipelineHealth,
+    PluginVersion, TrapKind,
 };
 use crate::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
@@ -755,9 +756,9 @@ fn lane_partition(k: &LaneKey) -> u32 {
 /// What went wrong with one attempt.
 enum Failure {
     /// Worth another attempt (counts against the plugin's limit).
-    Retryable(&'static str, String),
+    Retryable(DeadLetterKind, String),
     /// Never worth another attempt: dead-letter now.
-    Fatal(&'static str, String),
+    Fatal(DeadLetterKind, String),
     /// A backing service failed: retry without counting, never dead-letter.
     Infrastructure(String),
 }
@@ -853,8 +854,10 @@ async fn handle_event(
                     }
                     Err(f) => f,
                 },
-                CallOutcome::Retry(reason) => Failure::Retryable("retries-exhausted", reason),
-                CallOutcome::Reject(reason) => Failure::Fatal("rejected", reason),
+                CallOutcome::Retry(reason) => {
+                    Failure::Retryable(DeadLetterKind::RetriesExhausted, reason)
+                }
+                CallOutcome::Reject(reason) => Failure::Fatal(DeadLetterKind::Rejected, reason),
                 CallOutcome::Trap(kind, message) => {
                     metrics::counter!("spate_traps_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
                     // A trapped instance is never reused.
@@ -871,8 +874,8 @@ async fn handle_event(
                             }
                             Failure::Infrastructure(message)
                         }
-                        k if k.retryable() => Failure::Retryable(k.as_str(), message),
-                        k => Failure::Fatal(k.as_str(), message),
+                        k if k.retryable() => Failure::Retryable(DeadLetterKind::Trap(k), message),
+                        k => Failure::Fatal(DeadLetterKind::Trap(k), message),
                     }
                 }
             }
@@ -893,7 +896,7 @@ async fn handle_event(
                 let delay = backoff
                     .next()
                     .unwrap_or(Duration::from_millis(policy.max_backoff_ms));
-                debug!(attempt, kind, %reason, ?delay, "retrying");
+                debug!(attempt, kind = kind.as_str(), %reason, ?delay, "retrying");
                 if !sleep_or_shutdown(ctx, delay).await {
                     return (Finish::Abandoned, None);
                 }
@@ -937,7 +940,7 @@ async fn apply(
     let (writes, cache, emits) = journal.into_parts();
     let conflict = |key: String| {
         Failure::Retryable(
-            "state-conflict",
+            DeadLetterKind::StateConflict,
             format!("compare-and-swap on `{key}` lost to a concurrent write"),
         )
     };
@@ -978,7 +981,7 @@ async fn apply(
 fn backend_failure(what: &'static str, e: BackendError) -> Failure {
     match e {
         BackendError::Unavailable(m) => Failure::Infrastructure(format!("{what}: {m}")),
-        other => Failure::Fatal("backend-refused", format!("{what}: {other}")),
+        other => Failure::Fatal(DeadLetterKind::BackendRefused, format!("{what}: {other}")),
     }
 }
 
@@ -988,7 +991,7 @@ async fn dead_letter(
     ctx: &WorkerCtx,
     info: &PluginInfo,
     event: &Event,
-    kind: &str,
+    kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
 ) -> bool {
@@ -997,7 +1000,7 @@ async fn dead_letter(
     let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
     hdrs.extend([
         Header::text(headers::DLQ_REASON, &reason),
-        Header::text(headers::DLQ_KIND, kind),
+        Header::text(headers::DLQ_KIND, kind.as_str()),
         Header::text(headers::DLQ_ATTEMPTS, attempts.to_string()),
         Header::text(headers::PLUGIN, info.name()),
         Header::text(headers::PLUGIN_VERSION, info.manifest.version.to_string()),
@@ -1040,8 +1043,8 @@ async fn dead_letter(
         warn!(error = ?e, "dead letter not queued; the event stays uncommitted");
         return false;
     }
-    metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.to_string()).increment(1);
+    metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
     metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
-    warn!(kind, %reason, attempts, "event dead-lettered");
+    warn!(kind = kind.as_str(), %reason, attempts, "event dead-lettered");
     true
 }
