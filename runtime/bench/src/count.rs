@@ -109,12 +109,15 @@ struct Row {
     /// during the throughput run, over the events: on Kafka the subject and the bench's
     /// consumer of the outputs; on the embedded log also the appends and the log itself.
     cpu_us_per_event: Option<f64>,
-    /// Median send-to-output-visible latency of the paced runs' emitting events, pooled
-    /// over the rounds, milliseconds.
+    /// Median over the rounds of each paced run's median send-to-output-visible latency
+    /// of its emitting events, milliseconds.
     p50_ms: f64,
-    /// 99th percentile of the same, milliseconds.
+    /// Median over the rounds of each paced run's 99th percentile, milliseconds.
     p99_ms: f64,
-    /// Latency samples pooled.
+    /// The 99th percentile of every round's samples pooled, milliseconds: one bad round
+    /// shows here and not in `p99_ms`.
+    pooled_p99_ms: f64,
+    /// Latency samples, over every round.
     latency_samples: usize,
     /// Events per second asked for in the paced runs.
     paced_rate: f64,
@@ -163,6 +166,7 @@ impl Row {
             cpu_us_per_event: opt(self.cpu_us_per_event, 2),
             p50_ms: round(self.p50_ms, 3),
             p99_ms: round(self.p99_ms, 3),
+            pooled_p99_ms: round(self.pooled_p99_ms, 3),
             drain_events_per_s: opt(self.drain_events_per_s, 0),
             broker_cpu_us_per_event: opt(self.broker_cpu_us_per_event, 2),
             percent_of_ceiling: opt(self.percent_of_ceiling, 1),
@@ -189,6 +193,11 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     values.get(values.len() / 2).copied()
 }
 
+/// The median of microsecond values, in milliseconds.
+fn median_ms(us: impl Iterator<Item = f64>) -> f64 {
+    median(us.collect()).unwrap_or(0.0) / 1e3
+}
+
 fn kafka_row(r: &SubjectResult, paced_rate: f64, ceiling_rate: Option<f64>) -> Row {
     let rounds = &r.throughput_rounds;
     let per_event = |secs: Option<f64>, events: usize| secs.map(|s| s * 1e6 / events.max(1) as f64);
@@ -204,8 +213,9 @@ fn kafka_row(r: &SubjectResult, paced_rate: f64, ceiling_rate: Option<f64>) -> R
                 .filter_map(|t| per_event(t.cpu_seconds, t.events))
                 .collect(),
         ),
-        p50_ms: r.latency.p50_us / 1e3,
-        p99_ms: r.latency.p99_us / 1e3,
+        p50_ms: median_ms(r.latency.rounds.iter().map(|l| l.p50_us)),
+        p99_ms: median_ms(r.latency.rounds.iter().map(|l| l.p99_us)),
+        pooled_p99_ms: r.latency.p99_us / 1e3,
         latency_samples: r.latency.samples,
         paced_rate,
         drain_events_per_s: median(rounds.iter().map(|t| t.drain_rate).collect()),
@@ -415,8 +425,9 @@ async fn embedded_rows(
                     .filter_map(|t| t.cpu_seconds.map(|c| c * 1e6 / t.events.max(1) as f64))
                     .collect(),
             ),
-            p50_ms: pooled.p50_us / 1e3,
-            p99_ms: pooled.p99_us / 1e3,
+            p50_ms: median_ms(lats.iter().map(|l| l.p50_us)),
+            p99_ms: median_ms(lats.iter().map(|l| l.p99_us)),
+            pooled_p99_ms: pooled.p99_us / 1e3,
             latency_samples: pooled.samples,
             paced_rate: run.rate,
             drain_events_per_s: None,
@@ -443,15 +454,17 @@ subject starting (Kafka: its backlog already produced; the group join included) 
 the first append (embedded log: appends run alongside) to its last output visible to a
 separate consumer. `CPU µs/ev` is this process's CPU time (every thread) over that span,
 over N, median over the rounds: on Kafka the subject plus the bench's reader of the
-outputs (one per ten events), the broker's JVM apart (`broker µs/ev`); on the embedded log
-the appends and the log's writer too, since the log is in the process. Latency is from an
-input's send (Kafka: the producer's send; embedded: the start of its append) to its output
-being read, measured on the inputs that emit (every 10th of a key) in paced runs over
-fewer keys (`--paced-keys`), pooled over the rounds. Every Spate subject keeps its counters
-in an EmbeddedStateStore (redb) in a temporary directory, made durable with the source
-positions at each checkpoint (the commit interval); the ceiling keeps them in a HashMap
-and commits offsets only, so it is a ceiling, not a durable equivalent. `*` marks a
-subject with a run that missed expected outputs.
+outputs (one per ten events), the broker's JVM apart (see the detail below); on the
+embedded log the appends and the log's writer too, since the log is in the process.
+Latency is from an input's send (Kafka: the producer's send; embedded: the start of its
+append) to its output being read, measured on the inputs that emit (every 10th of a key)
+in paced runs over fewer keys (`--paced-keys`): p50 and p99 are medians of the rounds'
+own percentiles, `pooled p99` the 99th percentile of every round's samples together.
+Every Spate subject keeps its counters in an EmbeddedStateStore (redb) in a temporary
+directory, made durable with the source positions at each checkpoint (the commit
+interval); the ceiling keeps them in a HashMap and commits offsets only, so it is a
+ceiling, not a durable equivalent. `*` marks a subject with a run that missed expected
+outputs.
 ";
 
 impl CountReport {
@@ -519,7 +532,7 @@ impl CountReport {
             o.push_str(&format!("manifest: {c}\n"));
         }
         o.push_str(&format!(
-            "\n  {:<20} {:<8} {:>7} | {:>8} {:>9} {:>8} {:>8} | {:>7} {:>8} {:>5} | {:>4}\n",
+            "\n  {:<20} {:<8} {:>7} | {:>8} {:>9} {:>7} {:>7} {:>10} | {:>7} {:>8} {:>5} | {:>4}\n",
             "subject",
             "log",
             "events",
@@ -527,6 +540,7 @@ impl CountReport {
             "CPU µs/ev",
             "p50 ms",
             "p99 ms",
+            "pooled p99",
             "samples",
             "% ceil",
             "dlq",
@@ -538,7 +552,7 @@ impl CountReport {
         };
         for r in &self.rows {
             o.push_str(&format!(
-                "  {:<20} {:<8} {:>7} | {:>8} {:>9} {:>8.2} {:>8.2} | {:>7} {:>8} {:>5} | {:>4}\n",
+                "  {:<20} {:<8} {:>7} | {:>8} {:>9} {:>7.2} {:>7.2} {:>10.2} | {:>7} {:>8} {:>5} | {:>4}\n",
                 r.subject,
                 r.log,
                 r.events,
@@ -546,6 +560,7 @@ impl CountReport {
                 opt(r.cpu_us_per_event, 1),
                 r.p50_ms,
                 r.p99_ms,
+                r.pooled_p99_ms,
                 r.latency_samples,
                 opt(r.percent_of_ceiling, 0),
                 r.dead_letters,
