@@ -5,9 +5,11 @@
 //! group that notes when each output event becomes visible.
 //!
 //! Outputs are matched to inputs by the `spate-source` header (`topic/partition/offset`)
-//! that the host adds to every emitted event, so handlers need not echo anything.
+//! that the host adds to every emitted event, so handlers need not echo anything. A
+//! subject's [`Job`] says which inputs make an output (all of them, or every 10th of a key
+//! for the count job); the others are waited for through the ones that do.
 
-use crate::workload::Workload;
+use crate::workload::{Job, Workload};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use spate_core::backend::{EventBus, EventSource, SourceMessage, StartPosition};
@@ -51,6 +53,8 @@ pub struct Subject {
     pub output_topic: String,
     /// What is appended.
     pub workload: Workload,
+    /// Which inputs make an output.
+    pub job: Job,
 }
 
 /// Dispatcher settings shared by every run.
@@ -65,6 +69,8 @@ pub struct RunSettings {
 pub struct Throughput {
     /// Events appended.
     pub events: usize,
+    /// Output events the job makes of them.
+    pub expected_outputs: usize,
     /// Output events seen.
     pub outputs: usize,
     /// Whether every output arrived before the timeout.
@@ -73,7 +79,8 @@ pub struct Throughput {
     pub append_seconds: f64,
     /// Seconds from the first append to the last output visible.
     pub seconds: f64,
-    /// Outputs per second over `seconds`.
+    /// Inputs per second over `seconds` (inputs whose outputs were seen, counted as
+    /// `outputs / expected_outputs` of `events`: all of them in a complete run).
     pub events_per_second: f64,
     /// CPU seconds the whole process used during the run (producer and observer included).
     pub cpu_seconds: Option<f64>,
@@ -96,6 +103,9 @@ pub struct Latency {
     pub events: usize,
     /// Events measured (appended after the warm-up, with a visible output).
     pub samples: usize,
+    /// Appended events that make an output (every one, or every 10th of a key for the
+    /// count job; only those are measured).
+    pub expected_outputs: usize,
     /// Appended events whose output never became visible before the timeout.
     pub missing: usize,
     /// Median append-to-visible latency, microseconds.
@@ -117,6 +127,9 @@ pub struct Latency {
     pub dead_letters: u64,
     /// Reason recorded on the first dead letter, if any.
     pub dead_letter_reason: Option<String>,
+    /// Every measured latency, microseconds, sorted (to pool rounds).
+    #[serde(skip)]
+    pub samples_us: Vec<f64>,
 }
 
 /// A running handler: its data directory, backends and pipelines.
@@ -384,6 +397,7 @@ pub async fn throughput(
     env.seed(subject.workload.seed_events()).await?;
     let mut observer = Observer::start(&env.log, &subject.output_topic).await?;
     let events = subject.workload.events(n, "tp", 1);
+    let expected = subject.job.outputs(&events);
     let workflows_before = env.total(WORKFLOW_TOPIC).await;
     let dead_before = env.total(&env.dead_letter_topic).await;
 
@@ -397,7 +411,7 @@ pub async fn throughput(
     }
     let append_seconds = start.elapsed().as_secs_f64();
     let (complete, done_at) = env
-        .wait_done(&mut observer, n, dead_before, OUTPUT_TIMEOUT)
+        .wait_done(&mut observer, expected, dead_before, OUTPUT_TIMEOUT)
         .await;
     let cpu_end = process_cpu_seconds();
     let arrivals = observer.finish().await?;
@@ -417,15 +431,12 @@ pub async fn throughput(
     let seconds = end.saturating_duration_since(start).as_secs_f64();
     Ok(Throughput {
         events: n,
+        expected_outputs: expected,
         outputs,
         complete,
         append_seconds,
         seconds,
-        events_per_second: if seconds > 0.0 {
-            outputs as f64 / seconds
-        } else {
-            0.0
-        },
+        events_per_second: inputs_per_second(n, expected, outputs, seconds),
         cpu_seconds: cpu_start.zip(cpu_end).map(|(a, b)| b - a),
         workflows,
         dead_letters,
@@ -433,12 +444,24 @@ pub async fn throughput(
     })
 }
 
-/// Append at `rate` events per second for `seconds` (each tick's due events in one
-/// append, appends running concurrently like independent producers) and measure each
-/// event's time from the start of its append to its output being visible. Events
-/// appended during the first `warmup` are not counted.
+/// Inputs per second of a run of `n` inputs that should make `expected` outputs and made
+/// `outputs` in `seconds`: the inputs those outputs account for (`n` if every expected
+/// output came), over `seconds`.
+pub fn inputs_per_second(n: usize, expected: usize, outputs: usize, seconds: f64) -> f64 {
+    if seconds <= 0.0 || expected == 0 {
+        return 0.0;
+    }
+    let share = (outputs as f64 / expected as f64).min(1.0);
+    n as f64 * share / seconds
+}
+
+/// Append `workload` at `rate` events per second for `seconds` (each tick's due events in
+/// one append, appends running concurrently like independent producers) and measure the
+/// time from the start of an event's append to its output being visible, for each event
+/// that makes one. Events appended during the first `warmup` are not counted.
 pub async fn latency(
     subject: &Subject,
+    workload: &Workload,
     root: &Path,
     settings: &RunSettings,
     rate: f64,
@@ -449,12 +472,14 @@ pub async fn latency(
     env.seed(subject.workload.seed_events()).await?;
     let mut observer = Observer::start(&env.log, &subject.output_topic).await?;
     let total = (rate * seconds).round().max(1.0) as usize;
-    let events = subject.workload.events(total, "lat", 2);
+    let events = workload.events(total, "lat", 2);
+    let emits = subject.job.emits(events.iter().map(|e| e.key.as_deref()));
+    let expected = emits.iter().filter(|e| **e).count();
     let workflows_before = env.total(WORKFLOW_TOPIC).await;
     let dead_before = env.total(&env.dead_letter_topic).await;
 
-    // (partition, offset) -> (append started, append took).
-    type Started = HashMap<(u32, u64), (Instant, Duration)>;
+    // (partition, offset) -> (append started, append took, makes an output).
+    type Started = HashMap<(u32, u64), (Instant, Duration, bool)>;
     let started: Arc<Mutex<Started>> = Arc::new(Mutex::new(HashMap::with_capacity(total)));
     let mut appends: JoinSet<Result<()>> = JoinSet::new();
     let start = Instant::now();
@@ -463,6 +488,7 @@ pub async fn latency(
         let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(total);
         if due > sent {
             let batch = events[sent..due].to_vec();
+            let batch_emits = emits[sent..due].to_vec();
             sent = due;
             let log = Arc::clone(&env.log);
             let topic = subject.input_topic.clone();
@@ -472,8 +498,8 @@ pub async fn latency(
                 let coords = log.append(&topic, batch).await?;
                 let took = at.elapsed();
                 let mut map = started.lock().unwrap_or_else(|e| e.into_inner());
-                for c in coords {
-                    map.insert((c.partition, c.offset), (at, took));
+                for (c, emits) in coords.into_iter().zip(batch_emits) {
+                    map.insert((c.partition, c.offset), (at, took, emits));
                 }
                 Ok(())
             });
@@ -486,7 +512,7 @@ pub async fn latency(
             .context("append task panicked")?
             .context("appending input events")?;
     }
-    env.wait_done(&mut observer, total, dead_before, OUTPUT_TIMEOUT)
+    env.wait_done(&mut observer, expected, dead_before, OUTPUT_TIMEOUT)
         .await;
     let arrivals = observer.finish().await?;
     let workflows = env.total(WORKFLOW_TOPIC).await - workflows_before;
@@ -500,18 +526,21 @@ pub async fn latency(
         .filter_map(|a| a.source.map(|s| (s, a.at)))
         .collect();
     let cutoff = start + warmup;
-    let measured = || started.iter().filter(|(_, (at, _))| *at >= cutoff);
+    let measured = || started.iter().filter(|(_, (at, _, _))| *at >= cutoff);
     let mut samples: Vec<Duration> = measured()
-        .filter_map(|(coords, (at, _))| {
+        .filter_map(|(coords, (at, _, _))| {
             arrived
                 .get(coords)
                 .map(|done| done.saturating_duration_since(*at))
         })
         .collect();
     samples.sort_unstable();
-    let mut append_times: Vec<Duration> = measured().map(|(_, (_, took))| *took).collect();
+    let mut append_times: Vec<Duration> = measured().map(|(_, (_, took, _))| *took).collect();
     append_times.sort_unstable();
-    let missing = started.keys().filter(|c| !arrived.contains_key(c)).count();
+    let missing = started
+        .iter()
+        .filter(|(c, (_, _, emits))| *emits && !arrived.contains_key(c))
+        .count();
     let us = |q: f64| percentile(&samples, q).as_secs_f64() * 1e6;
     Ok(Latency {
         target_rate: rate,
@@ -522,6 +551,7 @@ pub async fn latency(
         },
         events: total,
         samples: samples.len(),
+        expected_outputs: expected,
         missing,
         p50_us: us(0.50),
         p90_us: us(0.90),
@@ -532,7 +562,41 @@ pub async fn latency(
         workflows,
         dead_letters,
         dead_letter_reason,
+        samples_us: samples.iter().map(|d| d.as_secs_f64() * 1e6).collect(),
     })
+}
+
+/// Percentiles of latency samples pooled from several runs.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Pooled {
+    /// Samples pooled.
+    pub samples: usize,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 90th percentile, microseconds.
+    pub p90_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// Largest, microseconds.
+    pub max_us: f64,
+}
+
+/// Pool the latency samples (microseconds) of several runs.
+pub fn pool<'a>(runs: impl IntoIterator<Item = &'a [f64]>) -> Pooled {
+    let mut pooled: Vec<Duration> = runs
+        .into_iter()
+        .flatten()
+        .map(|us| Duration::from_secs_f64(us / 1e6))
+        .collect();
+    pooled.sort_unstable();
+    let us = |q: f64| percentile(&pooled, q).as_secs_f64() * 1e6;
+    Pooled {
+        samples: pooled.len(),
+        p50_us: us(0.5),
+        p90_us: us(0.9),
+        p99_us: us(0.99),
+        max_us: us(1.0),
+    }
 }
 
 /// The `q` quantile (0..=1) of sorted `samples`, nearest rank; zero if empty.

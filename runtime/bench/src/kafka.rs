@@ -20,15 +20,18 @@
 //! scripts/bench kafka --events 50000 --rounds 5 --json
 //! scripts/bench kafka --librdkafka fetch.wait.max.ms=100
 //! ```
+//!
+//! The machinery (stage, subjects, rounds, ceiling) is shared with `spate-bench count`
+//! (the `count` module), which runs the count job on it: [`Shared`] says which job the
+//! subjects do, so which inputs make an output and what the ceiling produces.
 
 mod ceiling;
 mod clients;
-mod report;
+pub mod report;
 
-use crate::harness::percentile;
+use crate::harness::{inputs_per_second, percentile, pool};
 use crate::native::NativeTrivial;
-use crate::report::Machine;
-use crate::workload::Workload;
+use crate::workload::{Job, Workload};
 use anyhow::{Context, Result, bail};
 use clients::{Common, InputProducer, Observer};
 use report::{
@@ -39,8 +42,9 @@ use spate_core::backend::{BackendError, EventBus, EventSource};
 use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, PluginInfo};
+use spate_core::manifest::Manifest;
 use spate_core::{NewEvent, StateStore};
-use spate_engine::{Sandbox, SandboxConfig};
+use spate_engine::Sandbox;
 use spate_kafka::{KafkaBus, KafkaOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,14 +57,14 @@ use tokio_util::sync::CancellationToken;
 const GROUP_PREFIX: &str = "bench";
 /// Consumer group of the ceiling.
 const CEILING_GROUP: &str = "bench.rdkafka";
-/// Topic the trivial handler emits to.
-const OUTPUT_TOPIC: &str = "out";
 /// Topic of the record each subject's producer delivers before it starts consuming.
 const WARM_TOPIC: &str = "bench-warm";
 /// A run ends when no new output arrived for this long.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Probe events are sent this far apart until the first output shows the group joined.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Key of the probe events (no workload key looks like it).
+const PROBE_KEY: &[u8] = b"probe";
 /// How long the group may take to join before a paced run gives up.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long Spate's pipelines get to drain when a run stops.
@@ -74,65 +78,140 @@ pub struct Args {
     /// Events in each throughput run's backlog.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
-    /// Interleaved rounds; each runs every subject once for throughput and once paced.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Events per second sent in the paced latency runs.
-    #[arg(long, default_value_t = 1_000.0)]
-    rate: f64,
-    /// Seconds of each paced run that are measured.
-    #[arg(long, default_value_t = 5.0)]
-    paced_secs: f64,
-    /// Seconds of each paced run before the measured part (after the group joined).
-    #[arg(long, default_value_t = 1.0)]
-    warmup_secs: f64,
-    /// Partitions of every topic.
-    #[arg(long, default_value_t = 4)]
-    partitions: i32,
     /// Distinct keys of the inputs.
     #[arg(long, default_value_t = 1024)]
     keys: u32,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Options every bench on Kafka shares (`spate-bench kafka` and `count`).
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Interleaved rounds; each runs every subject once for throughput and once paced.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Events per second sent in the paced latency runs.
+    #[arg(long, default_value_t = 1_000.0)]
+    pub rate: f64,
+    /// Seconds of each paced run that are measured.
+    #[arg(long, default_value_t = 5.0)]
+    pub paced_secs: f64,
+    /// Seconds of each paced run before the measured part (after the group joined).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_secs: f64,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
     /// Commit interval of Spate's pipelines and the ceiling, milliseconds (the server's
     /// default `dispatch.commit-interval-ms`).
     #[arg(long, default_value_t = 100)]
-    commit_interval_ms: u64,
+    pub commit_interval_ms: u64,
     /// `fetch.wait.max.ms` of every client (Spate's consumer through `events.librdkafka`,
     /// as an operator would set it). Default: librdkafka's own (500 ms), which costs no
     /// latency: the broker answers a fetch as soon as records are there.
     #[arg(long)]
-    fetch_wait_ms: Option<u64>,
+    pub fetch_wait_ms: Option<u64>,
     /// Extra librdkafka property `KEY=VALUE` for every client (Spate's and the ceiling's
     /// alike); repeatable.
     #[arg(long = "librdkafka", value_name = "KEY=VALUE")]
-    librdkafka: Vec<String>,
+    pub librdkafka: Vec<String>,
     /// Override `limits.concurrency` in the Spate subjects' manifests.
     #[arg(long)]
-    concurrency: Option<u32>,
-    /// Directory holding `trivial.wasm` (wasm32-wasip2, release).
+    pub concurrency: Option<u32>,
+    /// Directory holding the plugins' components (`trivial.wasm`, `count.wasm`;
+    /// wasm32-wasip2, release).
     /// Default: `${SPATE_CACHE_DIR:-$HOME/.cache/spate}/plugins-target/wasm32-wasip2/release`.
     #[arg(long)]
-    plugins_dir: Option<PathBuf>,
+    pub plugins_dir: Option<PathBuf>,
     /// Directory for temporary files (default: the system temp dir).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
     /// Run only the subjects whose label contains this text (e.g. `wasm`); the ceiling
     /// always runs.
     #[arg(long)]
-    only: Option<String>,
+    pub only: Option<String>,
     /// Print the results as JSON instead of the tables.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// Every problem with these options.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.rounds == 0 {
+            problems.push("--rounds must be at least 1".to_string());
+        }
+        if !(self.rate > 0.0 && self.rate <= 100_000.0) {
+            problems.push("--rate must be in (0, 100000]".into());
+        }
+        if !(self.paced_secs > 0.0 && self.paced_secs <= 600.0) {
+            problems.push("--paced-secs must be in (0, 600]".into());
+        }
+        if !(self.warmup_secs >= 0.0 && self.warmup_secs <= 600.0) {
+            problems.push("--warmup-secs must be in [0, 600]".into());
+        }
+        if !(1..=256).contains(&self.partitions) {
+            problems.push("--partitions must be in 1..=256".into());
+        }
+        if self.commit_interval_ms == 0 {
+            problems.push("--commit-interval-ms must be at least 1".into());
+        }
+        for p in &self.librdkafka {
+            if p.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                problems.push(format!("--librdkafka `{p}` is not KEY=VALUE"));
+            }
+        }
+        problems
+    }
+
+    /// The librdkafka properties every client gets (`--fetch-wait-ms`, `--librdkafka`).
+    pub fn properties(&self) -> Vec<(String, String)> {
+        let mut properties = Vec::new();
+        if let Some(wait) = self.fetch_wait_ms {
+            properties.push(("fetch.wait.max.ms".to_string(), wait.to_string()));
+        }
+        for p in &self.librdkafka {
+            if let Some((k, v)) = p.split_once('=') {
+                properties.push((k.to_string(), v.to_string()));
+            }
+        }
+        properties
+    }
+
+    /// Whether `--only` selects the subject labelled `label`.
+    pub fn selects(&self, label: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| label.contains(o))
+    }
+}
+
+impl super::Summary for ThroughputRun {
+    fn summary(&self) -> String {
+        format!(
+            "backlog produced in {:.1} s; drained at {:.0} events/s{}",
+            self.produce_seconds,
+            self.rate,
+            if self.complete { "" } else { " (INCOMPLETE)" }
+        )
+    }
+}
+
+impl super::Summary for LatencyRun {
+    fn summary(&self) -> String {
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            self.p50_us / 1e3,
+            self.p99_us / 1e3
+        )
+    }
 }
 
 /// Check the options, run the bench, print the report.
 pub fn main(args: &Args) -> Result<()> {
     check(args)?;
-    let report = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))?;
-    if args.json {
+    let report = super::block_on(run(args))?;
+    if args.run.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).context("encoding the report")?
@@ -144,48 +223,27 @@ pub fn main(args: &Args) -> Result<()> {
 }
 
 fn check(args: &Args) -> Result<()> {
-    let mut problems = Vec::new();
-    if args.events == 0 || args.rounds == 0 || args.keys == 0 {
-        problems.push("--events, --rounds and --keys must be at least 1".to_string());
+    let mut problems = args.run.problems();
+    if args.events == 0 || args.keys == 0 {
+        problems.push("--events and --keys must be at least 1".to_string());
     }
-    if !(args.rate > 0.0 && args.rate <= 100_000.0) {
-        problems.push("--rate must be in (0, 100000]".into());
-    }
-    if !(args.paced_secs > 0.0 && args.paced_secs <= 600.0) {
-        problems.push("--paced-secs must be in (0, 600]".into());
-    }
-    if !(args.warmup_secs >= 0.0 && args.warmup_secs <= 600.0) {
-        problems.push("--warmup-secs must be in [0, 600]".into());
-    }
-    if !(1..=256).contains(&args.partitions) {
-        problems.push("--partitions must be in 1..=256".into());
-    }
-    if args.commit_interval_ms == 0 {
-        problems.push("--commit-interval-ms must be at least 1".into());
-    }
-    for p in &args.librdkafka {
-        if p.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
-            problems.push(format!("--librdkafka `{p}` is not KEY=VALUE"));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        bail!("{}", problems.join("; "))
-    }
+    super::no_problems(problems)
 }
 
 /// What a run measures.
-enum Kind {
+pub enum Kind {
     /// A plugin version through Spate's dispatcher.
     Spate(Arc<dyn PluginVersion>),
-    /// The plain rdkafka program.
+    /// The plain rdkafka program doing the job.
     Ceiling,
 }
 
-struct Subject {
-    label: String,
-    kind: Kind,
+/// One row of a bench on Kafka.
+pub struct Subject {
+    /// Row label.
+    pub label: String,
+    /// What runs.
+    pub kind: Kind,
 }
 
 impl Subject {
@@ -206,12 +264,38 @@ impl Subject {
 }
 
 /// Settings every run of the bench shares.
-struct Shared {
+pub struct Shared {
     common: Common,
     input_topic: String,
+    output_topic: String,
+    job: Job,
     partitions: i32,
     commit_interval: Duration,
     root: PathBuf,
+}
+
+impl Shared {
+    /// Subjects doing `job`, reading `input_topic` and emitting to `output_topic`, with
+    /// `args`' client settings; temporary files under `root`.
+    pub fn new(
+        args: &RunArgs,
+        input_topic: String,
+        output_topic: String,
+        job: Job,
+        root: PathBuf,
+    ) -> Self {
+        Self {
+            common: Common {
+                properties: args.properties(),
+            },
+            input_topic,
+            output_topic,
+            job,
+            partitions: args.partitions,
+            commit_interval: Duration::from_millis(args.commit_interval_ms),
+            root,
+        }
+    }
 }
 
 /// A fresh broker with the run's topics.
@@ -235,7 +319,7 @@ impl Stage {
         let dead_letter_topic = subject.dead_letter_topic();
         for topic in [
             shared.input_topic.as_str(),
-            OUTPUT_TOPIC,
+            shared.output_topic.as_str(),
             dead_letter_topic.as_str(),
             WARM_TOPIC,
         ] {
@@ -254,7 +338,7 @@ impl Stage {
             &shared.common,
             &self.bootstrap,
             &shared.input_topic,
-            OUTPUT_TOPIC,
+            &shared.output_topic,
             &self.dead_letter_topic,
             shared.partitions,
         )
@@ -309,7 +393,8 @@ impl Running {
                     bootstrap: stage.bootstrap.clone(),
                     group: CEILING_GROUP.into(),
                     input: shared.input_topic.clone(),
-                    output: OUTPUT_TOPIC.into(),
+                    output: shared.output_topic.clone(),
+                    job: shared.job,
                     warm_topic: WARM_TOPIC.into(),
                     commit_interval: shared.commit_interval,
                     common: shared.common.clone(),
@@ -426,6 +511,7 @@ async fn throughput(
 ) -> Result<ThroughputRun> {
     let stage = Stage::new(subject, shared).await?;
     let events = workload.events(n, "tp", 1);
+    let expected = shared.job.outputs(&events);
     let produce_start = Instant::now();
     let acks = {
         let (common, bootstrap, topic) = (
@@ -450,7 +536,7 @@ async fn throughput(
     let (running, start) = Running::start(subject, &stage, shared).await?;
     let cpu_start = clients::cpu_seconds("self");
     let broker_start = stage.broker_cpu();
-    let complete = observer.wait(n, STALL_TIMEOUT).await;
+    let complete = observer.wait(expected, STALL_TIMEOUT).await;
     let cpu_end = clients::cpu_seconds("self");
     let broker_end = stage.broker_cpu();
     running.stop().await?;
@@ -472,16 +558,11 @@ async fn throughput(
         .map(|w| w[1].saturating_duration_since(w[0]))
         .max()
         .unwrap_or_default();
-    let rate = |secs: f64| {
-        if secs > 0.0 {
-            outputs as f64 / secs
-        } else {
-            0.0
-        }
-    };
+    let rate = |secs: f64| inputs_per_second(n, expected, outputs, secs);
     Ok(ThroughputRun {
         events: n,
         produce_seconds,
+        expected_outputs: expected,
         outputs,
         complete,
         duplicates: seen.duplicates,
@@ -517,7 +598,8 @@ fn check_backlog(acks: &[(Instant, clients::Ack)], partitions: i32) -> Result<()
     Ok(())
 }
 
-/// Send inputs at `rate` and measure each one's send-to-visible time.
+/// Send inputs at `rate` and measure the send-to-visible time of each one that makes an
+/// output.
 async fn latency(
     subject: &Subject,
     shared: &Shared,
@@ -532,6 +614,7 @@ async fn latency(
     let measured_events = (rate * measured.as_secs_f64()).round().max(1.0) as usize;
     let total = warm_events + measured_events;
     let events = workload.events(total, "lat", 2);
+    let event_emits = shared.job.emits(events.iter().map(|e| e.key.as_deref()));
     let (running, start) = Running::start(subject, &stage, shared).await?;
 
     let progress = observer.progress();
@@ -552,7 +635,7 @@ async fn latency(
                 bail!("no output within {JOIN_TIMEOUT:?} of starting the subject");
             }
             producer.send(&NewEvent {
-                key: Some(b"probe".to_vec()),
+                key: Some(PROBE_KEY.to_vec()),
                 payload: format!("{{\"probe\":{probes}}}").into_bytes(),
                 headers: Vec::new(),
             })?;
@@ -571,8 +654,15 @@ async fn latency(
         Ok((probes, joined, producer.finish()?))
     });
     let (probes, joined, acks) = paced.await.context("paced producer panicked")??;
+    // Which inputs make an output, in the order they were sent: the probes (a key of
+    // their own), then the rest.
+    let mut emits = shared
+        .job
+        .emits(std::iter::repeat_n(Some(PROBE_KEY), probes));
+    emits.extend(event_emits);
+    let expected = emits.iter().filter(|e| **e).count();
     // An output that never came counts as missing below.
-    observer.wait(acks.len(), STALL_TIMEOUT).await;
+    observer.wait(expected, STALL_TIMEOUT).await;
     running.stop().await?;
     let seen = observer.finish().await?;
     let committed = stage
@@ -597,7 +687,8 @@ async fn latency(
     ack_times.sort_unstable();
     let missing = acks
         .iter()
-        .filter(|(_, a)| !seen.arrivals.contains_key(&(a.partition, a.offset)))
+        .zip(&emits)
+        .filter(|((_, a), emits)| **emits && !seen.arrivals.contains_key(&(a.partition, a.offset)))
         .count();
     let span = match (measured_acks.first(), measured_acks.last()) {
         (Some((a, _)), Some((b, _))) => b.saturating_duration_since(*a).as_secs_f64(),
@@ -615,6 +706,7 @@ async fn latency(
         startup_seconds: joined.saturating_duration_since(start).as_secs_f64(),
         events: total,
         samples: samples.len(),
+        expected_outputs: expected,
         missing,
         duplicates: seen.duplicates,
         dead_letters: seen.dead_letters,
@@ -631,75 +723,224 @@ async fn latency(
 }
 
 fn summarize(rounds: Vec<LatencyRun>) -> LatencySummary {
-    let mut pooled: Vec<Duration> = rounds
-        .iter()
-        .flat_map(|r| r.samples_us.iter())
-        .map(|us| Duration::from_secs_f64(us / 1e6))
-        .collect();
-    pooled.sort_unstable();
-    let us = |q: f64| percentile(&pooled, q).as_secs_f64() * 1e6;
+    let pooled = pool(rounds.iter().map(|r| r.samples_us.as_slice()));
     LatencySummary {
-        samples: pooled.len(),
-        p50_us: us(0.5),
-        p90_us: us(0.9),
-        p99_us: us(0.99),
-        max_us: us(1.0),
+        samples: pooled.samples,
+        p50_us: pooled.p50_us,
+        p90_us: pooled.p90_us,
+        p99_us: pooled.p99_us,
+        max_us: pooled.max_us,
         rounds,
     }
 }
 
-async fn run(args: &Args) -> Result<KafkaReport> {
-    let plugins_dir = args
-        .plugins_dir
-        .clone()
-        .unwrap_or_else(super::default_plugins_dir);
-    let parent = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let root = tempfile::Builder::new()
-        .prefix("spate-bench-kafka-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a directory under {}", parent.display()))?;
+/// The workloads of a bench on Kafka.
+pub struct Workloads {
+    /// The backlog of each throughput run.
+    pub backlog: Workload,
+    /// Events of each throughput run.
+    pub events: usize,
+    /// The paced runs' inputs.
+    pub paced: Workload,
+}
 
-    let mut sandbox_config = SandboxConfig::new(root.path().join("compiled"));
-    sandbox_config.max_memory_bytes = super::SANDBOX_MAX_MEMORY_MB << 20;
-    sandbox_config.pool_instances = super::SANDBOX_POOL_INSTANCES;
-    let sandbox = Sandbox::new(sandbox_config).context("starting the sandbox")?;
+/// Run `rounds` interleaved rounds of `subjects` (per round: each one's throughput run,
+/// then each one's paced run) and summarize each subject: its median throughput round and
+/// its latency pooled over the rounds.
+pub async fn measure(
+    subjects: &[Subject],
+    shared: &Shared,
+    args: &RunArgs,
+    workloads: &Workloads,
+) -> Result<Vec<SubjectResult>> {
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
+    let measured = Duration::from_secs_f64(args.paced_secs);
     super::progress(&format!(
-        "compiling trivial.wasm from {}",
-        plugins_dir.display()
+        "{} events per throughput run; paced runs at {} events/s for {} s",
+        workloads.events, args.rate, args.paced_secs
     ));
-    let trivial = {
-        let sandbox = Arc::clone(&sandbox);
-        let dir = plugins_dir.clone();
-        tokio::task::spawn_blocking(move || super::load(&sandbox, &dir, "trivial.wasm", "trivial"))
-            .await
-            .context("compile task panicked")??
-    };
-    let fresh_m = super::manifest(
-        super::TRIVIAL_MANIFEST,
-        args.concurrency,
-        "plugins/trivial/spate.toml",
-    )?;
-    let input_topic = fresh_m
-        .subscriptions
-        .first()
-        .map(|s| s.topic.clone())
-        .context("the trivial manifest subscribes to nothing")?;
-    let mut native_m = fresh_m.clone();
-    native_m.name = "native-trivial".into();
-    let mut changes = vec![
-        "native trivial = plugins/trivial/spate.toml with name = \"native-trivial\" (its own group and DLQ)"
-            .to_string(),
-    ];
-    if let Some(c) = args.concurrency {
-        changes.push(format!("limits.concurrency = {c} (--concurrency)"));
+    let runs = super::interleave(
+        subjects,
+        args.rounds,
+        |s| s.label.as_str(),
+        async |subject| throughput(subject, shared, &workloads.backlog, workloads.events).await,
+        async |subject| {
+            let paced = &workloads.paced;
+            latency(subject, shared, paced, args.rate, warmup, measured).await
+        },
+    )
+    .await?;
+
+    let mut results = Vec::new();
+    for (subject, (rounds, lat)) in subjects.iter().zip(runs) {
+        let mut sorted = rounds.clone();
+        sorted.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        let median = sorted
+            .get(sorted.len() / 2)
+            .cloned()
+            .context("no throughput rounds ran")?;
+        results.push(SubjectResult {
+            label: subject.label.clone(),
+            group: subject.group(),
+            concurrency: match &subject.kind {
+                Kind::Spate(v) => Some(v.info().manifest.limits.concurrency),
+                Kind::Ceiling => None,
+            },
+            throughput: median,
+            throughput_rounds: rounds,
+            latency: summarize(lat),
+        });
     }
-    let concurrency = fresh_m.limits.concurrency;
-    let info = |m, hash: &str| Arc::new(PluginInfo::new(m, hash.to_string()));
-    let wasm: Arc<dyn PluginVersion> =
-        sandbox.plugin(&trivial.component, info(fresh_m, &trivial.hash))?;
-    let native: Arc<dyn PluginVersion> =
-        Arc::new(NativeTrivial::new(info(native_m, &"0".repeat(64))));
+    Ok(results)
+}
+
+/// Each Spate subject of `results` against the ceiling among them (none without one).
+pub fn ratios(results: &[SubjectResult]) -> Vec<Ratio> {
+    let Some(ceiling) = results.iter().find(|r| r.concurrency.is_none()) else {
+        return Vec::new();
+    };
+    let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
+    results
+        .iter()
+        .filter(|r| r.concurrency.is_some())
+        .map(|r| Ratio {
+            label: r.label.clone(),
+            ceiling: ceiling.label.clone(),
+            percent: pct(r.throughput.rate, ceiling.throughput.rate),
+            drain_percent: pct(r.throughput.drain_rate, ceiling.throughput.drain_rate),
+        })
+        .collect()
+}
+
+/// The settings part of a report on a run with `args`, `events` per backlog over `keys`.
+pub fn settings(args: &RunArgs, events: usize, keys: u32) -> KafkaSettings {
+    KafkaSettings {
+        broker: format!("Apache Kafka {} (KRaft, one node)", kafka_version()),
+        partitions: args.partitions,
+        keys,
+        throughput_events: events,
+        rounds: args.rounds,
+        paced_rate: args.rate,
+        paced_seconds: args.paced_secs,
+        paced_warmup_seconds: args.warmup_secs,
+        commit_interval_ms: args.commit_interval_ms,
+        librdkafka: args
+            .properties()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+    }
+}
+
+/// What a bench on Kafka starts from: a temporary directory, the sandbox, one compiled
+/// plugin, its manifest from the tree (with `--concurrency`), and the topics that
+/// manifest reads and emits to.
+pub struct Setup {
+    /// Where the temporary directory is.
+    pub parent: PathBuf,
+    /// The temporary directory (removed when dropped).
+    pub root: tempfile::TempDir,
+    /// The sandbox, with the server's defaults.
+    pub sandbox: Arc<Sandbox>,
+    /// The compiled plugin.
+    pub plugin: super::Loaded,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The manifest's first subscription.
+    pub input_topic: String,
+    /// The manifest's first emit topic.
+    pub output_topic: String,
+}
+
+impl Setup {
+    /// Compile `file` (plugin `name`) from `--plugins-dir`, parse `manifest` (the text of
+    /// `manifest_path`), and make a temporary directory with `prefix`.
+    pub async fn new(
+        run: &RunArgs,
+        prefix: &str,
+        file: &'static str,
+        name: &'static str,
+        manifest: &str,
+        manifest_path: &str,
+    ) -> Result<Self> {
+        let plugins_dir = run
+            .plugins_dir
+            .clone()
+            .unwrap_or_else(super::default_plugins_dir);
+        let parent = run.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let root = super::temp_root(&parent, prefix)?;
+        let sandbox = super::sandbox(root.path())?;
+        super::progress(&format!("compiling {file} from {}", plugins_dir.display()));
+        let plugin = {
+            let sandbox = Arc::clone(&sandbox);
+            tokio::task::spawn_blocking(move || super::load(&sandbox, &plugins_dir, file, name))
+                .await
+                .context("compile task panicked")??
+        };
+        let manifest = super::manifest(manifest, run.concurrency, manifest_path)?;
+        let input_topic = manifest
+            .subscriptions
+            .first()
+            .map(|s| s.topic.clone())
+            .with_context(|| format!("{manifest_path} subscribes to nothing"))?;
+        let output_topic = manifest
+            .capabilities
+            .emit_topics
+            .first()
+            .cloned()
+            .with_context(|| format!("{manifest_path} emits to no topic"))?;
+        Ok(Self {
+            parent,
+            root,
+            sandbox,
+            plugin,
+            manifest,
+            input_topic,
+            output_topic,
+        })
+    }
+
+    /// The compiled plugin as a version described by `manifest`.
+    pub fn version(&self, manifest: Manifest) -> Result<Arc<dyn PluginVersion>> {
+        let info = Arc::new(PluginInfo::new(manifest, self.plugin.hash.clone()));
+        Ok(self.sandbox.plugin(&self.plugin.component, info)?)
+    }
+
+    /// How the subjects' manifests differ from the tree's, for the report: `changes`,
+    /// then `--concurrency`.
+    pub fn changes(&self, run: &RunArgs, changes: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        if let Some(c) = run.concurrency {
+            out.push(format!("limits.concurrency = {c} (--concurrency)"));
+        }
+        out
+    }
+}
+
+/// What the host knows of a native handler described by `manifest`.
+pub fn native_info(manifest: Manifest) -> Arc<PluginInfo> {
+    Arc::new(PluginInfo::new(manifest, "0".repeat(64)))
+}
+
+async fn run(args: &Args) -> Result<KafkaReport> {
+    let run = &args.run;
+    let setup = Setup::new(
+        run,
+        "spate-bench-kafka-",
+        "trivial.wasm",
+        "trivial",
+        super::TRIVIAL_MANIFEST,
+        "plugins/trivial/spate.toml",
+    )
+    .await?;
+    let mut native_m = setup.manifest.clone();
+    native_m.name = "native-trivial".into();
+    let changes = setup.changes(
+        run,
+        &["native trivial = plugins/trivial/spate.toml with name = \"native-trivial\" (its own group and DLQ)"],
+    );
+    let wasm = setup.version(setup.manifest.clone())?;
+    let native: Arc<dyn PluginVersion> = Arc::new(NativeTrivial::new(native_info(native_m)));
 
     let all = vec![
         Subject {
@@ -717,128 +958,29 @@ async fn run(args: &Args) -> Result<KafkaReport> {
     ];
     let subjects: Vec<Subject> = all
         .into_iter()
-        .filter(|s| {
-            matches!(s.kind, Kind::Ceiling)
-                || args.only.as_deref().is_none_or(|o| s.label.contains(o))
-        })
+        .filter(|s| matches!(s.kind, Kind::Ceiling) || run.selects(&s.label))
         .collect();
-
-    let mut properties = Vec::new();
-    if let Some(wait) = args.fetch_wait_ms {
-        properties.push(("fetch.wait.max.ms".to_string(), wait.to_string()));
-    }
-    for p in &args.librdkafka {
-        if let Some((k, v)) = p.split_once('=') {
-            properties.push((k.to_string(), v.to_string()));
-        }
-    }
-    let shared = Shared {
-        common: Common {
-            properties: properties.clone(),
-        },
-        input_topic,
-        partitions: args.partitions,
-        commit_interval: Duration::from_millis(args.commit_interval_ms),
-        root: root.path().to_path_buf(),
-    };
+    let shared = Shared::new(
+        run,
+        setup.input_topic.clone(),
+        setup.output_topic.clone(),
+        Job::OnePerInput,
+        setup.root.path().to_path_buf(),
+    );
     let workload = Workload::Keyed { keys: args.keys };
-    let warmup = Duration::from_secs_f64(args.warmup_secs);
-    let measured = Duration::from_secs_f64(args.paced_secs);
-
-    let mut throughputs: Vec<Vec<ThroughputRun>> = subjects.iter().map(|_| Vec::new()).collect();
-    let mut latencies: Vec<Vec<LatencyRun>> = subjects.iter().map(|_| Vec::new()).collect();
-    for round in 1..=args.rounds {
-        for (i, subject) in subjects.iter().enumerate() {
-            super::progress(&format!(
-                "round {round}/{}: {}: throughput, {} events",
-                args.rounds, subject.label, args.events
-            ));
-            let t = throughput(subject, &shared, &workload, args.events)
-                .await
-                .with_context(|| format!("{}: throughput run", subject.label))?;
-            super::progress(&format!(
-                "  backlog produced in {:.1} s; drained at {:.0} events/s{}",
-                t.produce_seconds,
-                t.rate,
-                if t.complete { "" } else { " (INCOMPLETE)" }
-            ));
-            throughputs[i].push(t);
-        }
-        for (i, subject) in subjects.iter().enumerate() {
-            super::progress(&format!(
-                "round {round}/{}: {}: paced, {} events/s for {} s",
-                args.rounds, subject.label, args.rate, args.paced_secs
-            ));
-            let l = latency(subject, &shared, &workload, args.rate, warmup, measured)
-                .await
-                .with_context(|| format!("{}: latency run", subject.label))?;
-            super::progress(&format!(
-                "  p50 {:.2} ms, p99 {:.2} ms",
-                l.p50_us / 1e3,
-                l.p99_us / 1e3
-            ));
-            latencies[i].push(l);
-        }
-    }
-
-    let mut results = Vec::new();
-    for ((subject, rounds), lat) in subjects.iter().zip(throughputs).zip(latencies) {
-        let mut sorted = rounds.clone();
-        sorted.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-        let median = sorted
-            .get(sorted.len() / 2)
-            .cloned()
-            .context("no throughput rounds ran")?;
-        results.push(SubjectResult {
-            label: subject.label.clone(),
-            group: subject.group(),
-            concurrency: match subject.kind {
-                Kind::Spate(_) => Some(concurrency),
-                Kind::Ceiling => None,
-            },
-            throughput: median,
-            throughput_rounds: rounds,
-            latency: summarize(lat),
-        });
-    }
-    let ratios = match results.iter().find(|r| r.concurrency.is_none()) {
-        Some(ceiling) => results
-            .iter()
-            .filter(|r| r.concurrency.is_some())
-            .map(|r| {
-                let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
-                Ratio {
-                    label: r.label.clone(),
-                    ceiling: ceiling.label.clone(),
-                    percent: pct(r.throughput.rate, ceiling.throughput.rate),
-                    drain_percent: pct(r.throughput.drain_rate, ceiling.throughput.drain_rate),
-                }
-            })
-            .collect(),
-        None => Vec::new(),
+    let workloads = Workloads {
+        backlog: workload.clone(),
+        events: args.events,
+        paced: workload,
     };
+    let results = measure(&subjects, &shared, run, &workloads).await?;
+    let ratios = ratios(&results);
 
     Ok(KafkaReport {
-        machine: Machine {
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            cpu_model: super::cpu_model(),
-            data_root: parent.display().to_string(),
-        },
-        settings: KafkaSettings {
-            broker: format!("Apache Kafka {} (KRaft, one node)", kafka_version()),
-            partitions: args.partitions,
-            keys: args.keys,
-            throughput_events: args.events,
-            rounds: args.rounds,
-            paced_rate: args.rate,
-            paced_seconds: args.paced_secs,
-            paced_warmup_seconds: args.warmup_secs,
-            commit_interval_ms: args.commit_interval_ms,
-            librdkafka: properties.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        },
-        plugins: vec![trivial.load],
+        job: "the trivial plugin (one `{}` per input)".into(),
+        machine: super::machine(&setup.parent),
+        settings: settings(run, args.events, args.keys),
+        plugins: vec![setup.plugin.load],
         subjects: results,
         ratios,
         manifest_changes: changes,

@@ -1,6 +1,8 @@
 //! `spate-bench`: measures the embedded path end to end and the price of the sandbox; its
 //! `kafka` subcommand measures Spate on a real Kafka broker against a plain rdkafka program
-//! doing the same work (see the `kafka` module).
+//! doing the same work (see the `kafka` module), and its `count` subcommand runs the count
+//! job (a per-key counter in durable state) on Kafka and on the embedded log (see the
+//! `count` module).
 //!
 //! It loads the `trivial` and `order-totals` components (built for `wasm32-wasip2`), runs
 //! them and a native Rust twin of `trivial` through the real dispatcher against the
@@ -9,6 +11,7 @@
 //! drives is the runtime's own code (`spate-core`, `spate-engine`), wired as `spate up`
 //! wires it. Run it through `scripts/bench`, which builds the plugins first.
 
+mod count;
 mod harness;
 mod kafka;
 mod micro;
@@ -29,10 +32,12 @@ use spate_engine::{Sandbox, SandboxConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use workload::Workload;
+use workload::{Job, Workload};
 
 /// Manifest of the `trivial` plugin, as in the tree.
 const TRIVIAL_MANIFEST: &str = include_str!("../../../plugins/trivial/spate.toml");
+/// Manifest of the `count` plugin, as in the tree.
+const COUNT_MANIFEST: &str = include_str!("../../../plugins/count/spate.toml");
 /// Manifest of the `order-totals` plugin, as in the tree.
 const ORDER_TOTALS_MANIFEST: &str = include_str!("../../../plugins/order-totals/spate.toml");
 /// Sandbox memory ceiling per slot and pool size: the server's defaults.
@@ -62,6 +67,10 @@ enum Command {
     /// Spate on a real Kafka broker (Apache Kafka, KRaft, one node) against a plain
     /// rdkafka consumer doing the same work: throughput and paced latency.
     Kafka(kafka::Args),
+    /// The count job (a per-key counter in durable state, an emit every 10th event of a
+    /// key): the `count` plugin fresh and warm, its native twin and a plain rdkafka
+    /// ceiling on Kafka, and the plugin and its twin on the embedded log.
+    Count(count::Args),
 }
 
 /// Options of the embedded bench.
@@ -119,16 +128,14 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Some(Command::Kafka(args)) = &cli.command {
-        return kafka::main(args);
+    match &cli.command {
+        Some(Command::Kafka(args)) => return kafka::main(args),
+        Some(Command::Count(args)) => return count::main(args),
+        None => {}
     }
     let args = cli.embedded;
     check(&args)?;
-    let report = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(&args))?;
+    let report = block_on(run(&args))?;
     if args.json {
         println!(
             "{}",
@@ -174,11 +181,121 @@ fn progress(line: &str) {
     eprintln!("spate-bench: {line}");
 }
 
+/// Run `bench` on a multi-threaded tokio runtime of its own.
+fn block_on<T>(bench: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(bench)
+}
+
+/// `Ok` if there are no `problems`, else all of them in one error.
+fn no_problems(problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("; "))
+    }
+}
+
+/// A run's result in one line of progress.
+trait Summary {
+    /// E.g. `p50 1.20 ms, p99 8.00 ms`.
+    fn summary(&self) -> String;
+}
+
+impl Summary for harness::Throughput {
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} events/s{}",
+            self.events_per_second,
+            if self.complete { "" } else { " (INCOMPLETE)" }
+        )
+    }
+}
+
+impl Summary for harness::Latency {
+    fn summary(&self) -> String {
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            self.p50_us / 1e3,
+            self.p99_us / 1e3
+        )
+    }
+}
+
+/// Interleaved rounds: each round runs `throughput` on every subject (named by `label`),
+/// then `paced` on every subject, so a slow spell of the shared machine hits every subject
+/// instead of one. Returns each subject's results in run order.
+async fn interleave<S, T: Summary, L: Summary>(
+    subjects: &[S],
+    rounds: usize,
+    label: impl Fn(&S) -> &str,
+    mut throughput: impl AsyncFnMut(&S) -> Result<T>,
+    mut paced: impl AsyncFnMut(&S) -> Result<L>,
+) -> Result<Vec<(Vec<T>, Vec<L>)>> {
+    let mut results: Vec<(Vec<T>, Vec<L>)> =
+        subjects.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    for round in 1..=rounds {
+        for (subject, (t, _)) in subjects.iter().zip(results.iter_mut()) {
+            let label = label(subject);
+            progress(&format!("round {round}/{rounds}: {label}: throughput"));
+            let run = throughput(subject)
+                .await
+                .with_context(|| format!("{label}: throughput run"))?;
+            progress(&format!("  {}", run.summary()));
+            t.push(run);
+        }
+        for (subject, (_, l)) in subjects.iter().zip(results.iter_mut()) {
+            let label = label(subject);
+            progress(&format!("round {round}/{rounds}: {label}: paced"));
+            let run = paced(subject)
+                .await
+                .with_context(|| format!("{label}: latency run"))?;
+            progress(&format!("  {}", run.summary()));
+            l.push(run);
+        }
+    }
+    Ok(results)
+}
+
+/// A fresh directory under `parent` (created if missing) for one run's files.
+fn temp_root(parent: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a directory under {}", parent.display()))
+}
+
+/// The sandbox with the server's defaults, its compiled-code cache under `root`.
+fn sandbox(root: &Path) -> Result<Arc<Sandbox>> {
+    let mut config = SandboxConfig::new(root.join("compiled"));
+    config.max_memory_bytes = SANDBOX_MAX_MEMORY_MB << 20;
+    config.pool_instances = SANDBOX_POOL_INSTANCES;
+    Sandbox::new(config).context("starting the sandbox")
+}
+
+/// This machine, with data directories under `data_root`.
+fn machine(data_root: &Path) -> Machine {
+    Machine {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        cpu_model: cpu_model(),
+        data_root: data_root.display().to_string(),
+    }
+}
+
 /// A compiled component with its content hash.
-struct Loaded {
-    component: wasmtime::component::Component,
-    hash: String,
-    load: PluginLoad,
+pub struct Loaded {
+    /// The component.
+    pub component: wasmtime::component::Component,
+    /// Its content hash.
+    pub hash: String,
+    /// How loading it went.
+    pub load: PluginLoad,
 }
 
 fn load(sandbox: &Sandbox, dir: &Path, file: &str, name: &str) -> Result<Loaded> {
@@ -228,17 +345,9 @@ fn cpu_model() -> Option<String> {
 async fn run(args: &Args) -> Result<Report> {
     let plugins_dir = args.plugins_dir.clone().unwrap_or_else(default_plugins_dir);
     let parent = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let root = tempfile::Builder::new()
-        .prefix("spate-bench-run-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a directory under {}", parent.display()))?;
+    let root = temp_root(&parent, "spate-bench-run-")?;
     let root_path = root.path().to_path_buf();
-
-    let mut sandbox_config = SandboxConfig::new(root_path.join("compiled"));
-    sandbox_config.max_memory_bytes = SANDBOX_MAX_MEMORY_MB << 20;
-    sandbox_config.pool_instances = SANDBOX_POOL_INSTANCES;
-    let sandbox = Sandbox::new(sandbox_config).context("starting the sandbox")?;
+    let sandbox = sandbox(&root_path)?;
 
     progress(&format!("compiling plugins from {}", plugins_dir.display()));
     let (trivial, order_totals) = {
@@ -366,6 +475,7 @@ async fn run(args: &Args) -> Result<Report> {
             input_topic: in_topic.clone(),
             output_topic: "out".into(),
             workload: keyed.clone(),
+            job: Job::OnePerInput,
         },
         Subject {
             label: "trivial wasm, warm".into(),
@@ -373,6 +483,7 @@ async fn run(args: &Args) -> Result<Report> {
             input_topic: in_topic.clone(),
             output_topic: "out".into(),
             workload: keyed.clone(),
+            job: Job::OnePerInput,
         },
         Subject {
             label: "order-totals wasm, fresh".into(),
@@ -382,6 +493,7 @@ async fn run(args: &Args) -> Result<Report> {
             workload: Workload::Orders {
                 customers: args.customers,
             },
+            job: Job::OnePerInput,
         },
         Subject {
             label: "native trivial".into(),
@@ -389,6 +501,7 @@ async fn run(args: &Args) -> Result<Report> {
             input_topic: in_topic,
             output_topic: "out".into(),
             workload: keyed,
+            job: Job::OnePerInput,
         },
     ];
 
@@ -428,6 +541,7 @@ async fn run(args: &Args) -> Result<Report> {
         ));
         let latency = harness::latency(
             subject,
+            &subject.workload,
             &root_path,
             &settings,
             args.rate,
@@ -454,13 +568,7 @@ async fn run(args: &Args) -> Result<Report> {
     }
 
     Ok(Report {
-        machine: Machine {
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            cpu_model: cpu_model(),
-            data_root: parent.display().to_string(),
-        },
+        machine: machine(&parent),
         settings: Settings {
             throughput_events: args.events,
             throughput_rounds: args.rounds,
@@ -489,7 +597,7 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
-    fn the_embedded_options_and_the_kafka_subcommand_both_parse() {
+    fn the_embedded_options_and_the_subcommands_parse() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["spate-bench", "--events", "7", "--only", "order"])
             .map_err(|e| e.to_string());
@@ -509,6 +617,25 @@ mod tests {
             "linger.ms=5",
         ])
         .map_err(|e| e.to_string());
-        assert!(matches!(&cli, Ok(c) if c.command.is_some()), "{cli:?}");
+        assert!(
+            matches!(&cli, Ok(c) if matches!(c.command, Some(Command::Kafka(_)))),
+            "{cli:?}"
+        );
+        let cli = Cli::try_parse_from([
+            "spate-bench",
+            "count",
+            "--plugins-dir",
+            "/p",
+            "--events",
+            "20000",
+            "--rounds",
+            "1",
+            "--json",
+        ])
+        .map_err(|e| e.to_string());
+        assert!(
+            matches!(&cli, Ok(c) if matches!(c.command, Some(Command::Count(_)))),
+            "{cli:?}"
+        );
     }
 }

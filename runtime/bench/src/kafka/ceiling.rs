@@ -1,17 +1,22 @@
-//! The ceiling: the trivial plugin's work as a plain rdkafka program with no Spate in it.
+//! The ceiling: a plugin's job as a plain rdkafka program with no Spate in it.
 //!
-//! One thread polls a [`BaseConsumer`] in a consumer group and, for each input, enqueues
-//! one `{}` keyed like the input (with the same `spate-source` header Spate adds, so the
-//! observer matches both alike) on an idempotent `acks=all` [`ThreadedProducer`]; the
-//! delivery callback retires the input, and every commit interval the thread commits,
-//! per partition, the offset below which every input's output is acknowledged. Client
-//! settings copy `spate-kafka`'s (`KafkaOptions::consumer` and `producer`), so the
-//! difference to Spate is the dispatcher, the host API and the sandbox.
+//! One thread polls a [`BaseConsumer`] in a consumer group and, for each input, does the
+//! [`Job`]: the trivial plugin's enqueues one `{}`; the count job's adds one to the key's
+//! counter in a `HashMap` and, every 10th input of a key, enqueues `{"n":N,"v":<input>}`.
+//! Outputs are keyed like the input, carry the same `spate-source` header Spate adds (so
+//! the observer matches both alike) and go to an idempotent `acks=all`
+//! [`ThreadedProducer`]; the delivery callback retires the input, and every commit
+//! interval the thread commits, per partition, the offset below which every input's output
+//! is acknowledged (an input without an output retires at once). Client settings copy
+//! `spate-kafka`'s (`KafkaOptions::consumer` and `producer`), so the difference to Spate is
+//! the dispatcher, the host API, durable state and the sandbox.
 //!
-//! It does not handle revocations (a run has one member that keeps every partition) and
-//! never retries a failed delivery (it counts it and commits nothing past it).
+//! It does not handle revocations (a run has one member that keeps every partition), never
+//! retries a failed delivery (it counts it and commits nothing past it), and its counters
+//! live in memory only: it is the ceiling, not a durable implementation.
 
 use super::clients::Common;
+use crate::workload::{Job, counted};
 use anyhow::{Context, Result, bail};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -20,6 +25,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use spate_core::types::headers;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,6 +110,8 @@ pub struct Settings {
     pub input: String,
     /// Topic produced to.
     pub output: String,
+    /// What each input becomes.
+    pub job: Job,
     /// Topic of the one record that initialises the producer before consuming starts.
     pub warm_topic: String,
     /// How often acknowledged positions are committed.
@@ -218,16 +226,24 @@ fn run(
 ) -> Result<Stats> {
     let mut stats = Stats::default();
     let mut committed: HashMap<i32, i64> = HashMap::new();
+    let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if let Some(Ok(m)) = consumer.poll(POLL) {
             let (partition, offset) = (m.partition(), m.offset());
+            let payload = output(settings.job, &mut counts, m.key(), m.payload())?;
             {
                 let mut parts = lock(&tracker.partitions);
                 let p = parts.entry(partition).or_default();
-                p.pending.insert(offset);
+                if payload.is_some() {
+                    p.pending.insert(offset);
+                }
                 p.next = offset + 1;
             }
+            stats.consumed += 1;
+            let Some(payload) = payload else {
+                continue;
+            };
             let source = format!("{}/{partition}/{offset}", m.topic());
             let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
                 key: headers::SOURCE,
@@ -237,7 +253,7 @@ fn run(
                 &settings.output,
                 Box::new((partition, offset)),
             )
-            .payload(&b"{}"[..])
+            .payload(&payload[..])
             .headers(headers);
             if let Some(k) = m.key() {
                 record = record.key(k);
@@ -252,7 +268,6 @@ fn run(
                     Err((e, _)) => return Err(e).context("producing an output"),
                 }
             }
-            stats.consumed += 1;
         }
         // Consumer errors (a broker reconnecting) are retried by librdkafka itself.
         if last_commit.elapsed() >= settings.commit_interval {
@@ -290,6 +305,40 @@ fn run(
     Ok(stats)
 }
 
+/// What `job` makes of an input with `key` and `payload`: the output's payload, if any.
+fn output(
+    job: Job,
+    counts: &mut HashMap<Vec<u8>, u64>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<Option<Cow<'static, [u8]>>> {
+    match job {
+        Job::OnePerInput => Ok(Some(Cow::Borrowed(b"{}"))),
+        Job::Count { every } => {
+            // The plugin rejects unkeyed inputs; the bench produces none.
+            let Some(key) = key else {
+                return Ok(None);
+            };
+            let n = match counts.get_mut(key) {
+                Some(n) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    counts.insert(key.to_vec(), 1);
+                    1
+                }
+            };
+            if !n.is_multiple_of(every.max(1)) {
+                return Ok(None);
+            }
+            counted(n, payload.unwrap_or_default())
+                .map(|o| Some(Cow::Owned(o)))
+                .context("an input of the count job is not JSON")
+        }
+    }
+}
+
 /// Commit every partition whose acknowledged position moved.
 fn commit(
     consumer: &BaseConsumer,
@@ -316,6 +365,29 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_count_job_emits_every_tenth_input_of_a_key() {
+        let job = Job::Count { every: 10 };
+        let mut counts = HashMap::new();
+        let mut outputs = Vec::new();
+        for i in 0..40 {
+            let key: &[u8] = if i % 2 == 0 { b"a" } else { b"b" };
+            let payload = format!("{{\"i\":{i}}}");
+            if let Ok(Some(o)) = output(job, &mut counts, Some(key), Some(payload.as_bytes())) {
+                outputs.push(String::from_utf8_lossy(&o).into_owned());
+            }
+        }
+        assert_eq!(
+            outputs,
+            [
+                r#"{"n":10,"v":{"i":18}}"#,
+                r#"{"n":10,"v":{"i":19}}"#,
+                r#"{"n":20,"v":{"i":38}}"#,
+                r#"{"n":20,"v":{"i":39}}"#
+            ]
+        );
+    }
 
     #[test]
     fn commits_stop_below_the_oldest_unacknowledged_input() {

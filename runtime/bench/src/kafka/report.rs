@@ -6,6 +6,8 @@ use serde::Serialize;
 /// Everything one `spate-bench kafka` run measured.
 #[derive(Debug, Serialize)]
 pub struct KafkaReport {
+    /// What the subjects do.
+    pub job: String,
     /// Where it ran.
     pub machine: Machine,
     /// What it was asked to do.
@@ -53,9 +55,11 @@ pub struct ThroughputRun {
     /// Seconds producing the backlog took (batched as a user's producer does; before the
     /// clock).
     pub produce_seconds: f64,
+    /// Inputs that make an output (all of them, or every 10th of a key for the count job).
+    pub expected_outputs: usize,
     /// Inputs whose output became visible.
     pub outputs: usize,
-    /// Whether every input had its output (or a dead letter) before the stall timeout.
+    /// Whether every expected output (or a dead letter) came before the stall timeout.
     pub complete: bool,
     /// Extra outputs for inputs that already had one.
     pub duplicates: usize,
@@ -66,11 +70,12 @@ pub struct ThroughputRun {
     pub startup_seconds: f64,
     /// Seconds from the subject starting to consume to its last output visible.
     pub seconds: f64,
-    /// Outputs per second over `seconds`.
+    /// Inputs per second over `seconds` (the inputs the outputs seen account for: all of
+    /// them in a complete run).
     pub rate: f64,
     /// Seconds from the first output visible to the last.
     pub drain_seconds: f64,
-    /// Outputs per second over `drain_seconds`: the rate without the group join.
+    /// Inputs per second over `drain_seconds`: the rate without the group join.
     pub drain_rate: f64,
     /// Longest time between two consecutive outputs becoming visible, milliseconds: a
     /// consumer that stalls shows here.
@@ -100,7 +105,10 @@ pub struct LatencyRun {
     pub events: usize,
     /// Events measured (sent after the warm-up, output seen).
     pub samples: usize,
-    /// Events whose output never became visible before the stall timeout.
+    /// Inputs sent (probes included) that make an output; only those are measured.
+    pub expected_outputs: usize,
+    /// Inputs that make an output whose output never became visible before the stall
+    /// timeout.
     pub missing: usize,
     /// Extra outputs for inputs that already had one.
     pub duplicates: usize,
@@ -227,9 +235,10 @@ impl KafkaReport {
         let mut o = String::new();
         let m = &self.machine;
         let s = &self.settings;
-        o.push_str(
-            "Spate bench, Kafka: the trivial plugin through the real dispatcher on spate-kafka,\n",
-        );
+        o.push_str(&format!(
+            "Spate bench, Kafka: {} through the real dispatcher on spate-kafka,\n",
+            self.job
+        ));
         o.push_str(&format!(
             "against {} on loopback, and the same work as a plain rdkafka program.\n\n",
             s.broker
