@@ -677,9 +677,9 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
-            max_buffered: 4096,
+            max_buffered: 32_768,
             max_buffered_bytes: 128 << 20,
-            max_buffered_per_partition: 2048,
+            max_buffered_per_partition: 16_384,
             commit_interval_ms: 100,
             checkpoint_events: 8192,
             drain_timeout_ms: 10_000,
