@@ -110,8 +110,8 @@ async fn the_example_plugin_runs_on_redis_and_the_cql_store() {
 }
 
 /// A Zipf-like workload through the runtime: mostly reads of hot keys, some writes. With
-/// the read-through tier the plugin reads the CQL store at least 80% less often; without
-/// it every read reaches the store. Both runs see the same values.
+/// the read-through tier at most 20% of the plugin's reads reach the CQL store; without it
+/// every read the checkpoint's view cannot answer does. Both runs see the same values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_through_tier_cuts_store_reads_on_a_skewed_workload() {
     const EVENTS: usize = 2_000;
@@ -154,14 +154,17 @@ async fn the_read_through_tier_cuts_store_reads_on_a_skewed_workload() {
     let (tiered, tiered_seen) = &outcomes[1];
     eprintln!("store reads without the tier: {plain:?}\nstore reads with the tier: {tiered:?}");
     let gets = (EVENTS - EVENTS / 10) as u64;
-    assert_eq!(plain.gets, gets, "{plain:?}");
-    assert_eq!(plain.store_reads, gets, "{plain:?}");
+    // Without the tier the store takes checkpoints: reads of keys written since the last
+    // one are answered by the checkpoint's view, the rest reach the store.
+    assert!(plain.gets <= gets, "{plain:?}");
+    assert_eq!(plain.store_reads, plain.gets, "{plain:?}");
+    // The read-through tier copies every write into the cache, so it takes no
+    // checkpoints: every read goes through it.
     assert_eq!(tiered.gets, gets, "{tiered:?}");
     assert!(
-        tiered.store_reads * 5 <= plain.store_reads,
-        "store reads with the tier {} vs without {}: {tiered:?}",
+        tiered.store_reads * 5 <= gets,
+        "store reads with the tier {} of {gets} reads: {tiered:?}",
         tiered.store_reads,
-        plain.store_reads
     );
     assert!(tiered.cache_hits * 10 >= gets * 8, "{tiered:?}");
     assert_eq!(
