@@ -102,6 +102,16 @@ fn assert_key_order(out: &[Record]) {
 
 /// Wait until the group's committed offsets equal the topic's end offsets.
 async fn wait_committed_to_end(bootstrap: &str, topic: &str, timeout: Duration) {
+    wait_committed_to_end_of(bootstrap, topic, timeout, None).await
+}
+
+/// [`wait_committed_to_end`], with the tail of `node_dir`'s log in the failure message.
+async fn wait_committed_to_end_of(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    node_dir: Option<&Path>,
+) {
     let started = Instant::now();
     loop {
         let (b, t) = (bootstrap.to_string(), topic.to_string());
@@ -116,7 +126,8 @@ async fn wait_committed_to_end(bootstrap: &str, topic: &str, timeout: Duration) 
         }
         assert!(
             started.elapsed() < timeout,
-            "committed offsets {committed:?} never reached the end offsets {ends:?}"
+            "committed offsets {committed:?} never reached the end offsets {ends:?}; node log:\n{}",
+            node_dir.map(|d| log_tail(d, 80)).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -149,7 +160,7 @@ async fn assert_nothing_lost(bootstrap: &str, node_dir: &Path, n: usize, fault: 
         log_tail(node_dir, 60)
     );
     assert_no_dead_letters(bootstrap).await;
-    wait_committed_to_end(bootstrap, "chaos", Duration::from_secs(30)).await;
+    wait_committed_to_end_of(bootstrap, "chaos", Duration::from_secs(30), Some(node_dir)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

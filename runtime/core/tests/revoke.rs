@@ -366,3 +366,39 @@ async fn a_full_partition_is_paused_and_resumed_once_it_drains() {
     }
     rig.stop().await;
 }
+
+/// A lost assignment (a session that expired while the broker was unreachable) releases
+/// without committing; when the partition comes back at the source's older position, the
+/// events the last checkpoint covers are skipped, and the next commit tick commits that
+/// checkpoint's position rather than leaving the source behind for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_reassigned_behind_its_checkpoint_commits_the_checkpoint() {
+    let rig = Rig::start(|c| c.commit_interval = Duration::from_millis(50));
+    rig.assign(&[0]);
+    let batch: Vec<Event> = (0..3).map(|o| event(0, o, "a", 0)).collect();
+    rig.send(SourceMessage::Events(batch.clone()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.emitted().await.len() < 3 {
+        assert!(Instant::now() < deadline, "the events were not handled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.send(SourceMessage::Revoked(vec![TopicPartition::new("in", 0)]));
+    rig.wait_for("the release", |c| {
+        c.iter().any(|x| matches!(x, Call::Release(..)))
+    })
+    .await;
+    // The scripted source committed nothing on release: it comes back at 0.
+    rig.assign(&[0]);
+    rig.send(SourceMessage::Events(batch));
+    rig.wait_for("a commit of the checkpoint's position", |c| {
+        c.contains(&Call::Commit(vec![(0, 3)]))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        rig.emitted().await,
+        ["0/0", "0/1", "0/2"],
+        "the redelivered events were not handled again"
+    );
+    rig.stop().await;
+}

@@ -429,8 +429,12 @@ impl Pipeline {
                 msg = next => match msg {
                     Ok(SourceMessage::Assigned(parts)) => {
                         for (tp, start) in parts {
-                            let from = self.assign(&tp, start).await;
-                            st.committed.insert(tp.partition, from);
+                            // Reading resumes at the checkpoint's position when it is ahead
+                            // of the source's (a crash, or a lost assignment, between a
+                            // checkpoint and its commit); the source's stays what is
+                            // committed, so the next tick commits the checkpoint's.
+                            self.assign(&tp, start).await;
+                            st.committed.insert(tp.partition, start);
                         }
                     }
                     Ok(SourceMessage::Revoked(parts)) => {
@@ -641,11 +645,11 @@ impl Pipeline {
     /// Where `tp` resumes: the later of the source's committed position and the last
     /// checkpoint's (whose done offsets above it are skipped). A store that cannot be read
     /// is asked again: resuming without it could apply an event's state twice.
-    async fn assign(&self, tp: &TopicPartition, start: u64) -> u64 {
+    async fn assign(&self, tp: &TopicPartition, start: u64) {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.ctx.ckpt.assign(&tp.topic, tp.partition, start).await {
-                Ok(from) => return from,
+                Ok(_) => return,
                 Err(e) => {
                     warn!(plugin = %self.config.plugin, topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the partition's checkpoint; retrying");
                     tokio::time::sleep(delay).await;
