@@ -7,6 +7,7 @@
 
 use crate::types::{Appended, Event, NewEvent, TopicPartition};
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A failure of a backing service. Never shown to a guest: the host aborts the call and
@@ -87,6 +88,35 @@ pub trait EventBus: Send + Sync + 'static {
 
 /// Resolves once events queued by [`EventBus::send`] are durable (or failed).
 pub type EmitTicket = futures::future::BoxFuture<'static, BackendResult<Vec<Appended>>>;
+
+/// Opens [`Transactions`] on a bus that has them (Kafka). Kept apart from [`EventBus`] so
+/// a bus without transactions says nothing about them.
+#[async_trait]
+pub trait Transactional: Send + Sync + 'static {
+    /// A transactional producer for consumer group `group`, identified by `id` across
+    /// restarts: opening it fences a previous producer with the same id and aborts the
+    /// transaction that one left open, so what a crashed process sent never becomes
+    /// visible.
+    async fn transactions(&self, id: &str, group: &str) -> BackendResult<Arc<dyn Transactions>>;
+}
+
+/// A producer whose sends become visible all together, with the consumer positions that
+/// cover them, or not at all (Kafka transactions, KIP-447 fencing by group generation).
+#[async_trait]
+pub trait Transactions: Send + Sync + 'static {
+    /// Queue `events` for `topic` in the open transaction (begun by the first send after a
+    /// commit or an abort), in call order; the ticket resolves when the broker has them.
+    async fn send(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<EmitTicket>;
+
+    /// Commit every event sent since the last commit or abort, together with `offsets`
+    /// (next offset to read, per partition) as the group's committed positions. Fails if
+    /// this member no longer holds its assignment (fenced), in which case nothing sent is
+    /// visible and the transaction has been aborted.
+    async fn commit(&self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()>;
+
+    /// Drop everything sent since the last commit.
+    async fn abort(&self) -> BackendResult<()>;
+}
 
 /// How far a consumer group got in one source partition, as recorded with the state
 /// written by the events it covers (see [`StateStore::commit_checkpoint`]).
@@ -321,6 +351,39 @@ pub trait StateStore: Send + Sync + 'static {
         Err(BackendError::Invalid(
             "this state store does not take checkpoints".into(),
         ))
+    }
+
+    /// Whether the store can [`StateStore::prepare_checkpoint`]: keep what a checkpoint
+    /// overwrote until it is resolved, for checkpoints whose positions are committed
+    /// elsewhere afterwards (a Kafka transaction).
+    fn prepares(&self) -> bool {
+        false
+    }
+
+    /// [`StateStore::commit_checkpoint`] that also keeps, in the same unit, what it
+    /// overwrites (values and positions) as `home`'s pending checkpoint, until
+    /// [`StateStore::resolve_checkpoint`] keeps or undoes it. At most one is pending per
+    /// `home`; preparing another resolves the previous one as kept.
+    async fn prepare_checkpoint(
+        &self,
+        _writes: &[(String, Vec<StateWrite>)],
+        _home: &str,
+        _positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        Err(BackendError::Invalid(
+            "this state store cannot undo a checkpoint".into(),
+        ))
+    }
+
+    /// The positions of `home`'s pending checkpoint, if one is pending.
+    async fn pending_checkpoint(&self, _home: &str) -> BackendResult<Option<Vec<SourcePosition>>> {
+        Ok(None)
+    }
+
+    /// Resolve `home`'s pending checkpoint: `keep` it (its positions were committed), or
+    /// put back every value and position it overwrote. Nothing pending: nothing to do.
+    async fn resolve_checkpoint(&self, _home: &str, _keep: bool) -> BackendResult<()> {
+        Ok(())
     }
 
     /// The position last recorded by [`StateStore::commit_checkpoint`] with namespace

@@ -30,6 +30,9 @@ pub struct LimitCeilings {
     /// The runtime's workflow topic: workflows start only through `start-workflow` (checked
     /// against `capabilities.workflows`), so no plugin may emit or dead-letter into it.
     pub workflow_topic: String,
+    /// Why this runtime cannot run a plugin with `exactly-once = true` (its state store
+    /// cannot take back a checkpoint whose transaction failed), or `None` if it can.
+    pub exactly_once_unsupported: Option<String>,
 }
 
 impl Default for LimitCeilings {
@@ -43,6 +46,7 @@ impl Default for LimitCeilings {
             max_writes: 100_000,
             max_backoff_ms: 3_600_000,
             workflow_topic: "workflows".into(),
+            exactly_once_unsupported: None,
         }
     }
 }
@@ -78,6 +82,13 @@ pub struct Manifest {
     /// Topic for events that could not be handled; default `<name>.dlq`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Publish emits in Kafka transactions that also commit the consumer positions, so a
+    /// `read_committed` reader sees every emit exactly once, even across a crash; emits
+    /// then become visible at each checkpoint instead of as events finish. On the
+    /// embedded log emits are exactly-once either way (an append whose idempotency id the
+    /// log holds is dropped).
+    #[serde(default)]
+    pub exactly_once: bool,
 }
 
 /// One subscribed topic.
@@ -327,6 +338,11 @@ impl Manifest {
         }
         if self.subscriptions.is_empty() {
             p.push("subscriptions must name at least one topic".into());
+        }
+        if self.exactly_once
+            && let Some(why) = &ceilings.exactly_once_unsupported
+        {
+            p.push(format!("exactly-once = true is not available here: {why}"));
         }
         let mut subscribed = std::collections::HashSet::new();
         for s in &self.subscriptions {

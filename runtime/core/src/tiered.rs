@@ -788,6 +788,30 @@ impl StateStore for PluginState {
             .await
     }
 
+    fn prepares(&self) -> bool {
+        self.checkpoints() && self.tier.store.prepares()
+    }
+
+    async fn prepare_checkpoint(
+        &self,
+        writes: &[(String, Vec<StateWrite>)],
+        home: &str,
+        positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        self.tier
+            .store
+            .prepare_checkpoint(writes, home, positions)
+            .await
+    }
+
+    async fn pending_checkpoint(&self, home: &str) -> BackendResult<Option<Vec<SourcePosition>>> {
+        self.tier.store.pending_checkpoint(home).await
+    }
+
+    async fn resolve_checkpoint(&self, home: &str, keep: bool) -> BackendResult<()> {
+        self.tier.store.resolve_checkpoint(home, keep).await
+    }
+
     async fn source_position(
         &self,
         home: &str,

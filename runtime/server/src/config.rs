@@ -954,6 +954,14 @@ impl Config {
             max_writes: self.sandbox.max_writes,
             max_backoff_ms: self.sandbox.max_backoff_ms,
             workflow_topic: self.workflow_topic.clone(),
+            exactly_once_unsupported: match (&self.events, &self.state) {
+                (EventsConfig::Kafka { .. }, StateConfig::Cql { .. }) => Some(
+                    "on Kafka it needs the embedded state store (state.type = \"embedded\"): \
+                     a CQL store cannot take back a checkpoint whose Kafka transaction failed"
+                        .into(),
+                ),
+                _ => None,
+            },
         }
     }
 }

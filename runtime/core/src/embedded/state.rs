@@ -35,6 +35,10 @@ const EXPIRIES: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("e
 /// are done (u64 LE each): the source positions a checkpoint's state covers.
 const POSITIONS: TableDefinition<(&str, &str, u32), &[u8]> = TableDefinition::new("positions");
 
+/// home namespace -> what its pending (prepared, unresolved) checkpoint overwrote: see
+/// [`Undo`].
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
+
 /// Bytes of the expiry prefix of a stored value.
 const EXPIRY_LEN: usize = 8;
 
@@ -181,17 +185,191 @@ fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, redb::
     Ok(due.len())
 }
 
+/// What a prepared checkpoint overwrote, to put back if the transaction that commits its
+/// positions elsewhere fails, and the positions it recorded, to tell whether it did.
+#[derive(Debug, Default, PartialEq)]
+struct Undo {
+    /// (namespace, key, the stored bytes before, `None` if absent).
+    entries: Vec<(String, String, Option<Vec<u8>>)>,
+    /// (group, topic, partition, the encoded position before, `None` if absent).
+    positions: Vec<(String, String, u32, Option<Vec<u8>>)>,
+    /// The positions the checkpoint recorded.
+    prepared: Vec<SourcePosition>,
+}
+
+impl Undo {
+    fn encode(&self) -> Vec<u8> {
+        fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        fn opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
+            out.push(u8::from(b.is_some()));
+            if let Some(b) = b {
+                bytes(out, b);
+            }
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for (ns, key, before) in &self.entries {
+            bytes(&mut out, ns.as_bytes());
+            bytes(&mut out, key.as_bytes());
+            opt(&mut out, before.as_deref());
+        }
+        out.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
+        for (group, topic, partition, before) in &self.positions {
+            bytes(&mut out, group.as_bytes());
+            bytes(&mut out, topic.as_bytes());
+            out.extend_from_slice(&partition.to_le_bytes());
+            opt(&mut out, before.as_deref());
+        }
+        out.extend_from_slice(&(self.prepared.len() as u32).to_le_bytes());
+        for p in &self.prepared {
+            bytes(&mut out, p.group.as_bytes());
+            bytes(&mut out, p.topic.as_bytes());
+            out.extend_from_slice(&p.partition.to_le_bytes());
+            bytes(&mut out, &p.encode());
+        }
+        out
+    }
+
+    fn decode(mut b: &[u8]) -> BackendResult<Self> {
+        fn corrupt() -> BackendError {
+            BackendError::Corrupt("malformed pending checkpoint".into())
+        }
+        fn u32_(b: &mut &[u8]) -> BackendResult<u32> {
+            let (head, rest) = b.split_first_chunk::<4>().ok_or_else(corrupt)?;
+            *b = rest;
+            Ok(u32::from_le_bytes(*head))
+        }
+        fn bytes(b: &mut &[u8]) -> BackendResult<Vec<u8>> {
+            let n = u32_(b)? as usize;
+            if b.len() < n {
+                return Err(corrupt());
+            }
+            let (head, rest) = b.split_at(n);
+            *b = rest;
+            Ok(head.to_vec())
+        }
+        fn string(b: &mut &[u8]) -> BackendResult<String> {
+            String::from_utf8(bytes(b)?).map_err(|_| corrupt())
+        }
+        fn opt(b: &mut &[u8]) -> BackendResult<Option<Vec<u8>>> {
+            let (tag, rest) = b.split_first().ok_or_else(corrupt)?;
+            *b = rest;
+            match tag {
+                0 => Ok(None),
+                1 => bytes(b).map(Some),
+                _ => Err(corrupt()),
+            }
+        }
+        let mut undo = Self::default();
+        for _ in 0..u32_(&mut b)? {
+            undo.entries
+                .push((string(&mut b)?, string(&mut b)?, opt(&mut b)?));
+        }
+        for _ in 0..u32_(&mut b)? {
+            undo.positions.push((
+                string(&mut b)?,
+                string(&mut b)?,
+                u32_(&mut b)?,
+                opt(&mut b)?,
+            ));
+        }
+        for _ in 0..u32_(&mut b)? {
+            let (group, topic, partition) = (string(&mut b)?, string(&mut b)?, u32_(&mut b)?);
+            let encoded = bytes(&mut b)?;
+            undo.prepared
+                .push(SourcePosition::decode(&group, &topic, partition, &encoded)?);
+        }
+        if !b.is_empty() {
+            return Err(corrupt());
+        }
+        Ok(undo)
+    }
+
+    /// What `writes` and `positions` are about to overwrite in `txn`.
+    fn before(
+        txn: &WriteTransaction,
+        writes: &[(String, Vec<StateWrite>)],
+        positions: &[SourcePosition],
+    ) -> Result<Self, redb::Error> {
+        let entries = txn.open_table(ENTRIES)?;
+        let table = txn.open_table(POSITIONS)?;
+        let mut undo = Self {
+            prepared: positions.to_vec(),
+            ..Self::default()
+        };
+        for (ns, writes) in writes {
+            for w in writes {
+                let before = entries
+                    .get((ns.as_str(), w.key.as_str()))?
+                    .map(|g| g.value().to_vec());
+                undo.entries.push((ns.clone(), w.key.clone(), before));
+            }
+        }
+        for p in positions {
+            let before = table
+                .get((p.group.as_str(), p.topic.as_str(), p.partition))?
+                .map(|g| g.value().to_vec());
+            undo.positions
+                .push((p.group.clone(), p.topic.clone(), p.partition, before));
+        }
+        Ok(undo)
+    }
+
+    /// Put back in `txn` every value and position it holds.
+    fn restore(&self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+        let mut entries = txn.open_table(ENTRIES)?;
+        let mut expiries = txn.open_table(EXPIRIES)?;
+        let expiry = |raw: &[u8]| split(raw).map(|(e, _)| e).unwrap_or(0);
+        for (ns, key, before) in &self.entries {
+            let (ns, key) = (ns.as_str(), key.as_str());
+            let now = match before {
+                Some(raw) => entries.insert((ns, key), raw.as_slice())?,
+                None => entries.remove((ns, key))?,
+            }
+            .map(|g| expiry(g.value()))
+            .unwrap_or(0);
+            let was = before.as_deref().map(expiry).unwrap_or(0);
+            if now != 0 && now != was {
+                expiries.remove((now, ns, key))?;
+            }
+            if was != 0 {
+                expiries.insert((was, ns, key), ())?;
+            }
+        }
+        let mut table = txn.open_table(POSITIONS)?;
+        for (group, topic, partition, before) in &self.positions {
+            let at = (group.as_str(), topic.as_str(), *partition);
+            match before {
+                Some(b) => {
+                    table.insert(at, b.as_slice())?;
+                }
+                None => {
+                    table.remove(at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 enum StateOp {
     /// One batch of one namespace, conditions checked first.
     Apply {
         namespace: String,
         writes: Vec<StateWrite>,
     },
-    /// A checkpoint: unconditional writes and the positions they cover.
+    /// A checkpoint: unconditional writes and the positions they cover; with `prepare`
+    /// (the home namespace), what they overwrite is kept as its pending checkpoint.
     Checkpoint {
         writes: Vec<(String, Vec<StateWrite>)>,
         positions: Vec<SourcePosition>,
+        prepare: Option<String>,
     },
+    /// Keep or undo `home`'s pending checkpoint.
+    Resolve { home: String, keep: bool },
 }
 
 /// Writes `writes` to `ns` in `txn` without checking conditions.
@@ -268,7 +446,16 @@ impl Batcher for StateWriter {
                 drop(entries);
                 write_entries(txn, ns, writes, now)?;
             }
-            StateOp::Checkpoint { writes, positions } => {
+            StateOp::Checkpoint {
+                writes,
+                positions,
+                prepare,
+            } => {
+                if let Some(home) = prepare {
+                    let undo = Undo::before(txn, writes, positions)?;
+                    txn.open_table(PENDING)?
+                        .insert(home.as_str(), undo.encode().as_slice())?;
+                }
                 for (ns, writes) in writes {
                     write_entries(txn, ns, writes, now)?;
                 }
@@ -278,6 +465,21 @@ impl Batcher for StateWriter {
                         (p.group.as_str(), p.topic.as_str(), p.partition),
                         p.encode().as_slice(),
                     )?;
+                }
+            }
+            StateOp::Resolve { home, keep } => {
+                let mut pending = txn.open_table(PENDING)?;
+                let Some(raw) = pending.remove(home.as_str())? else {
+                    return Ok(Ok(ApplyOutcome::Applied));
+                };
+                if !keep {
+                    let undo = match Undo::decode(raw.value()) {
+                        Ok(u) => u,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    drop(raw);
+                    drop(pending);
+                    undo.restore(txn)?;
                 }
             }
         }
@@ -389,6 +591,52 @@ impl StateStore for EmbeddedStateStore {
             .call(StateOp::Checkpoint {
                 writes: writes.to_vec(),
                 positions: positions.to_vec(),
+                prepare: None,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn prepares(&self) -> bool {
+        true
+    }
+
+    async fn prepare_checkpoint(
+        &self,
+        writes: &[(String, Vec<StateWrite>)],
+        home: &str,
+        positions: &[SourcePosition],
+    ) -> BackendResult<()> {
+        self.writer
+            .call(StateOp::Checkpoint {
+                writes: writes.to_vec(),
+                positions: positions.to_vec(),
+                prepare: Some(home.to_owned()),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn pending_checkpoint(&self, home: &str) -> BackendResult<Option<Vec<SourcePosition>>> {
+        self.read(|txn| {
+            let table = match txn.open_table(PENDING) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(redb_error(e)),
+            };
+            table
+                .get(home)
+                .map_err(redb_error)?
+                .map(|g| Undo::decode(g.value()).map(|u| u.prepared))
+                .transpose()
+        })
+    }
+
+    async fn resolve_checkpoint(&self, home: &str, keep: bool) -> BackendResult<()> {
+        self.writer
+            .call(StateOp::Resolve {
+                home: home.to_owned(),
+                keep,
             })
             .await
             .map(|_| ())
@@ -680,6 +928,108 @@ mod tests {
         assert_eq!(s.scan("ab", "", 100).await.unwrap().len(), 2);
         assert!(s.scan("a", "zzz", 10).await.unwrap().is_empty());
         assert!(s.scan("a", "", 0).await.unwrap().is_empty());
+    }
+
+    fn position(partition: u32, next: u64, done: Vec<u64>) -> SourcePosition {
+        SourcePosition {
+            group: "g".into(),
+            topic: "in".into(),
+            partition,
+            next,
+            done,
+        }
+    }
+
+    /// A prepared checkpoint is written like any other; undone, every value (present,
+    /// absent, with a TTL) and position it overwrote is back, across a reopen; kept, it
+    /// stays.
+    #[tokio::test]
+    async fn a_prepared_checkpoint_is_undone_or_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = [position(0, 10, vec![]), position(1, 5, vec![7])];
+        {
+            let s = EmbeddedStateStore::open(dir.path()).unwrap();
+            s.commit_checkpoint(
+                &[(
+                    "ns".into(),
+                    vec![put("a", "1"), put_ttl("t", "x", Duration::from_secs(3600))],
+                )],
+                "home",
+                &first[..1],
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.pending_checkpoint("home").await.unwrap(), None);
+            let second = [position(0, 20, vec![22]), position(1, 9, vec![])];
+            s.prepare_checkpoint(
+                &[
+                    (
+                        "ns".into(),
+                        vec![put("a", "2"), put("b", "new"), delete("t")],
+                    ),
+                    (
+                        "other".into(),
+                        vec![put_ttl("c", "y", Duration::from_secs(60))],
+                    ),
+                ],
+                "home",
+                &second,
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.get("ns", "a").await.unwrap(), val("2"));
+            assert_eq!(
+                s.pending_checkpoint("home").await.unwrap(),
+                Some(second.to_vec())
+            );
+            assert_eq!(
+                s.source_position("home", "g", "in", 0).await.unwrap(),
+                Some(second[0].clone())
+            );
+        }
+        let s = EmbeddedStateStore::open(dir.path()).unwrap();
+        s.resolve_checkpoint("home", false).await.unwrap();
+        assert_eq!(s.get("ns", "a").await.unwrap(), val("1"));
+        assert_eq!(s.get("ns", "b").await.unwrap(), None);
+        assert_eq!(s.get("ns", "t").await.unwrap(), val("x"));
+        assert!(matches!(
+            s.get_entry("ns", "t").await.unwrap().unwrap().expiry,
+            Expiry::In(d) if d > Duration::from_secs(3500)
+        ));
+        assert_eq!(s.get("other", "c").await.unwrap(), None);
+        assert_eq!(
+            s.source_position("home", "g", "in", 0).await.unwrap(),
+            Some(first[0].clone())
+        );
+        assert_eq!(s.source_position("home", "g", "in", 1).await.unwrap(), None);
+        assert_eq!(s.pending_checkpoint("home").await.unwrap(), None);
+        // `a`, `t` and `t`'s expiry: no expiry of `c` dangles.
+        assert_eq!(raw_entries(&s), 3);
+
+        s.prepare_checkpoint(&[("ns".into(), vec![put("a", "3")])], "home", &first)
+            .await
+            .unwrap();
+        s.resolve_checkpoint("home", true).await.unwrap();
+        s.resolve_checkpoint("home", false).await.unwrap(); // nothing pending: no-op
+        assert_eq!(s.get("ns", "a").await.unwrap(), val("3"));
+        assert_eq!(
+            s.source_position("home", "g", "in", 1).await.unwrap(),
+            Some(first[1].clone())
+        );
+    }
+
+    #[test]
+    fn an_undo_record_round_trips() {
+        let undo = Undo {
+            entries: vec![
+                ("ns".into(), "k".into(), Some(vec![0, 1, 2])),
+                ("ns".into(), "".into(), None),
+            ],
+            positions: vec![("g".into(), "t".into(), 3, None)],
+            prepared: vec![position(3, 4, vec![6, 9])],
+        };
+        assert_eq!(Undo::decode(&undo.encode()).unwrap(), undo);
+        assert!(Undo::decode(&undo.encode()[..5]).is_err());
     }
 
     #[tokio::test]
