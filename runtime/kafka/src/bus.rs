@@ -31,6 +31,8 @@ pub struct KafkaBus {
     /// Reads for the HTTP API: assigned per read, so one at a time.
     reader: Arc<Mutex<BaseConsumer>>,
     admin: AdminClient<DefaultClientContext>,
+    /// This process's group consumers, for transactions' offset commits.
+    members: crate::source::Members,
 }
 
 /// Why [`KafkaBus::connect`] failed.
@@ -71,6 +73,7 @@ impl KafkaBus {
             meta: Arc::new(meta),
             reader: Arc::new(Mutex::new(reader)),
             admin,
+            members: Arc::default(),
         });
         let timeout = bus.opts.request_timeout;
         let meta = Arc::clone(&bus.meta);
@@ -96,6 +99,10 @@ impl KafkaBus {
     /// The options it was built from.
     pub fn options(&self) -> &KafkaOptions {
         &self.opts
+    }
+
+    pub(crate) fn members(&self) -> crate::source::Members {
+        Arc::clone(&self.members)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -352,7 +359,7 @@ impl KafkaBus {
     }
 
     /// Hand every event to the producer's queue, in order (waiting while it is full).
-    async fn enqueue(
+    pub(crate) async fn enqueue(
         producer: &FutureProducer,
         produce_timeout: Duration,
         topic: &str,
@@ -389,7 +396,7 @@ impl KafkaBus {
     }
 
     /// Wait for the broker to acknowledge every enqueued event.
-    async fn acknowledged(pending: Vec<DeliveryFuture>) -> Result<Vec<Appended>, KafkaError> {
+    pub(crate) async fn acknowledged(pending: Vec<DeliveryFuture>) -> Result<Vec<Appended>, KafkaError> {
         let mut out = Vec::with_capacity(pending.len());
         for f in pending {
             match f.await {
@@ -492,7 +499,7 @@ impl EventSource for KafkaBus {
         let config = self
             .opts
             .consumer(group, topic, start == StartPosition::Earliest);
-        let sub = KafkaSubscription::start(config, group, topic, &self.opts)?;
+        let sub = KafkaSubscription::start(config, group, topic, &self.opts, &self.members)?;
         Ok(Box::new(sub))
     }
 

@@ -15,10 +15,12 @@ mod bus;
 mod feed;
 mod options;
 mod source;
+mod txn;
 
 pub use bus::{ConnectError, KafkaBus};
 pub use feed::KafkaChangeFeed;
 pub use options::{KafkaOptions, OptionsError};
+pub use txn::KafkaTransactions;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use spate_core::backend::BackendError;

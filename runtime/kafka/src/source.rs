@@ -23,7 +23,7 @@ use spate_core::backend::{BackendError, BackendResult, SourceMessage, Subscripti
 use spate_core::types::{Event, TopicPartition};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, Weak, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -70,7 +70,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-struct SubContext {
+pub(crate) struct SubContext {
     shared: Arc<Shared>,
     group: String,
     topic: String,
@@ -191,6 +191,23 @@ impl ConsumerContext for SubContext {
     }
 }
 
+/// The consumers of this process, by (group, topic): what a transaction asks for the
+/// group metadata it commits offsets with.
+pub(crate) type Members = Arc<Mutex<HashMap<(String, String), Weak<BaseConsumer<SubContext>>>>>;
+
+/// The current group metadata (member id, generation) of the live consumer of `topic`
+/// in `group`, if there is one.
+pub(crate) fn group_metadata(
+    members: &Members,
+    group: &str,
+    topic: &str,
+) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+    let consumer = lock(members)
+        .get(&(group.to_owned(), topic.to_owned()))?
+        .upgrade()?;
+    consumer.group_metadata()
+}
+
 fn offsets_tpl(offsets: &[(TopicPartition, u64)]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (tp, next) in offsets {
@@ -221,6 +238,7 @@ impl KafkaSubscription {
         group: &str,
         topic: &str,
         opts: &KafkaOptions,
+        members: &Members,
     ) -> BackendResult<Self> {
         if !opts.librdkafka.contains_key("queued.max.messages.kbytes") {
             // Bounds what is fetched ahead (and held while the dispatcher is full).
@@ -253,6 +271,10 @@ impl KafkaSubscription {
             .subscribe(&[topic])
             .map_err(|e| crate::backend_error(e, Some(topic)))?;
         let consumer = Arc::new(consumer);
+        lock(members).insert(
+            (group.to_owned(), topic.to_owned()),
+            Arc::downgrade(&consumer),
+        );
         let (events_tx, events_rx) = mpsc::channel(CHANNEL_BATCHES);
         let thread = {
             let consumer = Arc::clone(&consumer);
