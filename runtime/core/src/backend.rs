@@ -109,10 +109,19 @@ pub trait Transactions: Send + Sync + 'static {
     async fn send(&self, topic: &str, events: Vec<NewEvent>) -> BackendResult<EmitTicket>;
 
     /// Commit every event sent since the last commit or abort, together with `offsets`
-    /// (next offset to read, per partition) as the group's committed positions. Fails if
+    /// (next offset to read, per partition) as the group's committed positions, each
+    /// tagged with `checkpoint` (see [`Transactions::committed_checkpoint`]). Fails if
     /// this member no longer holds its assignment (fenced), in which case nothing sent is
     /// visible and the transaction has been aborted.
-    async fn commit(&self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()>;
+    async fn commit(
+        &self,
+        offsets: &[(TopicPartition, u64)],
+        checkpoint: &str,
+    ) -> BackendResult<()>;
+
+    /// The tag the group's committed position of `tp` was committed with, if any: whether
+    /// a transaction whose outcome a crash hid did commit.
+    async fn committed_checkpoint(&self, tp: &TopicPartition) -> BackendResult<Option<String>>;
 
     /// Drop everything sent since the last commit.
     async fn abort(&self) -> BackendResult<()>;

@@ -396,7 +396,9 @@ impl KafkaBus {
     }
 
     /// Wait for the broker to acknowledge every enqueued event.
-    pub(crate) async fn acknowledged(pending: Vec<DeliveryFuture>) -> Result<Vec<Appended>, KafkaError> {
+    pub(crate) async fn acknowledged(
+        pending: Vec<DeliveryFuture>,
+    ) -> Result<Vec<Appended>, KafkaError> {
         let mut out = Vec::with_capacity(pending.len());
         for f in pending {
             match f.await {

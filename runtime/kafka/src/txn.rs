@@ -5,13 +5,12 @@
 use crate::bus::KafkaBus;
 use crate::source::Members;
 use async_trait::async_trait;
-use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use spate_core::backend::{
-    BackendError, BackendResult, EmitTicket, Transactional, Transactions,
-};
+use spate_core::backend::{BackendError, BackendResult, EmitTicket, Transactional, Transactions};
 use spate_core::types::{NewEvent, TopicPartition};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +27,8 @@ pub struct KafkaTransactions {
     group: String,
     id: String,
     members: Members,
+    /// A consumer configuration of the group that never joins it: committed lookups.
+    reader: ClientConfig,
     produce_timeout: Duration,
     request_timeout: Duration,
     /// Whether a transaction is open; held across a commit so no send slips between the
@@ -37,7 +38,11 @@ pub struct KafkaTransactions {
 
 #[async_trait]
 impl Transactional for KafkaBus {
-    async fn transactions(&self, id: &str, group: &str) -> BackendResult<std::sync::Arc<dyn Transactions>> {
+    async fn transactions(
+        &self,
+        id: &str,
+        group: &str,
+    ) -> BackendResult<std::sync::Arc<dyn Transactions>> {
         let opts = self.options();
         let mut config = opts.producer();
         if !opts.librdkafka.contains_key("transaction.timeout.ms") {
@@ -45,9 +50,9 @@ impl Transactional for KafkaBus {
             config.set("transaction.timeout.ms", timeout.as_millis().to_string());
         }
         config.set("transactional.id", id);
-        let producer: FutureProducer = config
-            .create()
-            .map_err(|e| BackendError::Invalid(format!("creating the transactional producer: {e}")))?;
+        let producer: FutureProducer = config.create().map_err(|e| {
+            BackendError::Invalid(format!("creating the transactional producer: {e}"))
+        })?;
         let timeout = opts.request_timeout.max(Duration::from_secs(10));
         let init = producer.clone();
         // Fences a previous producer with this id and aborts what it left open.
@@ -61,6 +66,7 @@ impl Transactional for KafkaBus {
             group: group.to_owned(),
             id: id.to_owned(),
             members: self.members(),
+            reader: opts.reader(Some(group)),
             produce_timeout: opts.produce_timeout,
             request_timeout: timeout,
             open: tokio::sync::Mutex::new(false),
@@ -118,18 +124,24 @@ impl Transactions for KafkaTransactions {
         }))
     }
 
-    async fn commit(&self, offsets: &[(TopicPartition, u64)]) -> BackendResult<()> {
+    async fn commit(
+        &self,
+        offsets: &[(TopicPartition, u64)],
+        checkpoint: &str,
+    ) -> BackendResult<()> {
         let mut open = self.open.lock().await;
         if !*open && offsets.is_empty() {
             return Ok(());
         }
         let mut by_topic: BTreeMap<&str, TopicPartitionList> = BTreeMap::new();
         for (tp, next) in offsets {
-            by_topic
+            let mut e = by_topic
                 .entry(tp.topic.as_str())
                 .or_default()
-                .add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(*next as i64))
+                .add_partition(&tp.topic, tp.partition as i32);
+            e.set_offset(Offset::Offset(*next as i64))
                 .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            e.set_metadata(checkpoint);
         }
         let mut batches = Vec::with_capacity(by_topic.len());
         for (topic, tpl) in by_topic {
@@ -162,6 +174,30 @@ impl Transactions for KafkaTransactions {
             warn!(group = %self.group, transactional_id = %self.id, error = %e, "transaction failed and was aborted");
             txn_error("commit", e)
         })
+    }
+
+    async fn committed_checkpoint(&self, tp: &TopicPartition) -> BackendResult<Option<String>> {
+        let config = self.reader.clone();
+        let timeout = self.request_timeout;
+        let tp = tp.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config
+                .create()
+                .map_err(|e| BackendError::Invalid(e.to_string()))?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&tp.topic, tp.partition as i32);
+            let committed = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| crate::backend_error(e, Some(&tp.topic)))?;
+            Ok(committed
+                .elements()
+                .first()
+                .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+                .map(|e| e.metadata().to_owned())
+                .filter(|m| !m.is_empty()))
+        })
+        .await
+        .map_err(BackendError::unavailable)?
     }
 
     async fn abort(&self) -> BackendResult<()> {

@@ -5,9 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use spate_conformance::kafka::{KafkaBroker, committed_offsets, consume_all};
-use spate_core::backend::{
-    EventSource, SourceMessage, StartPosition, Subscription, Transactional,
-};
+use spate_core::backend::{EventSource, SourceMessage, StartPosition, Subscription, Transactional};
 use spate_core::types::{NewEvent, TopicPartition};
 use spate_kafka::{KafkaBus, KafkaOptions};
 use std::time::Duration;
@@ -62,10 +60,13 @@ async fn a_transaction_publishes_its_emits_with_its_offsets_or_nothing() {
         0,
         "uncommitted emits are invisible"
     );
-    txn.commit(&[
-        (TopicPartition::new("in", 0), 5),
-        (TopicPartition::new("in", 1), 3),
-    ])
+    txn.commit(
+        &[
+            (TopicPartition::new("in", 0), 5),
+            (TopicPartition::new("in", 1), 3),
+        ],
+        "c1",
+    )
     .await
     .unwrap();
     assert_eq!(read(&b, 10, Duration::from_secs(20)).await, 10);
@@ -74,20 +75,34 @@ async fn a_transaction_publishes_its_emits_with_its_offsets_or_nothing() {
         .await
         .unwrap();
     assert_eq!(committed, vec![Some(5), Some(3)]);
+    let tag = txn
+        .committed_checkpoint(&TopicPartition::new("in", 1))
+        .await;
+    assert_eq!(tag.unwrap().as_deref(), Some("c1"));
 
     // The process dies with a transaction open: the next producer with its id aborts it.
     txn.send("out", events(10, 5)).await.unwrap().await.unwrap();
     drop(txn);
     let txn = bus.transactions("g.node-a", "g").await.unwrap();
     txn.send("out", events(15, 3)).await.unwrap().await.unwrap();
-    txn.commit(&[(TopicPartition::new("in", 0), 7)]).await.unwrap();
+    txn.commit(&[(TopicPartition::new("in", 0), 7)], "c2")
+        .await
+        .unwrap();
     let n = read(&b, 14, Duration::from_secs(5)).await;
     assert_eq!(n, 13, "the abandoned transaction's 5 emits never appear");
 
     // An abort drops what was sent, and the next transaction goes on.
     txn.send("out", events(18, 2)).await.unwrap().await.unwrap();
     txn.abort().await.unwrap();
-    txn.commit(&[(TopicPartition::new("in", 1), 4)]).await.unwrap();
+    txn.commit(&[(TopicPartition::new("in", 1), 4)], "c3")
+        .await
+        .unwrap();
     assert_eq!(read(&b, 14, Duration::from_secs(5)).await, 13);
+    for (p, expect) in [(0, "c2"), (1, "c3")] {
+        let tag = txn
+            .committed_checkpoint(&TopicPartition::new("in", p))
+            .await;
+        assert_eq!(tag.unwrap().as_deref(), Some(expect));
+    }
     sub.close().await;
 }
