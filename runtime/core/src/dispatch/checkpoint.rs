@@ -16,6 +16,16 @@
 //! store's positions say where to resume and which events above them are already done, so
 //! a replayed event never applies its state twice.
 //!
+//! With exactly-once emits ([`Checkpointer::exactly_once`], Kafka), emits are sent in a
+//! transaction instead, and a checkpoint ends it: the state and positions are written
+//! first, keeping what they overwrite ([`StateStore::prepare_checkpoint`]), then the
+//! transaction commits the emits together with the positions, tagged with the
+//! checkpoint's id, then the store forgets what it kept. Emits of events finished after
+//! the checkpoint was taken wait for the next transaction. A transaction that fails makes
+//! the checkpointer fail ([`Checkpointer::failed`]): its pipelines restart with a new
+//! one, which puts the kept values back unless the broker shows the checkpoint's id as
+//! committed, so state, positions and visible emits always agree.
+//!
 //! Stores shared with other runtimes ([`StateStore::checkpoints`] is `false`, CQL) cannot
 //! be fronted by a view that only this process sees: their writes are applied event by
 //! event by the caller, conditions checked by the store, and only emits, cache writes and
@@ -24,17 +34,17 @@
 use super::watermark::Watermark;
 use crate::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
-    StateWrite,
+    StateWrite, Transactional, Transactions,
 };
 use crate::host::{CacheOp, PendingEmit};
-use crate::types::NewEvent;
+use crate::types::{NewEvent, TopicPartition};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// When checkpoints are taken and how much they may hold.
 #[derive(Clone, Debug)]
@@ -120,6 +130,9 @@ struct Inner {
     cache: Vec<CacheOp>,
     /// Events finished since the last checkpoint was taken.
     events: usize,
+    /// Exactly-once: emits queued after this one wait until the checkpoint that took it
+    /// has committed its transaction.
+    barrier: Option<u64>,
 }
 
 /// What [`Checkpointer::track`] says about an event just read.
@@ -181,6 +194,37 @@ pub struct Checkpointer {
     flush: tokio::sync::Mutex<()>,
     /// The background tasks, while a pipeline uses the checkpointer.
     tasks: Mutex<(usize, Option<Tasks>)>,
+    /// Exactly-once emits, if asked for.
+    eos: Option<ExactlyOnce>,
+    /// Cancelled when a transaction failed: see [`Checkpointer::failed`].
+    failed: CancellationToken,
+}
+
+/// Exactly-once emits: who opens the transactions, under which id, and the open one.
+struct ExactlyOnce {
+    opener: Arc<dyn Transactional>,
+    id: String,
+    txn: tokio::sync::OnceCell<Arc<dyn Transactions>>,
+}
+
+/// The id a checkpoint's transaction tags the committed positions with: a digest of the
+/// positions, so a restart recomputes it from the store's pending checkpoint. Two
+/// checkpoints with equal positions cover the same events.
+fn checkpoint_id(positions: &[SourcePosition]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sorted: Vec<&SourcePosition> = positions.iter().collect();
+    sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    let mut h = Sha256::new();
+    for p in sorted {
+        h.update(p.group.as_bytes());
+        h.update([0]);
+        h.update(p.topic.as_bytes());
+        h.update([0]);
+        h.update(p.partition.to_le_bytes());
+        h.update(p.encode());
+        h.update([0xff]);
+    }
+    format!("spate-ckpt-{}", hex::encode(&h.finalize()[..12]))
 }
 
 /// The sender and checkpoint tasks, and how to stop them.
@@ -228,7 +272,42 @@ impl Checkpointer {
         state: Arc<dyn StateStore>,
         cache: Arc<dyn Cache>,
         bus: Arc<dyn EventBus>,
+        config: CheckpointConfig,
+    ) -> Arc<Self> {
+        Self::build(group, namespace, state, cache, bus, config, None)
+    }
+
+    /// [`Checkpointer::new`] with exactly-once emits: each checkpoint is one transaction
+    /// opened by `opener` under `id` (stable across restarts of this runtime, so a new
+    /// process fences the one that died and aborts what it left open), committed with the
+    /// positions it covers. The store must [prepare](StateStore::prepares) checkpoints.
+    #[allow(clippy::too_many_arguments)]
+    pub fn exactly_once(
+        group: &str,
+        namespace: &str,
+        state: Arc<dyn StateStore>,
+        cache: Arc<dyn Cache>,
+        bus: Arc<dyn EventBus>,
+        config: CheckpointConfig,
+        opener: Arc<dyn Transactional>,
+        id: &str,
+    ) -> Arc<Self> {
+        let eos = ExactlyOnce {
+            opener,
+            id: id.to_owned(),
+            txn: tokio::sync::OnceCell::new(),
+        };
+        Self::build(group, namespace, state, cache, bus, config, Some(eos))
+    }
+
+    fn build(
+        group: &str,
+        namespace: &str,
+        state: Arc<dyn StateStore>,
+        cache: Arc<dyn Cache>,
+        bus: Arc<dyn EventBus>,
         mut config: CheckpointConfig,
+        eos: Option<ExactlyOnce>,
     ) -> Arc<Self> {
         if state.shared() {
             // A shared store takes a checkpoint as one request: keep it well under the
@@ -251,7 +330,63 @@ impl Checkpointer {
             checkpoints: watch::Sender::new(0),
             flush: tokio::sync::Mutex::new(()),
             tasks: Mutex::new((0, None)),
+            eos,
+            failed: CancellationToken::new(),
         })
+    }
+
+    /// Whether emits and positions are committed in transactions: the pipelines then
+    /// commit nothing to the source themselves.
+    pub fn transactional(&self) -> bool {
+        self.eos.is_some()
+    }
+
+    /// Cancelled once a transaction failed: what was applied since the last checkpoint is
+    /// void (its emits were aborted), so the pipelines must stop and the plugin restart
+    /// with a new checkpointer, which resumes from the last committed checkpoint.
+    pub fn failed(&self) -> &CancellationToken {
+        &self.failed
+    }
+
+    fn fail(&self, why: &str) {
+        if !self.failed.is_cancelled() {
+            warn!(group = %self.group, reason = why, "exactly-once transaction failed; the plugin restarts from its last committed checkpoint");
+            metrics::counter!("spate_transaction_failures_total", "plugin" => self.group.clone())
+                .increment(1);
+            self.failed.cancel();
+        }
+    }
+
+    /// The open transactions, after resolving the checkpoint a crash may have left
+    /// pending: kept if the broker shows its id committed, else undone.
+    async fn transactions(&self) -> BackendResult<&Arc<dyn Transactions>> {
+        let Some(eos) = &self.eos else {
+            return Err(BackendError::Invalid("not exactly-once".into()));
+        };
+        eos.txn
+            .get_or_try_init(|| async {
+                if !self.state.prepares() {
+                    return Err(BackendError::Invalid(
+                        "exactly-once emits need a state store that can take back a checkpoint (the embedded store, without a read-through tier)".into(),
+                    ));
+                }
+                let txn = eos.opener.transactions(&eos.id, &self.group).await?;
+                if let Some(pending) = self.state.pending_checkpoint(&self.namespace).await? {
+                    let id = checkpoint_id(&pending);
+                    let mut keep = false;
+                    for p in &pending {
+                        let tp = TopicPartition::new(p.topic.clone(), p.partition);
+                        if txn.committed_checkpoint(&tp).await?.as_deref() == Some(id.as_str()) {
+                            keep = true;
+                            break;
+                        }
+                    }
+                    self.state.resolve_checkpoint(&self.namespace, keep).await?;
+                    info!(group = %self.group, checkpoint = %id, committed = keep, "resolved the checkpoint a crash left pending (undone unless its transaction committed)");
+                }
+                Ok(txn)
+            })
+            .await
     }
 
     /// Whether state writes go to the write-back view (else the caller applies them).
@@ -327,6 +462,9 @@ impl Checkpointer {
     /// where reading really resumes is the later of that and the last checkpoint's
     /// position, whose done offsets above it are then skipped. Returns the position.
     pub async fn assign(&self, topic: &str, partition: u32, start: u64) -> BackendResult<u64> {
+        if self.eos.is_some() {
+            self.transactions().await?;
+        }
         let recorded = if self.write_back {
             self.state
                 .source_position(&self.namespace, &self.group, topic, partition)
@@ -400,6 +538,11 @@ impl Checkpointer {
         effects: Effects,
     ) -> Result<(), FinishError> {
         self.wait_for_room().await;
+        if self.failed.is_cancelled() {
+            return Err(FinishError::Backend(BackendError::Unavailable(
+                "an exactly-once checkpoint failed; the plugin restarts from its last one".into(),
+            )));
+        }
         let Effects {
             namespace,
             mut writes,
@@ -501,7 +644,7 @@ impl Checkpointer {
                     self.checkpoints.subscribe(),
                 )
             };
-            if !full {
+            if !full || self.failed.is_cancelled() {
                 return;
             }
             self.due.notify_one();
@@ -517,8 +660,20 @@ impl Checkpointer {
     /// before the call did is then in the store and its position may be committed.
     pub async fn checkpoint(&self) -> BackendResult<()> {
         let _one = self.flush.lock().await;
+        if self.failed.is_cancelled() {
+            return Err(BackendError::Unavailable(
+                "an exactly-once checkpoint failed".into(),
+            ));
+        }
         let (snapshot, positions, target, cache) = {
             let mut g = self.lock();
+            if self.eos.is_some() {
+                if g.events == 0 && g.queue.is_empty() && g.unacked_bytes == 0 {
+                    // Nothing new: no transaction to commit.
+                    return Ok(());
+                }
+                g.barrier = Some(g.seq);
+            }
             let snapshot = Arc::new(std::mem::take(&mut g.dirty));
             g.dirty_bytes = 0;
             g.flushing = Some(Arc::clone(&snapshot));
@@ -541,7 +696,11 @@ impl Checkpointer {
         // Every emit of the events covered is on the broker before their positions are
         // recorded.
         let mut acked = self.acked.subscribe();
-        if acked.wait_for(|a| *a >= target).await.is_err() {
+        let acked = tokio::select! {
+            a = acked.wait_for(|a| *a >= target) => a.is_ok(),
+            _ = self.failed.cancelled() => false,
+        };
+        if !acked {
             self.restore(snapshot, cache);
             return Err(BackendError::Unavailable("the emit sender stopped".into()));
         }
@@ -566,14 +725,24 @@ impl Checkpointer {
                     (ns.clone(), writes)
                 })
                 .collect();
-            if let Err(e) = self
-                .state
-                .commit_checkpoint(&writes, &self.namespace, &positions)
-                .await
-            {
+            let written = if self.eos.is_some() {
+                self.state
+                    .prepare_checkpoint(&writes, &self.namespace, &positions)
+                    .await
+            } else {
+                self.state
+                    .commit_checkpoint(&writes, &self.namespace, &positions)
+                    .await
+            };
+            if let Err(e) = written {
+                // Exactly-once: the transaction stays open with its emits; the next
+                // checkpoint commits them with these writes.
                 self.restore(snapshot, cache);
                 return Err(e);
             }
+        }
+        if self.eos.is_some() {
+            self.commit_transaction(&positions).await?;
         }
         for op in cache {
             let r = match op {
@@ -604,6 +773,31 @@ impl Checkpointer {
             }
         }
         self.checkpoints.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Exactly-once: commit the transaction holding the emits the prepared checkpoint
+    /// covers, with its positions; then the store forgets what it kept, and the emits
+    /// held back meanwhile go into the next transaction. A failure fails the checkpointer
+    /// and takes the prepared checkpoint back.
+    async fn commit_transaction(&self, positions: &[SourcePosition]) -> BackendResult<()> {
+        let txn = self.transactions().await?;
+        let offsets: Vec<(TopicPartition, u64)> = positions
+            .iter()
+            .map(|p| (TopicPartition::new(p.topic.clone(), p.partition), p.next))
+            .collect();
+        if let Err(e) = txn.commit(&offsets, &checkpoint_id(positions)).await {
+            self.fail(&e.to_string());
+            // If this fails too, the next checkpointer's recovery undoes it.
+            let _ = self.state.resolve_checkpoint(&self.namespace, false).await;
+            return Err(e);
+        }
+        if let Err(e) = self.state.resolve_checkpoint(&self.namespace, true).await {
+            // Still pending: a restart finds the id committed and keeps it.
+            warn!(group = %self.group, error = %e, "could not clear a committed checkpoint's undo record");
+        }
+        self.lock().barrier = None;
+        self.queued.notify_one();
         Ok(())
     }
 
@@ -647,6 +841,9 @@ impl Checkpointer {
                 return;
             }
             if let Err(e) = me.checkpoint().await {
+                if me.failed.is_cancelled() {
+                    return;
+                }
                 warn!(group = %me.group, error = %e, "checkpoint failed; retrying");
                 drop(me);
                 tokio::select! {
@@ -663,7 +860,15 @@ impl Checkpointer {
     async fn send_loop(this: Weak<Self>, queued: Arc<Notify>, stop: CancellationToken) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            let batch: Vec<Queued> = me.lock().queue.drain(..).collect();
+            let batch: Vec<Queued> = {
+                let mut g = me.lock();
+                let upto = g.barrier.unwrap_or(u64::MAX);
+                let n = g.queue.iter().take_while(|q| q.seq <= upto).count();
+                g.queue.drain(..n).collect()
+            };
+            if me.failed.is_cancelled() {
+                return;
+            }
             let Some(last) = batch.last().map(|q| q.seq) else {
                 drop(me);
                 tokio::select! {
@@ -693,6 +898,19 @@ impl Checkpointer {
                     _ => runs.push((q.topic, vec![q.event])),
                 }
             }
+            if self.eos.is_some() {
+                // In a transaction: a send that fails has put it in error; it can only be
+                // aborted, with everything since the last checkpoint.
+                if let Err(e) = self.send_in_transaction(runs).await {
+                    self.fail(&e.to_string());
+                    return;
+                }
+                let mut g = self.lock();
+                g.unacked_bytes = g.unacked_bytes.saturating_sub(bytes);
+                drop(g);
+                self.acked.send_replace(last);
+                return;
+            }
             let mut tickets = Vec::with_capacity(runs.len());
             for (topic, events) in &runs {
                 tickets.push(self.bus.send(topic, events.clone()).await);
@@ -712,6 +930,18 @@ impl Checkpointer {
             }
             self.acked.send_replace(last);
         }
+    }
+
+    async fn send_in_transaction(&self, runs: Vec<(String, Vec<NewEvent>)>) -> BackendResult<()> {
+        let txn = self.transactions().await?;
+        let mut tickets = Vec::with_capacity(runs.len());
+        for (topic, events) in runs {
+            tickets.push(txn.send(&topic, events).await?);
+        }
+        for t in tickets {
+            t.await?;
+        }
+        Ok(())
     }
 
     async fn resend(&self, topic: &str, events: Vec<NewEvent>, first: BackendError) {
