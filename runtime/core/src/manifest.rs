@@ -577,6 +577,28 @@ timeout-ms = 500
     }
 
     #[test]
+    fn exactly_once_is_refused_where_the_runtime_cannot_keep_it() {
+        let text = GOOD.replace("[capabilities]", "exactly-once = true\n[capabilities]");
+        let m = Manifest::parse(&text, &LimitCeilings::default()).unwrap();
+        assert!(m.exactly_once);
+        assert!(
+            !Manifest::parse(GOOD, &LimitCeilings::default())
+                .unwrap()
+                .exactly_once
+        );
+        let ceilings = LimitCeilings {
+            exactly_once_unsupported: Some("it needs the embedded state store".into()),
+            ..LimitCeilings::default()
+        };
+        let err = Manifest::parse(&text, &ceilings).unwrap_err().to_string();
+        assert!(
+            err.contains("exactly-once") && err.contains("embedded state store"),
+            "{err}"
+        );
+        assert!(Manifest::parse(GOOD, &ceilings).is_ok());
+    }
+
+    #[test]
     fn unknown_field_is_an_error_naming_it() {
         let text = format!("{GOOD}\nbogus = 1\n");
         let err = Manifest::parse(&text, &LimitCeilings::default()).unwrap_err();

@@ -960,6 +960,11 @@ impl Config {
                      a CQL store cannot take back a checkpoint whose Kafka transaction failed"
                         .into(),
                 ),
+                (EventsConfig::Kafka { .. }, _) if self.read_through.enabled => Some(
+                    "on Kafka it needs state writes to wait for the checkpoint, which the \
+                     read-through tier does not do (set read-through.enabled = false)"
+                        .into(),
+                ),
                 _ => None,
             },
         }
@@ -977,6 +982,30 @@ mod tests {
         let path = dir.path().join("spate.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path))
+    }
+
+    #[test]
+    fn exactly_once_is_offered_where_a_checkpoint_can_be_taken_back() {
+        let kafka = "[events]\ntype = \"kafka\"\nbootstrap-servers = \"127.0.0.1:9092\"\n";
+        assert_eq!(load("").unwrap().ceilings().exactly_once_unsupported, None);
+        assert_eq!(
+            load(kafka).unwrap().ceilings().exactly_once_unsupported,
+            None
+        );
+        let cql = format!("{kafka}[state]\ntype = \"cql\"\n");
+        let why = load(&cql)
+            .unwrap()
+            .ceilings()
+            .exactly_once_unsupported
+            .unwrap();
+        assert!(why.contains("embedded state store"), "{why}");
+        let tier = format!("{kafka}[read-through]\nenabled = true\n");
+        let why = load(&tier)
+            .unwrap()
+            .ceilings()
+            .exactly_once_unsupported
+            .unwrap();
+        assert!(why.contains("read-through"), "{why}");
     }
 
     /// The configurations shipped in `deploy/` must load: a renamed key breaks them.
