@@ -25,7 +25,7 @@ use harness::{RunSettings, Subject, THROUGHPUT_BATCH};
 use micro::Reuse;
 use native::NativeTrivial;
 use report::{Machine, PluginLoad, Ratios, Report, Run, Settings};
-use spate_core::dispatch::PluginVersion;
+use spate_core::plugin::PluginVersion;
 use spate_core::host::PluginInfo;
 use spate_core::manifest::{ExecutionMode, LimitCeilings, Manifest};
 use spate_engine::{Sandbox, SandboxConfig};

@@ -8,7 +8,7 @@ use crate::harness::percentile;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use spate_core::Event;
-use spate_core::dispatch::{CallOutcome, Instance, PluginVersion};
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, Invocation};
 use std::path::Path;

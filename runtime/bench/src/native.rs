@@ -3,7 +3,7 @@
 //! and checkpoints are identical and only the WebAssembly part differs.
 
 use async_trait::async_trait;
-use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion};
+use spate_core::plugin::{CallOutcome, CallResult, Instance, PluginVersion};
 use spate_core::host::{HostError, Invocation, PluginInfo};
 use std::sync::Arc;
 

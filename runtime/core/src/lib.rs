@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod embedded;
 pub mod host;
 pub mod manifest;
+pub mod plugin;
 pub mod tiered;
 pub mod types;
 

@@ -13,7 +13,7 @@ use crate::sandbox::{LoadError, Sandbox, WasmPlugin};
 use crate::store::{ChangeFeed, RegistryStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use spate_core::dispatch::PluginVersion;
+use spate_core::plugin::PluginVersion;
 use spate_core::host::PluginInfo;
 use spate_core::manifest::{LimitCeilings, Manifest, ManifestError};
 use std::collections::{BTreeMap, HashMap};

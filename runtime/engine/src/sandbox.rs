@@ -4,7 +4,7 @@
 
 use crate::bindings::spate::plugin::{cache, emit, log, state, types};
 use crate::bindings::{EventHandler, EventHandlerPre};
-use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
+use spate_core::plugin::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
 use spate_core::host::{
     HostError, Invocation, MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINES_PER_CALL, MAX_REASON_LEN,
     PluginInfo, truncate_reason,

@@ -13,7 +13,7 @@
 //! ```
 
 use anyhow::{Context, Result, bail};
-use spate_core::dispatch::{CallOutcome, PluginVersion};
+use spate_core::plugin::{CallOutcome, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
@@ -322,7 +322,7 @@ async fn measure(
     })
 }
 
-fn check(lang: &str, i: usize, result: &spate_core::dispatch::CallResult) -> Result<()> {
+fn check(lang: &str, i: usize, result: &spate_core::plugin::CallResult) -> Result<()> {
     if result.outcome != CallOutcome::Ok || result.journal.emits.len() != 1 {
         bail!(
             "{lang}: call {i} ended {:?} with {} emits, expected ok with 1",
