@@ -155,7 +155,7 @@ pub struct PendingEmit {
 }
 
 /// Everything a call wants to change, applied only if it returns ok.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Journal {
     state: BTreeMap<String, PendingState>,
     /// Cache writes in call order.

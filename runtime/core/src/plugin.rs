@@ -62,26 +62,18 @@ impl TrapKind {
     }
 }
 
-/// How one call of a handler ended.
+/// How one call of a handler ended. Only a successful call carries effects: a retried,
+/// rejected or trapped call changes nothing, so it has no journal to apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallOutcome {
     /// The handler accepted the event; its journal is to be applied.
-    Ok,
+    Ok(Journal),
     /// The handler asked for a retry.
     Retry(String),
     /// The handler rejected the event.
     Reject(String),
     /// The call trapped.
     Trap(TrapKind, String),
-}
-
-/// The result of one call: how it ended and what it wants changed.
-#[derive(Debug)]
-pub struct CallResult {
-    /// How the call ended.
-    pub outcome: CallOutcome,
-    /// Its journal; applied only for [`CallOutcome::Ok`].
-    pub journal: Journal,
 }
 
 /// A loaded plugin version that the dispatcher can call.
@@ -98,7 +90,7 @@ pub trait PluginVersion: Send + Sync + 'static {
 #[async_trait]
 pub trait Instance: Send + 'static {
     /// Handle one event.
-    async fn call(&mut self, invocation: Invocation) -> CallResult;
+    async fn call(&mut self, invocation: Invocation) -> CallOutcome;
 
     /// Give back what a warm instance holds (its sandbox and pool slot) while the lane
     /// waits for a concurrency permit; the next call starts a fresh one.

@@ -168,7 +168,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::dispatch::{CallOutcome, CallResult, Instance, PluginVersion};
+    use crate::dispatch::{CallOutcome, Instance, PluginVersion};
     use crate::host::{Invocation, PluginInfo};
     use crate::manifest::{LimitCeilings, Manifest};
     use std::sync::atomic::AtomicUsize;
@@ -199,11 +199,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Instance for CountedInstance {
-        async fn call(&mut self, mut inv: Invocation) -> CallResult {
-            CallResult {
-                outcome: CallOutcome::Ok,
-                journal: inv.take_journal(),
-            }
+        async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
+            CallOutcome::Ok(inv.take_journal())
         }
     }
 

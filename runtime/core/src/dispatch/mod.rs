@@ -60,7 +60,7 @@ impl PipelineHealth {
     }
 }
 
-pub use crate::plugin::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
+pub use crate::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 

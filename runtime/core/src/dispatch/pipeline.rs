@@ -3,7 +3,7 @@
 use super::checkpoint::{CheckpointConfig, Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
 use super::{
-    ActiveVersion, CallOutcome, CallResult, DeadLetterKind, Instance, PipelineHealth,
+    ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth,
     PluginVersion, TrapKind,
 };
 use crate::backend::{
@@ -829,10 +829,7 @@ async fn handle_event(
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "host panicked while handling an event");
-                    CallResult {
-                        outcome: CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}")),
-                        journal: Journal::default(),
-                    }
+                    CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
                 }
             };
             ctx.meters
@@ -850,8 +847,8 @@ async fn handle_event(
                 }
                 ExecutionMode::Warm => Some(permit),
             };
-            match result.outcome {
-                CallOutcome::Ok => match apply(ctx, &info, &event, result.journal).await {
+            match result {
+                CallOutcome::Ok(journal) => match apply(ctx, &info, &event, journal).await {
                     Ok(()) => {
                         ctx.meters.handled.increment(1);
                         return (Finish::Done, Some((version, instance)));
