@@ -3,8 +3,8 @@
 //! and checkpoints are identical and only the WebAssembly part differs.
 
 use async_trait::async_trait;
-use spate_core::plugin::{CallOutcome, Instance, PluginVersion};
 use spate_core::host::{HostError, Invocation, PluginInfo};
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion};
 use std::sync::Arc;
 
 /// Topic the trivial handler emits to (as in `plugins/trivial`).

@@ -4,11 +4,11 @@
 
 use crate::bindings::spate::plugin::{cache, emit, log, state, types};
 use crate::bindings::{EventHandler, EventHandlerPre};
-use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use spate_core::host::{
     HostError, Invocation, MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINES_PER_CALL, MAX_REASON_LEN,
     PluginInfo, truncate_reason,
 };
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};

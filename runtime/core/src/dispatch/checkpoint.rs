@@ -26,7 +26,8 @@ use crate::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite,
 };
-use crate::host::{CacheOp, PendingEmit};
+use crate::host::CacheOp;
+pub use crate::host::Effects;
 use crate::types::NewEvent;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -140,20 +141,6 @@ pub enum FinishError {
     Conflict(String),
     /// The store could not be read to check a condition.
     Backend(BackendError),
-}
-
-/// The effects of one event, applied together by [`Checkpointer::finish`].
-#[derive(Default)]
-pub struct Effects {
-    /// Namespace of `writes`.
-    pub namespace: String,
-    /// State writes (with their conditions), applied to the view. Empty when the store
-    /// is not fronted by a view (the caller applied them).
-    pub writes: Vec<StateWrite>,
-    /// Cache writes, applied at the checkpoint.
-    pub cache: Vec<CacheOp>,
-    /// Emits, published in order by the sender.
-    pub emits: Vec<PendingEmit>,
 }
 
 /// One plugin's checkpoints: its write-back view, its emit sender, and the positions of
@@ -846,6 +833,7 @@ mod tests {
 
     use super::*;
     use crate::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+    use crate::host::PendingEmit;
     use crate::types::Header;
 
     struct Fixture {

@@ -60,38 +60,10 @@ impl PipelineHealth {
     }
 }
 
+pub use crate::host::DeadLetterKind;
 pub use crate::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
-
-/// Why an event went to the dead-letter topic: its `spate-dlq-kind` header and the
-/// `kind` label of `spate_dead_letters_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DeadLetterKind {
-    /// The handler asked for retries until its attempts ran out.
-    RetriesExhausted,
-    /// The handler rejected the event.
-    Rejected,
-    /// Its compare-and-swap kept losing to concurrent writes until its attempts ran out.
-    StateConflict,
-    /// A backend refused its effects as invalid (not an outage).
-    BackendRefused,
-    /// The last attempt trapped.
-    Trap(TrapKind),
-}
-
-impl DeadLetterKind {
-    /// The kind as written in headers and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RetriesExhausted => "retries-exhausted",
-            Self::Rejected => "rejected",
-            Self::StateConflict => "state-conflict",
-            Self::BackendRefused => "backend-refused",
-            Self::Trap(k) => k.as_str(),
-        }
-    }
-}
 
 /// The version of a plugin that new events start on. Swapped atomically on upload,
 /// activation and rollback; events already started keep the version they loaded.
