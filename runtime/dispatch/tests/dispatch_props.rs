@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use proptest::prelude::*;
 use spate_core::backend::{EventBus, EventSource};
-use spate_core::dispatch::{
+use spate_dispatch::{
     ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};

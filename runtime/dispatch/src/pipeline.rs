@@ -5,12 +5,12 @@ use super::idle::IdleInstances;
 use super::{
     ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
-use crate::backend::{
+use spate_core::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use crate::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
-use crate::manifest::{ExecutionMode, Ordering};
-use crate::types::{Event, Header, TopicPartition};
+use spate_core::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
+use spate_core::manifest::{ExecutionMode, Ordering};
+use spate_core::types::{Event, Header, TopicPartition};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use std::collections::{HashMap, HashSet, VecDeque};

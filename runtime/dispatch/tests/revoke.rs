@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use spate_core::backend::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use spate_core::dispatch::{
+use spate_dispatch::{
     ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};

@@ -22,13 +22,13 @@
 //! positions go through the checkpoint.
 
 use super::watermark::Watermark;
-use crate::backend::{
+use spate_core::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite,
 };
-use crate::host::CacheOp;
-pub use crate::host::Effects;
-use crate::types::NewEvent;
+use spate_core::host::CacheOp;
+pub use spate_core::host::Effects;
+use spate_core::types::NewEvent;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -822,7 +822,7 @@ impl StateStore for View {
         &self,
         namespace: &str,
         writes: &[StateWrite],
-    ) -> BackendResult<crate::backend::ApplyOutcome> {
+    ) -> BackendResult<spate_core::backend::ApplyOutcome> {
         self.0.state.apply(namespace, writes).await
     }
 }
@@ -832,9 +832,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-    use crate::host::PendingEmit;
-    use crate::types::Header;
+    use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+    use spate_core::host::PendingEmit;
+    use spate_core::types::Header;
 
     struct Fixture {
         ckpt: Arc<Checkpointer>,

@@ -168,9 +168,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::dispatch::{CallOutcome, Instance, PluginVersion};
-    use crate::host::{Invocation, PluginInfo};
-    use crate::manifest::{LimitCeilings, Manifest};
+    use crate::{CallOutcome, Instance, PluginVersion};
+    use spate_core::host::{Invocation, PluginInfo};
+    use spate_core::manifest::{LimitCeilings, Manifest};
     use std::sync::atomic::AtomicUsize;
 
     /// Counts its live instances, as pool slots would.

@@ -1,4 +1,4 @@
-//! The dispatcher: from a subscription to handled, committed events.
+//! Spate dispatch: from a subscription to handled, committed events.
 //!
 //! One [`Pipeline`] runs per plugin. It reads its consumer group's subscription, splits
 //! each partition into key lanes (FIFO per key, different keys concurrently, bounded by
@@ -7,7 +7,9 @@
 //! letters what cannot be handled, and commits each partition's contiguous watermark.
 //!
 //! The dispatcher does not know what a plugin is made of: the sandbox implements
-//! [`PluginVersion`] (and the benchmark's native handler does too).
+//! [`PluginVersion`] (and the benchmark's native handler does too). Both that contract and
+//! the effect journal a call returns live in `spate-core` (`spate_core::plugin`,
+//! `spate_core::host::journal`), so the engine does not depend on this crate.
 
 pub mod checkpoint;
 mod idle;
@@ -60,8 +62,8 @@ impl PipelineHealth {
     }
 }
 
-pub use crate::host::DeadLetterKind;
-pub use crate::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
+pub use spate_core::host::DeadLetterKind;
+pub use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 
