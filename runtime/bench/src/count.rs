@@ -34,8 +34,8 @@ use crate::native::NativeCount;
 use crate::workload::{Job, Workload};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use spate_core::dispatch::PluginVersion;
 use spate_core::manifest::ExecutionMode;
+use spate_core::plugin::PluginVersion;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use crate::workload::{Job, Workload};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use spate_core::backend::{EventBus, EventSource, SourceMessage, StartPosition};
-use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::HostServices;
 use spate_core::types::{header_str, headers};

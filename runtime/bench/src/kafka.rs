@@ -39,7 +39,7 @@ use report::{
 };
 use spate_conformance::kafka::{BrokerOptions, KafkaBroker, kafka_version};
 use spate_core::backend::{BackendError, EventBus, EventSource};
-use spate_core::dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, PluginInfo};
 use spate_core::manifest::Manifest;

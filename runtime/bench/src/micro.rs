@@ -8,9 +8,9 @@ use crate::harness::percentile;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use spate_core::Event;
-use spate_core::dispatch::{CallOutcome, Instance, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, Invocation};
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,13 +97,13 @@ pub async fn run(
             Reuse::OneInstance => kept.call(invocation).await,
         };
         let took = start.elapsed();
-        if result.outcome != CallOutcome::Ok {
-            bail!("{label}: call {i} ended {:?}", result.outcome);
-        }
-        if result.journal.emits.len() != 1 {
+        let CallOutcome::Ok(journal) = result else {
+            bail!("{label}: call {i} ended {result:?}");
+        };
+        if journal.emits.len() != 1 {
             bail!(
                 "{label}: call {i} emitted {} events, expected 1",
-                result.journal.emits.len()
+                journal.emits.len()
             );
         }
         if i >= warmup {

@@ -3,8 +3,8 @@
 //! and checkpoints are identical and only the WebAssembly part differs.
 
 use async_trait::async_trait;
-use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion};
 use spate_core::host::{HostError, Invocation, PluginInfo};
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion};
 use std::sync::Arc;
 
 /// Topic the trivial handler emits to (as in `plugins/trivial`).
@@ -37,15 +37,11 @@ struct NativeInstance;
 
 #[async_trait]
 impl Instance for NativeInstance {
-    async fn call(&mut self, mut invocation: Invocation) -> CallResult {
+    async fn call(&mut self, mut invocation: Invocation) -> CallOutcome {
         let key = invocation.event().key.clone();
-        let outcome = match invocation.emit(OUT_TOPIC, key, b"{}".to_vec(), Vec::new()) {
-            Ok(()) => CallOutcome::Ok,
+        match invocation.emit(OUT_TOPIC, key, b"{}".to_vec(), Vec::new()) {
+            Ok(()) => CallOutcome::Ok(invocation.take_journal()),
             Err(e) => CallOutcome::Reject(e.to_string()),
-        };
-        CallResult {
-            outcome,
-            journal: invocation.take_journal(),
         }
     }
 }
@@ -140,18 +136,14 @@ impl CountInstance {
 
 #[async_trait]
 impl Instance for CountInstance {
-    async fn call(&mut self, mut invocation: Invocation) -> CallResult {
-        let outcome = match self.count(&mut invocation).await {
-            Ok(()) => CallOutcome::Ok,
+    async fn call(&mut self, mut invocation: Invocation) -> CallOutcome {
+        match self.count(&mut invocation).await {
+            Ok(()) => CallOutcome::Ok(invocation.take_journal()),
             Err(Failed::Reject(reason)) => CallOutcome::Reject(reason),
             Err(Failed::Host(e)) => {
                 let (kind, reason) = spate_engine::sandbox::classify(&wasmtime::Error::new(e));
                 CallOutcome::Trap(kind, reason)
             }
-        };
-        CallResult {
-            outcome,
-            journal: invocation.take_journal(),
         }
     }
 }
@@ -176,7 +168,7 @@ mod tests {
         root: &std::path::Path,
         stored: &[u8],
         key: Option<&str>,
-    ) -> CallResult {
+    ) -> CallOutcome {
         let (services, dir) = crate::micro::services(root).unwrap_or_else(|e| panic!("{e:#}"));
         let info = Arc::clone(version.info());
         let write = StateWrite {
@@ -204,32 +196,28 @@ mod tests {
         let version = count();
 
         let tenth = call(&version, root.path(), b"9", Some("k-1")).await;
-        assert_eq!(tenth.outcome, CallOutcome::Ok);
-        let writes = tenth.journal.state_writes();
+        let CallOutcome::Ok(tenth) = tenth else {
+            panic!("{tenth:?}");
+        };
+        let writes = tenth.state_writes();
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].key, "count/k-1");
         assert_eq!(writes[0].value.as_deref(), Some(&b"10"[..]));
-        assert_eq!(tenth.journal.emits.len(), 1);
-        let emit = &tenth.journal.emits[0];
+        assert_eq!(tenth.emits.len(), 1);
+        let emit = &tenth.emits[0];
         assert_eq!(emit.topic, "count-out");
         assert_eq!(emit.event.key.as_deref(), Some(&b"k-1"[..]));
         assert_eq!(emit.event.payload, br#"{"n":10,"v":{"seq": 1}}"#);
 
         let eleventh = call(&version, root.path(), b"10", Some("k-1")).await;
-        assert_eq!(eleventh.outcome, CallOutcome::Ok);
-        assert!(eleventh.journal.emits.is_empty());
+        let CallOutcome::Ok(eleventh) = eleventh else {
+            panic!("{eleventh:?}");
+        };
+        assert!(eleventh.emits.is_empty());
 
         let corrupt = call(&version, root.path(), b"ten", Some("k-1")).await;
-        assert!(
-            matches!(corrupt.outcome, CallOutcome::Reject(_)),
-            "{:?}",
-            corrupt.outcome
-        );
+        assert!(matches!(corrupt, CallOutcome::Reject(_)), "{corrupt:?}");
         let unkeyed = call(&version, root.path(), b"1", None).await;
-        assert!(
-            matches!(unkeyed.outcome, CallOutcome::Reject(_)),
-            "{:?}",
-            unkeyed.outcome
-        );
+        assert!(matches!(unkeyed, CallOutcome::Reject(_)), "{unkeyed:?}");
     }
 }

@@ -1,16 +1,18 @@
 //! Spate core: the event types, the backend traits with their embedded implementations,
-//! the host API's effect journal and capability checks, and the dispatcher.
+//! the plugin contract ([`plugin`]), and the host API's capability checks and effect
+//! journal ([`host`]).
 //!
-//! This crate knows nothing of WebAssembly, Kafka, ScyllaDB or Redis: the sandbox lives in
-//! `spate-engine`, and cluster backends implement the traits in [`backend`] in crates of
-//! their own, so the core builds and tests without their C libraries or drivers.
+//! This crate knows nothing of WebAssembly, Kafka, ScyllaDB or Redis, nor of how events
+//! are dispatched: the sandbox lives in `spate-engine`, the dispatcher in
+//! `spate-dispatch`, and cluster backends implement the traits in [`backend`] in crates
+//! of their own, so the core builds and tests without their C libraries or drivers.
 
 pub mod backend;
 pub mod cache_guard;
-pub mod dispatch;
 pub mod embedded;
 pub mod host;
 pub mod manifest;
+pub mod plugin;
 pub mod tiered;
 pub mod types;
 

@@ -4,11 +4,11 @@
 
 use crate::bindings::spate::plugin::{cache, emit, log, state, types};
 use crate::bindings::{EventHandler, EventHandlerPre};
-use spate_core::dispatch::{CallOutcome, CallResult, Instance, PluginVersion, TrapKind};
 use spate_core::host::{
     HostError, Invocation, MAX_LOG_BYTES_PER_CALL, MAX_LOG_LINES_PER_CALL, MAX_REASON_LEN,
     PluginInfo, truncate_reason,
 };
+use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -703,7 +703,7 @@ impl Instance for WasmInstance {
         self.live = None;
     }
 
-    async fn call(&mut self, invocation: Invocation) -> CallResult {
+    async fn call(&mut self, invocation: Invocation) -> CallOutcome {
         let event = to_wit(invocation.event());
         let mut live = match self.live.take() {
             Some(l) => l,
@@ -718,11 +718,7 @@ impl Instance for WasmInstance {
                 Ok(l) => l,
                 Err(e) => {
                     let (kind, message) = classify(&e);
-                    let mut inv = invocation;
-                    return CallResult {
-                        outcome: CallOutcome::Trap(kind, message),
-                        journal: inv.take_journal(),
-                    };
+                    return CallOutcome::Trap(kind, message);
                 }
             },
         };
@@ -740,13 +736,10 @@ impl Instance for WasmInstance {
         let result = match tokio::time::timeout(bound, call).await {
             Ok(r) => r,
             Err(_) => {
-                return CallResult {
-                    outcome: CallOutcome::Trap(
-                        TrapKind::Deadline,
-                        format!("call exceeded {bound:?} (deadline while blocked in a host call)"),
-                    ),
-                    journal: spate_core::host::Journal::default(),
-                };
+                return CallOutcome::Trap(
+                    TrapKind::Deadline,
+                    format!("call exceeded {bound:?} (deadline while blocked in a host call)"),
+                );
             }
         };
         live.store.data_mut().report_dropped_logs();
@@ -758,7 +751,7 @@ impl Instance for WasmInstance {
             .map(|mut i| i.take_journal())
             .unwrap_or_default();
         let outcome = match result {
-            Ok(Ok(())) => CallOutcome::Ok,
+            Ok(Ok(())) => CallOutcome::Ok(journal),
             Ok(Err(types::HandleError::Retry(r))) => {
                 CallOutcome::Retry(truncate_reason(r, MAX_REASON_LEN))
             }
@@ -776,9 +769,9 @@ impl Instance for WasmInstance {
             }
         };
         live.uses += 1;
-        if outcome == CallOutcome::Ok && live.uses < self.max_uses {
+        if matches!(outcome, CallOutcome::Ok(_)) && live.uses < self.max_uses {
             self.live = Some(live);
         }
-        CallResult { outcome, journal }
+        outcome
     }
 }

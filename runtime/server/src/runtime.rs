@@ -6,8 +6,8 @@ use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
 use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
-use spate_core::dispatch::PipelineHealth;
-use spate_core::dispatch::{
+use spate_dispatch::PipelineHealth;
+use spate_dispatch::{
     ActiveVersion, CheckpointConfig, Checkpointer, IdleInstances, Pipeline, PipelineConfig,
     PluginVersion,
 };

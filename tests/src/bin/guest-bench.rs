@@ -13,10 +13,10 @@
 //! ```
 
 use anyhow::{Context, Result, bail};
-use spate_core::dispatch::{CallOutcome, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::plugin::{CallOutcome, PluginVersion};
 use spate_engine::{Registry, Sandbox, SandboxConfig};
 use std::path::Path;
 use std::sync::Arc;
@@ -304,7 +304,7 @@ async fn measure(
         let v: Arc<dyn PluginVersion> =
             sandbox.plugin(&component, Arc::new(PluginInfo::new(m, hash.clone())))?;
         let inv = Invocation::new(Arc::clone(v.info()), services.clone(), Arc::clone(&event));
-        if v.instance().call(inv).await.outcome == CallOutcome::Ok {
+        if matches!(v.instance().call(inv).await, CallOutcome::Ok(_)) {
             min_memory_mb = Some(mb);
             break;
         }
@@ -322,13 +322,13 @@ async fn measure(
     })
 }
 
-fn check(lang: &str, i: usize, result: &spate_core::dispatch::CallResult) -> Result<()> {
-    if result.outcome != CallOutcome::Ok || result.journal.emits.len() != 1 {
-        bail!(
-            "{lang}: call {i} ended {:?} with {} emits, expected ok with 1",
-            result.outcome,
-            result.journal.emits.len()
-        );
+fn check(lang: &str, i: usize, result: &CallOutcome) -> Result<()> {
+    let emits = match result {
+        CallOutcome::Ok(journal) => journal.emits.len(),
+        _ => 0,
+    };
+    if !matches!(result, CallOutcome::Ok(_)) || emits != 1 {
+        bail!("{lang}: call {i} ended {result:?} with {emits} emits, expected ok with 1");
     }
     Ok(())
 }

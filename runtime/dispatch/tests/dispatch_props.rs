@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use proptest::prelude::*;
 use spate_core::backend::{EventBus, EventSource};
-use spate_core::dispatch::{
-    ActiveVersion, CallOutcome, CallResult, Instance, Pipeline, PipelineConfig, PluginVersion,
+use spate_dispatch::{
+    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
@@ -37,19 +37,15 @@ impl PluginVersion for Echo {
 
 #[async_trait]
 impl Instance for EchoInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallResult {
+    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
         let event = Arc::clone(inv.event());
         let delay = event.payload.first().copied().unwrap_or(0) % 4;
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
         }
-        let outcome = match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
-            Ok(()) => CallOutcome::Ok,
+        match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
+            Ok(()) => CallOutcome::Ok(inv.take_journal()),
             Err(e) => CallOutcome::Reject(e.to_string()),
-        };
-        CallResult {
-            outcome,
-            journal: inv.take_journal(),
         }
     }
 }
@@ -181,15 +177,12 @@ impl PluginVersion for Panicky {
 
 #[async_trait]
 impl Instance for PanickyInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallResult {
+    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
         let event = Arc::clone(inv.event());
         assert!(event.payload != b"boom", "host bug on this event");
         inv.emit("out", event.key.clone(), event.payload.clone(), vec![])
             .unwrap();
-        CallResult {
-            outcome: CallOutcome::Ok,
-            journal: inv.take_journal(),
-        }
+        CallOutcome::Ok(inv.take_journal())
     }
 }
 

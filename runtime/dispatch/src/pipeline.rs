@@ -3,16 +3,14 @@
 use super::checkpoint::{CheckpointConfig, Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
 use super::{
-    ActiveVersion, CallOutcome, CallResult, DeadLetterKind, Instance, PipelineHealth,
-    PluginVersion, TrapKind,
+    ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
-use crate::backend::{
+use spate_core::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use crate::host::PendingEmit;
-use crate::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
-use crate::manifest::{ExecutionMode, Ordering};
-use crate::types::{Event, Header, NewEvent, TopicPartition, headers};
+use spate_core::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
+use spate_core::manifest::{ExecutionMode, Ordering};
+use spate_core::types::{Event, Header, TopicPartition};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -829,10 +827,7 @@ async fn handle_event(
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "host panicked while handling an event");
-                    CallResult {
-                        outcome: CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}")),
-                        journal: Journal::default(),
-                    }
+                    CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
                 }
             };
             ctx.meters
@@ -850,8 +845,8 @@ async fn handle_event(
                 }
                 ExecutionMode::Warm => Some(permit),
             };
-            match result.outcome {
-                CallOutcome::Ok => match apply(ctx, &info, &event, result.journal).await {
+            match result {
+                CallOutcome::Ok(journal) => match apply(ctx, &info, &event, journal).await {
                     Ok(()) => {
                         ctx.meters.handled.increment(1);
                         return (Finish::Done, Some((version, instance)));
@@ -941,7 +936,7 @@ async fn apply(
     event: &Event,
     journal: Journal,
 ) -> Result<(), Failure> {
-    let (writes, cache, emits) = journal.into_parts();
+    let mut effects = journal.into_effects(&info.namespace);
     let conflict = |key: String| {
         Failure::Retryable(
             DeadLetterKind::StateConflict,
@@ -951,26 +946,28 @@ async fn apply(
     // A compare-and-swap on a store other runtimes write is decided by the store, after
     // the view's older writes reached it.
     let by_store = !ctx.ckpt.write_back()
-        || (ctx.ckpt.shared() && writes.iter().any(|w| w.condition.is_some()));
-    if by_store && !writes.is_empty() {
+        || (ctx.ckpt.shared() && effects.writes.iter().any(|w| w.condition.is_some()));
+    if by_store && !effects.writes.is_empty() {
         if ctx.ckpt.write_back() {
             ctx.ckpt
                 .checkpoint()
                 .await
                 .map_err(|e| backend_failure("state", e))?;
         }
-        match ctx.services.state.apply(&info.namespace, &writes).await {
+        match ctx
+            .services
+            .state
+            .apply(&info.namespace, &effects.writes)
+            .await
+        {
             Ok(ApplyOutcome::Applied) => {}
             Ok(ApplyOutcome::Conflict { key }) => return Err(conflict(key)),
             Err(e) => return Err(backend_failure("state", e)),
         }
     }
-    let effects = Effects {
-        namespace: info.namespace.clone(),
-        writes: if by_store { Vec::new() } else { writes },
-        cache,
-        emits,
-    };
+    if by_store {
+        effects.writes.clear();
+    }
     match ctx
         .ckpt
         .finish(&event.topic, event.partition, event.offset, effects)
@@ -999,45 +996,11 @@ async fn dead_letter(
     reason: &str,
     attempts: u32,
 ) -> bool {
-    let mut hdrs = event.headers.clone();
-    hdrs.retain(|h| !headers::is_reserved(&h.name));
-    let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
-    hdrs.extend([
-        Header::text(headers::DLQ_REASON, &reason),
-        Header::text(headers::DLQ_KIND, kind.as_str()),
-        Header::text(headers::DLQ_ATTEMPTS, attempts.to_string()),
-        Header::text(headers::PLUGIN, info.name()),
-        Header::text(headers::PLUGIN_VERSION, info.manifest.version.to_string()),
-        Header::text(headers::PLUGIN_HASH, &info.hash),
-        Header::text(
-            headers::SOURCE,
-            format!("{}/{}/{}", event.topic, event.partition, event.offset),
-        ),
-        Header::text(
-            headers::IDEMPOTENCY_ID,
-            format!(
-                "dlq/{}/{}/{}/{}",
-                info.name(),
-                event.topic,
-                event.partition,
-                event.offset
-            ),
-        ),
-    ]);
-    let record = NewEvent {
-        key: event.key.clone(),
-        payload: event.payload.clone(),
-        headers: hdrs,
-    };
     // Published by the checkpoint's sender like an emit (retried until taken), and
     // acknowledged before the event's position is committed.
-    let effects = Effects {
-        emits: vec![PendingEmit {
-            topic: info.dead_letter_topic.clone(),
-            event: record,
-        }],
-        ..Effects::default()
-    };
+    let effects = Effects::dead_letter(info, event, kind, reason, attempts);
+    // The log shows the reason as the record carries it.
+    let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
     // It writes no state, so it can neither conflict nor need the store.
     if let Err(e) = ctx
         .ckpt

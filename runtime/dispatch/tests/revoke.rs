@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use spate_core::backend::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use spate_core::dispatch::{
-    ActiveVersion, CallOutcome, CallResult, Instance, Pipeline, PipelineConfig, PluginVersion,
+use spate_dispatch::{
+    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
@@ -140,17 +140,13 @@ impl PluginVersion for Sleeper {
 
 #[async_trait]
 impl Instance for SleeperInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallResult {
+    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
         let event = Arc::clone(inv.event());
         let ms = u16::from_be_bytes([event.payload[0], event.payload[1]]);
         tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
-        let outcome = match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
-            Ok(()) => CallOutcome::Ok,
+        match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
+            Ok(()) => CallOutcome::Ok(inv.take_journal()),
             Err(e) => CallOutcome::Reject(e.to_string()),
-        };
-        CallResult {
-            outcome,
-            journal: inv.take_journal(),
         }
     }
 }

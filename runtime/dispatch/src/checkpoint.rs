@@ -32,12 +32,13 @@
 //! positions go through the checkpoint.
 
 use super::watermark::Watermark;
-use crate::backend::{
+use spate_core::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite, Transactional, Transactions,
 };
-use crate::host::{CacheOp, PendingEmit};
-use crate::types::{NewEvent, TopicPartition};
+use spate_core::host::CacheOp;
+pub use spate_core::host::Effects;
+use spate_core::types::{NewEvent, TopicPartition};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -153,20 +154,6 @@ pub enum FinishError {
     Conflict(String),
     /// The store could not be read to check a condition.
     Backend(BackendError),
-}
-
-/// The effects of one event, applied together by [`Checkpointer::finish`].
-#[derive(Default)]
-pub struct Effects {
-    /// Namespace of `writes`.
-    pub namespace: String,
-    /// State writes (with their conditions), applied to the view. Empty when the store
-    /// is not fronted by a view (the caller applied them).
-    pub writes: Vec<StateWrite>,
-    /// Cache writes, applied at the checkpoint.
-    pub cache: Vec<CacheOp>,
-    /// Emits, published in order by the sender.
-    pub emits: Vec<PendingEmit>,
 }
 
 /// One plugin's checkpoints: its write-back view, its emit sender, and the positions of
@@ -1065,7 +1052,7 @@ impl StateStore for View {
         &self,
         namespace: &str,
         writes: &[StateWrite],
-    ) -> BackendResult<crate::backend::ApplyOutcome> {
+    ) -> BackendResult<spate_core::backend::ApplyOutcome> {
         self.0.state.apply(namespace, writes).await
     }
 }
@@ -1075,8 +1062,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-    use crate::types::Header;
+    use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
+    use spate_core::host::PendingEmit;
+    use spate_core::types::Header;
 
     struct Fixture {
         ckpt: Arc<Checkpointer>,

@@ -2,13 +2,19 @@
 //! limits and the effect journal of one invocation.
 //!
 //! Every state, cache and emit call of a handler goes through an [`Invocation`]. Reads see
-//! the call's own earlier writes; writes are only recorded in a [`Journal`], which the
-//! dispatcher applies when the handler returns ok. Backends are touched only after the
-//! checks here pass, so a backend never sees another plugin's namespace.
+//! the call's own earlier writes; writes are only recorded in a [`Journal`], which becomes
+//! what the dispatcher applies when the handler returns ok (both in [`journal`]). Backends
+//! are touched only after the checks here pass, so a backend never sees another plugin's
+//! namespace.
 
-use crate::backend::{BackendError, Cache, StateStore, StateWrite};
+pub mod journal;
+
+pub use journal::{CacheOp, DeadLetterKind, Effects, Journal, PendingEmit, idempotency_id};
+
+use crate::backend::{BackendError, Cache, StateStore};
 use crate::manifest::Manifest;
 use crate::types::{Event, Header, NewEvent, headers};
+use journal::PendingState;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,108 +116,6 @@ pub enum HostError {
     Backend(#[from] BackendError),
 }
 
-/// A state write recorded during a call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct PendingState {
-    value: Option<Vec<u8>>,
-    ttl: Option<Duration>,
-    /// The stored value this write requires (from a compare-and-swap), if any.
-    condition: Option<Option<Vec<u8>>>,
-}
-
-/// A cache write recorded during a call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CacheOp {
-    /// Set a value with a TTL.
-    Set {
-        /// Full (prefixed) key.
-        key: String,
-        /// Value.
-        value: Vec<u8>,
-        /// Expiry.
-        ttl: Duration,
-    },
-    /// Delete a key.
-    Delete {
-        /// Full (prefixed) key.
-        key: String,
-    },
-    /// Add to a counter.
-    Incr {
-        /// Full (prefixed) key.
-        key: String,
-        /// Amount.
-        delta: i64,
-    },
-}
-
-/// An emit recorded during a call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PendingEmit {
-    /// Destination topic.
-    pub topic: String,
-    /// The event, headers included (idempotency id and provenance already added).
-    pub event: NewEvent,
-}
-
-/// Everything a call wants to change, applied only if it returns ok.
-#[derive(Clone, Debug, Default)]
-pub struct Journal {
-    state: BTreeMap<String, PendingState>,
-    /// Cache writes in call order.
-    pub cache: Vec<CacheOp>,
-    /// Emits in call order.
-    pub emits: Vec<PendingEmit>,
-    emitted_bytes: u64,
-    /// Bytes of the recorded state and cache writes (keys and values): what the host
-    /// holds for the call until it is applied.
-    write_bytes: usize,
-}
-
-impl Journal {
-    /// The state writes as a batch for [`StateStore::apply`].
-    pub fn state_writes(&self) -> Vec<StateWrite> {
-        self.state
-            .iter()
-            .map(|(key, w)| StateWrite {
-                key: key.clone(),
-                value: w.value.clone(),
-                ttl: w.ttl,
-                condition: w.condition.clone(),
-            })
-            .collect()
-    }
-
-    /// State and cache writes recorded (a key written twice counts once).
-    pub fn writes(&self) -> usize {
-        self.state.len() + self.cache.len()
-    }
-
-    /// Bytes the recorded writes and emits hold.
-    pub fn bytes(&self) -> u64 {
-        self.write_bytes as u64 + self.emitted_bytes
-    }
-
-    /// The state writes (with their conditions), cache writes and emits, in that order.
-    pub fn into_parts(self) -> (Vec<StateWrite>, Vec<CacheOp>, Vec<PendingEmit>) {
-        let writes = self.state_writes();
-        (writes, self.cache, self.emits)
-    }
-
-    /// Whether the call changed nothing.
-    pub fn is_empty(&self) -> bool {
-        self.state.is_empty() && self.cache.is_empty() && self.emits.is_empty()
-    }
-}
-
-/// The idempotency id of emit number `index` of the call handling `event` in `plugin`.
-pub fn idempotency_id(plugin: &str, event: &Event, index: usize) -> String {
-    format!(
-        "{plugin}/{}/{}/{}/{index}",
-        event.topic, event.partition, event.offset
-    )
-}
-
 /// One call of a handler: its event, its plugin version and its journal.
 pub struct Invocation {
     plugin: Arc<PluginInfo>,
@@ -284,88 +188,6 @@ impl Invocation {
         Ok(self.services.state.get(&self.plugin.namespace, key).await?)
     }
 
-    fn record_state(
-        &mut self,
-        key: &str,
-        value: Option<Vec<u8>>,
-        ttl: Option<Duration>,
-    ) -> Result<(), HostError> {
-        // A later blind write keeps an earlier compare-and-swap's condition: the swap's
-        // answer was given to the guest and must still hold when the batch is applied.
-        let condition = self
-            .journal
-            .state
-            .get(key)
-            .and_then(|p| p.condition.clone());
-        self.insert_state(
-            key,
-            PendingState {
-                value,
-                ttl,
-                condition,
-            },
-        )
-    }
-
-    /// Bytes a pending state write holds in the journal.
-    fn state_bytes(key: &str, p: &PendingState) -> usize {
-        let value = p.value.as_ref().map_or(0, Vec::len);
-        let condition = p
-            .condition
-            .as_ref()
-            .and_then(Option::as_ref)
-            .map_or(0, Vec::len);
-        key.len() + value + condition
-    }
-
-    /// The journal may hold at most `limits.max-writes` writes and, with the emits, as
-    /// many bytes as the plugin's own memory (`limits.memory-mb`): a call cannot make the
-    /// host hold more for it than its sandbox may hold itself.
-    fn check_budget(&self, added_writes: usize, added_bytes: usize) -> Result<(), HostError> {
-        let limits = &self.plugin.manifest.limits;
-        let writes = self.journal.writes() + added_writes;
-        if writes > limits.max_writes as usize {
-            return Err(HostError::Limit(format!(
-                "more than {} state and cache writes in one event (limits.max-writes)",
-                limits.max_writes
-            )));
-        }
-        let bytes = self.journal.bytes() + added_bytes as u64;
-        if bytes > limits.memory_bytes() as u64 {
-            return Err(HostError::Limit(format!(
-                "the event's writes and emits hold more than {} MiB, its memory limit \
-                 (limits.memory-mb); write less per event",
-                limits.memory_mb
-            )));
-        }
-        Ok(())
-    }
-
-    fn insert_state(&mut self, key: &str, pending: PendingState) -> Result<(), HostError> {
-        let old = self
-            .journal
-            .state
-            .get(key)
-            .map(|p| Self::state_bytes(key, p));
-        let new = Self::state_bytes(key, &pending);
-        let added = new.saturating_sub(old.unwrap_or(0));
-        self.check_budget(usize::from(old.is_none()), added)?;
-        self.journal.write_bytes = self.journal.write_bytes + new - old.unwrap_or(0);
-        self.journal.state.insert(key.to_string(), pending);
-        Ok(())
-    }
-
-    fn record_cache(&mut self, op: CacheOp) -> Result<(), HostError> {
-        let bytes = match &op {
-            CacheOp::Set { key, value, .. } => key.len() + value.len(),
-            CacheOp::Delete { key } | CacheOp::Incr { key, .. } => key.len() + 8,
-        };
-        self.check_budget(1, bytes)?;
-        self.journal.write_bytes += bytes;
-        self.journal.cache.push(op);
-        Ok(())
-    }
-
     /// `state.put`.
     pub fn state_put(
         &mut self,
@@ -375,13 +197,15 @@ impl Invocation {
     ) -> Result<(), HostError> {
         Self::check_key(key)?;
         Self::check_value(&value)?;
-        self.record_state(key, Some(value), ttl)
+        self.journal
+            .record_state(&self.plugin.manifest.limits, key, Some(value), ttl)
     }
 
     /// `state.delete`.
     pub fn state_delete(&mut self, key: &str) -> Result<(), HostError> {
         Self::check_key(key)?;
-        self.record_state(key, None, None)
+        self.journal
+            .record_state(&self.plugin.manifest.limits, key, None, None)
     }
 
     /// `state.compare-and-swap` against the call's view; re-checked when applied.
@@ -412,7 +236,8 @@ impl Invocation {
             Some(c) => c,
             None => Some(expected),
         };
-        self.insert_state(
+        self.journal.insert_state(
+            &self.plugin.manifest.limits,
             key,
             PendingState {
                 value: new,
@@ -515,13 +340,17 @@ impl Invocation {
     pub fn cache_set(&mut self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), HostError> {
         let key = self.cache_key(key)?;
         Self::check_value(&value)?;
-        self.record_cache(CacheOp::Set { key, value, ttl })
+        self.journal.record_cache(
+            &self.plugin.manifest.limits,
+            CacheOp::Set { key, value, ttl },
+        )
     }
 
     /// `cache.delete`.
     pub fn cache_delete(&mut self, key: &str) -> Result<(), HostError> {
         let key = self.cache_key(key)?;
-        self.record_cache(CacheOp::Delete { key })
+        self.journal
+            .record_cache(&self.plugin.manifest.limits, CacheOp::Delete { key })
     }
 
     /// `cache.incr`: the value the counter will have if this call's effects are applied
@@ -533,7 +362,10 @@ impl Invocation {
             Some(v) => parse_counter(&v)?,
         };
         let full = self.cache_key(key)?;
-        self.record_cache(CacheOp::Incr { key: full, delta })?;
+        self.journal.record_cache(
+            &self.plugin.manifest.limits,
+            CacheOp::Incr { key: full, delta },
+        )?;
         Ok(base.saturating_add(delta))
     }
 
@@ -598,112 +430,17 @@ impl Invocation {
         topic: String,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
-        mut extra: Vec<Header>,
+        headers: Vec<Header>,
         id: Option<String>,
     ) -> Result<(), HostError> {
-        let limits = &self.plugin.manifest.limits;
-        if self.journal.emits.len() as u64 >= u64::from(limits.max_emits) {
-            return Err(HostError::Limit(format!(
-                "more than {} emits in one event (limits.max-emits)",
-                limits.max_emits
-            )));
-        }
-        // Keys and headers are bytes the host holds and publishes as much as payloads.
-        let size = payload.len()
-            + key.as_ref().map_or(0, Vec::len)
-            + extra
-                .iter()
-                .map(|h| h.name.len() + h.value.len())
-                .sum::<usize>();
-        let bytes = self.journal.emitted_bytes + size as u64;
-        if bytes > limits.max_emit_bytes {
-            return Err(HostError::Limit(format!(
-                "more than {} emitted bytes (keys, headers and payloads) in one event \
-                 (limits.max-emit-bytes)",
-                limits.max_emit_bytes
-            )));
-        }
-        self.check_budget(0, size)?;
-        let hops = crate::types::header_str(&self.event.headers, headers::HOPS)
-            .and_then(|h| h.trim().parse::<u32>().ok())
-            .unwrap_or(0)
-            .saturating_add(1);
-        if hops > limits.max_hops {
-            return Err(HostError::Limit(format!(
-                "this emit would be hop {hops} of a chain of handlers feeding each other \
-                 (limits.max-hops = {}): a plugin emitting to its own input, or plugins \
-                 emitting to each other's, loop",
-                limits.max_hops
-            )));
-        }
-        let index = self.journal.emits.len();
-        let id = id.unwrap_or_else(|| idempotency_id(self.plugin.name(), &self.event, index));
-        let e = &self.event;
-        extra.push(Header::text(headers::IDEMPOTENCY_ID, &id));
-        extra.push(Header::text(headers::PLUGIN, self.plugin.name()));
-        extra.push(Header::text(
-            headers::PLUGIN_VERSION,
-            self.plugin.manifest.version.to_string(),
-        ));
-        extra.push(Header::text(headers::PLUGIN_HASH, &self.plugin.hash));
-        extra.push(Header::text(headers::HOPS, hops.to_string()));
-        extra.push(Header::text(
-            headers::SOURCE,
-            format!("{}/{}/{}", e.topic, e.partition, e.offset),
-        ));
-        extra.retain(|h| h.name != headers::TRACEPARENT);
-        let parent = crate::types::header_str(&e.headers, headers::TRACEPARENT);
-        extra.push(Header::text(
-            headers::TRACEPARENT,
-            child_traceparent(parent, &e.topic, e.partition, e.offset, &id),
-        ));
-        self.journal.emitted_bytes = bytes;
-        self.journal.emits.push(PendingEmit {
-            topic,
-            event: NewEvent {
-                key,
-                payload,
-                headers: extra,
-            },
-        });
-        Ok(())
+        let event = NewEvent {
+            key,
+            payload,
+            headers,
+        };
+        self.journal
+            .record_emit(&self.plugin, &self.event, topic, event, id)
     }
-}
-
-/// The W3C `traceparent` of an emitted event: a child of the input's trace if it carried
-/// a valid one, else a trace rooted at the input event. Ids are derived from the input's
-/// coordinates and the emit's idempotency id, so a replayed emit carries the same context.
-fn child_traceparent(
-    parent: Option<&str>,
-    topic: &str,
-    partition: u32,
-    offset: u64,
-    idempotency_id: &str,
-) -> String {
-    use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
-    let parsed = parent.and_then(|p| {
-        let parts: Vec<&str> = p.trim().split('-').collect();
-        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        match parts.as_slice() {
-            [v, trace, span, flags]
-                if hex(v, 2)
-                    && *v != "ff"
-                    && hex(trace, 32)
-                    && trace.bytes().any(|b| b != b'0')
-                    && hex(span, 16)
-                    && hex(flags, 2) =>
-            {
-                Some((trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
-            }
-            _ => None,
-        }
-    });
-    let (trace, flags) = parsed.unwrap_or_else(|| {
-        let root = xxh3_128(format!("{topic}/{partition}/{offset}").as_bytes()).max(1);
-        (format!("{root:032x}"), "01".to_string())
-    });
-    let span = xxh3_64(idempotency_id.as_bytes()).max(1);
-    format!("00-{trace}-{span:016x}-{flags}")
 }
 
 fn parse_counter(v: &[u8]) -> Result<i64, HostError> {
@@ -860,45 +597,5 @@ mod tests {
             cut.len()
         );
         assert_eq!(truncate_reason("short".into(), 4096), "short");
-    }
-
-    #[test]
-    fn emits_continue_the_input_trace() {
-        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let child = child_traceparent(Some(parent), "orders", 1, 7, "p/orders/1/7/0");
-        let parts: Vec<&str> = child.split('-').collect();
-        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(parts[2], "00f067aa0ba902b7");
-        assert_eq!(parts[3], "01");
-        // Deterministic: a replayed emit carries the same context.
-        assert_eq!(
-            child,
-            child_traceparent(Some(parent), "orders", 1, 7, "p/orders/1/7/0")
-        );
-    }
-
-    #[test]
-    fn a_missing_or_invalid_parent_roots_a_trace_at_the_input() {
-        for bad in [
-            None,
-            Some("garbage"),
-            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-        ] {
-            let t = child_traceparent(bad, "orders", 1, 7, "p/orders/1/7/0");
-            let parts: Vec<&str> = t.split('-').collect();
-            assert_eq!(
-                (parts.len(), parts[0], parts[1].len(), parts[2].len()),
-                (4, "00", 32, 16)
-            );
-            assert_ne!(parts[1], "00000000000000000000000000000000");
-        }
-        let a = child_traceparent(None, "orders", 1, 7, "p/orders/1/7/0");
-        let b = child_traceparent(None, "orders", 1, 7, "p/orders/1/7/1");
-        assert_eq!(
-            a.split('-').nth(1),
-            b.split('-').nth(1),
-            "one trace per input event"
-        );
-        assert_ne!(a, b, "one span per emit");
     }
 }

@@ -168,9 +168,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::dispatch::{CallOutcome, CallResult, Instance, PluginVersion};
-    use crate::host::{Invocation, PluginInfo};
-    use crate::manifest::{LimitCeilings, Manifest};
+    use crate::{CallOutcome, Instance, PluginVersion};
+    use spate_core::host::{Invocation, PluginInfo};
+    use spate_core::manifest::{LimitCeilings, Manifest};
     use std::sync::atomic::AtomicUsize;
 
     /// Counts its live instances, as pool slots would.
@@ -199,11 +199,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Instance for CountedInstance {
-        async fn call(&mut self, mut inv: Invocation) -> CallResult {
-            CallResult {
-                outcome: CallOutcome::Ok,
-                journal: inv.take_journal(),
-            }
+        async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
+            CallOutcome::Ok(inv.take_journal())
         }
     }
 

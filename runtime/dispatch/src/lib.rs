@@ -1,0 +1,98 @@
+//! Spate dispatch: from a subscription to handled, committed events.
+//!
+//! One [`Pipeline`] runs per plugin. It reads its consumer group's subscription, splits
+//! each partition into key lanes (FIFO per key, different keys concurrently, bounded by
+//! the plugin's concurrency), calls the plugin version that is active when an event
+//! starts, applies the call's journal on success, retries failures with backoff, dead-
+//! letters what cannot be handled, and commits each partition's contiguous watermark.
+//!
+//! The dispatcher does not know what a plugin is made of: the sandbox implements
+//! [`PluginVersion`] (and the benchmark's native handler does too). Both that contract and
+//! the effect journal a call returns live in `spate-core` (`spate_core::plugin`,
+//! `spate_core::host::journal`), so the engine does not depend on this crate.
+
+pub mod checkpoint;
+mod idle;
+mod pipeline;
+pub mod watermark;
+
+pub use checkpoint::{CheckpointConfig, Checkpointer};
+pub use idle::IdleInstances;
+pub use pipeline::{Pipeline, PipelineConfig};
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+/// What a running pipeline reports for the runtime's probes: whether its consumer has
+/// joined its group (readiness), and when its event loop last went round (liveness).
+#[derive(Debug, Default)]
+pub struct PipelineHealth {
+    joined: AtomicBool,
+    /// Milliseconds since [`clock`]'s origin at the last beat; 0 before the first.
+    beat_ms: AtomicU64,
+}
+
+fn clock() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+impl PipelineHealth {
+    /// Whether the consumer has joined its group (been given its partitions, maybe none).
+    pub fn joined(&self) -> bool {
+        self.joined.load(AtomicOrdering::Acquire)
+    }
+
+    /// How long ago the event loop last went round; `None` before it started.
+    pub fn since_beat(&self) -> Option<Duration> {
+        match self.beat_ms.load(AtomicOrdering::Acquire) {
+            0 => None,
+            ms => Some(clock().elapsed().saturating_sub(Duration::from_millis(ms))),
+        }
+    }
+
+    pub(crate) fn beat(&self) {
+        let ms = clock().elapsed().as_millis().max(1) as u64;
+        self.beat_ms.store(ms, AtomicOrdering::Release);
+    }
+
+    pub(crate) fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, AtomicOrdering::Release);
+    }
+}
+
+pub use spate_core::host::DeadLetterKind;
+pub use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
+use arc_swap::ArcSwapOption;
+use std::sync::Arc;
+
+/// The version of a plugin that new events start on. Swapped atomically on upload,
+/// activation and rollback; events already started keep the version they loaded.
+pub struct ActiveVersion {
+    slot: ArcSwapOption<Arc<dyn PluginVersion>>,
+}
+
+impl ActiveVersion {
+    /// A slot holding `version`.
+    pub fn new(version: Arc<dyn PluginVersion>) -> Arc<Self> {
+        Arc::new(Self {
+            slot: ArcSwapOption::from_pointee(version),
+        })
+    }
+
+    /// The version new events start on, or `None` once the plugin is removed.
+    pub fn load(&self) -> Option<Arc<dyn PluginVersion>> {
+        self.slot.load_full().map(|v| Arc::clone(&*v))
+    }
+
+    /// Make `version` the active one.
+    pub fn store(&self, version: Arc<dyn PluginVersion>) {
+        self.slot.store(Some(Arc::new(version)));
+    }
+
+    /// Remove the plugin: new events find no version and the pipeline stops.
+    pub fn clear(&self) {
+        self.slot.store(None);
+    }
+}
