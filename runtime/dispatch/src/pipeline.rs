@@ -409,6 +409,7 @@ impl Pipeline {
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.stop.clone();
+        let failed = self.ctx.ckpt.failed().clone();
 
         loop {
             // A full buffer reads only partition changes: a revocation must still be
@@ -419,6 +420,18 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // An exactly-once transaction failed: everything since the last checkpoint
+                // is void. Stop without committing; the plugin restarts from it.
+                _ = failed.cancelled() => {
+                    st.tasks.abort_all();
+                    self.ctx.ckpt.leave().await;
+                    sub.close().await;
+                    st.lanes.idle.forget(st.lanes.owner, |_| true);
+                    self.health.set_joined(false);
+                    return Err(BackendError::Unavailable(
+                        "an exactly-once transaction failed; restarting from the last checkpoint".into(),
+                    ));
+                }
                 Some(joined) = st.tasks.join_next(), if !st.tasks.is_empty() => {
                     let Ok(report) = joined else { continue };
                     self.finish(report, &mut st, true);
@@ -556,6 +569,7 @@ impl Pipeline {
             let committed = st.committed.remove(p).unwrap_or(0);
             if let Some(next) = self.ctx.ckpt.durable(&cfg.topic, *p)
                 && next > committed
+                && !self.ctx.ckpt.transactional()
             {
                 offsets.push((TopicPartition::new(cfg.topic.clone(), *p), next));
             }
@@ -674,6 +688,15 @@ impl Pipeline {
     /// Commit to the source what the last durable checkpoint covers.
     async fn commit(&self, sub: &mut dyn Subscription, committed: &mut HashMap<u32, u64>) {
         let cfg = &self.config;
+        if self.ctx.ckpt.transactional() {
+            // The checkpoint's transaction committed them; keep the lag current.
+            for (p, c) in committed.iter_mut() {
+                if let Some(next) = self.ctx.ckpt.durable(&cfg.topic, *p) {
+                    *c = (*c).max(next);
+                }
+            }
+            return;
+        }
         let offsets: Vec<(TopicPartition, u64)> = committed
             .iter()
             .filter_map(|(p, c)| {
