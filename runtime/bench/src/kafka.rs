@@ -39,11 +39,11 @@ use report::{
 };
 use spate_conformance::kafka::{BrokerOptions, KafkaBroker, kafka_version};
 use spate_core::backend::{BackendError, EventBus, EventSource};
-use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, PluginInfo};
 use spate_core::manifest::Manifest;
 use spate_core::{NewEvent, StateStore};
+use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
 use spate_engine::Sandbox;
 use spate_kafka::{KafkaBus, KafkaOptions};
 use std::path::PathBuf;

@@ -32,6 +32,7 @@
 //! positions go through the checkpoint.
 
 use super::watermark::Watermark;
+use async_trait::async_trait;
 use spate_core::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite, Transactional, Transactions,
@@ -39,7 +40,6 @@ use spate_core::backend::{
 use spate_core::host::CacheOp;
 pub use spate_core::host::Effects;
 use spate_core::types::{NewEvent, TopicPartition};
-use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

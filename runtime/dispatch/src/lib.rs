@@ -62,9 +62,9 @@ impl PipelineHealth {
     }
 }
 
+use arc_swap::ArcSwapOption;
 pub use spate_core::host::DeadLetterKind;
 pub use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
-use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 
 /// The version of a plugin that new events start on. Swapped atomically on upload,

@@ -5,14 +5,16 @@ use super::idle::IdleInstances;
 use super::{
     ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
 use spate_core::backend::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use spate_core::host::{HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason};
+use spate_core::host::{
+    HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason,
+};
 use spate_core::manifest::{ExecutionMode, Ordering};
 use spate_core::types::{Event, Header, TopicPartition};
-use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::FutureExt;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -5,13 +5,13 @@
 use async_trait::async_trait;
 use proptest::prelude::*;
 use spate_core::backend::{EventBus, EventSource};
-use spate_dispatch::{
-    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
-};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::{NewEvent, StateStore};
+use spate_dispatch::{
+    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,13 +8,13 @@ use async_trait::async_trait;
 use spate_core::backend::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use spate_dispatch::{
-    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
-};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::types::{Event, TopicPartition};
+use spate_dispatch::{
+    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};

@@ -943,6 +943,39 @@ impl Config {
         }
     }
 
+    /// This runtime's lasting identity among its peers: the configured
+    /// `events.instance-id` (the pod name in a StatefulSet), else an id created once and
+    /// kept in the data directory. What a restarted runtime uses to fence and abort the
+    /// transactions the previous process left open.
+    pub fn instance_id(&self) -> std::io::Result<String> {
+        if let EventsConfig::Kafka {
+            instance_id: Some(id),
+            ..
+        } = &self.events
+            && !id.is_empty()
+        {
+            return Ok(id.clone());
+        }
+        let path = self.data_dir.join("instance-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+            Ok(_) => Self::new_instance_id(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::new_instance_id(&path),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn new_instance_id(path: &std::path::Path) -> std::io::Result<String> {
+        let id = format!("spate-{:016x}", rand::random::<u64>());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &id)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(id)
+    }
+
     /// The ceilings plugin manifests are checked against.
     pub fn ceilings(&self) -> spate_core::manifest::LimitCeilings {
         spate_core::manifest::LimitCeilings {
@@ -982,6 +1015,24 @@ mod tests {
         let path = dir.path().join("spate.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path))
+    }
+
+    #[test]
+    fn the_instance_id_is_configured_or_kept_in_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let first = c.instance_id().unwrap();
+        assert!(first.starts_with("spate-"), "{first}");
+        assert_eq!(c.instance_id().unwrap(), first, "kept across restarts");
+        c.events = load(
+            "[events]\ntype = \"kafka\"\nbootstrap-servers = \"b:9092\"\ninstance-id = \"pod-0\"\n",
+        )
+        .unwrap()
+        .events;
+        assert_eq!(c.instance_id().unwrap(), "pod-0");
     }
 
     #[test]

@@ -6,15 +6,15 @@ use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
 use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
+use spate_core::host::HostServices;
+use spate_core::manifest::{Manifest, Ordering};
+use spate_core::tiered::StateTier;
 use spate_dispatch::PipelineHealth;
 use spate_dispatch::{
     ActiveVersion, CheckpointConfig, Checkpointer, IdleInstances, Pipeline, PipelineConfig,
     PluginVersion,
 };
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
-use spate_core::host::HostServices;
-use spate_core::manifest::{Manifest, Ordering};
-use spate_core::tiered::StateTier;
 use spate_engine::{
     ChangeFeed, LocalStore, Registry, RegistryChange, RegistryStore, Sandbox, SandboxConfig,
     SharedStore,
