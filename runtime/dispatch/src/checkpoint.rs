@@ -22,6 +22,7 @@
 //! positions go through the checkpoint.
 
 use super::watermark::Watermark;
+use async_trait::async_trait;
 use spate_core::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite,
@@ -29,7 +30,6 @@ use spate_core::backend::{
 use spate_core::host::CacheOp;
 pub use spate_core::host::Effects;
 use spate_core::types::NewEvent;
-use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
