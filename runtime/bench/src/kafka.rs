@@ -369,7 +369,8 @@ impl Stage {
 /// A subject consuming.
 enum Running {
     Spate {
-        supervisor: Supervisor,
+        // Boxed: the supervisor is large next to the ceiling's handle.
+        supervisor: Box<Supervisor>,
         _bus: Arc<KafkaBus>,
         // Last, so the state store is closed before its directory goes.
         _dir: tempfile::TempDir,
@@ -471,7 +472,7 @@ async fn start_spate(
     supervisor.deploy(Arc::clone(version)).await;
     Ok((
         Running::Spate {
-            supervisor,
+            supervisor: Box::new(supervisor),
             _bus: bus,
             _dir: dir,
         },
