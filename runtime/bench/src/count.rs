@@ -8,9 +8,9 @@
 //! `[execution] mode = "warm"` (`wasm-warm`), its native twin through the same dispatcher
 //! and host API (`native`, [`NativeCount`]), and a plain rdkafka consume → `HashMap` →
 //! produce → commit loop (`ceiling`). Every Spate subject keeps its state in an
-//! `EmbeddedStateStore` in a temporary directory, wired through `HostServices` and
-//! `Pipeline::new` as `spate up` wires it (the pipeline's checkpointer makes state and
-//! positions durable together). On the embedded log (the `harness` module, as the
+//! `EmbeddedStateStore` in a temporary directory, deployed on the dispatcher's
+//! `Supervisor` from a `DispatchContext` as `spate up` deploys it (the checkpointer makes
+//! state and positions durable together). On the embedded log (the `harness` module, as the
 //! embedded bench runs: events appended as fast as the log takes them while the
 //! pipelines run) the subjects are the plugin fresh and its native twin.
 //!

@@ -1,6 +1,7 @@
 //! Runs one handler through the real embedded path and measures it: a fresh data
-//! directory with an `EmbeddedLog`, `EmbeddedStateStore` and `MokaCache`, one dispatcher
-//! [`Pipeline`] per subscribed topic (as `spate up` starts them), a producer appending to
+//! directory with an `EmbeddedLog`, `EmbeddedStateStore` and `MokaCache`, the plugin
+//! deployed on a dispatcher [`Supervisor`] (one pipeline per subscribed topic, started as
+//! `spate up` starts them), a producer appending to
 //! the input topic, and an observer subscribed to the output topic in its own consumer
 //! group that notes when each output event becomes visible.
 //!
@@ -14,15 +15,15 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use spate_core::backend::{EventBus, EventSource, SourceMessage, StartPosition};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::HostServices;
+use spate_core::tiered::StateTier;
 use spate_core::types::{header_str, headers};
-use spate_core::{BackendError, NewEvent, StateStore};
-use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_core::{NewEvent, StateStore};
+use spate_dispatch::{DispatchContext, DispatchSettings, PluginVersion, Supervisor};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -135,8 +136,7 @@ pub struct Latency {
 /// A running handler: its data directory, backends and pipelines.
 struct Env {
     log: Arc<EmbeddedLog>,
-    shutdown: CancellationToken,
-    tasks: JoinSet<Result<(), BackendError>>,
+    supervisor: Supervisor,
     group: String,
     dead_letter_topic: String,
     // Last, so the files are closed before the directory is removed.
@@ -144,8 +144,8 @@ struct Env {
 }
 
 impl Env {
-    /// Open fresh backends under `root` and start one pipeline per subscription of the
-    /// subject's manifest, sharing one concurrency semaphore (as the server does).
+    /// Open fresh backends under `root` and deploy the subject on a supervisor: one
+    /// pipeline per subscription of its manifest, as the server starts them.
     async fn start(subject: &Subject, root: &Path, settings: &RunSettings) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("spate-bench-")
@@ -174,40 +174,26 @@ impl Env {
                 .with_context(|| format!("creating topic {topic}"))?;
         }
 
-        let services = HostServices {
-            state,
-            cache: Arc::new(MokaCache::new(CACHE_BYTES)),
-            workflow_topic: WORKFLOW_TOPIC.to_string(),
-        };
-        let active = ActiveVersion::new(Arc::clone(&subject.version));
-        let permits = Arc::new(Semaphore::new(manifest.limits.concurrency as usize));
-        let shutdown = CancellationToken::new();
         let source: Arc<dyn EventSource> = log.clone();
         let bus: Arc<dyn EventBus> = log.clone();
-        let mut tasks = JoinSet::new();
-        let mut group = String::new();
-        for sub in &manifest.subscriptions {
-            let mut cfg = PipelineConfig::new(&manifest.name, &sub.topic);
-            cfg.start = sub.start;
-            cfg.ordering = manifest.ordering;
-            cfg.commit_interval = settings.commit_interval;
-            cfg.drain_timeout = DRAIN_TIMEOUT;
-            group.clone_from(&cfg.group);
-            let pipeline = Pipeline::new(
-                cfg,
-                Arc::clone(&active),
-                Arc::clone(&source),
-                Arc::clone(&bus),
-                services.clone(),
-                Arc::clone(&permits),
-                shutdown.clone(),
-            );
-            tasks.spawn(async move { pipeline.run().await });
-        }
+        let cx = DispatchContext::new(
+            source,
+            bus,
+            StateTier::direct(state),
+            Arc::new(MokaCache::new(CACHE_BYTES)),
+            DispatchSettings {
+                workflow_topic: WORKFLOW_TOPIC.to_string(),
+                commit_interval: settings.commit_interval,
+                drain_timeout: DRAIN_TIMEOUT,
+                ..DispatchSettings::default()
+            },
+        );
+        let group = cx.settings.group(&manifest.name);
+        let mut supervisor = Supervisor::new(cx, Arc::default());
+        supervisor.deploy(Arc::clone(&subject.version)).await;
         Ok(Self {
             log,
-            shutdown,
-            tasks,
+            supervisor,
             group,
             dead_letter_topic: info.dead_letter_topic.clone(),
             _dir: dir,
@@ -300,14 +286,10 @@ impl Env {
         }
     }
 
-    /// Stop the pipelines (draining in-flight events) and close the files.
+    /// Stop the pipelines (draining in-flight events) and close the files. A pipeline
+    /// that failed was restarted by the supervisor (and logged why).
     async fn stop(mut self) -> Result<()> {
-        self.shutdown.cancel();
-        while let Some(joined) = self.tasks.join_next().await {
-            joined
-                .context("pipeline task panicked")?
-                .context("pipeline failed")?;
-        }
+        self.supervisor.stop_all().await;
         Ok(())
     }
 }

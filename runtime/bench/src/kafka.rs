@@ -5,15 +5,16 @@
 //! one node, its log on disk under the system temp dir, a free loopback port, the JVM's
 //! optimizing JIT on) and creates the topics. The subjects are the `trivial`
 //! component (fresh instance per event, its manifest from the tree) and its native twin,
-//! each through the real dispatcher [`Pipeline`] on a [`KafkaBus`] wired as `spate up`
-//! wires it with `events.type = "kafka"` (one runtime: one group member per topic), and
+//! each deployed on the real dispatcher's [`Supervisor`] over a [`KafkaBus`], wired as
+//! `spate up` wires it with `events.type = "kafka"` (one runtime: one group member per
+//! topic), and
 //! the [`ceiling`]: consume in a group, produce one `{}` keyed like the input with an
 //! idempotent `acks=all` producer, commit after the acknowledgement. Rounds interleave the
 //! subjects; each round has, per subject, a throughput run (a backlog produced first,
 //! then the subject drains it) and a paced latency run (send-to-visible per event).
 //! Outputs are matched to inputs by the `spate-source` header, read by an observer that
 //! consumes the output topic without a group. It measures only; everything Spate does in
-//! it is `spate-core`, `spate-engine` and `spate-kafka` code.
+//! it is `spate-core`, `spate-dispatch`, `spate-engine` and `spate-kafka` code.
 //!
 //! ```sh
 //! scripts/bench kafka                         # builds the plugins, runs this in release
@@ -38,20 +39,18 @@ use report::{
     KafkaReport, KafkaSettings, LatencyRun, LatencySummary, Ratio, SubjectResult, ThroughputRun,
 };
 use spate_conformance::kafka::{BrokerOptions, KafkaBroker, kafka_version};
-use spate_core::backend::{BackendError, EventBus, EventSource};
+use spate_core::backend::{EventBus, EventSource};
 use spate_core::embedded::{EmbeddedStateStore, MokaCache};
-use spate_core::host::{HostServices, PluginInfo};
+use spate_core::host::PluginInfo;
 use spate_core::manifest::Manifest;
+use spate_core::tiered::StateTier;
 use spate_core::{NewEvent, StateStore};
-use spate_dispatch::{ActiveVersion, Pipeline, PipelineConfig, PluginVersion};
+use spate_dispatch::{DispatchContext, DispatchSettings, PluginVersion, Supervisor};
 use spate_engine::Sandbox;
 use spate_kafka::{KafkaBus, KafkaOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// `events.group` of the Spate runtime: plugin groups are `bench.<plugin>`.
 const GROUP_PREFIX: &str = "bench";
@@ -370,8 +369,8 @@ impl Stage {
 /// A subject consuming.
 enum Running {
     Spate {
-        shutdown: CancellationToken,
-        tasks: JoinSet<Result<(), BackendError>>,
+        // Boxed: the supervisor is large next to the ceiling's handle.
+        supervisor: Box<Supervisor>,
         _bus: Arc<KafkaBus>,
         // Last, so the state store is closed before its directory goes.
         _dir: tempfile::TempDir,
@@ -411,17 +410,8 @@ impl Running {
     /// Stop consuming (Spate drains and commits; the ceiling flushes and commits).
     async fn stop(self) -> Result<()> {
         match self {
-            Self::Spate {
-                shutdown,
-                mut tasks,
-                ..
-            } => {
-                shutdown.cancel();
-                while let Some(joined) = tasks.join_next().await {
-                    joined
-                        .context("pipeline task panicked")?
-                        .context("pipeline failed")?;
-                }
+            Self::Spate { mut supervisor, .. } => {
+                supervisor.stop_all().await;
                 Ok(())
             }
             Self::Ceiling(c) => c.stop().await.map(|_| ()),
@@ -430,8 +420,9 @@ impl Running {
 }
 
 /// Spate with `events.type = "kafka"`, as the server wires one plugin: a [`KafkaBus`] as
-/// source and emit target, one [`Pipeline`] per subscription sharing one concurrency
-/// semaphore, the embedded state store and the memory cache.
+/// source and emit target, the plugin deployed on a [`Supervisor`] (one pipeline per
+/// subscription, its output topics checked first), the embedded state store and the
+/// memory cache.
 async fn start_spate(
     version: &Arc<dyn PluginVersion>,
     stage: &Stage,
@@ -459,42 +450,29 @@ async fn start_spate(
         .with_context(|| format!("creating a data dir under {}", shared.root.display()))?;
     let state: Arc<dyn StateStore> = EmbeddedStateStore::open(&dir.path().join("state"))
         .context("opening the embedded state store")?;
-    let services = HostServices {
-        state,
-        cache: Arc::new(MokaCache::new(CACHE_BYTES)),
-        workflow_topic: crate::harness::WORKFLOW_TOPIC.to_string(),
-    };
-    let info = Arc::clone(version.info());
-    let manifest = &info.manifest;
-    let active = ActiveVersion::new(Arc::clone(version));
-    let permits = Arc::new(Semaphore::new(manifest.limits.concurrency as usize));
-    let shutdown = CancellationToken::new();
     let source: Arc<dyn EventSource> = bus.clone();
     let emit: Arc<dyn EventBus> = bus.clone();
-    let mut tasks = JoinSet::new();
+    let cx = DispatchContext::new(
+        source,
+        emit,
+        StateTier::direct(state),
+        Arc::new(MokaCache::new(CACHE_BYTES)),
+        DispatchSettings {
+            group_prefix: GROUP_PREFIX.into(),
+            workflow_topic: crate::harness::WORKFLOW_TOPIC.to_string(),
+            commit_interval: shared.commit_interval,
+            drain_timeout: DRAIN_TIMEOUT,
+            // As the server on Kafka: the plugin's output topics are checked first.
+            check_output_topics: true,
+            ..DispatchSettings::default()
+        },
+    );
+    let mut supervisor = Supervisor::new(cx, Arc::default());
     let started = Instant::now();
-    for sub in &manifest.subscriptions {
-        let mut cfg = PipelineConfig::new(&manifest.name, &sub.topic);
-        cfg.group = format!("{GROUP_PREFIX}.{}", manifest.name);
-        cfg.start = sub.start;
-        cfg.ordering = manifest.ordering;
-        cfg.commit_interval = shared.commit_interval;
-        cfg.drain_timeout = DRAIN_TIMEOUT;
-        let pipeline = Pipeline::new(
-            cfg,
-            Arc::clone(&active),
-            Arc::clone(&source),
-            Arc::clone(&emit),
-            services.clone(),
-            Arc::clone(&permits),
-            shutdown.clone(),
-        );
-        tasks.spawn(async move { pipeline.run().await });
-    }
+    supervisor.deploy(Arc::clone(version)).await;
     Ok((
         Running::Spate {
-            shutdown,
-            tasks,
+            supervisor: Box::new(supervisor),
             _bus: bus,
             _dir: dir,
         },

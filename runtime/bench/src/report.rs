@@ -172,7 +172,7 @@ impl Report {
             ));
         }
         o.push_str(&format!(
-            "runs:    throughput = {} events appended in batches of {}, median of {} interleaved rounds;\n         latency = {:.0} events/s paced for {:.1} s (first {:.1} s excluded as warm-up);\n         commit interval {} ms, other PipelineConfig settings at their defaults\n",
+            "runs:    throughput = {} events appended in batches of {}, median of {} interleaved rounds;\n         latency = {:.0} events/s paced for {:.1} s (first {:.1} s excluded as warm-up);\n         commit interval {} ms, other dispatch settings at their defaults\n",
             s.throughput_events,
             s.throughput_batch,
             s.throughput_rounds,

@@ -1,10 +1,12 @@
-//! Spate dispatch: from a subscription to handled, committed events.
+//! Spate dispatch: from a subscription to handled, committed events, and the
+//! [`Supervisor`] that starts, hot-swaps and stops each plugin's pipelines.
 //!
-//! One [`Pipeline`] runs per plugin. It reads its consumer group's subscription, splits
-//! each partition into key lanes (FIFO per key, different keys concurrently, bounded by
-//! the plugin's concurrency), calls the plugin version that is active when an event
-//! starts, applies the call's journal on success, retries failures with backoff, dead-
-//! letters what cannot be handled, and commits each partition's contiguous watermark.
+//! One [`Pipeline`] runs per subscription of a plugin, built from a [`DispatchContext`].
+//! It reads its consumer group's subscription, splits each partition into key lanes (FIFO
+//! per key, different keys concurrently, bounded by the plugin's concurrency), calls the
+//! plugin version that is active when an event starts, applies the call's journal on
+//! success, retries failures with backoff, dead-letters what cannot be handled, and
+//! commits each partition's contiguous watermark once a checkpoint covers it.
 //!
 //! The dispatcher does not know what a plugin is made of: the sandbox implements
 //! [`PluginVersion`] (and the benchmark's native handler does too). Both that contract and
@@ -12,13 +14,17 @@
 //! `spate_core::host::journal`), so the engine does not depend on this crate.
 
 pub mod checkpoint;
+mod context;
 mod idle;
 mod pipeline;
+pub mod supervisor;
 pub mod watermark;
 
 pub use checkpoint::{CheckpointConfig, Checkpointer};
+pub use context::{DispatchContext, DispatchSettings};
 pub use idle::IdleInstances;
-pub use pipeline::{Pipeline, PipelineConfig};
+pub use pipeline::Pipeline;
+pub use supervisor::{PipelineBoard, Supervisor};
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};

@@ -1,6 +1,6 @@
 //! One plugin's consumption of one topic: key lanes, retries, dead letters and commits.
 
-use super::checkpoint::{CheckpointConfig, Checkpointer, Effects, FinishError, Track};
+use super::checkpoint::{Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
 use super::{
     ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
@@ -24,11 +24,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-/// Warm instances of quiet lanes a pipeline keeps when it is not given a shared budget.
-const IDLE_WARM_INSTANCES: usize = 32;
-/// How long an idle warm instance is kept when the pipeline is not given a shared budget.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -38,9 +33,10 @@ const LAG_INTERVAL: Duration = Duration::from_secs(1);
 /// Header carrying the 1-based attempt number of the call, visible to the guest.
 pub const ATTEMPT_HEADER: &str = "spate-attempt";
 
-/// Settings of one pipeline.
+/// Settings of one pipeline, from the [`DispatchSettings`](crate::DispatchSettings) and
+/// the plugin's manifest.
 #[derive(Clone, Debug)]
-pub struct PipelineConfig {
+pub(crate) struct PipelineConfig {
     /// Plugin name (metrics label).
     pub plugin: String,
     /// Consumer group whose positions this pipeline commits.
@@ -62,8 +58,6 @@ pub struct PipelineConfig {
     /// How often finished positions are committed, and longest time between two
     /// checkpoints of the plugin's effects.
     pub commit_interval: Duration,
-    /// A checkpoint is taken early once this many events finished since the last one.
-    pub checkpoint_events: usize,
     /// How long shutdown keeps handling the events already read (in handlers, in back-off,
     /// or queued in lanes) before abandoning the rest uncommitted.
     pub drain_timeout: Duration,
@@ -72,27 +66,6 @@ pub struct PipelineConfig {
     /// How long a revoked partition's in-flight events may take to finish before they are
     /// abandoned (uncommitted, so the partition's next owner handles them again).
     pub revoke_timeout: Duration,
-}
-
-impl PipelineConfig {
-    /// Defaults for `plugin` consuming `topic`.
-    pub fn new(plugin: &str, topic: &str) -> Self {
-        Self {
-            plugin: plugin.to_string(),
-            group: format!("spate.{plugin}"),
-            topic: topic.to_string(),
-            start: StartPosition::Earliest,
-            ordering: Ordering::Key,
-            max_buffered: 32_768,
-            max_buffered_bytes: 128 << 20,
-            max_buffered_per_partition: 16_384,
-            commit_interval: Duration::from_millis(100),
-            checkpoint_events: 8192,
-            drain_timeout: Duration::from_secs(10),
-            max_infra_backoff: Duration::from_secs(5),
-            revoke_timeout: Duration::from_secs(10),
-        }
-    }
 }
 
 /// A running consumer of one topic for one plugin.
@@ -311,77 +284,57 @@ struct WorkerReport {
     instance: Option<WarmInstance>,
 }
 
+/// What every pipeline of one plugin shares; built once per plugin by
+/// [`DispatchContext::pipelines`](crate::DispatchContext::pipelines).
+pub(crate) struct PluginShared {
+    /// The version new events start on.
+    pub(crate) active: Arc<ActiveVersion>,
+    /// The bus emits go to (through the checkpointer); asked for the consumer lag.
+    pub(crate) bus: Arc<dyn EventBus>,
+    /// What handlers reach; its state is the checkpointer's view.
+    pub(crate) services: HostServices,
+    /// The plugin's checkpoints: every pipeline reads the others' writes, and one
+    /// checkpoint covers all their positions.
+    pub(crate) ckpt: Arc<Checkpointer>,
+    /// Bounds the plugin's concurrent calls across all its pipelines.
+    pub(crate) permits: Arc<Semaphore>,
+    /// Idle warm instances of every pipeline of the runtime.
+    pub(crate) idle: Arc<IdleInstances>,
+}
+
 impl Pipeline {
-    /// A pipeline feeding `active` from `source`. `permits` bounds the plugin's concurrent
-    /// calls across all its pipelines; cancelling `shutdown` drains and stops it.
-    pub fn new(
+    /// A pipeline of the plugin `shared` describes, reading `source`; cancelling `stop`
+    /// drains and stops it.
+    pub(crate) fn new(
         config: PipelineConfig,
-        active: Arc<ActiveVersion>,
+        shared: &PluginShared,
         source: Arc<dyn EventSource>,
-        bus: Arc<dyn EventBus>,
-        services: HostServices,
-        permits: Arc<Semaphore>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Self {
-        let namespace = active
-            .load()
-            .map(|v| v.info().namespace.clone())
-            .unwrap_or_else(|| config.plugin.clone());
-        let ckpt = Checkpointer::new(
-            &config.group,
-            &namespace,
-            Arc::clone(&services.state),
-            Arc::clone(&services.cache),
-            Arc::clone(&bus),
-            CheckpointConfig {
-                interval: config.commit_interval,
-                max_events: config.checkpoint_events,
-                max_backoff: config.max_infra_backoff,
-                ..CheckpointConfig::default()
-            },
-        );
-        let services = HostServices {
-            state: ckpt.view(),
-            ..services
-        };
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
-            idle: IdleInstances::new(IDLE_WARM_INSTANCES, IDLE_TIMEOUT),
-            active,
-            bus,
-            services,
-            ckpt,
+            idle: Arc::clone(&shared.idle),
+            active: Arc::clone(&shared.active),
+            bus: Arc::clone(&shared.bus),
+            services: shared.services.clone(),
+            ckpt: Arc::clone(&shared.ckpt),
             meters: Meters::new(&config.plugin),
-            permits,
+            permits: Arc::clone(&shared.permits),
             abandon: CancellationToken::new(),
             max_infra_backoff: config.max_infra_backoff,
         });
         Self {
             config,
             source,
-            stop: shutdown,
+            stop,
             ctx,
             health: Arc::default(),
         }
     }
 
-    /// Share `idle` (the runtime's one budget of idle warm instances) instead of the
-    /// pipeline's own.
-    pub fn with_idle_instances(mut self, idle: Arc<IdleInstances>) -> Self {
-        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
-            ctx.idle = idle;
-        }
-        self
-    }
-
-    /// Share `ckpt` (one per plugin, so every pipeline of the plugin reads the others'
-    /// writes and one checkpoint covers them all) instead of the pipeline's own.
-    pub fn with_checkpointer(mut self, ckpt: Arc<Checkpointer>) -> Self {
-        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
-            ctx.services.state = ckpt.view();
-            ctx.ckpt = ckpt;
-        }
-        self
+    /// The topic it consumes.
+    pub fn topic(&self) -> &str {
+        &self.config.topic
     }
 
     /// Its consumer's membership and its event loop's heartbeat, for the probes.

@@ -6,17 +6,26 @@ use async_trait::async_trait;
 use proptest::prelude::*;
 use spate_core::backend::{EventBus, EventSource};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::{HostServices, Invocation, PluginInfo};
+use spate_core::host::{Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::tiered::StateTier;
 use spate_core::{NewEvent, StateStore};
 use spate_dispatch::{
-    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
+    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Instance, Pipeline,
+    PluginVersion,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+
+/// `version`'s one pipeline (its manifest subscribes to one topic), built from `cx` as
+/// the supervisor builds it; it stops when `cx.shutdown` is cancelled.
+fn pipeline(cx: &DispatchContext, version: Arc<dyn PluginVersion>) -> Pipeline {
+    let name = version.info().name().to_owned();
+    let mut pipelines = cx.pipelines(&name, &ActiveVersion::new(version), &cx.shutdown);
+    assert_eq!(pipelines.len(), 1);
+    pipelines.remove(0)
+}
 
 /// Emits its input payload to `out`, after a delay the payload's first byte chooses, so
 /// lanes finish out of order.
@@ -92,24 +101,19 @@ async fn run_case(events: Vec<(u8, u8)>) {
     let version: Arc<dyn PluginVersion> = Arc::new(Echo {
         info: Arc::new(PluginInfo::new(manifest(), "0".repeat(64))),
     });
-    let active = ActiveVersion::new(version);
-    let shutdown = CancellationToken::new();
-    let mut cfg = PipelineConfig::new("echo", "in");
-    cfg.commit_interval = Duration::from_millis(5);
-    cfg.max_buffered = 16; // small, so backpressure is exercised too
-    let pipeline = Pipeline::new(
-        cfg,
-        active,
+    let cx = DispatchContext::new(
         source.clone(),
         bus.clone(),
-        HostServices {
-            state,
-            cache: Arc::new(MokaCache::new(1 << 20)),
-            workflow_topic: "workflows".into(),
+        StateTier::direct(state),
+        Arc::new(MokaCache::new(1 << 20)),
+        DispatchSettings {
+            commit_interval: Duration::from_millis(5),
+            max_buffered: 16, // small, so backpressure is exercised too
+            ..DispatchSettings::default()
         },
-        Arc::new(Semaphore::new(8)),
-        shutdown.clone(),
     );
+    let shutdown = cx.shutdown.clone();
+    let pipeline = pipeline(&cx, version);
     let task = tokio::spawn(async move { pipeline.run().await });
 
     let ends = bus.end_offsets("in").await.unwrap();
@@ -209,20 +213,15 @@ async fn a_host_panic_dead_letters_the_event_and_the_lane_goes_on() {
         })
         .collect();
     bus.append("in", events).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let pipeline = Pipeline::new(
-        PipelineConfig::new("echo", "in"),
-        ActiveVersion::new(version),
+    let cx = DispatchContext::new(
         log.clone(),
         bus.clone(),
-        HostServices {
-            state,
-            cache: Arc::new(MokaCache::new(1 << 20)),
-            workflow_topic: "workflows".into(),
-        },
-        Arc::new(Semaphore::new(4)),
-        shutdown.clone(),
+        StateTier::direct(state),
+        Arc::new(MokaCache::new(1 << 20)),
+        DispatchSettings::default(),
     );
+    let shutdown = cx.shutdown.clone();
+    let pipeline = pipeline(&cx, version);
     let task = tokio::spawn(async move { pipeline.run().await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

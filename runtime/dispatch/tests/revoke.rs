@@ -9,15 +9,16 @@ use spate_core::backend::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::{HostServices, Invocation, PluginInfo};
+use spate_core::host::{Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::tiered::StateTier;
 use spate_core::types::{Event, TopicPartition};
 use spate_dispatch::{
-    ActiveVersion, CallOutcome, Instance, Pipeline, PipelineConfig, PluginVersion,
+    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Instance, PluginVersion,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What the pipeline did to its subscription, in order.
@@ -175,7 +176,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn start(tune: impl FnOnce(&mut PipelineConfig)) -> Self {
+    fn start(tune: impl FnOnce(&mut DispatchSettings)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap();
         let state = EmbeddedStateStore::open(&dir.path().join("state")).unwrap();
@@ -197,23 +198,22 @@ impl Rig {
         let version: Arc<dyn PluginVersion> = Arc::new(Sleeper {
             info: Arc::new(PluginInfo::new(manifest, "0".repeat(64))),
         });
-        let mut cfg = PipelineConfig::new("sleeper", "in");
-        cfg.commit_interval = Duration::from_secs(3600); // only revocations commit here
-        tune(&mut cfg);
-        let shutdown = CancellationToken::new();
-        let pipeline = Pipeline::new(
-            cfg,
-            ActiveVersion::new(version),
+        let mut settings = DispatchSettings {
+            commit_interval: Duration::from_secs(3600), // only revocations commit here
+            ..DispatchSettings::default()
+        };
+        tune(&mut settings);
+        let cx = DispatchContext::new(
             source,
             Arc::clone(&bus),
-            HostServices {
-                state,
-                cache: Arc::new(MokaCache::new(1 << 20)),
-                workflow_topic: "workflows".into(),
-            },
-            Arc::new(Semaphore::new(8)),
-            shutdown.clone(),
+            StateTier::direct(state),
+            Arc::new(MokaCache::new(1 << 20)),
+            settings,
         );
+        let shutdown = cx.shutdown.clone();
+        let mut pipelines = cx.pipelines("sleeper", &ActiveVersion::new(version), &shutdown);
+        assert_eq!(pipelines.len(), 1);
+        let pipeline = pipelines.remove(0);
         let task = tokio::spawn(async move {
             pipeline.run().await.unwrap();
         });

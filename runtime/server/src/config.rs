@@ -1002,6 +1002,26 @@ impl Config {
             },
         }
     }
+
+    /// What the dispatcher's pipelines run with: `dispatch.*`, the events backend's group
+    /// prefix and revoke timeout, and `workflow-topic`. On Kafka the topics a plugin
+    /// writes to must exist before it consumes.
+    pub fn dispatch_settings(&self) -> spate_dispatch::DispatchSettings {
+        let d = &self.dispatch;
+        spate_dispatch::DispatchSettings {
+            group_prefix: self.events.group_prefix().to_owned(),
+            workflow_topic: self.workflow_topic.clone(),
+            max_buffered: d.max_buffered,
+            max_buffered_bytes: d.max_buffered_bytes,
+            max_buffered_per_partition: d.max_buffered_per_partition,
+            commit_interval: Duration::from_millis(d.commit_interval_ms),
+            checkpoint_events: d.checkpoint_events,
+            drain_timeout: Duration::from_millis(d.drain_timeout_ms),
+            revoke_timeout: self.events.revoke_timeout(),
+            check_output_topics: matches!(self.events, EventsConfig::Kafka { .. }),
+            ..spate_dispatch::DispatchSettings::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Runtime assembly: backends chosen by configuration, the sandbox and registry, and the
-//! supervisor that keeps one pipeline per subscription of every active plugin.
+//! loop that keeps the dispatcher's supervisor (`spate_dispatch::supervisor`) in line with
+//! the registry's active plugins.
 
 use crate::config::RegistryConfig;
 use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
@@ -7,27 +8,18 @@ use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
-use spate_core::host::HostServices;
-use spate_core::manifest::{Manifest, Ordering};
 use spate_core::tiered::StateTier;
-use spate_dispatch::PipelineHealth;
-use spate_dispatch::{
-    ActiveVersion, CheckpointConfig, Checkpointer, IdleInstances, Pipeline, PipelineConfig,
-    PluginVersion,
-};
+use spate_dispatch::{DispatchContext, IdleInstances, PipelineBoard, Supervisor};
 use spate_engine::{
     ChangeFeed, LocalStore, Registry, RegistryChange, RegistryStore, Sandbox, SandboxConfig,
     SharedStore,
 };
 use spate_state_cql::CqlStateStore;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, broadcast};
-use tokio::task::JoinSet;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
 
 /// The backends a runtime talks to.
 #[derive(Clone)]
@@ -178,15 +170,9 @@ pub struct Runtime {
     /// Plugin registry.
     pub registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
-    health: Arc<HealthBoard>,
+    pipelines: Arc<PipelineBoard>,
     shutdown: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// The pipelines' health, as the supervisor starts and stops them.
-#[derive(Default)]
-struct HealthBoard {
-    pipelines: std::sync::Mutex<HashMap<(String, String), Arc<PipelineHealth>>>,
 }
 
 /// How long a pipeline's event loop may go without a round before the runtime is not live.
@@ -246,29 +232,39 @@ impl Runtime {
         )
         .await?;
         let ready = Arc::new(AtomicBool::new(false));
-        let health = Arc::new(HealthBoard::default());
+        let pipelines = Arc::new(PipelineBoard::default());
         let shutdown = CancellationToken::new();
-        let supervisor = Supervisor {
-            health: Arc::clone(&health),
-            registry: Arc::clone(&registry),
-            backends: backends.clone(),
-            config: config.clone(),
-            runs: HashMap::new(),
-            shutdown: shutdown.clone(),
+        let cx = DispatchContext {
+            // Idle warm instances of every pipeline: one budget and one timeout.
             idle: IdleInstances::new(
                 config.sandbox.idle_instances,
                 Duration::from_millis(config.sandbox.idle_timeout_ms),
             ),
+            shutdown: shutdown.clone(),
+            ..DispatchContext::new(
+                Arc::clone(&backends.source),
+                Arc::clone(&backends.bus),
+                Arc::clone(&backends.tier),
+                Arc::clone(&backends.cache),
+                config.dispatch_settings(),
+            )
         };
+        let supervisor =
+            Supervisor::new(cx, Arc::clone(&pipelines)).on_stopped(crate::telemetry::forget_plugin);
         let changes = registry.changes();
-        let ready_flag = Arc::clone(&ready);
-        let handle = tokio::spawn(supervisor.run(changes, ready_flag));
+        let handle = tokio::spawn(supervise(
+            supervisor,
+            Arc::clone(&registry),
+            changes,
+            Arc::clone(&ready),
+            shutdown.clone(),
+        ));
         Ok(Arc::new(Self {
             config,
             backends,
             registry,
             ready,
-            health,
+            pipelines,
             shutdown,
             supervisor: tokio::sync::Mutex::new(Some(handle)),
         }))
@@ -284,7 +280,7 @@ impl Runtime {
     pub fn health(&self) -> HealthReport {
         let mut not_joined = Vec::new();
         let mut stalled = Vec::new();
-        for ((plugin, topic), h) in lock(&self.health.pipelines).iter() {
+        for ((plugin, topic), h) in self.pipelines.snapshot() {
             if !h.joined() {
                 not_joined.push(format!("{plugin}/{topic}"));
             }
@@ -322,254 +318,40 @@ impl Runtime {
     }
 }
 
-/// What decides a plugin's pipelines: when it changes, the pipelines restart.
-#[derive(Clone, Debug, PartialEq)]
-struct Shape {
-    subscriptions: Vec<(String, spate_core::StartPosition)>,
-    ordering: Ordering,
-    concurrency: u32,
-}
-
-impl Shape {
-    fn of(m: &Manifest) -> Self {
-        Self {
-            subscriptions: m
-                .subscriptions
-                .iter()
-                .map(|s| (s.topic.clone(), s.start))
-                .collect(),
-            ordering: m.ordering,
-            concurrency: m.limits.concurrency,
-        }
-    }
-}
-
-struct PluginRun {
-    active: Arc<ActiveVersion>,
-    shape: Shape,
-    token: CancellationToken,
-    tasks: JoinSet<()>,
-}
-
-struct Supervisor {
-    health: Arc<HealthBoard>,
+/// Keep the supervisor in line with the registry: every active plugin's pipelines at
+/// start-up (then the runtime is ready), then each change, until shutdown drains them all.
+async fn supervise(
+    mut supervisor: Supervisor,
     registry: Arc<Registry>,
-    backends: Backends,
-    config: Config,
-    runs: HashMap<String, PluginRun>,
+    mut changes: broadcast::Receiver<RegistryChange>,
+    ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
-    /// Idle warm instances of every pipeline: one budget and one timeout.
-    idle: Arc<IdleInstances>,
-}
-
-impl Supervisor {
-    async fn run(
-        mut self,
-        mut changes: broadcast::Receiver<RegistryChange>,
-        ready: Arc<AtomicBool>,
-    ) {
-        for name in self.registry.active_names() {
-            self.sync(&name).await;
-        }
-        ready.store(true, AtomicOrdering::Release);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                change = changes.recv() => match change {
-                    Ok(RegistryChange::Activated(name) | RegistryChange::Removed(name)) => self.sync(&name).await,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let mut names: Vec<String> = self.runs.keys().cloned().collect();
-                        names.extend(self.registry.active_names());
-                        names.sort();
-                        names.dedup();
-                        for n in names {
-                            self.sync(&n).await;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-            }
-        }
-        let runs: Vec<PluginRun> = self.runs.drain().map(|(_, r)| r).collect();
-        let mut stopping = JoinSet::new();
-        for run in runs {
-            stopping.spawn(stop(run));
-        }
-        while stopping.join_next().await.is_some() {}
-        info!("all pipelines drained");
+) {
+    for name in registry.active_names() {
+        supervisor.sync(&name, registry.active(&name)).await;
     }
-
-    /// Bring the pipelines of `name` in line with its active version.
-    async fn sync(&mut self, name: &str) {
-        let Some(version) = self.registry.active(name) else {
-            if let Some(run) = self.runs.remove(name) {
-                run.active.clear();
-                stop(run).await;
-                lock(&self.health.pipelines).retain(|(p, _), _| p != name);
-                crate::telemetry::forget_plugin(name);
-                info!(plugin = name, "plugin removed; pipelines stopped");
-            }
-            return;
-        };
-        let shape = Shape::of(&version.info().manifest);
-        if let Some(run) = self.runs.get(name)
-            && run.shape == shape
-        {
-            // Same subscriptions: an atomic swap. Events already started finish on the
-            // version they loaded; new events start on this one.
-            run.active.store(version);
-            info!(plugin = name, "hot-swapped active version");
-            return;
-        }
-        if let Some(run) = self.runs.remove(name) {
-            stop(run).await;
-            // Topics it no longer reads must not keep their last lag.
-            crate::telemetry::forget_plugin(name);
-        }
-        lock(&self.health.pipelines).retain(|(p, _), _| p != name);
-        let run = self.start(name, version, shape);
-        self.runs.insert(name.to_string(), run);
-    }
-
-    fn start(&self, name: &str, version: Arc<dyn PluginVersion>, shape: Shape) -> PluginRun {
-        // On Kafka a topic the plugin writes to must exist before it consumes: a missing
-        // dead-letter topic would otherwise stall the first poison event's lane.
-        let outputs: Vec<String> = match &self.config.events {
-            EventsConfig::Kafka { .. } => {
-                let m = &version.info().manifest;
-                let mut t = vec![version.info().dead_letter_topic.clone()];
-                t.extend(m.capabilities.emit_topics.iter().cloned());
-                if !m.capabilities.workflows.is_empty() {
-                    t.push(self.config.workflow_topic.clone());
+    ready.store(true, AtomicOrdering::Release);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            change = changes.recv() => match change {
+                Ok(RegistryChange::Activated(name) | RegistryChange::Removed(name)) => {
+                    supervisor.sync(&name, registry.active(&name)).await;
                 }
-                t.sort();
-                t.dedup();
-                t
-            }
-            EventsConfig::Embedded { .. } => Vec::new(),
-        };
-        let namespace = version.info().namespace.clone();
-        let active = ActiveVersion::new(version);
-        let token = self.shutdown.child_token();
-        let permits = Arc::new(Semaphore::new(shape.concurrency as usize));
-        let services = HostServices {
-            state: self.backends.tier.for_plugin(name),
-            cache: Arc::clone(&self.backends.cache),
-            workflow_topic: self.config.workflow_topic.clone(),
-        };
-        // One checkpointer per plugin: its pipelines read each other's writes, and one
-        // checkpoint covers all their positions.
-        let group = format!("{}.{name}", self.config.events.group_prefix());
-        let ckpt = Checkpointer::new(
-            &group,
-            &namespace,
-            Arc::clone(&services.state),
-            Arc::clone(&services.cache),
-            Arc::clone(&self.backends.bus),
-            CheckpointConfig {
-                interval: Duration::from_millis(self.config.dispatch.commit_interval_ms),
-                max_events: self.config.dispatch.checkpoint_events,
-                ..CheckpointConfig::default()
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let mut names = supervisor.running();
+                    names.extend(registry.active_names());
+                    names.sort();
+                    names.dedup();
+                    for n in names {
+                        supervisor.sync(&n, registry.active(&n)).await;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
             },
-        );
-        let mut tasks = JoinSet::new();
-        for (topic, start) in &shape.subscriptions {
-            let mut cfg = PipelineConfig::new(name, topic);
-            cfg.group = group.clone();
-            cfg.revoke_timeout = self.config.events.revoke_timeout();
-            cfg.max_buffered_per_partition = self.config.dispatch.max_buffered_per_partition;
-            cfg.start = *start;
-            cfg.ordering = shape.ordering;
-            cfg.max_buffered = self.config.dispatch.max_buffered;
-            cfg.max_buffered_bytes = self.config.dispatch.max_buffered_bytes;
-            cfg.commit_interval = Duration::from_millis(self.config.dispatch.commit_interval_ms);
-            cfg.checkpoint_events = self.config.dispatch.checkpoint_events;
-            cfg.drain_timeout = Duration::from_millis(self.config.dispatch.drain_timeout_ms);
-            let pipeline = Pipeline::new(
-                cfg,
-                Arc::clone(&active),
-                Arc::clone(&self.backends.source),
-                Arc::clone(&self.backends.bus),
-                services.clone(),
-                Arc::clone(&permits),
-                token.clone(),
-            )
-            .with_idle_instances(Arc::clone(&self.idle))
-            .with_checkpointer(Arc::clone(&ckpt));
-            lock(&self.health.pipelines)
-                .insert((name.to_string(), topic.clone()), pipeline.health());
-            let plugin = name.to_string();
-            let topic = topic.clone();
-            let token = token.clone();
-            let bus = Arc::clone(&self.backends.bus);
-            let outputs = outputs.clone();
-            tasks.spawn(async move {
-                while let Some(missing) = missing_topics(&*bus, &outputs).await {
-                    error!(%plugin, "topics {missing:?} do not exist: create them, or set events.create-topics = true; checking again in 5 s");
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
-                }
-                // A pipeline that fails to subscribe retries until stopped.
-                loop {
-                    match pipeline_clone_run(&pipeline).await {
-                        Ok(()) => return,
-                        Err(spate_core::BackendError::UnknownTopic(t)) => {
-                            error!(%plugin, %topic, "topic `{t}` does not exist: create it, or set events.create-topics = true; retrying in 5 s");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                            }
-                        }
-                        Err(e) => {
-                            error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            }
-                        }
-                    }
-                }
-            });
-        }
-        info!(
-            plugin = name,
-            topics = shape.subscriptions.len(),
-            "pipelines started"
-        );
-        PluginRun {
-            active,
-            shape,
-            token,
-            tasks,
         }
     }
-}
-
-/// The topics of `topics` that do not exist (and could not be created), if any.
-async fn missing_topics(bus: &dyn EventBus, topics: &[String]) -> Option<Vec<String>> {
-    let mut missing = Vec::new();
-    for t in topics {
-        // Creates it where configured to; otherwise says it is missing.
-        if bus.ensure_topic(t, 0).await.is_err() {
-            missing.push(t.clone());
-        }
-    }
-    (!missing.is_empty()).then_some(missing)
-}
-
-async fn pipeline_clone_run(p: &Pipeline) -> Result<(), spate_core::BackendError> {
-    p.run().await
-}
-
-async fn stop(mut run: PluginRun) {
-    run.token.cancel();
-    while run.tasks.join_next().await.is_some() {}
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    supervisor.stop_all().await;
 }
 
 /// This runtime's name among its peers: the static-membership instance id (the pod

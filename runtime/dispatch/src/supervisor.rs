@@ -1,0 +1,263 @@
+//! The supervisor: one pipeline per subscription of every deployed plugin. It starts a
+//! plugin's pipelines, hot-swaps the version they call when only the code changed,
+//! restarts them when the subscriptions, ordering or concurrency changed, and stops them.
+//!
+//! It does not know where plugin versions come from (the server's registry calls
+//! [`Supervisor::sync`] on every change; a benchmark calls [`Supervisor::deploy`]) nor how
+//! the runtime is configured (it is given a [`DispatchContext`]). The probes read the
+//! pipelines' health from its [`PipelineBoard`].
+
+use crate::{ActiveVersion, DispatchContext, PipelineHealth, PluginVersion};
+use spate_core::StartPosition;
+use spate_core::backend::{BackendError, EventBus};
+use spate_core::manifest::{Manifest, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// The running pipelines' health by plugin and topic, as the supervisor starts and stops
+/// them.
+#[derive(Debug, Default)]
+pub struct PipelineBoard {
+    pipelines: Mutex<HashMap<(String, String), Arc<PipelineHealth>>>,
+}
+
+impl PipelineBoard {
+    /// Every running pipeline: `(plugin, topic)` and its health.
+    pub fn snapshot(&self) -> Vec<((String, String), Arc<PipelineHealth>)> {
+        self.lock()
+            .iter()
+            .map(|(k, h)| (k.clone(), Arc::clone(h)))
+            .collect()
+    }
+
+    fn insert(&self, plugin: &str, topic: &str, health: Arc<PipelineHealth>) {
+        self.lock()
+            .insert((plugin.to_owned(), topic.to_owned()), health);
+    }
+
+    fn forget(&self, plugin: &str) {
+        self.lock().retain(|(p, _), _| p != plugin);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<PipelineHealth>>> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What decides a plugin's pipelines: when it changes, the pipelines restart.
+#[derive(Clone, Debug, PartialEq)]
+struct Shape {
+    subscriptions: Vec<(String, StartPosition)>,
+    ordering: Ordering,
+    concurrency: u32,
+}
+
+impl Shape {
+    fn of(m: &Manifest) -> Self {
+        Self {
+            subscriptions: m
+                .subscriptions
+                .iter()
+                .map(|s| (s.topic.clone(), s.start))
+                .collect(),
+            ordering: m.ordering,
+            concurrency: m.limits.concurrency,
+        }
+    }
+}
+
+/// One plugin's running pipelines.
+struct PluginRun {
+    active: Arc<ActiveVersion>,
+    shape: Shape,
+    token: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Called with a plugin's name when its pipelines stop (removed, or restarted with a new
+/// shape): the server drops the plugin's per-topic metric series there.
+type OnStopped = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Keeps every deployed plugin's pipelines in line with its version; see the
+/// [module docs](self).
+pub struct Supervisor {
+    cx: DispatchContext,
+    board: Arc<PipelineBoard>,
+    on_stopped: Option<OnStopped>,
+    runs: HashMap<String, PluginRun>,
+}
+
+impl Supervisor {
+    /// A supervisor building pipelines from `cx` and reporting them on `board`.
+    pub fn new(cx: DispatchContext, board: Arc<PipelineBoard>) -> Self {
+        Self {
+            cx,
+            board,
+            on_stopped: None,
+            runs: HashMap::new(),
+        }
+    }
+
+    /// Call `f` with a plugin's name whenever its pipelines stop.
+    pub fn on_stopped(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_stopped = Some(Box::new(f));
+        self
+    }
+
+    /// The context pipelines are built from.
+    pub fn context(&self) -> &DispatchContext {
+        &self.cx
+    }
+
+    /// Plugins with running pipelines.
+    pub fn running(&self) -> Vec<String> {
+        self.runs.keys().cloned().collect()
+    }
+
+    /// Start `version`'s pipelines, or hot-swap it into the running ones of its plugin.
+    pub async fn deploy(&mut self, version: Arc<dyn PluginVersion>) {
+        let name = version.info().name().to_owned();
+        self.sync(&name, Some(version)).await;
+    }
+
+    fn stopped(&self, name: &str) {
+        if let Some(f) = &self.on_stopped {
+            f(name);
+        }
+    }
+
+    /// Bring the pipelines of `name` in line with `version`, its active version (`None`:
+    /// the plugin was removed).
+    pub async fn sync(&mut self, name: &str, version: Option<Arc<dyn PluginVersion>>) {
+        let Some(version) = version else {
+            if let Some(run) = self.runs.remove(name) {
+                run.active.clear();
+                stop(run).await;
+                self.board.forget(name);
+                self.stopped(name);
+                info!(plugin = name, "plugin removed; pipelines stopped");
+            }
+            return;
+        };
+        let shape = Shape::of(&version.info().manifest);
+        if let Some(run) = self.runs.get(name)
+            && run.shape == shape
+        {
+            // Same subscriptions: an atomic swap. Events already started finish on the
+            // version they loaded; new events start on this one.
+            run.active.store(version);
+            info!(plugin = name, "hot-swapped active version");
+            return;
+        }
+        if let Some(run) = self.runs.remove(name) {
+            stop(run).await;
+            // Topics it no longer reads must not keep their last lag.
+            self.stopped(name);
+        }
+        self.board.forget(name);
+        let run = self.start(name, version, shape);
+        self.runs.insert(name.to_string(), run);
+    }
+
+    /// Stop every plugin's pipelines (each drains and commits), all at once.
+    pub async fn stop_all(&mut self) {
+        let mut stopping = JoinSet::new();
+        for (_, run) in self.runs.drain() {
+            stopping.spawn(stop(run));
+        }
+        while stopping.join_next().await.is_some() {}
+        info!("all pipelines drained");
+    }
+
+    fn start(&self, name: &str, version: Arc<dyn PluginVersion>, shape: Shape) -> PluginRun {
+        // A topic the plugin writes to must exist before it consumes: a missing
+        // dead-letter topic would otherwise stall the first poison event's lane.
+        let outputs: Vec<String> = if self.cx.settings.check_output_topics {
+            let m = &version.info().manifest;
+            let mut t = vec![version.info().dead_letter_topic.clone()];
+            t.extend(m.capabilities.emit_topics.iter().cloned());
+            if !m.capabilities.workflows.is_empty() {
+                t.push(self.cx.settings.workflow_topic.clone());
+            }
+            t.sort();
+            t.dedup();
+            t
+        } else {
+            Vec::new()
+        };
+        let active = ActiveVersion::new(version);
+        let token = self.cx.shutdown.child_token();
+        let mut tasks = JoinSet::new();
+        for pipeline in self.cx.pipelines(name, &active, &token) {
+            self.board.insert(name, pipeline.topic(), pipeline.health());
+            let plugin = name.to_string();
+            let topic = pipeline.topic().to_owned();
+            let token = token.clone();
+            let bus = Arc::clone(&self.cx.bus);
+            let outputs = outputs.clone();
+            tasks.spawn(async move {
+                while let Some(missing) = missing_topics(&*bus, &outputs).await {
+                    error!(%plugin, "topics {missing:?} do not exist: create them, or set events.create-topics = true; checking again in 5 s");
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+                // A pipeline that fails to subscribe retries until stopped.
+                loop {
+                    match pipeline.run().await {
+                        Ok(()) => return,
+                        Err(BackendError::UnknownTopic(t)) => {
+                            error!(%plugin, %topic, "topic `{t}` does not exist: create it, or set events.create-topics = true; retrying in 5 s");
+                            tokio::select! {
+                                _ = token.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            }
+                        }
+                        Err(e) => {
+                            error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
+                            tokio::select! {
+                                _ = token.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        info!(
+            plugin = name,
+            topics = shape.subscriptions.len(),
+            "pipelines started"
+        );
+        PluginRun {
+            active,
+            shape,
+            token,
+            tasks,
+        }
+    }
+}
+
+/// The topics of `topics` that do not exist (and could not be created), if any.
+async fn missing_topics(bus: &dyn EventBus, topics: &[String]) -> Option<Vec<String>> {
+    let mut missing = Vec::new();
+    for t in topics {
+        // Creates it where configured to; otherwise says it is missing.
+        if bus.ensure_topic(t, 0).await.is_err() {
+            missing.push(t.clone());
+        }
+    }
+    (!missing.is_empty()).then_some(missing)
+}
+
+async fn stop(mut run: PluginRun) {
+    run.token.cancel();
+    while run.tasks.join_next().await.is_some() {}
+}
