@@ -7,7 +7,7 @@ use crate::ActiveVersion;
 use crate::checkpoint::{CheckpointConfig, Checkpointer};
 use crate::idle::IdleInstances;
 use crate::pipeline::{Pipeline, PipelineConfig, PluginShared};
-use spate_core::backend::{Cache, EventBus, EventSource};
+use spate_core::backend::{Cache, EventBus, EventSource, Transactional};
 use spate_core::host::HostServices;
 use spate_core::tiered::StateTier;
 use std::sync::Arc;
@@ -99,6 +99,12 @@ pub struct DispatchContext {
     pub shutdown: CancellationToken,
     /// How pipelines read, buffer, checkpoint and stop.
     pub settings: DispatchSettings,
+    /// Transactions on the bus (Kafka), for plugins asking for `exactly-once`; `None` where
+    /// emits are exactly-once without them (the embedded log) or unavailable.
+    pub transactions: Option<Arc<dyn Transactional>>,
+    /// This runtime's lasting identity among its peers: its transactional producers are
+    /// `<group>.<instance>`, so a restarted runtime fences the one that died.
+    pub instance: String,
 }
 
 impl DispatchContext {
@@ -119,6 +125,8 @@ impl DispatchContext {
             idle: IdleInstances::new(IDLE_WARM_INSTANCES, IDLE_TIMEOUT),
             shutdown: CancellationToken::new(),
             settings,
+            transactions: None,
+            instance: "local".into(),
         }
     }
 
@@ -141,19 +149,32 @@ impl DispatchContext {
         let s = &self.settings;
         let group = s.group(name);
         let state = self.state.for_plugin(name);
-        let ckpt = Checkpointer::new(
-            &group,
-            &info.namespace,
-            Arc::clone(&state),
-            Arc::clone(&self.cache),
-            Arc::clone(&self.bus),
-            CheckpointConfig {
-                interval: s.commit_interval,
-                max_events: s.checkpoint_events,
-                max_backoff: s.max_infra_backoff,
-                ..CheckpointConfig::default()
-            },
-        );
+        let config = CheckpointConfig {
+            interval: s.commit_interval,
+            max_events: s.checkpoint_events,
+            max_backoff: s.max_infra_backoff,
+            ..CheckpointConfig::default()
+        };
+        let ckpt = match &self.transactions {
+            Some(opener) if manifest.exactly_once => Checkpointer::exactly_once(
+                &group,
+                &info.namespace,
+                Arc::clone(&state),
+                Arc::clone(&self.cache),
+                Arc::clone(&self.bus),
+                config,
+                Arc::clone(opener),
+                &format!("{group}.{}", self.instance),
+            ),
+            _ => Checkpointer::new(
+                &group,
+                &info.namespace,
+                Arc::clone(&state),
+                Arc::clone(&self.cache),
+                Arc::clone(&self.bus),
+                config,
+            ),
+        };
         let shared = PluginShared {
             active: Arc::clone(active),
             bus: Arc::clone(&self.bus),

@@ -337,6 +337,12 @@ impl Pipeline {
         &self.config.topic
     }
 
+    /// Cancelled when the plugin's exactly-once transaction failed: every pipeline of the
+    /// plugin stops, and the plugin restarts from its last committed checkpoint.
+    pub fn failed(&self) -> CancellationToken {
+        self.ctx.ckpt.failed().clone()
+    }
+
     /// Its consumer's membership and its event loop's heartbeat, for the probes.
     pub fn health(&self) -> Arc<PipelineHealth> {
         Arc::clone(&self.health)

@@ -7,7 +7,7 @@
 //! the runtime is configured (it is given a [`DispatchContext`]). The probes read the
 //! pipelines' health from its [`PipelineBoard`].
 
-use crate::{ActiveVersion, DispatchContext, PipelineHealth, PluginVersion};
+use crate::{ActiveVersion, DispatchContext, Pipeline, PipelineHealth, PluginVersion};
 use spate_core::StartPosition;
 use spate_core::backend::{BackendError, EventBus};
 use spate_core::manifest::{Manifest, Ordering};
@@ -56,6 +56,7 @@ struct Shape {
     subscriptions: Vec<(String, StartPosition)>,
     ordering: Ordering,
     concurrency: u32,
+    exactly_once: bool,
 }
 
 impl Shape {
@@ -68,6 +69,7 @@ impl Shape {
                 .collect(),
             ordering: m.ordering,
             concurrency: m.limits.concurrency,
+            exactly_once: m.exactly_once,
         }
     }
 }
@@ -194,43 +196,43 @@ impl Supervisor {
         let active = ActiveVersion::new(version);
         let token = self.cx.shutdown.child_token();
         let mut tasks = JoinSet::new();
-        for pipeline in self.cx.pipelines(name, &active, &token) {
-            self.board.insert(name, pipeline.topic(), pipeline.health());
-            let plugin = name.to_string();
-            let topic = pipeline.topic().to_owned();
-            let token = token.clone();
-            let bus = Arc::clone(&self.cx.bus);
-            let outputs = outputs.clone();
-            tasks.spawn(async move {
-                while let Some(missing) = missing_topics(&*bus, &outputs).await {
-                    error!(%plugin, "topics {missing:?} do not exist: create them, or set events.create-topics = true; checking again in 5 s");
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
+        let (cx, board, plugin) = (self.cx.clone(), Arc::clone(&self.board), name.to_owned());
+        let (run_active, run_token) = (Arc::clone(&active), token.clone());
+        tasks.spawn(async move {
+            while let Some(missing) = missing_topics(&*cx.bus, &outputs).await {
+                error!(%plugin, "topics {missing:?} do not exist: create them, or set events.create-topics = true; checking again in 5 s");
+                tokio::select! {
+                    _ = run_token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
-                // A pipeline that fails to subscribe retries until stopped.
-                loop {
-                    match pipeline.run().await {
-                        Ok(()) => return,
-                        Err(BackendError::UnknownTopic(t)) => {
-                            error!(%plugin, %topic, "topic `{t}` does not exist: create it, or set events.create-topics = true; retrying in 5 s");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                            }
-                        }
-                        Err(e) => {
-                            error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
-                            tokio::select! {
-                                _ = token.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            }
-                        }
-                    }
+            }
+            // Each attempt: the plugin's pipelines over one checkpointer. An exactly-once
+            // transaction that fails voids what the checkpointer applied since its last
+            // checkpoint: all the pipelines stop and start again over a new one.
+            loop {
+                let attempt = run_token.child_token();
+                let pipelines = cx.pipelines(&plugin, &run_active, &attempt);
+                let Some(failed) = pipelines.first().map(Pipeline::failed) else {
+                    return;
+                };
+                let mut running = JoinSet::new();
+                for pipeline in pipelines {
+                    board.insert(&plugin, pipeline.topic(), pipeline.health());
+                    running.spawn(run_pipeline(pipeline, plugin.clone(), attempt.clone()));
                 }
-            });
-        }
+                tokio::select! {
+                    _ = async { while running.join_next().await.is_some() {} } => return,
+                    _ = failed.cancelled() => {}
+                }
+                attempt.cancel();
+                while running.join_next().await.is_some() {}
+                error!(%plugin, "exactly-once transaction failed; restarting the plugin's pipelines from its last committed checkpoint");
+                tokio::select! {
+                    _ = run_token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
         info!(
             plugin = name,
             topics = shape.subscriptions.len(),
@@ -241,6 +243,29 @@ impl Supervisor {
             shape,
             token,
             tasks,
+        }
+    }
+}
+
+/// Run `pipeline` until it stops or `token` is cancelled; a pipeline that fails (to
+/// subscribe, or its source) starts again.
+async fn run_pipeline(pipeline: Pipeline, plugin: String, token: CancellationToken) {
+    let topic = pipeline.topic().to_owned();
+    loop {
+        let wait = match pipeline.run().await {
+            Ok(()) => return,
+            Err(BackendError::UnknownTopic(t)) => {
+                error!(%plugin, %topic, "topic `{t}` does not exist: create it, or set events.create-topics = true; retrying in 5 s");
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                error!(%plugin, %topic, error = %e, "pipeline failed; restarting");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -241,6 +241,16 @@ impl Runtime {
                 Duration::from_millis(config.sandbox.idle_timeout_ms),
             ),
             shutdown: shutdown.clone(),
+            transactions: backends
+                .kafka
+                .clone()
+                .map(|k| k as Arc<dyn spate_core::backend::Transactional>),
+            instance: config.instance_id().map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot keep this runtime's instance id in {}: {e}",
+                    config.data_dir.display()
+                )
+            })?,
             ..DispatchContext::new(
                 Arc::clone(&backends.source),
                 Arc::clone(&backends.bus),
