@@ -813,7 +813,10 @@ async fn count_job_killed_five_times(exactly_once: bool) {
         // Commit markers (and aborted emits) take offsets of their own: the emits did go
         // out in transactions.
         let ends: i64 = end_offsets(&b, "out").iter().sum();
-        assert!(ends > TOTAL as i64, "no transaction markers in `out` ({ends} offsets)");
+        assert!(
+            ends > TOTAL as i64,
+            "no transaction markers in `out` ({ends} offsets)"
+        );
     } else {
         assert!(
             duplicates <= kills * 2000,

@@ -815,7 +815,8 @@ impl Checkpointer {
         interval: Duration,
         stop: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(interval);
+        // The first checkpoint is due one interval after the start, not at once.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -1217,5 +1218,208 @@ mod tests {
         // The lost event is not done: the position stops at it.
         assert_eq!(f.ckpt.durable("in", 0), Some(1));
         f.ckpt.leave().await;
+    }
+
+    /// A broker's transactions as far as a checkpointer can see them: sends wait in the
+    /// open transaction; a commit makes them visible and tags the positions, unless the
+    /// test scripted it to fail.
+    #[derive(Default)]
+    struct Broker {
+        open: Mutex<Vec<String>>,
+        visible: Mutex<Vec<String>>,
+        tags: Mutex<HashMap<(String, u32), (u64, String)>>,
+        fail_next_commit: std::sync::atomic::AtomicBool,
+    }
+
+    struct Txn(Arc<Broker>);
+
+    struct Opener(Arc<Broker>);
+
+    #[async_trait]
+    impl Transactional for Opener {
+        async fn transactions(
+            &self,
+            _id: &str,
+            _group: &str,
+        ) -> BackendResult<Arc<dyn Transactions>> {
+            // A new producer with the same id aborts what the last one left open.
+            self.0.open.lock().unwrap().clear();
+            Ok(Arc::new(Txn(Arc::clone(&self.0))))
+        }
+    }
+
+    #[async_trait]
+    impl Transactions for Txn {
+        async fn send(
+            &self,
+            _topic: &str,
+            events: Vec<NewEvent>,
+        ) -> BackendResult<spate_core::backend::EmitTicket> {
+            let mut open = self.0.open.lock().unwrap();
+            open.extend(
+                events
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(&e.payload).into_owned()),
+            );
+            Ok(Box::pin(std::future::ready(Ok(Vec::new()))))
+        }
+
+        async fn commit(
+            &self,
+            offsets: &[(TopicPartition, u64)],
+            checkpoint: &str,
+        ) -> BackendResult<()> {
+            let sent = std::mem::take(&mut *self.0.open.lock().unwrap());
+            if self
+                .0
+                .fail_next_commit
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(BackendError::Unavailable("fenced".into()));
+            }
+            self.0.visible.lock().unwrap().extend(sent);
+            let mut tags = self.0.tags.lock().unwrap();
+            for (tp, next) in offsets {
+                tags.insert(
+                    (tp.topic.clone(), tp.partition),
+                    (*next, checkpoint.to_owned()),
+                );
+            }
+            Ok(())
+        }
+
+        async fn committed_checkpoint(&self, tp: &TopicPartition) -> BackendResult<Option<String>> {
+            let tags = self.0.tags.lock().unwrap();
+            Ok(tags
+                .get(&(tp.topic.clone(), tp.partition))
+                .map(|(_, t)| t.clone()))
+        }
+
+        async fn abort(&self) -> BackendResult<()> {
+            self.0.open.lock().unwrap().clear();
+            Ok(())
+        }
+    }
+
+    fn exactly_once(f: &Fixture, broker: &Arc<Broker>) -> Arc<Checkpointer> {
+        Checkpointer::exactly_once(
+            "g",
+            "ns",
+            f.store.clone(),
+            Arc::new(MokaCache::new(1 << 20)),
+            f.log.clone(),
+            CheckpointConfig {
+                interval: Duration::from_secs(3600),
+                ..CheckpointConfig::default()
+            },
+            Arc::new(Opener(Arc::clone(broker))),
+            "g.node",
+        )
+    }
+
+    /// Exactly-once: emits are visible only once their checkpoint's transaction commits;
+    /// a transaction that fails fails the checkpointer and takes its state back, and the
+    /// next checkpointer resumes from the last committed checkpoint, so state, positions
+    /// and visible emits agree and nothing is published twice.
+    #[tokio::test]
+    async fn a_failed_transaction_takes_its_checkpoint_back() {
+        let f = fixture();
+        let broker = Arc::new(Broker::default());
+        let ckpt = exactly_once(&f, &broker);
+        ckpt.enter();
+        assert!(ckpt.transactional());
+        assert_eq!(ckpt.assign("in", 0, 0).await.unwrap(), 0);
+        assert_eq!(ckpt.track("in", 0, 0), Track::New);
+        ckpt.finish("in", 0, 0, effects(vec![put("k", "v1", None)], "e1"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            broker.visible.lock().unwrap().is_empty(),
+            "visible before its commit"
+        );
+        ckpt.checkpoint().await.unwrap();
+        assert_eq!(*broker.visible.lock().unwrap(), ["e1"]);
+        assert_eq!(f.store.pending_checkpoint("ns").await.unwrap(), None);
+
+        assert_eq!(ckpt.track("in", 0, 1), Track::New);
+        ckpt.finish("in", 0, 1, effects(vec![put("k", "v2", None)], "e2"))
+            .await
+            .unwrap();
+        broker
+            .fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(ckpt.checkpoint().await.is_err());
+        assert!(ckpt.failed().is_cancelled());
+        assert!(
+            ckpt.finish("in", 0, 2, effects(vec![], "e3"))
+                .await
+                .is_err(),
+            "a failed checkpointer applies nothing more"
+        );
+        ckpt.leave().await;
+        assert_eq!(*broker.visible.lock().unwrap(), ["e1"]);
+        assert_eq!(f.store.get("ns", "k").await.unwrap(), Some(b"v1".to_vec()));
+        let at = f.store.source_position("ns", "g", "in", 0).await.unwrap();
+        assert_eq!(at.map(|p| p.next), Some(1));
+
+        // The plugin restarts over a new checkpointer: it redoes offset 1, once.
+        let ckpt = exactly_once(&f, &broker);
+        ckpt.enter();
+        assert_eq!(ckpt.assign("in", 0, 0).await.unwrap(), 1);
+        assert_eq!(ckpt.track("in", 0, 0), Track::Seen);
+        assert_eq!(ckpt.track("in", 0, 1), Track::New);
+        ckpt.finish("in", 0, 1, effects(vec![put("k", "v2", None)], "e2"))
+            .await
+            .unwrap();
+        ckpt.checkpoint().await.unwrap();
+        assert_eq!(*broker.visible.lock().unwrap(), ["e1", "e2"]);
+        assert_eq!(f.store.get("ns", "k").await.unwrap(), Some(b"v2".to_vec()));
+        ckpt.leave().await;
+    }
+
+    /// A crash between the store's prepared checkpoint and the end of its transaction:
+    /// the next checkpointer keeps it if the broker shows its id committed, else undoes it.
+    #[tokio::test]
+    async fn a_checkpoint_left_pending_is_kept_only_if_its_transaction_committed() {
+        for committed in [true, false] {
+            let f = fixture();
+            let broker = Arc::new(Broker::default());
+            let positions = vec![SourcePosition {
+                group: "g".into(),
+                topic: "in".into(),
+                partition: 0,
+                next: 5,
+                done: vec![7],
+            }];
+            f.store
+                .prepare_checkpoint(
+                    &[("ns".into(), vec![put("k", "v", None)])],
+                    "ns",
+                    &positions,
+                )
+                .await
+                .unwrap();
+            let tag = if committed {
+                checkpoint_id(&positions)
+            } else {
+                "an-older-checkpoint".into()
+            };
+            broker
+                .tags
+                .lock()
+                .unwrap()
+                .insert(("in".into(), 0), (5, tag));
+            let ckpt = exactly_once(&f, &broker);
+            let from = ckpt.assign("in", 0, 0).await.unwrap();
+            let k = f.store.get("ns", "k").await.unwrap();
+            if committed {
+                assert_eq!((from, k), (5, Some(b"v".to_vec())));
+                assert_eq!(ckpt.track("in", 0, 7), Track::Done);
+            } else {
+                assert_eq!((from, k), (0, None));
+            }
+            assert_eq!(f.store.pending_checkpoint("ns").await.unwrap(), None);
+        }
     }
 }
