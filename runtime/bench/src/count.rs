@@ -263,17 +263,21 @@ async fn run(args: &Args) -> Result<CountReport> {
     let (input_topic, output_topic) = (setup.input_topic.clone(), setup.output_topic.clone());
     let mut warm_m = fresh_m.clone();
     warm_m.execution.mode = ExecutionMode::Warm;
+    let mut eos_m = fresh_m.clone();
+    eos_m.exactly_once = true;
     let mut native_m = fresh_m.clone();
     native_m.name = "native-count".into();
     let changes = setup.changes(
         run,
         &[
             "wasm-warm = plugins/count/spate.toml with [execution] mode = \"warm\"",
+            "wasm-fresh-eos = plugins/count/spate.toml with exactly-once = true (Kafka transactions)",
             "native = plugins/count/spate.toml with name = \"native-count\" (its own group, state namespace and DLQ)",
         ],
     );
     let fresh = setup.version(fresh_m)?;
     let warm = setup.version(warm_m)?;
+    let eos = setup.version(eos_m)?;
     let native: Arc<dyn PluginVersion> = Arc::new(NativeCount::new(
         kafka::native_info(native_m),
         output_topic.clone(),
@@ -296,6 +300,7 @@ async fn run(args: &Args) -> Result<CountReport> {
     let kafka_subjects: Vec<Subject> = [
         ("wasm-fresh", Kind::Spate(Arc::clone(&fresh))),
         ("wasm-warm", Kind::Spate(warm)),
+        ("wasm-fresh-eos", Kind::Spate(eos)),
         ("native", Kind::Spate(Arc::clone(&native))),
     ]
     .into_iter()

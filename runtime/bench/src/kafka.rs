@@ -467,6 +467,11 @@ async fn start_spate(
             ..DispatchSettings::default()
         },
     );
+    // As the server on Kafka: plugins asking for exactly-once get transactions.
+    let cx = DispatchContext {
+        transactions: Some(bus.clone()),
+        ..cx
+    };
     let mut supervisor = Supervisor::new(cx, Arc::default());
     let started = Instant::now();
     supervisor.deploy(Arc::clone(version)).await;
