@@ -522,3 +522,83 @@ async fn exceeding_the_emit_limit_dead_letters_the_event_with_nothing_emitted() 
     let out = h.wait_events("out", 3, WAIT).await;
     assert_eq!(out.len(), 3, "only the event within the limit emitted");
 }
+
+/// `on-failure = "park-key"`: a rejected event parks its key; the key's later events queue
+/// behind it (never handled out of order), durable in the parked namespace in source order
+/// with the reason, attempts and version; every other key keeps flowing; nothing is
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_key_parks_with_its_later_events_while_other_keys_flow() {
+    let h = Harness::start().await;
+    let manifest = "name = \"chaos\"\nversion = \"1.0.0\"\non-failure = \"park-key\"\n\
+                    subscriptions = [{ topic = \"in\" }]\n\
+                    [capabilities]\nemit-topics = [\"out\"]\n";
+    h.deploy(manifest, chaos_wasm()).await;
+    h.send("in", "bad", json!({"op": "reject", "reason": "bad order"}))
+        .await;
+    for n in 0..3 {
+        h.send("in", "bad", json!({"op": "emit", "n": n})).await;
+    }
+    for n in 0..200 {
+        h.send(
+            "in",
+            &format!("good-{}", n % 10),
+            json!({"op": "emit", "n": n}),
+        )
+        .await;
+    }
+    let out = h.wait_events("out", 200, WAIT).await;
+    assert_eq!(out.len(), 200, "only the other keys' emits");
+    assert!(out.iter().all(|e| e.key.as_deref() != Some(&b"bad"[..])));
+
+    // Durable (through the checkpoint) in the parked namespace, in source order.
+    let ns = spate_core::parked::namespace("chaos");
+    let state = &h.rt.backends.state;
+    let started = std::time::Instant::now();
+    let queue = loop {
+        let q = state.scan(&ns, "q/", 100).await.unwrap();
+        if q.len() >= 4 || started.elapsed() > WAIT {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let parked: Vec<spate_core::parked::ParkedEvent> = queue
+        .iter()
+        .map(|(_, v)| serde_json::from_slice(v).unwrap())
+        .collect();
+    let kinds: Vec<&str> = parked.iter().map(|p| p.kind.as_str()).collect();
+    assert_eq!(kinds, ["rejected", "queued", "queued", "queued"]);
+    assert_eq!(parked[0].reason, "bad order");
+    assert_eq!(parked[0].attempts, 1);
+    assert_eq!(parked[0].version, "1.0.0");
+    let offsets: Vec<u64> = parked.iter().map(|p| p.event.offset).collect();
+    let mut sorted = offsets.clone();
+    sorted.sort_unstable();
+    assert_eq!(offsets, sorted, "the key's events in source order");
+    let key: spate_core::parked::ParkedKey = serde_json::from_slice(
+        &state
+            .get(
+                &ns,
+                &spate_core::parked::key_entry(&spate_core::parked::key_id(Some(b"bad"))),
+            )
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!((key.key.as_str(), key.events), ("bad", 4));
+    assert_eq!(key.first_reason, "bad order");
+    assert!(
+        h.events("chaos.dlq").await.is_empty(),
+        "nothing dead-lettered"
+    );
+
+    // A later event of the parked key queues too.
+    h.send("in", "bad", json!({"op": "emit", "n": 99})).await;
+    let started = std::time::Instant::now();
+    while state.scan(&ns, "q/", 100).await.unwrap().len() < 5 {
+        assert!(started.elapsed() < WAIT, "the fifth event never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.events("out").await.len(), 200);
+}

@@ -82,6 +82,9 @@ pub struct Manifest {
     /// Topic for events that could not be handled; default `<name>.dlq`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// What happens to an event that exhausts its attempts or is rejected.
+    #[serde(default)]
+    pub on_failure: OnFailure,
     /// Publish emits in Kafka transactions that also commit the consumer positions, so a
     /// `read_committed` reader sees every emit exactly once, even across a crash; emits
     /// then become visible at each checkpoint instead of as events finish. On the
@@ -89,6 +92,18 @@ pub struct Manifest {
     /// log holds is dropped).
     #[serde(default)]
     pub exactly_once: bool,
+}
+
+/// What happens to an event that exhausts its attempts or is rejected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// It goes to the dead-letter topic; its key's later events go on.
+    #[default]
+    DeadLetter,
+    /// It is parked with every later event of its key (in order, durable, committed past)
+    /// until redriven through a fixed version or discarded; other keys flow.
+    ParkKey,
 }
 
 /// One subscribed topic.

@@ -13,7 +13,8 @@ use spate_core::backend::{
 use spate_core::host::{
     HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason,
 };
-use spate_core::manifest::{ExecutionMode, Ordering};
+use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
+use spate_core::parked::{self, ParkedEvent, ParkedKey};
 use spate_core::types::{Event, Header, TopicPartition};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -740,6 +741,7 @@ fn lane_partition(k: &LaneKey) -> u32 {
 }
 
 /// What went wrong with one attempt.
+#[derive(Debug)]
 enum Failure {
     /// Worth another attempt (counts against the plugin's limit).
     Retryable(DeadLetterKind, String),
@@ -776,6 +778,34 @@ async fn handle_event(
         .without_max_times()
         .build();
     let event = Arc::new(event);
+    let park = info.manifest.on_failure == OnFailure::ParkKey;
+    if park {
+        // A parked key's later events queue behind its parked ones, never handled out of
+        // order.
+        let parked = loop {
+            match parked_key(ctx, &info, &event).await {
+                Ok(k) => break k,
+                Err(e) => {
+                    let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
+                    warn!(error = %e, ?delay, "cannot read whether the key is parked; retrying");
+                    if !sleep_or_shutdown(ctx, delay).await {
+                        return (Finish::Abandoned, None);
+                    }
+                }
+            }
+        };
+        if let Some(key) = parked {
+            let queued = ParkAs {
+                kind: "queued",
+                reason: "queued behind a parked event of its key",
+                attempts: 0,
+            };
+            return match park_event(ctx, &info, &event, queued, Some(key)).await {
+                true => (Finish::Done, Some((version, instance))),
+                false => (Finish::Abandoned, None),
+            };
+        }
+    }
     let mut attempt: u32 = 1;
     loop {
         let failure = {
@@ -885,6 +915,18 @@ async fn handle_event(
                 }
                 attempt += 1;
             }
+            Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) if park => {
+                let failed = ParkAs {
+                    kind: kind.as_str(),
+                    reason: &reason,
+                    attempts: attempt,
+                };
+                let existing = parked_key(ctx, &info, &event).await.unwrap_or(None);
+                return match park_event(ctx, &info, &event, failed, existing).await {
+                    true => (Finish::Done, Some((version, instance))),
+                    false => (Finish::Abandoned, None),
+                };
+            }
             Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) => {
                 return match dead_letter(ctx, &info, &event, kind, &reason, attempt).await {
                     true => (Finish::Done, Some((version, instance))),
@@ -920,7 +962,15 @@ async fn apply(
     event: &Event,
     journal: Journal,
 ) -> Result<(), Failure> {
-    let mut effects = journal.into_effects(&info.namespace);
+    apply_effects(ctx, event, journal.into_effects(&info.namespace)).await
+}
+
+/// [`apply`] for effects already built (a journal's, or a parked event's entries).
+async fn apply_effects(
+    ctx: &WorkerCtx,
+    event: &Event,
+    mut effects: Effects,
+) -> Result<(), Failure> {
     let conflict = |key: String| {
         Failure::Retryable(
             DeadLetterKind::StateConflict,
@@ -941,7 +991,7 @@ async fn apply(
         match ctx
             .services
             .state
-            .apply(&info.namespace, &effects.writes)
+            .apply(&effects.namespace, &effects.writes)
             .await
         {
             Ok(ApplyOutcome::Applied) => {}
@@ -967,6 +1017,126 @@ fn backend_failure(what: &'static str, e: BackendError) -> Failure {
     match e {
         BackendError::Unavailable(m) => Failure::Infrastructure(format!("{what}: {m}")),
         other => Failure::Fatal(DeadLetterKind::BackendRefused, format!("{what}: {other}")),
+    }
+}
+
+/// How an event is parked: its failure, or `queued` behind its key's parked events.
+struct ParkAs<'a> {
+    kind: &'a str,
+    reason: &'a str,
+    attempts: u32,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The parked state of `event`'s key, if it is parked (read through the checkpoint's view,
+/// so a key parked a moment ago is seen at once).
+async fn parked_key(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+) -> Result<Option<ParkedKey>, BackendError> {
+    let id = parked::key_id(event.key.as_deref());
+    let Some(raw) = ctx
+        .services
+        .state
+        .get(&parked::namespace(&info.namespace), &parked::key_entry(&id))
+        .await?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| BackendError::Corrupt(format!("parked key `{id}`: {e}")))
+}
+
+/// Park `event` in its key's queue (with the checkpoint, like a state write, so its
+/// position moves past it only once it is durable). Retries until it is parked or the
+/// pipeline stops; returns whether it was parked.
+async fn park_event(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+    how: ParkAs<'_>,
+    existing: Option<ParkedKey>,
+) -> bool {
+    let now = now_ms();
+    let version = info.manifest.version.to_string();
+    let reason = truncate_reason(how.reason.to_owned(), MAX_REASON_LEN);
+    let new_key = existing.is_none();
+    let mut key = existing.unwrap_or_else(|| ParkedKey {
+        key: parked::display_key(event.key.as_deref()),
+        since_ms: now,
+        first_reason: reason.clone(),
+        version: version.clone(),
+        events: 0,
+    });
+    key.events += 1;
+    let record = ParkedEvent {
+        event: event.clone(),
+        reason: reason.clone(),
+        kind: how.kind.to_owned(),
+        attempts: how.attempts,
+        version,
+        parked_at_ms: now,
+    };
+    let put = |k: String, v: Vec<u8>| spate_core::StateWrite {
+        key: k,
+        value: Some(v),
+        ttl: None,
+        condition: None,
+    };
+    let (Ok(record), Ok(key_bytes)) = (serde_json::to_vec(&record), serde_json::to_vec(&key))
+    else {
+        return false;
+    };
+    let effects = Effects {
+        namespace: parked::namespace(&info.namespace),
+        writes: vec![
+            put(parked::queue_entry(event), record),
+            put(
+                parked::key_entry(&parked::key_id(event.key.as_deref())),
+                key_bytes,
+            ),
+        ],
+        cache: Vec::new(),
+        emits: Vec::new(),
+    };
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match apply_effects(ctx, event, effects_clone(&effects)).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = ?e, ?delay, "cannot park the event yet; retrying");
+                if !sleep_or_shutdown(ctx, delay).await {
+                    return false;
+                }
+                delay = (delay * 2).min(ctx.max_infra_backoff);
+            }
+        }
+    }
+    metrics::counter!("spate_parked_events_total", "plugin" => ctx.plugin.clone(), "kind" => how.kind.to_owned()).increment(1);
+    if new_key {
+        metrics::counter!("spate_parked_keys_total", "plugin" => ctx.plugin.clone()).increment(1);
+        metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "parked").increment(1);
+        warn!(kind = how.kind, %reason, attempts = how.attempts, "event failed; its key is parked");
+    } else {
+        metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "parked").increment(1);
+    }
+    true
+}
+
+fn effects_clone(e: &Effects) -> Effects {
+    Effects {
+        namespace: e.namespace.clone(),
+        writes: e.writes.clone(),
+        cache: Vec::new(),
+        emits: Vec::new(),
     }
 }
 
