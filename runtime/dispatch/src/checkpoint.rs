@@ -524,6 +524,28 @@ impl Checkpointer {
         offset: u64,
         effects: Effects,
     ) -> Result<(), FinishError> {
+        self.record(topic, partition, Some(offset), effects).await
+    }
+
+    /// [`Checkpointer::finish`] for effects that belong to no source position (a parked
+    /// event redriven, a request carried out): applied the same way while `partition` is
+    /// still assigned, dropped if it was revoked (its next owner does the work again).
+    pub async fn apply(
+        &self,
+        topic: &str,
+        partition: u32,
+        effects: Effects,
+    ) -> Result<(), FinishError> {
+        self.record(topic, partition, None, effects).await
+    }
+
+    async fn record(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: Option<u64>,
+        effects: Effects,
+    ) -> Result<(), FinishError> {
         self.wait_for_room().await;
         if self.failed.is_cancelled() {
             return Err(FinishError::Backend(BackendError::Unavailable(
@@ -535,9 +557,11 @@ impl Checkpointer {
             mut writes,
             cache,
             emits,
+            mut side,
         } = effects;
         if !self.write_back {
             writes.clear();
+            side.clear();
         }
         loop {
             // Conditions on keys the view does not hold are checked against the store,
@@ -581,10 +605,25 @@ impl Checkpointer {
             }
             let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
                 // Revoked meanwhile: its next owner handles the event again.
+                if offset.is_none() {
+                    return Err(FinishError::Backend(BackendError::Unavailable(format!(
+                        "{topic}/{partition} is no longer assigned here"
+                    ))));
+                }
                 return Ok(());
             };
-            mark.complete(offset);
+            if let Some(offset) = offset {
+                mark.complete(offset);
+            }
             let inner = &mut *g;
+            for (ns, w) in side {
+                let p = Pending {
+                    expires_at: expires_at(now, w.ttl),
+                    value: w.value,
+                };
+                inner.dirty_bytes += p.bytes(&w.key);
+                inner.dirty.entry(ns).or_default().insert(w.key, p);
+            }
             if !writes.is_empty() {
                 let ns = inner.dirty.entry(namespace).or_default();
                 for w in writes {
@@ -1119,6 +1158,7 @@ mod tests {
                     headers: vec![Header::text("x", emit)],
                 },
             }],
+            side: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod checkpoint;
 mod context;
 mod idle;
+mod parking;
 mod pipeline;
 pub mod supervisor;
 pub mod watermark;

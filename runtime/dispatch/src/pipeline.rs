@@ -2,19 +2,19 @@
 
 use super::checkpoint::{Checkpointer, Effects, FinishError, Track};
 use super::idle::IdleInstances;
+use super::parking;
 use super::{
     ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use spate_core::backend::{
-    ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
+    ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, StateWrite,
+    Subscription,
 };
-use spate_core::host::{
-    HostServices, Invocation, Journal, MAX_REASON_LEN, PluginInfo, truncate_reason,
-};
+use spate_core::host::{HostServices, Invocation, MAX_REASON_LEN, PluginInfo, truncate_reason};
 use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
-use spate_core::parked::{self, ParkedEvent, ParkedKey};
+use spate_core::parked;
 use spate_core::types::{Event, Header, TopicPartition};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -30,6 +30,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// How often the consumer-lag gauge is refreshed.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the operators' requests (redrives, discards) are looked for.
+const REQUESTS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Header carrying the 1-based attempt number of the call, visible to the guest.
 pub const ATTEMPT_HEADER: &str = "spate-attempt";
@@ -95,21 +98,49 @@ impl Meters {
     }
 }
 
-struct WorkerCtx {
-    plugin: String,
+pub(super) struct WorkerCtx {
+    pub(super) plugin: String,
+    /// Attempts earlier runs made on events of this pipeline's partitions that were still
+    /// being retried (loaded when a partition is assigned), by partition and offset.
+    attempts: std::sync::Mutex<HashMap<(u32, u64), u32>>,
     /// Idle warm instances of every pipeline, evicted when the sandbox pool is full.
-    idle: Arc<IdleInstances>,
-    active: Arc<ActiveVersion>,
+    pub(super) idle: Arc<IdleInstances>,
+    pub(super) active: Arc<ActiveVersion>,
     bus: Arc<dyn EventBus>,
-    services: HostServices,
+    pub(super) services: HostServices,
     /// Where finished events' effects and positions go.
-    ckpt: Arc<Checkpointer>,
+    pub(super) ckpt: Arc<Checkpointer>,
     permits: Arc<Semaphore>,
     /// Metric handles of every event, resolved once.
     meters: Meters,
     /// Cancelled when the drain gives up: workers in back-off abandon their event.
     abandon: CancellationToken,
-    max_infra_backoff: Duration,
+    /// The pipeline's stop: requests (redrives) stop between events, to go on after the
+    /// restart.
+    pub(super) stop: CancellationToken,
+    pub(super) max_infra_backoff: Duration,
+}
+
+impl WorkerCtx {
+    fn attempts(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, u64), u32>> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Attempts an earlier run made on the event at `partition`/`offset` (0 if none).
+    fn prior_attempts(&self, partition: u32, offset: u64) -> u32 {
+        let mut known = self.attempts();
+        if known.is_empty() {
+            return 0;
+        }
+        known.remove(&(partition, offset)).unwrap_or(0)
+    }
+
+    /// Forget the attempt records of a revoked partition.
+    fn forget_attempts(&self, partition: u32) {
+        self.attempts().retain(|(p, _), _| *p != partition);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -120,17 +151,27 @@ pub(super) enum LaneKey {
     Single(u32, u64),
 }
 
-pub(super) type WarmInstance = (Arc<dyn PluginVersion>, Box<dyn Instance>);
+pub(crate) type WarmInstance = (Arc<dyn PluginVersion>, Box<dyn Instance>);
+
+/// What a lane runs, in order: the partition's events of its key, and the operators'
+/// requests about the key (which must not overtake, nor be overtaken by, its events).
+enum Item {
+    Event(Event),
+    /// A [`parked::Request`] and its entry.
+    Request(String, parked::Request),
+}
 
 #[derive(Default)]
 struct Lane {
-    queue: VecDeque<Event>,
+    queue: VecDeque<Item>,
     busy: bool,
     instance: Option<WarmInstance>,
     /// The running worker, while `busy`.
     task: Option<AbortHandle>,
     /// Bytes of the event in the worker, while `busy`.
     busy_bytes: usize,
+    /// Whether the worker runs an event (counted in the buffers) rather than a request.
+    busy_event: bool,
 }
 
 /// The pipeline's key lanes, the events they hold, and the warm instances of lanes that
@@ -191,15 +232,35 @@ impl Lanes {
             instance: idle.take(owner, key),
             ..Lane::default()
         });
-        lane.queue.push_back(event);
+        lane.queue.push_back(Item::Event(event));
+        (!lane.busy).then_some(lane)
+    }
+
+    /// Queue an operator's request behind the lane's events (it holds no buffer room);
+    /// returns the lane if it is idle and must be started.
+    fn push_request(
+        &mut self,
+        key: &LaneKey,
+        entry: String,
+        request: parked::Request,
+    ) -> Option<&mut Lane> {
+        let (idle, owner) = (&self.idle, self.owner);
+        let lane = self.map.entry(key.clone()).or_insert_with(|| Lane {
+            instance: idle.take(owner, key),
+            ..Lane::default()
+        });
+        lane.queue.push_back(Item::Request(entry, request));
         (!lane.busy).then_some(lane)
     }
 
     /// Drop a lane's queued events (they stay uncommitted and are read again later).
     fn clear(&mut self, key: &LaneKey) {
         let queued = self.map.get_mut(key).map(|lane| {
-            let n = lane.queue.len();
-            let bytes: usize = lane.queue.iter().map(event_bytes).sum();
+            let events = lane.queue.iter().filter_map(|i| match i {
+                Item::Event(e) => Some(e),
+                Item::Request(..) => None,
+            });
+            let (n, bytes) = events.fold((0, 0), |(n, b), e| (n + 1, b + event_bytes(e)));
             lane.queue.clear();
             (n, bytes)
         });
@@ -236,6 +297,20 @@ impl Lanes {
         aborted
     }
 
+    /// Abort the running requests of `partitions`.
+    fn abort_requests(&mut self, partitions: &HashSet<u32>) {
+        for (k, lane) in &mut self.map {
+            if partitions.contains(&lane_partition(k))
+                && lane.busy
+                && !lane.busy_event
+                && let Some(task) = lane.task.take()
+            {
+                task.abort();
+                lane.busy = false;
+            }
+        }
+    }
+
     /// Forget every lane of `partition` (revoked).
     fn revoke(&mut self, partition: u32) {
         let keys: Vec<LaneKey> = self
@@ -250,6 +325,7 @@ impl Lanes {
             // find no lane and is dropped.
             if let Some(lane) = self.map.remove(&k)
                 && lane.busy
+                && lane.busy_event
             {
                 self.count(partition, 0, 1);
                 self.bytes = self.bytes.saturating_sub(lane.busy_bytes);
@@ -271,7 +347,7 @@ impl Lanes {
 }
 
 /// How a worker left an event.
-enum Finish {
+pub(super) enum Finish {
     /// Handled or dead-lettered: the offset may be committed.
     Done,
     /// Given up at shutdown or because the plugin was removed: not committed.
@@ -283,6 +359,8 @@ struct WorkerReport {
     partition: u32,
     finish: Finish,
     instance: Option<WarmInstance>,
+    /// The request's entry, if the worker carried out a request rather than an event.
+    request: Option<String>,
 }
 
 /// What every pipeline of one plugin shares; built once per plugin by
@@ -314,6 +392,7 @@ impl Pipeline {
     ) -> Self {
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
+            attempts: std::sync::Mutex::default(),
             idle: Arc::clone(&shared.idle),
             active: Arc::clone(&shared.active),
             bus: Arc::clone(&shared.bus),
@@ -322,6 +401,7 @@ impl Pipeline {
             meters: Meters::new(&config.plugin),
             permits: Arc::clone(&shared.permits),
             abandon: CancellationToken::new(),
+            stop: stop.clone(),
             max_infra_backoff: config.max_infra_backoff,
         });
         Self {
@@ -367,6 +447,8 @@ impl Pipeline {
             tasks: JoinSet::new(),
             paused: HashSet::new(),
             last_lag: None,
+            requests: HashSet::new(),
+            last_requests: Instant::now(),
         };
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -448,6 +530,10 @@ impl Pipeline {
                     self.ctx.idle.expire();
                     self.commit(&mut *sub, &mut st.committed).await;
                     self.report_lag(&mut st).await;
+                    if st.last_requests.elapsed() >= REQUESTS_INTERVAL {
+                        st.last_requests = Instant::now();
+                        self.take_requests(&mut st).await;
+                    }
                 }
             }
         }
@@ -508,6 +594,9 @@ impl Pipeline {
             .map(|tp| tp.partition)
             .collect();
         st.lanes.clear_partitions(&revoked);
+        // Requests (redrives) stop at once: each step is durable on its own, and the
+        // partition's next owner carries out the rest.
+        st.lanes.abort_requests(&revoked);
         let deadline = tokio::time::sleep(cfg.revoke_timeout);
         tokio::pin!(deadline);
         while st.lanes.in_flight(&revoked) > 0 {
@@ -537,6 +626,9 @@ impl Pipeline {
             }
             st.lanes.revoke(*p);
             st.paused.remove(p);
+            let prefix = parked::requests_prefix(&cfg.topic, Some(*p));
+            st.requests.retain(|e| !e.starts_with(&prefix));
+            self.ctx.forget_attempts(*p);
         }
         self.ctx.ckpt.release(&cfg.topic, revoked.iter().copied());
         debug!(plugin = %cfg.plugin, partitions = ?revoked, ?offsets, "releasing revoked partitions");
@@ -565,6 +657,9 @@ impl Pipeline {
     }
 
     fn finish(&self, report: WorkerReport, st: &mut RunState, continue_lane: bool) {
+        if let Some(entry) = &report.request {
+            st.requests.remove(entry);
+        }
         let (lanes, tasks) = (&mut st.lanes, &mut st.tasks);
         let Some(lane) = lanes.map.get_mut(&report.lane) else {
             return; // its partition was revoked
@@ -575,7 +670,9 @@ impl Pipeline {
         lanes.bytes = lanes
             .bytes
             .saturating_sub(std::mem::take(&mut lane.busy_bytes));
-        lanes.count(report.partition, 0, 1);
+        if report.request.is_none() {
+            lanes.count(report.partition, 0, 1);
+        }
         if matches!(report.finish, Finish::Abandoned) {
             // The plugin is gone or we are stopping: later events of this lane must not
             // overtake the abandoned one, so the lane stops here.
@@ -592,28 +689,85 @@ impl Pipeline {
     }
 
     fn start_next(&self, key: LaneKey, lane: &mut Lane, tasks: &mut JoinSet<WorkerReport>) {
-        let Some(event) = lane.queue.pop_front() else {
+        let Some(item) = lane.queue.pop_front() else {
             return;
         };
         lane.busy = true;
-        lane.busy_bytes = event_bytes(&event);
         let instance = lane.instance.take();
         let ctx = Arc::clone(&self.ctx);
-        let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
-        let handle = tasks.spawn(
-            async move {
-                let partition = event.partition;
-                let (finish, instance) = handle_event(&ctx, event, instance).await;
-                WorkerReport {
-                    lane: key,
-                    partition,
-                    finish,
-                    instance,
-                }
+        let handle = match item {
+            Item::Event(event) => {
+                lane.busy_bytes = event_bytes(&event);
+                lane.busy_event = true;
+                let span = info_span!("event", plugin = %self.config.plugin, topic = %event.topic, partition = event.partition, offset = event.offset);
+                tasks.spawn(
+                    async move {
+                        let partition = event.partition;
+                        let (finish, instance) = handle_event(&ctx, event, instance).await;
+                        WorkerReport {
+                            lane: key,
+                            partition,
+                            finish,
+                            instance,
+                            request: None,
+                        }
+                    }
+                    .instrument(span),
+                )
             }
-            .instrument(span),
-        );
+            Item::Request(entry, request) => {
+                lane.busy_bytes = 0;
+                lane.busy_event = false;
+                let span = info_span!("request", plugin = %self.config.plugin, action = request.action.as_str(), key = %request.key_id, id = %request.id);
+                tasks.spawn(
+                    async move {
+                        let partition = request.partition;
+                        let (finish, instance) =
+                            parking::carry_out(&ctx, &entry, request, instance).await;
+                        WorkerReport {
+                            lane: key,
+                            partition,
+                            finish,
+                            instance,
+                            request: Some(entry),
+                        }
+                    }
+                    .instrument(span),
+                )
+            }
+        };
         lane.task = Some(handle);
+    }
+
+    /// Queue the operators' pending requests for the partitions this pipeline owns, each in
+    /// its key's lane (at most once while it runs).
+    async fn take_requests(&self, st: &mut RunState) {
+        let cfg = &self.config;
+        if st.committed.is_empty() {
+            return;
+        }
+        let Some(version) = self.ctx.active.load() else {
+            return;
+        };
+        let ns = parked::namespace(&version.info().namespace);
+        let pending = match parked::requests(&*self.ctx.services.state, &ns, &cfg.topic, 256).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(plugin = %cfg.plugin, error = %e, "cannot read the operators' requests; will retry");
+                return;
+            }
+        };
+        for (entry, request) in pending {
+            if !st.committed.contains_key(&request.partition) || st.requests.contains(&entry) {
+                continue;
+            }
+            let key = request_lane(cfg.ordering, &request);
+            st.requests.insert(entry.clone());
+            if let Some(lane) = st.lanes.push_request(&key, entry, request) {
+                self.start_next(key, lane, &mut st.tasks);
+            }
+        }
     }
 
     /// Where `tp` resumes: the later of the source's committed position and the last
@@ -623,12 +777,36 @@ impl Pipeline {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.ctx.ckpt.assign(&tp.topic, tp.partition, start).await {
-                Ok(_) => return,
+                Ok(_) => break,
                 Err(e) => {
                     warn!(plugin = %self.config.plugin, topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the partition's checkpoint; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.config.max_infra_backoff);
                 }
+            }
+        }
+        // Events of the partition an earlier run was retrying go on from the attempts it
+        // made (a restart, or a rebalance onto this runtime, does not start them over).
+        let Some(version) = self.ctx.active.load() else {
+            return;
+        };
+        let ns = parked::namespace(&version.info().namespace);
+        let prefix = parked::attempts_prefix(&tp.topic, tp.partition);
+        match self.ctx.services.state.scan(&ns, &prefix, 10_000).await {
+            Ok(records) => {
+                let mut known = self.ctx.attempts();
+                for (entry, raw) in records {
+                    if let (Some(offset), Ok(n)) = (
+                        parked::attempts_offset(&entry),
+                        serde_json::from_slice::<u32>(&raw),
+                    ) && offset >= start
+                    {
+                        known.insert((tp.partition, offset), n);
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(plugin = %self.config.plugin, partition = tp.partition, error = %e, "cannot read the attempts already made; retried events of the partition count from 1");
             }
         }
     }
@@ -714,6 +892,10 @@ struct RunState {
     /// Partitions paused because they hold too many unfinished events.
     paused: HashSet<u32>,
     last_lag: Option<Instant>,
+    /// Entries of the operators' requests queued or running in a lane.
+    requests: HashSet<String>,
+    /// When the requests were last looked for.
+    last_requests: Instant,
 }
 
 fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {
@@ -734,6 +916,18 @@ fn event_bytes(e: &Event) -> usize {
             .sum::<usize>()
 }
 
+/// The lane a request runs in: its key's (or, for a keyless dead letter, one of its own).
+fn request_lane(ordering: Ordering, request: &parked::Request) -> LaneKey {
+    match (ordering, request.key()) {
+        (Ordering::Partition, _) => LaneKey::Partition(request.partition),
+        (Ordering::Key, Some(k)) => LaneKey::Key(request.partition, k),
+        (Ordering::Key, None) => LaneKey::Single(
+            request.partition,
+            xxhash_rust::xxh3::xxh3_64(request.id.as_bytes()),
+        ),
+    }
+}
+
 fn lane_partition(k: &LaneKey) -> u32 {
     match k {
         LaneKey::Key(p, _) | LaneKey::Partition(p) | LaneKey::Single(p, _) => *p,
@@ -742,7 +936,7 @@ fn lane_partition(k: &LaneKey) -> u32 {
 
 /// What went wrong with one attempt.
 #[derive(Debug)]
-enum Failure {
+pub(super) enum Failure {
     /// Worth another attempt (counts against the plugin's limit).
     Retryable(DeadLetterKind, String),
     /// Never worth another attempt: dead-letter now.
@@ -764,180 +958,285 @@ async fn handle_event(
         Some((v, i)) if Arc::ptr_eq(&v, &version) => i,
         _ => version.instance(),
     };
-    let policy = &info.manifest.retry;
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(policy.initial_backoff_ms))
-        .with_max_delay(Duration::from_millis(policy.max_backoff_ms))
-        .with_jitter()
-        .without_max_times()
-        .build();
-    let mut infra_backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(ctx.max_infra_backoff)
-        .with_jitter()
-        .without_max_times()
-        .build();
     let event = Arc::new(event);
-    let park = info.manifest.on_failure == OnFailure::ParkKey;
+    // A keyless event has no order to keep: it is dead-lettered like any other plugin's.
+    let park = info.manifest.on_failure == OnFailure::ParkKey && event.key.is_some();
     if park {
         // A parked key's later events queue behind its parked ones, never handled out of
         // order.
-        let parked = loop {
-            match parked_key(ctx, &info, &event).await {
-                Ok(k) => break k,
-                Err(e) => {
-                    let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
-                    warn!(error = %e, ?delay, "cannot read whether the key is parked; retrying");
-                    if !sleep_or_shutdown(ctx, delay).await {
-                        return (Finish::Abandoned, None);
-                    }
-                }
-            }
-        };
-        if let Some(key) = parked {
-            let queued = ParkAs {
-                kind: "queued",
-                reason: "queued behind a parked event of its key",
-                attempts: 0,
-            };
-            return match park_event(ctx, &info, &event, queued, Some(key)).await {
-                true => (Finish::Done, Some((version, instance))),
-                false => (Finish::Abandoned, None),
-            };
+        match parking::queue_if_parked(ctx, &info, &event).await {
+            Some(true) => return (Finish::Done, Some((version, instance))),
+            Some(false) => {}
+            None => return (Finish::Abandoned, None),
         }
     }
-    let mut attempt: u32 = 1;
-    loop {
-        let failure = {
-            // A warm instance waiting for a permit would hold a pool slot it cannot use:
-            // lanes waiting outnumber the permits, and could exhaust the pool.
-            let permit = match ctx.permits.try_acquire() {
-                Ok(p) => p,
-                Err(_) => {
-                    instance.release();
-                    let Ok(p) = ctx.permits.acquire().await else {
-                        return (Finish::Abandoned, None);
-                    };
-                    p
-                }
-            };
-            let invocation = Invocation::new(
-                Arc::clone(&info),
-                ctx.services.clone(),
-                Arc::new(with_attempt(&event, attempt)),
-            );
-            let started = Instant::now();
-            // A panic in the host (ours or wasmtime's) must not take the lane down with
-            // it: it becomes a trap of this attempt, retried and dead-lettered as usual.
-            let result = match AssertUnwindSafe(instance.call(invocation))
-                .catch_unwind()
-                .await
-            {
-                Ok(r) => r,
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    tracing::error!(panic = %what, "host panicked while handling an event");
-                    CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
-                }
-            };
-            ctx.meters
-                .handler_duration
-                .record(started.elapsed().as_secs_f64());
-            // The permit bounds concurrent calls (sandboxes, CPU), not effects in flight:
-            // waiting for the broker to acknowledge emits must not hold another lane's
-            // call back. The lane itself still waits, so per-key order is kept. A warm
-            // instance keeps its pool slot until the lane finishes, so warm plugins keep
-            // the permit (and the pool stays bounded by their concurrency).
-            let _held_through_apply = match info.manifest.execution.mode {
-                ExecutionMode::Fresh => {
-                    drop(permit);
-                    None
-                }
-                ExecutionMode::Warm => Some(permit),
-            };
-            match result {
-                CallOutcome::Ok(journal) => match apply(ctx, &info, &event, journal).await {
-                    Ok(()) => {
-                        ctx.meters.handled.increment(1);
-                        return (Finish::Done, Some((version, instance)));
+    let prior = ctx.prior_attempts(event.partition, event.offset);
+    let call = Call {
+        version: &version,
+        info: &info,
+        event: &event,
+        prior,
+        at: At::Event(&event),
+        side: Vec::new(),
+    };
+    let done = match call.run(ctx, &mut instance).await {
+        Called::Done => true,
+        Called::Abandoned => return (Finish::Abandoned, None),
+        Called::Failed {
+            kind,
+            reason,
+            attempts,
+        } if park => parking::park_failed(ctx, &info, &event, kind, &reason, attempts).await,
+        Called::Failed {
+            kind,
+            reason,
+            attempts,
+        } => {
+            let side = vec![attempts_cleared(&info, &event)];
+            dead_letter(
+                ctx,
+                &info,
+                &event,
+                (kind, &reason, attempts),
+                side,
+                At::Event(&event),
+            )
+            .await
+        }
+    };
+    match done {
+        true => (Finish::Done, Some((version, instance))),
+        false => (Finish::Abandoned, None),
+    }
+}
+
+/// How the calls of one event ended.
+pub(super) enum Called {
+    /// A call returned ok and its effects were applied.
+    Done,
+    /// The event cannot be handled: `attempts` made, the last failing for `kind`/`reason`.
+    Failed {
+        kind: DeadLetterKind,
+        reason: String,
+        attempts: u32,
+    },
+    /// Given up at shutdown, or because the plugin was removed.
+    Abandoned,
+}
+
+/// One event to call the plugin with until it is handled or cannot be.
+pub(super) struct Call<'a> {
+    pub(super) version: &'a Arc<dyn PluginVersion>,
+    pub(super) info: &'a Arc<PluginInfo>,
+    pub(super) event: &'a Arc<Event>,
+    /// Attempts an earlier run (before a restart or a rebalance) already made.
+    pub(super) prior: u32,
+    /// Where its effects belong: the event's own position, or (a redriven event, whose
+    /// position was passed long ago) the partition carrying out the request.
+    pub(super) at: At<'a>,
+    /// Writes to the runtime's namespaces applied in one unit with its effects.
+    pub(super) side: Vec<(String, StateWrite)>,
+}
+
+impl Call<'_> {
+    /// Call until a call returns ok and its effects are applied, retrying what the
+    /// manifest's retry policy allows (attempts counted durably, see
+    /// [`parked::attempts_entry`]) and infrastructure failures without counting.
+    pub(super) async fn run(self, ctx: &WorkerCtx, instance: &mut Box<dyn Instance>) -> Called {
+        let Call {
+            version,
+            info,
+            event,
+            prior,
+            at,
+            mut side,
+        } = self;
+        let policy = &info.manifest.retry;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(policy.initial_backoff_ms))
+            .with_max_delay(Duration::from_millis(policy.max_backoff_ms))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut infra_backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(ctx.max_infra_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        // An event an earlier run already tried goes on from where it was.
+        let mut attempt: u32 = (prior + 1).min(policy.max_attempts.max(1));
+        loop {
+            let failure = {
+                // A warm instance waiting for a permit would hold a pool slot it cannot
+                // use: lanes waiting outnumber the permits, and could exhaust the pool.
+                let permit = match ctx.permits.try_acquire() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        instance.release();
+                        let Ok(p) = ctx.permits.acquire().await else {
+                            return Called::Abandoned;
+                        };
+                        p
                     }
-                    Err(f) => f,
-                },
-                CallOutcome::Retry(reason) => {
-                    Failure::Retryable(DeadLetterKind::RetriesExhausted, reason)
-                }
-                CallOutcome::Reject(reason) => Failure::Fatal(DeadLetterKind::Rejected, reason),
-                CallOutcome::Trap(kind, message) => {
-                    metrics::counter!("spate_traps_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
-                    // A trapped instance is never reused.
-                    instance = version.instance();
-                    match kind {
-                        TrapKind::Infrastructure => Failure::Infrastructure(message),
-                        TrapKind::PoolExhausted => {
-                            // Idle warm instances hold slots nobody is using: free them
-                            // before this event waits for one.
-                            let evicted = ctx.idle.evict_all();
-                            if evicted > 0 {
-                                debug!(evicted, "sandbox pool full; evicted idle warm instances");
-                                continue;
-                            }
-                            Failure::Infrastructure(message)
+                };
+                let invocation = Invocation::new(
+                    Arc::clone(info),
+                    ctx.services.clone(),
+                    Arc::new(with_attempt(event, attempt)),
+                );
+                let started = Instant::now();
+                // A panic in the host (ours or wasmtime's) must not take the lane down
+                // with it: it becomes a trap of this attempt, retried and dead-lettered
+                // as usual.
+                let result = match AssertUnwindSafe(instance.call(invocation))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!(panic = %what, "host panicked while handling an event");
+                        CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
+                    }
+                };
+                ctx.meters
+                    .handler_duration
+                    .record(started.elapsed().as_secs_f64());
+                // The permit bounds concurrent calls (sandboxes, CPU), not effects in
+                // flight: waiting for the broker to acknowledge emits must not hold
+                // another lane's call back. The lane itself still waits, so per-key order
+                // is kept. A warm instance keeps its pool slot until the lane finishes, so
+                // warm plugins keep the permit (and the pool stays bounded by their
+                // concurrency).
+                let _held_through_apply = match info.manifest.execution.mode {
+                    ExecutionMode::Fresh => {
+                        drop(permit);
+                        None
+                    }
+                    ExecutionMode::Warm => Some(permit),
+                };
+                match result {
+                    CallOutcome::Ok(journal) => {
+                        let mut effects = journal.into_effects(&info.namespace);
+                        effects.side.clone_from(&side);
+                        if attempt > 1 {
+                            effects.side.push(attempts_cleared(info, event));
                         }
-                        k if k.retryable() => Failure::Retryable(DeadLetterKind::Trap(k), message),
-                        k => Failure::Fatal(DeadLetterKind::Trap(k), message),
+                        match apply_effects(ctx, at, effects).await {
+                            Ok(()) => {
+                                ctx.meters.handled.increment(1);
+                                return Called::Done;
+                            }
+                            Err(f) => f,
+                        }
+                    }
+                    CallOutcome::Retry(reason) => {
+                        Failure::Retryable(DeadLetterKind::RetriesExhausted, reason)
+                    }
+                    CallOutcome::Reject(reason) => Failure::Fatal(DeadLetterKind::Rejected, reason),
+                    CallOutcome::Trap(kind, message) => {
+                        metrics::counter!("spate_traps_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
+                        // A trapped instance is never reused.
+                        *instance = version.instance();
+                        match kind {
+                            TrapKind::Infrastructure => Failure::Infrastructure(message),
+                            TrapKind::PoolExhausted => {
+                                // Idle warm instances hold slots nobody is using: free
+                                // them before this event waits for one.
+                                let evicted = ctx.idle.evict_all();
+                                if evicted > 0 {
+                                    debug!(
+                                        evicted,
+                                        "sandbox pool full; evicted idle warm instances"
+                                    );
+                                    continue;
+                                }
+                                Failure::Infrastructure(message)
+                            }
+                            k if k.retryable() => {
+                                Failure::Retryable(DeadLetterKind::Trap(k), message)
+                            }
+                            k => Failure::Fatal(DeadLetterKind::Trap(k), message),
+                        }
                     }
                 }
-            }
-        };
-        match failure {
-            Failure::Infrastructure(message) => {
-                metrics::counter!("spate_infrastructure_errors_total", "plugin" => ctx.plugin.clone())
-                    .increment(1);
-                let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
-                warn!(error = %message, ?delay, "infrastructure failure; event will be retried");
-                if !sleep_or_shutdown(ctx, delay).await {
-                    return (Finish::Abandoned, None);
+            };
+            match failure {
+                Failure::Infrastructure(message) => {
+                    metrics::counter!("spate_infrastructure_errors_total", "plugin" => ctx.plugin.clone())
+                        .increment(1);
+                    let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
+                    warn!(error = %message, ?delay, "infrastructure failure; event will be retried");
+                    if !sleep_or_shutdown(ctx, delay).await {
+                        return Called::Abandoned;
+                    }
                 }
-            }
-            Failure::Retryable(kind, reason) if attempt < policy.max_attempts => {
-                metrics::counter!("spate_retries_total", "plugin" => ctx.plugin.clone())
-                    .increment(1);
-                let delay = backoff
-                    .next()
-                    .unwrap_or(Duration::from_millis(policy.max_backoff_ms));
-                debug!(attempt, kind = kind.as_str(), %reason, ?delay, "retrying");
-                if !sleep_or_shutdown(ctx, delay).await {
-                    return (Finish::Abandoned, None);
+                Failure::Retryable(kind, reason) if attempt < policy.max_attempts => {
+                    metrics::counter!("spate_retries_total", "plugin" => ctx.plugin.clone())
+                        .increment(1);
+                    // Counted durably, so the event's next owner goes on from here.
+                    record_attempts(ctx, info, event, at, attempt).await;
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(Duration::from_millis(policy.max_backoff_ms));
+                    debug!(attempt, kind = kind.as_str(), %reason, ?delay, "retrying");
+                    if !sleep_or_shutdown(ctx, delay).await {
+                        return Called::Abandoned;
+                    }
+                    attempt += 1;
                 }
-                attempt += 1;
-            }
-            Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) if park => {
-                let failed = ParkAs {
-                    kind: kind.as_str(),
-                    reason: &reason,
-                    attempts: attempt,
-                };
-                let existing = parked_key(ctx, &info, &event).await.unwrap_or(None);
-                return match park_event(ctx, &info, &event, failed, existing).await {
-                    true => (Finish::Done, Some((version, instance))),
-                    false => (Finish::Abandoned, None),
-                };
-            }
-            Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) => {
-                return match dead_letter(ctx, &info, &event, kind, &reason, attempt).await {
-                    true => (Finish::Done, Some((version, instance))),
-                    false => (Finish::Abandoned, None),
-                };
+                Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) => {
+                    side.clear();
+                    return Called::Failed {
+                        kind,
+                        reason,
+                        attempts: attempt,
+                    };
+                }
             }
         }
     }
 }
 
-async fn sleep_or_shutdown(ctx: &WorkerCtx, delay: Duration) -> bool {
+/// Record that `attempts` attempts of `event` failed (with the next checkpoint: a backoff
+/// is far longer than a commit interval).
+async fn record_attempts(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+    at: At<'_>,
+    attempts: u32,
+) {
+    let effects = Effects {
+        side: vec![(
+            parked::namespace(&info.namespace),
+            parked::put(parked::attempts_entry(event), &attempts, None),
+        )],
+        ..Effects::default()
+    };
+    let (topic, partition) = match at {
+        At::Event(e) => (e.topic.as_str(), e.partition),
+        At::Partition(t, p) => (t, p),
+    };
+    if let Err(e) = ctx.ckpt.apply(topic, partition, effects).await {
+        warn!(error = ?e, attempts, "cannot record the attempts made; a restart would count them again");
+    }
+}
+
+/// The removal of `event`'s attempt record, with the event's last effects.
+pub(super) fn attempts_cleared(info: &PluginInfo, event: &Event) -> (String, StateWrite) {
+    (
+        parked::namespace(&info.namespace),
+        parked::delete(parked::attempts_entry(event)),
+    )
+}
+
+pub(super) async fn sleep_or_shutdown(ctx: &WorkerCtx, delay: Duration) -> bool {
     tokio::select! {
         _ = ctx.abandon.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
@@ -952,23 +1251,23 @@ fn with_attempt(event: &Event, attempt: u32) -> Event {
     e
 }
 
-/// Apply a successful call's journal, all of it or nothing: state first (to the
-/// checkpoint's view, where a compare-and-swap that no longer holds fails the whole event
-/// before anything is published; or, for a store shared with other runtimes, to the store
-/// itself), then, together with the event's position, its emits and cache writes.
-async fn apply(
-    ctx: &WorkerCtx,
-    info: &PluginInfo,
-    event: &Event,
-    journal: Journal,
-) -> Result<(), Failure> {
-    apply_effects(ctx, event, journal.into_effects(&info.namespace)).await
+/// Which position effects belong to.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum At<'a> {
+    /// A source event's: applying them completes its position.
+    Event(&'a Event),
+    /// No position (a redriven event's, a request's), applied while this partition is
+    /// assigned to the pipeline.
+    Partition(&'a str, u32),
 }
 
-/// [`apply`] for effects already built (a journal's, or a parked event's entries).
-async fn apply_effects(
+/// Apply a call's effects, all of them or nothing: state first (to the checkpoint's view,
+/// where a compare-and-swap that no longer holds fails the whole event before anything is
+/// published; or, for a store shared with other runtimes, to the store itself), then,
+/// together with the event's position if it `marks` one, its emits and cache writes.
+pub(super) async fn apply_effects(
     ctx: &WorkerCtx,
-    event: &Event,
+    at: At<'_>,
     mut effects: Effects,
 ) -> Result<(), Failure> {
     let conflict = |key: String| {
@@ -1002,14 +1301,49 @@ async fn apply_effects(
     if by_store {
         effects.writes.clear();
     }
-    match ctx
-        .ckpt
-        .finish(&event.topic, event.partition, event.offset, effects)
-        .await
-    {
+    if !ctx.ckpt.write_back() {
+        // No view in front of the store: the runtime's own writes go to it directly.
+        for (ns, w) in std::mem::take(&mut effects.side) {
+            ctx.services
+                .state
+                .apply(&ns, std::slice::from_ref(&w))
+                .await
+                .map_err(|e| backend_failure("state", e))?;
+        }
+    }
+    let done = match at {
+        At::Event(event) => {
+            ctx.ckpt
+                .finish(&event.topic, event.partition, event.offset, effects)
+                .await
+        }
+        At::Partition(topic, partition) => ctx.ckpt.apply(topic, partition, effects).await,
+    };
+    match done {
         Ok(()) => Ok(()),
         Err(FinishError::Conflict(key)) => Err(conflict(key)),
         Err(FinishError::Backend(e)) => Err(backend_failure("state", e)),
+    }
+}
+
+/// Apply effects that cannot conflict (the runtime's own writes, dead letters), retrying
+/// until they are taken or the pipeline gives up; returns whether they were.
+pub(super) async fn apply_until_taken(ctx: &WorkerCtx, at: At<'_>, effects: &Effects) -> bool {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        if ctx.stop.is_cancelled() && matches!(at, At::Partition(..)) {
+            return false;
+        }
+        match apply_effects(ctx, at, effects.clone()).await {
+            Ok(()) => return true,
+            Err(e) => {
+                warn!(error = ?e, ?delay, "cannot apply the runtime's writes yet; retrying");
+                if !sleep_or_shutdown(ctx, delay).await {
+                    return false;
+                }
+                delay = (delay * 2).min(ctx.max_infra_backoff);
+            }
+        }
     }
 }
 
@@ -1020,148 +1354,25 @@ fn backend_failure(what: &'static str, e: BackendError) -> Failure {
     }
 }
 
-/// How an event is parked: its failure, or `queued` behind its key's parked events.
-struct ParkAs<'a> {
-    kind: &'a str,
-    reason: &'a str,
-    attempts: u32,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The parked state of `event`'s key, if it is parked (read through the checkpoint's view,
-/// so a key parked a moment ago is seen at once).
-async fn parked_key(
+/// Write the event to the plugin's dead-letter topic (with `side`, and completing its
+/// position if it `marks` one). Retries the write until it is taken or the pipeline gives
+/// up; returns whether it was taken.
+pub(super) async fn dead_letter(
     ctx: &WorkerCtx,
     info: &PluginInfo,
     event: &Event,
-) -> Result<Option<ParkedKey>, BackendError> {
-    let id = parked::key_id(event.key.as_deref());
-    let Some(raw) = ctx
-        .services
-        .state
-        .get(&parked::namespace(&info.namespace), &parked::key_entry(&id))
-        .await?
-    else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&raw)
-        .map(Some)
-        .map_err(|e| BackendError::Corrupt(format!("parked key `{id}`: {e}")))
-}
-
-/// Park `event` in its key's queue (with the checkpoint, like a state write, so its
-/// position moves past it only once it is durable). Retries until it is parked or the
-/// pipeline stops; returns whether it was parked.
-async fn park_event(
-    ctx: &WorkerCtx,
-    info: &PluginInfo,
-    event: &Event,
-    how: ParkAs<'_>,
-    existing: Option<ParkedKey>,
-) -> bool {
-    let now = now_ms();
-    let version = info.manifest.version.to_string();
-    let reason = truncate_reason(how.reason.to_owned(), MAX_REASON_LEN);
-    let new_key = existing.is_none();
-    let mut key = existing.unwrap_or_else(|| ParkedKey {
-        key: parked::display_key(event.key.as_deref()),
-        since_ms: now,
-        first_reason: reason.clone(),
-        version: version.clone(),
-        events: 0,
-    });
-    key.events += 1;
-    let record = ParkedEvent {
-        event: event.clone(),
-        reason: reason.clone(),
-        kind: how.kind.to_owned(),
-        attempts: how.attempts,
-        version,
-        parked_at_ms: now,
-    };
-    let put = |k: String, v: Vec<u8>| spate_core::StateWrite {
-        key: k,
-        value: Some(v),
-        ttl: None,
-        condition: None,
-    };
-    let (Ok(record), Ok(key_bytes)) = (serde_json::to_vec(&record), serde_json::to_vec(&key))
-    else {
-        return false;
-    };
-    let effects = Effects {
-        namespace: parked::namespace(&info.namespace),
-        writes: vec![
-            put(parked::queue_entry(event), record),
-            put(
-                parked::key_entry(&parked::key_id(event.key.as_deref())),
-                key_bytes,
-            ),
-        ],
-        cache: Vec::new(),
-        emits: Vec::new(),
-    };
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match apply_effects(ctx, event, effects_clone(&effects)).await {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(error = ?e, ?delay, "cannot park the event yet; retrying");
-                if !sleep_or_shutdown(ctx, delay).await {
-                    return false;
-                }
-                delay = (delay * 2).min(ctx.max_infra_backoff);
-            }
-        }
-    }
-    metrics::counter!("spate_parked_events_total", "plugin" => ctx.plugin.clone(), "kind" => how.kind.to_owned()).increment(1);
-    if new_key {
-        metrics::counter!("spate_parked_keys_total", "plugin" => ctx.plugin.clone()).increment(1);
-        metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "parked").increment(1);
-        warn!(kind = how.kind, %reason, attempts = how.attempts, "event failed; its key is parked");
-    } else {
-        metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "parked").increment(1);
-    }
-    true
-}
-
-fn effects_clone(e: &Effects) -> Effects {
-    Effects {
-        namespace: e.namespace.clone(),
-        writes: e.writes.clone(),
-        cache: Vec::new(),
-        emits: Vec::new(),
-    }
-}
-
-/// Write the event to the plugin's dead-letter topic. Retries the write until it succeeds
-/// or shutdown; returns whether it was written.
-async fn dead_letter(
-    ctx: &WorkerCtx,
-    info: &PluginInfo,
-    event: &Event,
-    kind: DeadLetterKind,
-    reason: &str,
-    attempts: u32,
+    (kind, reason, attempts): (DeadLetterKind, &str, u32),
+    side: Vec<(String, StateWrite)>,
+    at: At<'_>,
 ) -> bool {
     // Published by the checkpoint's sender like an emit (retried until taken), and
     // acknowledged before the event's position is committed.
-    let effects = Effects::dead_letter(info, event, kind, reason, attempts);
+    let mut effects = Effects::dead_letter(info, event, kind, reason, attempts);
+    effects.side = side;
     // The log shows the reason as the record carries it.
     let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
-    // It writes no state, so it can neither conflict nor need the store.
-    if let Err(e) = ctx
-        .ckpt
-        .finish(&event.topic, event.partition, event.offset, effects)
-        .await
-    {
-        warn!(error = ?e, "dead letter not queued; the event stays uncommitted");
+    if !apply_until_taken(ctx, at, &effects).await {
+        warn!("dead letter not queued; the event stays uncommitted");
         return false;
     }
     metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);

@@ -275,6 +275,7 @@ impl Journal {
             writes: self.state_writes(),
             cache: self.cache,
             emits: self.emits,
+            side: Vec::new(),
         }
     }
 }
@@ -290,7 +291,7 @@ pub fn idempotency_id(plugin: &str, event: &Event, index: usize) -> String {
 /// The effects of one event, applied together by the dispatcher's checkpointer: a
 /// successful call's journal ([`Journal::into_effects`]) or a dead letter
 /// ([`Effects::dead_letter`]).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Effects {
     /// Namespace of `writes`.
     pub namespace: String,
@@ -301,6 +302,10 @@ pub struct Effects {
     pub cache: Vec<CacheOp>,
     /// Emits, published in order by the sender.
     pub emits: Vec<PendingEmit>,
+    /// Writes to the runtime's own namespaces (`(namespace, write)`, no conditions) that
+    /// belong to the same unit: a redriven event's removal from its parked queue, an
+    /// attempt record's removal.
+    pub side: Vec<(String, StateWrite)>,
 }
 
 impl Effects {
@@ -362,6 +367,8 @@ pub enum DeadLetterKind {
     BackendRefused,
     /// The last attempt trapped.
     Trap(TrapKind),
+    /// An operator discarded it from its parked key's queue.
+    Discarded,
 }
 
 impl DeadLetterKind {
@@ -373,6 +380,7 @@ impl DeadLetterKind {
             Self::StateConflict => "state-conflict",
             Self::BackendRefused => "backend-refused",
             Self::Trap(k) => k.as_str(),
+            Self::Discarded => "discarded",
         }
     }
 }
