@@ -602,3 +602,486 @@ async fn a_failing_key_parks_with_its_later_events_while_other_keys_flow() {
     }
     assert_eq!(h.events("out").await.len(), 200);
 }
+
+/// A park-key test-chaos manifest whose `limits.max-writes` decides whether a `put-many`
+/// of three keys fails (1: "the bug") or not (8: "the fix").
+fn park_manifest(name: &str, version: &str, max_writes: u32, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nversion = \"{version}\"\non-failure = \"park-key\"\n\
+         subscriptions = [{{ topic = \"in\" }}]\n{extra}\n\
+         [capabilities]\nemit-topics = [\"out\"]\n[limits]\nmax-writes = {max_writes}\n"
+    )
+}
+
+/// The poison event: three state writes, more than the buggy version allows.
+fn poison(seq: u64) -> serde_json::Value {
+    json!({"op": "put-many", "count": 3, "bytes": 4, "prefix": "many", "seq": seq})
+}
+
+/// Events of `keys` other keys (`count` ops) with `bad`'s events at the given places.
+fn park_inputs(
+    others: usize,
+    bad: &[(usize, serde_json::Value)],
+) -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    let mut seq = 0u64;
+    for i in 0..others {
+        for (at, payload) in bad {
+            if *at == i {
+                let mut p = payload.clone();
+                p["seq"] = json!(seq);
+                out.push(("bad".to_owned(), p));
+                seq += 1;
+            }
+        }
+        out.push((
+            format!("good-{}", i % 20),
+            json!({"op": "count", "seq": seq}),
+        ));
+        seq += 1;
+    }
+    out
+}
+
+async fn send_all(h: &Harness, topic: &str, inputs: &[(String, serde_json::Value)]) {
+    for chunk in inputs.chunks(500) {
+        let events = chunk
+            .iter()
+            .map(|(k, v)| spate_core::NewEvent {
+                key: Some(k.as_bytes().to_vec()),
+                payload: serde_json::to_vec(v).unwrap(),
+                headers: vec![],
+            })
+            .collect();
+        h.bus().append(topic, events).await.unwrap();
+    }
+}
+
+/// Poll `f` until it returns `Some`; panics after [`WAIT`] with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn parked_key(h: &Harness, plugin: &str, key: &str) -> Option<spate_core::parked::ParkedKey> {
+    let ns = spate_core::parked::namespace(plugin);
+    spate_core::parked::key(
+        &*h.rt.backends.state,
+        &ns,
+        &spate_core::parked::key_id(Some(key.as_bytes())),
+    )
+    .await
+    .unwrap()
+}
+
+async fn file(
+    h: &Harness,
+    plugin: &str,
+    action: spate_core::parked::Action,
+    key: &spate_core::parked::ParkedKey,
+) -> String {
+    let ns = spate_core::parked::namespace(plugin);
+    let request =
+        spate_core::parked::Request::new(action, &key.topic, key.partition, &key.key_id, vec![]);
+    spate_core::parked::file(&*h.rt.backends.store, &ns, &request)
+        .await
+        .unwrap();
+    spate_core::parked::request_entry(&request)
+}
+
+/// Wait until the request at `entry` was carried out (its entry is gone).
+async fn carried_out(h: &Harness, plugin: &str, entry: &str) {
+    let ns = spate_core::parked::namespace(plugin);
+    eventually(&format!("request {entry} carried out"), || async {
+        h.rt.backends
+            .state
+            .get(&ns, entry)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// Every emit per key, in order, as `(payload, version)`.
+fn emits_by_key(out: &[spate_core::Event]) -> HashMap<String, Vec<serde_json::Value>> {
+    let mut by_key: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for e in out {
+        let key = String::from_utf8(e.key.clone().unwrap_or_default()).unwrap();
+        by_key.entry(key).or_default().push(json(e));
+    }
+    by_key
+}
+
+/// The plugin's state, every key.
+async fn all_state(h: &Harness, ns: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    h.rt.backends
+        .state
+        .scan(ns, "", 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Park, fail a redrive, fix, redrive: the key's events are handled in order through the
+/// fixed version, ahead of its new events, and state and emits equal an uninterrupted
+/// run's; a redrive of a key no longer parked does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
+    use spate_core::parked::Action;
+    let inputs = park_inputs(
+        2_000,
+        &[
+            (10, json!({"op": "count"})),
+            (500, json!({"op": "count"})),
+            (900, poison(0)),
+            (1_200, json!({"op": "count"})),
+            (1_900, json!({"op": "count"})),
+        ],
+    );
+    let late = vec![("bad".to_owned(), json!({"op": "count", "seq": 100_000}))];
+    let total = inputs.len() + late.len();
+
+    // What an uninterrupted run with the fixed version produces.
+    let reference = Harness::start().await;
+    reference
+        .deploy(&park_manifest("chaos", "2.0.0", 8, ""), chaos_wasm())
+        .await;
+    send_all(&reference, "in", &inputs).await;
+    send_all(&reference, "in", &late).await;
+    let expected_out = emits_by_key(&reference.wait_events("out", total, WAIT).await);
+    assert!(parked_key(&reference, "chaos", "bad").await.is_none());
+
+    let h = Harness::start().await;
+    h.deploy(&park_manifest("chaos", "1.0.0", 1, ""), chaos_wasm())
+        .await;
+    send_all(&h, "in", &inputs).await;
+    // Every other key flows; the bad key's poison and both later events park.
+    h.wait_events("out", inputs.len() - 3, WAIT).await;
+    let key = eventually("the key parked with 3 events", || async {
+        parked_key(&h, "chaos", "bad")
+            .await
+            .filter(|k| k.events == 3)
+    })
+    .await;
+    assert!(
+        key.first_reason.contains("max-writes"),
+        "{}",
+        key.first_reason
+    );
+    assert_eq!(key.version, "1.0.0");
+
+    // A redrive through the same (buggy) version fails again: still parked, counted.
+    let entry = file(&h, "chaos", Action::Redrive, &key).await;
+    carried_out(&h, "chaos", &entry).await;
+    let key = parked_key(&h, "chaos", "bad").await.expect("still parked");
+    assert_eq!((key.events, key.redrives), (3, 1));
+    assert!(key.last_reason.as_deref().unwrap().contains("max-writes"));
+    let ns = spate_core::parked::namespace("chaos");
+    let head = spate_core::parked::queue(&*h.rt.backends.state, &ns, &key.key_id, 10)
+        .await
+        .unwrap();
+    assert_eq!(head.len(), 3);
+    assert_eq!(head[0].1.attempts, 2, "the parked call and the redrive's");
+
+    // A new event of the parked key queues behind; then the fix, and a redrive.
+    send_all(&h, "in", &late).await;
+    eventually("the late event queued", || async {
+        parked_key(&h, "chaos", "bad")
+            .await
+            .filter(|k| k.events == 4)
+    })
+    .await;
+    h.deploy(&park_manifest("chaos", "2.0.0", 8, ""), chaos_wasm())
+        .await;
+    let entry = file(&h, "chaos", Action::Redrive, &key).await;
+    carried_out(&h, "chaos", &entry).await;
+    assert!(
+        parked_key(&h, "chaos", "bad").await.is_none(),
+        "unparked once drained"
+    );
+    let out = h.wait_events("out", total, WAIT).await;
+    assert_eq!(out.len(), total);
+    assert_eq!(
+        emits_by_key(&out),
+        expected_out,
+        "emits per key as an uninterrupted run's"
+    );
+    let poisoned = &head[0].1.event;
+    let redriven = out
+        .iter()
+        .find(|e| json(e).get("put").is_some())
+        .expect("the poison's emit");
+    assert_eq!(
+        header(redriven, headers::SOURCE),
+        Some(format!("in/{}/{}", poisoned.partition, poisoned.offset).as_str()),
+        "original coordinates"
+    );
+    assert_eq!(header(redriven, headers::PLUGIN_VERSION), Some("2.0.0"));
+    let want = all_state(&reference, "chaos").await;
+    eventually("state equal to the uninterrupted run's", || async {
+        (all_state(&h, "chaos").await == want).then_some(())
+    })
+    .await;
+
+    // The key's next events are handled at once; a second redrive does nothing.
+    let entry = file(&h, "chaos", Action::Redrive, &key).await;
+    carried_out(&h, "chaos", &entry).await;
+    send_all(
+        &h,
+        "in",
+        &[("bad".to_owned(), json!({"op": "count", "seq": 100_001}))],
+    )
+    .await;
+    let out = h.wait_events("out", total + 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.events("out").await.len(),
+        total + 1,
+        "nothing emitted twice"
+    );
+    let last = out
+        .iter()
+        .filter(|e| e.key.as_deref() == Some(&b"bad"[..]))
+        .max_by_key(|e| e.offset)
+        .unwrap();
+    assert_eq!(
+        json(last)["n"],
+        json!(6),
+        "the count goes on from the redriven state"
+    );
+}
+
+/// Discarding a parked key sends its events to the dead-letter topic in order, with the
+/// reason, and unparks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_a_parked_key_dead_letters_its_events_and_unparks_it() {
+    use spate_core::parked::Action;
+    let h = Harness::start().await;
+    h.deploy(&park_manifest("chaos", "1.0.0", 1, ""), chaos_wasm())
+        .await;
+    send_all(
+        &h,
+        "in",
+        &[
+            ("bad".to_owned(), poison(0)),
+            ("bad".to_owned(), json!({"op": "count", "seq": 1})),
+        ],
+    )
+    .await;
+    let key = eventually("the key parked", || async {
+        parked_key(&h, "chaos", "bad")
+            .await
+            .filter(|k| k.events == 2)
+    })
+    .await;
+    let entry = file(&h, "chaos", Action::Discard, &key).await;
+    carried_out(&h, "chaos", &entry).await;
+    let dlq = h.wait_events("chaos.dlq", 2, WAIT).await;
+    let kinds: Vec<_> = dlq.iter().map(|e| header(e, headers::DLQ_KIND)).collect();
+    assert_eq!(kinds, [Some("discarded"), Some("discarded")]);
+    let seqs: Vec<_> = dlq.iter().map(|e| json(e)["seq"].clone()).collect();
+    assert_eq!(seqs, [json!(0), json!(1)], "in order");
+    assert!(
+        header(&dlq[0], headers::DLQ_REASON)
+            .unwrap()
+            .contains("max-writes")
+    );
+    assert!(parked_key(&h, "chaos", "bad").await.is_none());
+    send_all(
+        &h,
+        "in",
+        &[("bad".to_owned(), json!({"op": "count", "seq": 2}))],
+    )
+    .await;
+    let out = h.wait_events("out", 1, WAIT).await;
+    assert_eq!(
+        json(&out[0])["n"],
+        json!(1),
+        "handled at once after the discard"
+    );
+}
+
+/// A dead-letter redrive handles the dead letters through the active version with their
+/// original coordinates; run twice, it handles nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_redrive_handles_each_dead_letter_once() {
+    use spate_core::parked::{Action, Request};
+    let h = Harness::start().await;
+    let manifest = |version: &str, max_writes: u32| {
+        chaos_manifest(
+            "dlqr",
+            version,
+            "in",
+            &format!("[limits]\nmax-writes = {max_writes}"),
+        )
+    };
+    h.deploy(&manifest("1.0.0", 1), chaos_wasm()).await;
+    send_all(
+        &h,
+        "in",
+        &[
+            ("d".to_owned(), json!({"op": "count", "seq": 0})),
+            ("d".to_owned(), poison(1)),
+            ("d".to_owned(), json!({"op": "count", "seq": 2})),
+        ],
+    )
+    .await;
+    let dlq = h.wait_events("dlqr.dlq", 1, WAIT).await;
+    h.wait_events("out", 2, WAIT).await;
+    h.deploy(&manifest("2.0.0", 8), chaos_wasm()).await;
+    let original = spate_core::parked::dead_letter_source(&dlq[0]).expect("a dead letter");
+    assert_eq!(original.topic, "in");
+    let ns = spate_core::parked::namespace("dlqr");
+    let redrive = || {
+        Request::new(
+            Action::RedriveDeadLetters,
+            &original.topic,
+            original.partition,
+            &spate_core::parked::key_id(original.key.as_deref()),
+            vec![original.clone()],
+        )
+    };
+    let first = redrive();
+    spate_core::parked::file(&*h.rt.backends.store, &ns, &first)
+        .await
+        .unwrap();
+    carried_out(&h, "dlqr", &spate_core::parked::request_entry(&first)).await;
+    let out = h.wait_events("out", 3, WAIT).await;
+    let redriven = out.iter().find(|e| json(e).get("put").is_some()).unwrap();
+    assert_eq!(
+        header(redriven, headers::SOURCE),
+        Some(format!("in/{}/{}", original.partition, original.offset).as_str())
+    );
+    assert_eq!(header(redriven, headers::PLUGIN_VERSION), Some("2.0.0"));
+    // The state the redriven event wrote, then changed by hand: a second redrive that ran
+    // the event again would write it back.
+    let probe = "many/000000";
+    assert!(
+        h.rt.backends
+            .state
+            .get("dlqr", probe)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    h.rt.backends
+        .store
+        .apply(
+            "dlqr",
+            &[spate_core::StateWrite {
+                key: probe.into(),
+                value: Some(b"changed".to_vec()),
+                ttl: None,
+                condition: None,
+            }],
+        )
+        .await
+        .unwrap();
+    let second = redrive();
+    spate_core::parked::file(&*h.rt.backends.store, &ns, &second)
+        .await
+        .unwrap();
+    carried_out(&h, "dlqr", &spate_core::parked::request_entry(&second)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.events("out").await.len(), 3, "nothing emitted twice");
+    assert_eq!(
+        h.rt.backends
+            .state
+            .get("dlqr", probe)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"changed"[..]),
+        "the second redrive did not handle the event again"
+    );
+}
+
+/// Attempts already made survive a restart: the event goes on from the attempt it was
+/// at, not from 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_keeps_its_attempt_count_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Installs the process's recorder before anything is counted.
+    spate::telemetry::metrics();
+    let retries = || {
+        spate::telemetry::metrics()
+            .render()
+            .lines()
+            .find(|l| l.starts_with("spate_retries_total{") && l.contains("plugin=\"retrier\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // A backoff longer than the drain timeout (5 s): the shutdown abandons the event in
+    // back-off after its first attempt.
+    let manifest = park_manifest(
+        "retrier",
+        "1.0.0",
+        8,
+        "[retry]\nmax-attempts = 3\ninitial-backoff-ms = 6000\nmax-backoff-ms = 6000",
+    );
+    let ns = spate_core::parked::namespace("retrier");
+    {
+        let rt = start_runtime(dir.path()).await;
+        rt.registry
+            .upload(&manifest, chaos_wasm(), true)
+            .await
+            .unwrap();
+        send(&rt.backends.bus, "in", "r", json!({"op": "retry"})).await;
+        let started = std::time::Instant::now();
+        while rt
+            .backends
+            .state
+            .scan(&ns, "a/", 10)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            assert!(started.elapsed() < WAIT, "no attempt record");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rt.shutdown().await;
+    }
+    assert_eq!(retries(), 1, "one failed attempt before the restart");
+    let rt = start_runtime(dir.path()).await;
+    let id = spate_core::parked::key_id(Some(b"r"));
+    let started = std::time::Instant::now();
+    let parked = loop {
+        let q = spate_core::parked::queue(&*rt.backends.state, &ns, &id, 10)
+            .await
+            .unwrap();
+        if let Some((_, e)) = q.into_iter().next() {
+            break e;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(parked.attempts, 3);
+    assert_eq!(
+        retries(),
+        2,
+        "after the restart, attempts 2 and 3 only (starting over would retry twice more)"
+    );
+    assert!(
+        rt.backends
+            .state
+            .scan(&ns, "a/", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the attempt record goes with the parked event"
+    );
+    rt.shutdown().await;
+}
