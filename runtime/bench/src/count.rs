@@ -265,6 +265,8 @@ async fn run(args: &Args) -> Result<CountReport> {
     warm_m.execution.mode = ExecutionMode::Warm;
     let mut eos_m = fresh_m.clone();
     eos_m.exactly_once = true;
+    let mut park_m = fresh_m.clone();
+    park_m.on_failure = spate_core::manifest::OnFailure::ParkKey;
     let mut native_m = fresh_m.clone();
     native_m.name = "native-count".into();
     let changes = setup.changes(
@@ -272,12 +274,14 @@ async fn run(args: &Args) -> Result<CountReport> {
         &[
             "wasm-warm = plugins/count/spate.toml with [execution] mode = \"warm\"",
             "wasm-fresh-eos = plugins/count/spate.toml with exactly-once = true (Kafka transactions)",
+            "wasm-fresh-park = plugins/count/spate.toml with on-failure = \"park-key\" (no event fails: the cost of the parked-key check)",
             "native = plugins/count/spate.toml with name = \"native-count\" (its own group, state namespace and DLQ)",
         ],
     );
     let fresh = setup.version(fresh_m)?;
     let warm = setup.version(warm_m)?;
     let eos = setup.version(eos_m)?;
+    let park = setup.version(park_m)?;
     let native: Arc<dyn PluginVersion> = Arc::new(NativeCount::new(
         kafka::native_info(native_m),
         output_topic.clone(),
@@ -301,6 +305,7 @@ async fn run(args: &Args) -> Result<CountReport> {
         ("wasm-fresh", Kind::Spate(Arc::clone(&fresh))),
         ("wasm-warm", Kind::Spate(warm)),
         ("wasm-fresh-eos", Kind::Spate(eos)),
+        ("wasm-fresh-park", Kind::Spate(Arc::clone(&park))),
         ("native", Kind::Spate(Arc::clone(&native))),
     ]
     .into_iter()
@@ -357,18 +362,22 @@ async fn run(args: &Args) -> Result<CountReport> {
         );
     }
 
-    let embedded: Vec<harness::Subject> = [("wasm-fresh", fresh), ("native", native)]
-        .into_iter()
-        .map(|(label, version)| harness::Subject {
-            label: format!("{EMBEDDED}{label}"),
-            version,
-            input_topic: input_topic.clone(),
-            output_topic: output_topic.clone(),
-            workload: backlog.clone(),
-            job,
-        })
-        .filter(|s| run.selects(&s.label))
-        .collect();
+    let embedded: Vec<harness::Subject> = [
+        ("wasm-fresh", fresh),
+        ("wasm-fresh-park", park),
+        ("native", native),
+    ]
+    .into_iter()
+    .map(|(label, version)| harness::Subject {
+        label: format!("{EMBEDDED}{label}"),
+        version,
+        input_topic: input_topic.clone(),
+        output_topic: output_topic.clone(),
+        workload: backlog.clone(),
+        job,
+    })
+    .filter(|s| run.selects(&s.label))
+    .collect();
     rows.extend(embedded_rows(&embedded, args, setup.root.path()).await?);
 
     Ok(CountReport {

@@ -269,6 +269,11 @@ impl Runtime {
             Arc::clone(&ready),
             shutdown.clone(),
         ));
+        tokio::spawn(parked_gauges(
+            Arc::clone(&registry),
+            Arc::clone(&backends.store),
+            shutdown.clone(),
+        ));
         Ok(Arc::new(Self {
             config,
             backends,
@@ -379,4 +384,57 @@ fn instance_name(config: &Config) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("spate-{:016x}", rand::random::<u64>()))
+}
+
+/// How often the parked-key gauges are recomputed.
+const PARKED_GAUGES_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Most parked keys one refresh of the gauges reads per plugin.
+const PARKED_GAUGES_MAX_KEYS: u32 = 10_000;
+
+/// Keep `spate_parked_keys`, `spate_parked_events` and `spate_parked_oldest_seconds` of every
+/// active `park-key` plugin current, from the store (every runtime of a cluster reports
+/// the same cluster-wide figures: alert on their `max`).
+async fn parked_gauges(
+    registry: Arc<Registry>,
+    store: Arc<dyn spate_core::StateStore>,
+    shutdown: CancellationToken,
+) {
+    use spate_core::manifest::OnFailure;
+    use spate_core::parked;
+    let mut tick = tokio::time::interval(PARKED_GAUGES_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for name in registry.active_names() {
+            let Some(version) = registry.active(&name) else {
+                continue;
+            };
+            let info = version.info();
+            if info.manifest.on_failure != OnFailure::ParkKey {
+                continue;
+            }
+            let ns = parked::namespace(&info.namespace);
+            let keys = match parked::keys(&*store, &ns, PARKED_GAUGES_MAX_KEYS).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::debug!(plugin = %name, error = %e, "cannot read the parked keys for the gauges");
+                    continue;
+                }
+            };
+            let events: u64 = keys.iter().map(|k| k.events).sum();
+            let oldest = keys
+                .iter()
+                .map(|k| parked::now_ms().saturating_sub(k.since_ms))
+                .max()
+                .unwrap_or(0);
+            metrics::gauge!("spate_parked_keys", "plugin" => name.clone()).set(keys.len() as f64);
+            metrics::gauge!("spate_parked_events", "plugin" => name.clone()).set(events as f64);
+            metrics::gauge!("spate_parked_oldest_seconds", "plugin" => name)
+                .set(oldest as f64 / 1000.0);
+        }
+    }
 }

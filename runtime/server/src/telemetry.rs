@@ -31,10 +31,24 @@ pub const HANDLER_DURATION_BUCKETS: &[f64] = &[
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Gauges labelled by plugin that [`forget_plugin`] removes, with their HELP text.
-const PLUGIN_GAUGES: &[(&str, &str)] = &[(
-    "spate_consumer_lag",
-    "Events appended to a subscribed topic but not yet committed by the plugin.",
-)];
+const PLUGIN_GAUGES: &[(&str, &str)] = &[
+    (
+        "spate_consumer_lag",
+        "Events appended to a subscribed topic but not yet committed by the plugin.",
+    ),
+    (
+        "spate_parked_keys",
+        "Keys of a park-key plugin parked after a failure, waiting for a redrive or a discard (cluster-wide).",
+    ),
+    (
+        "spate_parked_events",
+        "Events waiting in the parked keys' queues (cluster-wide).",
+    ),
+    (
+        "spate_parked_oldest_seconds",
+        "Age of the oldest parked key (cluster-wide).",
+    ),
+];
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
