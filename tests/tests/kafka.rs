@@ -838,3 +838,293 @@ async fn count_job_killed_five_times(exactly_once: bool) {
         assert_eq!(n, per, "state count of k{k} after {kills} SIGKILLs");
     }
 }
+
+/// A park-key test-chaos manifest on `chaos`: `max-writes` decides whether the poison (a
+/// `put-many` of three keys) fails (1) or not (8); a `retry` op is tried 3 times, 8 s apart.
+fn park_manifest(version: &str, max_writes: u32) -> String {
+    chaos_manifest(
+        "chaos",
+        version,
+        "chaos",
+        &format!(
+            "[limits]\nconcurrency = 16\nmax-writes = {max_writes}\n\
+             [retry]\nmax-attempts = 3\ninitial-backoff-ms = 8000\nmax-backoff-ms = 8000\n"
+        ),
+    )
+    .replacen(
+        "subscriptions",
+        "on-failure = \"park-key\"\nsubscriptions",
+        1,
+    )
+}
+
+async fn api(
+    http: &reqwest::Client,
+    node: &Node,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http
+        .request(method, format!("{}{path}", node.base))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The parked keys of `chaos`, by key, as the API lists them.
+async fn parked(http: &reqwest::Client, node: &Node) -> BTreeMap<String, serde_json::Value> {
+    let (status, body) = api(
+        http,
+        node,
+        reqwest::Method::GET,
+        "/v1/plugins/chaos/parked",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["key"].as_str().unwrap().to_owned(), k.clone()))
+        .collect()
+}
+
+async fn wait_parked<F: Fn(&BTreeMap<String, serde_json::Value>) -> bool>(
+    http: &reqwest::Client,
+    node: &Node,
+    dir: &Path,
+    what: &str,
+    done: F,
+) -> BTreeMap<String, serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let keys = parked(http, node).await;
+        if done(&keys) {
+            return keys;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{what}: parked now {keys:?}; log: {}",
+            log_tail(dir, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `on-failure = "park-key"` on Kafka with the state in Apache Cassandra, across real
+/// processes: a failing key parks while 10,000 events of other keys flow; the process is
+/// SIGKILLed mid-park and restarted while a second one joins (a rebalance); the parked
+/// key, its queue and a retried event's attempt count survive both; after the fix a redrive
+/// handles the key's events once, in order; a second redrive does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_key_survives_sigkill_and_rebalance_and_redrives_once() {
+    use spate_conformance::cassandra::{cql_node, fresh_keyspace};
+    use support::node::spawn_node_with;
+    let broker = chaos_broker(4).await;
+    let b = broker.bootstrap();
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("spate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ntype = \"cql\"\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
+             replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
+            cql_node(),
+            fresh_keyspace()
+        ),
+    )
+    .unwrap();
+    let env = kafka_env(&b);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let http = reqwest::Client::new();
+    let (d1, d2) = (root.path().join("n1"), root.path().join("n2"));
+    for d in [&d1, &d2] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let n1 = spawn_node_with(&d1, &http, &env, Some(&config)).await;
+    upload(&http, &n1, park_manifest("1.0.0", 1)).await;
+    wait_assigned(&http, &n1, &d1).await;
+
+    // 10,000 events of 50 other keys (`count`, one emit each, seq 0..10,000); the bad
+    // key: two counts, the poison, two counts; a key whose event always asks for a retry.
+    const OTHERS: usize = 10_000;
+    let count = |seq: usize, key: String| {
+        (
+            Some(key.into_bytes()),
+            serde_json::to_vec(&json!({"op": "count", "seq": seq})).unwrap(),
+        )
+    };
+    let bad =
+        |payload: serde_json::Value| (Some(b"bad".to_vec()), serde_json::to_vec(&payload).unwrap());
+    let mut first: Vec<_> = (0..OTHERS / 2)
+        .map(|i| count(i, format!("k{}", i % 50)))
+        .collect();
+    first.insert(100, bad(json!({"op": "count", "seq": 20_000})));
+    first.insert(200, bad(json!({"op": "count", "seq": 20_001})));
+    first.insert(
+        300,
+        bad(json!({"op": "put-many", "count": 3, "bytes": 4, "seq": 20_002})),
+    );
+    first.insert(400, bad(json!({"op": "count", "seq": 20_003})));
+    first.insert(
+        500,
+        (
+            Some(b"r".to_vec()),
+            serde_json::to_vec(&json!({"op": "retry", "seq": 30_000})).unwrap(),
+        ),
+    );
+    produce(&b, "chaos", &first).await;
+    let keys = wait_parked(&http, &n1, &d1, "the bad key parked", |k| {
+        k.get("bad").is_some_and(|b| b["events"] == json!(2))
+    })
+    .await;
+    assert!(
+        keys["bad"]["first_reason"]
+            .as_str()
+            .unwrap()
+            .contains("max-writes")
+    );
+    // The retried event failed once and waits 8 s for its second attempt: kill now.
+    let started = Instant::now();
+    while metric(&http, &n1, "spate_retries_total", &["plugin=\"chaos\""]).await < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no retry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // its record, with a checkpoint
+    let retries_before = metric(&http, &n1, "spate_retries_total", &["plugin=\"chaos\""]).await;
+    let mut n1 = n1;
+    n1.child.kill().unwrap();
+    n1.child.wait().unwrap();
+    drop(n1);
+
+    // Restart it, and a second process joins: the partitions are spread over both.
+    let n1 = spawn_node_with(&d1, &http, &env, Some(&config)).await;
+    let n2 = spawn_node_with(&d2, &http, &env, Some(&config)).await;
+    upload(&http, &n2, park_manifest("1.0.0", 1)).await;
+    wait_assigned(&http, &n2, &d2).await;
+    let mut second: Vec<_> = (OTHERS / 2..OTHERS)
+        .map(|i| count(i, format!("k{}", i % 50)))
+        .collect();
+    second.insert(1_000, bad(json!({"op": "count", "seq": 20_004})));
+    produce(&b, "chaos", &second).await;
+
+    let out = read_all_seqs(&b, "out", OTHERS, Duration::from_secs(180)).await;
+    let counts = seq_counts(&out);
+    let lost = (0..OTHERS as u64)
+        .filter(|s| !counts.contains_key(s))
+        .count();
+    assert_eq!(lost, 0, "events of other keys lost");
+    // The retried event went on from its attempt: 2 and 3 after the restart, then parked.
+    let keys = wait_parked(
+        &http,
+        &n2,
+        &d2,
+        "the retried key parked and the late event queued",
+        |k| k.contains_key("r") && k.get("bad").is_some_and(|b| b["events"] == json!(3)),
+    )
+    .await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let (_, r) = api(
+        &http,
+        &n1,
+        reqwest::Method::GET,
+        "/v1/plugins/chaos/parked/r",
+        None,
+    )
+    .await;
+    assert_eq!(r["events"][0]["attempts"], json!(3), "{r}");
+    let retries_after = metric(&http, &n1, "spate_retries_total", &["plugin=\"chaos\""]).await
+        + metric(&http, &n2, "spate_retries_total", &["plugin=\"chaos\""]).await;
+    assert_eq!(
+        (retries_before, retries_before + retries_after),
+        (1.0, 2.0),
+        "3 attempts in all across the SIGKILL (starting over would have retried twice more)"
+    );
+    let bad_emits = |out: &[Record]| -> Vec<u64> {
+        out.iter()
+            .filter(|r| key(r) == "bad")
+            .filter_map(|r| payload(r)["n"].as_u64())
+            .collect()
+    };
+    assert_eq!(
+        bad_emits(&out),
+        [1, 2],
+        "only the bad key's events before the poison"
+    );
+
+    // The fix, on both processes; a redrive through either; the key's events once, in order.
+    upload(&http, &n1, park_manifest("2.0.0", 8)).await;
+    upload(&http, &n2, park_manifest("2.0.0", 8)).await;
+    let (status, filed) = api(
+        &http,
+        &n2,
+        reqwest::Method::POST,
+        "/v1/plugins/chaos/parked/redrive",
+        Some(json!({"keys": ["bad"]})),
+    )
+    .await;
+    assert_eq!(status, 202, "{filed}");
+    let (status, filed) = api(
+        &http,
+        &n1,
+        reqwest::Method::POST,
+        "/v1/plugins/chaos/parked/discard",
+        Some(json!({"keys": ["r"]})),
+    )
+    .await;
+    assert_eq!(status, 202, "{filed}");
+    wait_parked(&http, &n1, &d1, "both keys unparked", BTreeMap::is_empty).await;
+    let dlq = read(&b, "chaos.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], "spate-dlq-kind"), Some("discarded"));
+    assert_eq!(key(&dlq[0]), "r");
+
+    // The poison's emit and the three counts after it: n = 3, 4, 5 in order, each once.
+    let started = Instant::now();
+    let out = loop {
+        let out = read_all_seqs(&b, "out", OTHERS, Duration::from_secs(30)).await;
+        if bad_emits(&out).len() >= 5 || started.elapsed() > Duration::from_secs(60) {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        bad_emits(&out),
+        [1, 2, 3, 4, 5],
+        "in order, once, on the state of all earlier ones"
+    );
+    let poison = out
+        .iter()
+        .find(|r| key(r) == "bad" && payload(r).get("put").is_some())
+        .expect("the poison's emit");
+    assert_eq!(header(poison, "spate-plugin-version"), Some("2.0.0"));
+    let source = header(poison, "spate-source").unwrap().to_owned();
+    assert!(source.starts_with("chaos/"), "{source}");
+
+    // A second redrive finds nothing to do and emits nothing.
+    let (status, filed) = api(
+        &http,
+        &n2,
+        reqwest::Method::POST,
+        "/v1/plugins/chaos/parked/redrive",
+        Some(json!({"all": true})),
+    )
+    .await;
+    assert_eq!(status, 202, "{filed}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = read_all_seqs(&b, "out", OTHERS, Duration::from_secs(30)).await;
+    assert_eq!(bad_emits(&out), [1, 2, 3, 4, 5], "nothing twice");
+    for (n, d) in [(&n1, &d1), (&n2, &d2)] {
+        assert!(
+            handled_ok(&http, n, "chaos").await > 0,
+            "{}",
+            log_tail(d, 20)
+        );
+    }
+}

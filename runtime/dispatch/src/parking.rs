@@ -26,10 +26,18 @@ pub(super) async fn queue_if_parked(
     info: &PluginInfo,
     event: &Event,
 ) -> Option<bool> {
+    let Some(raw_key) = event.key.as_deref() else {
+        return Some(false);
+    };
+    if !ctx.may_be_parked(event.partition, raw_key) {
+        return Some(false);
+    }
     let ns = parked::namespace(&info.namespace);
-    let id = parked::key_id(event.key.as_deref());
+    let id = parked::key_id(Some(raw_key));
     let key = read(ctx, || parked::key(&*ctx.services.state, &ns, &id)).await?;
     let Some(key) = key else {
+        // Unparked meanwhile.
+        ctx.set_parked(event.partition, raw_key, false);
         return Some(false);
     };
     let queued = ParkAs {
@@ -144,6 +152,9 @@ async fn park(
     if !apply_until_taken(ctx, At::Event(event), &effects).await {
         return false;
     }
+    if let Some(k) = event.key.as_deref() {
+        ctx.set_parked(event.partition, k, true);
+    }
     let plugin = ctx.plugin.clone();
     metrics::counter!("spate_parked_events_total", "plugin" => plugin.clone(), "kind" => how.kind.to_owned()).increment(1);
     metrics::counter!("spate_events_total", "plugin" => plugin.clone(), "outcome" => "parked")
@@ -229,6 +240,16 @@ impl Job<'_> {
         true
     }
 
+    /// The key's queue is empty: [`Job::close`] with `unpark`, and its events are handled
+    /// as they come from now on.
+    async fn unpark(&self, unpark: (String, StateWrite), outcome: &'static str) -> bool {
+        let closed = self.close(vec![unpark], outcome).await;
+        if closed && let Some(k) = self.request.key() {
+            self.ctx.set_parked(self.request.partition, &k, false);
+        }
+        closed
+    }
+
     /// Whether the pipeline is stopping: a request stops between two events (each one's
     /// step is durable) and goes on after the restart.
     fn stopping(&self) -> bool {
@@ -273,7 +294,7 @@ impl Job<'_> {
                 } else {
                     "not-parked"
                 };
-                return self.close(vec![unpark], outcome).await;
+                return self.unpark(unpark, outcome).await;
             };
             let event = Arc::new(parked_event.event.clone());
             let mut key = key.unwrap_or_else(|| ParkedKey {
@@ -360,7 +381,7 @@ impl Job<'_> {
             };
             if batch.is_empty() {
                 let unpark = (self.ns.clone(), parked::delete(parked::key_entry(key_id)));
-                return self.close(vec![unpark], "discarded").await;
+                return self.unpark(unpark, "discarded").await;
             }
             for (entry, parked_event) in batch {
                 let reason = format!(

@@ -103,6 +103,12 @@ pub(super) struct WorkerCtx {
     /// Attempts earlier runs made on events of this pipeline's partitions that were still
     /// being retried (loaded when a partition is assigned), by partition and offset.
     attempts: std::sync::Mutex<HashMap<(u32, u64), u32>>,
+    /// Keys of this pipeline's partitions that may be parked (by partition): every parked
+    /// one is here (loaded when a partition is assigned, added when one parks), so an event
+    /// whose key is not needs no read of the store.
+    parked: std::sync::Mutex<HashSet<(u32, Vec<u8>)>>,
+    /// Whether `parked` holds anything (the check every event makes).
+    any_parked: std::sync::atomic::AtomicBool,
     /// Idle warm instances of every pipeline, evicted when the sandbox pool is full.
     pub(super) idle: Arc<IdleInstances>,
     pub(super) active: Arc<ActiveVersion>,
@@ -137,9 +143,37 @@ impl WorkerCtx {
         known.remove(&(partition, offset)).unwrap_or(0)
     }
 
-    /// Forget the attempt records of a revoked partition.
-    fn forget_attempts(&self, partition: u32) {
+    /// Forget the attempt records and parked keys of a revoked partition.
+    fn forget_partition(&self, partition: u32) {
         self.attempts().retain(|(p, _), _| *p != partition);
+        let mut parked = self.parked();
+        parked.retain(|(p, _)| *p != partition);
+        self.any_parked
+            .store(!parked.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashSet<(u32, Vec<u8>)>> {
+        self.parked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `key` of `partition` may be parked (then the store says whether it is).
+    pub(super) fn may_be_parked(&self, partition: u32, key: &[u8]) -> bool {
+        self.any_parked.load(std::sync::atomic::Ordering::Acquire)
+            && self.parked().contains(&(partition, key.to_vec()))
+    }
+
+    /// `key` of `partition` parked (`true`) or left the parked state.
+    pub(super) fn set_parked(&self, partition: u32, key: &[u8], parked: bool) {
+        let mut keys = self.parked();
+        if parked {
+            keys.insert((partition, key.to_vec()));
+        } else {
+            keys.remove(&(partition, key.to_vec()));
+        }
+        self.any_parked
+            .store(!keys.is_empty(), std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -393,6 +427,8 @@ impl Pipeline {
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
             attempts: std::sync::Mutex::default(),
+            parked: std::sync::Mutex::default(),
+            any_parked: std::sync::atomic::AtomicBool::new(false),
             idle: Arc::clone(&shared.idle),
             active: Arc::clone(&shared.active),
             bus: Arc::clone(&shared.bus),
@@ -628,7 +664,7 @@ impl Pipeline {
             st.paused.remove(p);
             let prefix = parked::requests_prefix(&cfg.topic, Some(*p));
             st.requests.retain(|e| !e.starts_with(&prefix));
-            self.ctx.forget_attempts(*p);
+            self.ctx.forget_partition(*p);
         }
         self.ctx.ckpt.release(&cfg.topic, revoked.iter().copied());
         debug!(plugin = %cfg.plugin, partitions = ?revoked, ?offsets, "releasing revoked partitions");
@@ -791,6 +827,31 @@ impl Pipeline {
             return;
         };
         let ns = parked::namespace(&version.info().namespace);
+        if version.info().manifest.on_failure == OnFailure::ParkKey {
+            // Keys an earlier owner parked: their events keep queuing behind them (asked
+            // until the store answers: without the list, they would not).
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match parked::keys(&*self.ctx.services.state, &ns, u32::MAX).await {
+                    Ok(keys) => {
+                        for k in keys {
+                            if k.topic == tp.topic
+                                && k.partition == tp.partition
+                                && let Ok(key) = hex::decode(&k.key_id)
+                            {
+                                self.ctx.set_parked(tp.partition, &key, true);
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(plugin = %self.config.plugin, partition = tp.partition, error = %e, "cannot list the parked keys; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(self.config.max_infra_backoff);
+                    }
+                }
+            }
+        }
         let prefix = parked::attempts_prefix(&tp.topic, tp.partition);
         match self.ctx.services.state.scan(&ns, &prefix, 10_000).await {
             Ok(records) => {

@@ -1,5 +1,6 @@
 //! The HTTP API: health and metrics, plugin uploads and their lifecycle (activate,
-//! rollback, delete), and appending to and reading from topics.
+//! rollback, delete), and appending to and reading from topics. Parked keys and
+//! dead-letter redrives are served by [`crate::parked_api`], routed here.
 //!
 //! [`router`] builds the whole API from an [`ApiState`], so tests drive it in-process;
 //! [`serve`] runs it on a listener until a shutdown signal. Every failure — a handler's,
@@ -13,6 +14,7 @@
 //! manifests or components itself (the registry does) and holds no state of its own.
 
 use crate::config::Config;
+use crate::parked_api;
 use crate::runtime::Runtime;
 use crate::serve::ConnLimits;
 use crate::telemetry::Metrics;
@@ -151,7 +153,8 @@ impl ApiError {
         Self::Internal
     }
 
-    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+    /// A 400 with `code` and a `message` saying what to fix.
+    pub(crate) fn bad(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest {
             code,
             message: message.into(),
@@ -299,13 +302,15 @@ impl From<BackendError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+/// What a handler returns.
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// The whole API. Limits and time limits come from `state.runtime.config.api`.
 pub fn router(state: ApiState) -> Router {
     let api = &state.runtime.config.api;
     let timeout = Duration::from_millis(api.request_timeout_ms.max(1));
-    // Uploads compile the component before answering.
+    // Uploads compile the component before answering; a dead-letter redrive reads the
+    // plugin's dead-letter topic.
     let upload_timeout = timeout.saturating_mul(4);
     let body = api.max_body_bytes;
     let upload = api.max_upload_bytes;
@@ -342,6 +347,40 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/plugins/{name}/rollback",
             bounded(post(rollback_plugin), body, timeout),
+        )
+        .route(
+            "/v1/plugins/{name}/parked",
+            bounded(get(parked_api::list), body, timeout),
+        )
+        .route(
+            "/v1/plugins/{name}/parked/{key}",
+            bounded(get(parked_api::show), body, timeout),
+        )
+        // The action routes shadow `{key}`: their GET shows the key of that name.
+        .route(
+            "/v1/plugins/{name}/parked/redrive",
+            bounded(
+                post(parked_api::redrive).merge(get(parked_api::show_redrive_key)),
+                body,
+                timeout,
+            ),
+        )
+        .route(
+            "/v1/plugins/{name}/parked/discard",
+            bounded(
+                post(parked_api::discard).merge(get(parked_api::show_discard_key)),
+                body,
+                timeout,
+            ),
+        )
+        // Reads the whole dead-letter topic before answering.
+        .route(
+            "/v1/plugins/{name}/dead-letters/redrive",
+            bounded(
+                post(parked_api::redrive_dead_letters),
+                body,
+                upload_timeout,
+            ),
         )
         .route("/v1/topics/{topic}", bounded(get(topic_info), body, timeout))
         .route(
@@ -519,7 +558,7 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound {
         code: "not_found",
         message: format!(
-            "no route for {method} {}; the API serves /healthz, /readyz, /metrics, /v1/plugins[/NAME[/activate|/rollback]] and /v1/topics/TOPIC[/events]",
+            "no route for {method} {}; the API serves /healthz, /readyz, /metrics, /v1/plugins[/NAME[/activate|/rollback|/parked[/KEY|/redrive|/discard]|/dead-letters/redrive]] and /v1/topics/TOPIC[/events]",
             uri.path()
         ),
     }
@@ -529,15 +568,18 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{} does not accept {method}", uri.path()))
 }
 
-fn path_error(r: PathRejection) -> ApiError {
+/// A path that does not parse, as a 400 `invalid_path`.
+pub(crate) fn path_error(r: PathRejection) -> ApiError {
     ApiError::bad("invalid_path", r.body_text())
 }
 
-fn query_error(r: QueryRejection) -> ApiError {
+/// A query string that does not parse, as a 400 `invalid_query`.
+pub(crate) fn query_error(r: QueryRejection) -> ApiError {
     ApiError::bad("invalid_query", r.body_text())
 }
 
-fn body_error(r: BytesRejection, limit: usize) -> ApiError {
+/// A body that could not be read: 413 `too_large` over `limit`, else 400 `invalid_body`.
+pub(crate) fn body_error(r: BytesRejection, limit: usize) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::TooLarge(format!(
             "the request body exceeds the limit of {limit} bytes (api.max-body-bytes); send fewer events per request"
@@ -547,7 +589,11 @@ fn body_error(r: BytesRejection, limit: usize) -> ApiError {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> ApiResult<T> {
+/// `body` as JSON of `T`; a 400 `invalid_json` showing `example` otherwise.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    example: &str,
+) -> ApiResult<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad(
             "invalid_json",

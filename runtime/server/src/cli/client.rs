@@ -5,6 +5,7 @@
 use super::{DEFAULT_DATA_DIR, GlobalArgs};
 use anyhow::Context as _;
 use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,8 +81,34 @@ impl ApiClient {
         self.authorized(req).await
     }
 
+    /// Send `req` (a read or a write) and decode its answer as the API's typed body `T`.
+    pub async fn typed<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {
+        let bytes = self.authorized_bytes(req).await?;
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the API at {} answered with JSON this CLI does not understand; are the CLI and \
+                 the server the same version?",
+                self.base
+            )
+        })
+    }
+
     /// Send `req` with the token; fails before sending when there is none.
     async fn authorized(&self, req: RequestBuilder) -> anyhow::Result<Value> {
+        let bytes = self.authorized_bytes(req).await?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the API at {} answered with something that is not JSON",
+                self.base
+            )
+        })
+    }
+
+    /// The body of a successful answer to `req`, sent with the token.
+    async fn authorized_bytes(&self, req: RequestBuilder) -> anyhow::Result<bytes::Bytes> {
         let Some(token) = &self.token else {
             anyhow::bail!(
                 "no API token: pass --token or set SPATE_API_TOKEN, or run where `spate up` wrote {} \
@@ -92,7 +119,7 @@ impl ApiClient {
         self.send(req.bearer_auth(token)).await
     }
 
-    async fn send(&self, req: RequestBuilder) -> anyhow::Result<Value> {
+    async fn send(&self, req: RequestBuilder) -> anyhow::Result<bytes::Bytes> {
         let res = req.send().await.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
                 anyhow::anyhow!(
@@ -110,15 +137,7 @@ impl ApiClient {
             .await
             .with_context(|| format!("reading the answer from {}", self.base))?;
         if status.is_success() {
-            if bytes.is_empty() {
-                return Ok(Value::Null);
-            }
-            return serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "the API at {} answered with something that is not JSON",
-                    self.base
-                )
-            });
+            return Ok(bytes);
         }
         let parsed: Option<(String, String)> =
             serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| {

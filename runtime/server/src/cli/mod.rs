@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod events;
+pub mod parked;
 pub mod plugin;
 pub mod scaffold;
 
@@ -29,6 +30,14 @@ Examples:
 
   # watch what it emits (Ctrl-C to stop)
   spate events tail customer-totals --follow
+
+  # a plugin with on-failure = \"park-key\": its parked keys, then after a fix, redrive one
+  spate parked ls order-totals
+  spate parked show order-totals c-42
+  spate parked redrive order-totals c-42
+
+  # send a plugin's dead letters since a time back through its active version
+  spate dlq redrive order-totals --from 2025-06-01T08:00:00Z
 
 Client commands find the API at --api (default http://127.0.0.1:8780) and read the API token
 from .spate/api-token, which `spate up` writes; pass --token or --data-dir if yours differ.";
@@ -94,6 +103,12 @@ pub enum Command {
     /// Send events to topics and read them back.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// See the keys a plugin parked (`on-failure = "park-key"`) and redrive or discard them.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
+    /// Send a plugin's dead letters back through its active version.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 const UP_EXAMPLES: &str = "\
@@ -177,6 +192,31 @@ pub enum EventsCommand {
     Tail(events::TailArgs),
 }
 
+/// `spate parked ...`
+#[derive(Debug, Subcommand)]
+pub enum ParkedCommand {
+    /// List a plugin's parked keys: since when, why, and how many events wait.
+    #[command(after_help = parked::LS_HELP)]
+    Ls(parked::LsArgs),
+    /// Show one parked key and its events in source order.
+    #[command(after_help = parked::SHOW_HELP)]
+    Show(parked::ShowArgs),
+    /// Handle parked keys' events again, in order, through the active version.
+    #[command(after_help = parked::REDRIVE_HELP)]
+    Redrive(parked::KeysArgs),
+    /// Send parked keys' events to the dead-letter topic and unpark the keys.
+    #[command(after_help = parked::DISCARD_HELP)]
+    Discard(parked::KeysArgs),
+}
+
+/// `spate dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Handle a plugin's dead letters again (each at most once) through its active version.
+    #[command(after_help = parked::DLQ_REDRIVE_HELP)]
+    Redrive(parked::DlqRedriveArgs),
+}
+
 /// Run a client command against the API.
 pub async fn run_client(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
     // Local commands: no API involved.
@@ -193,6 +233,8 @@ pub async fn run_client(global: &GlobalArgs, command: Command) -> anyhow::Result
         Command::Plugin(cmd) => plugin::run(&client, cmd).await,
         Command::Events(EventsCommand::Send(args)) => events::send(&client, args).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail(&client, args).await,
+        Command::Parked(cmd) => parked::run(&client, cmd).await,
+        Command::Dlq(DlqCommand::Redrive(args)) => parked::dlq_redrive(&client, args).await,
     }
 }
 
