@@ -103,6 +103,8 @@ pub(super) struct WorkerCtx {
     /// Attempts earlier runs made on events of this pipeline's partitions that were still
     /// being retried (loaded when a partition is assigned), by partition and offset.
     attempts: std::sync::Mutex<HashMap<(u32, u64), u32>>,
+    /// Whether `attempts` holds anything (the check every event makes).
+    any_attempts: std::sync::atomic::AtomicBool,
     /// Keys of this pipeline's partitions that may be parked (by partition): every parked
     /// one is here (loaded when a partition is assigned, added when one parks), so an event
     /// whose key is not needs no read of the store.
@@ -136,16 +138,23 @@ impl WorkerCtx {
 
     /// Attempts an earlier run made on the event at `partition`/`offset` (0 if none).
     fn prior_attempts(&self, partition: u32, offset: u64) -> u32 {
-        let mut known = self.attempts();
-        if known.is_empty() {
+        if !self.any_attempts.load(std::sync::atomic::Ordering::Acquire) {
             return 0;
         }
-        known.remove(&(partition, offset)).unwrap_or(0)
+        let mut known = self.attempts();
+        let prior = known.remove(&(partition, offset)).unwrap_or(0);
+        self.any_attempts
+            .store(!known.is_empty(), std::sync::atomic::Ordering::Release);
+        prior
     }
 
     /// Forget the attempt records and parked keys of a revoked partition.
     fn forget_partition(&self, partition: u32) {
-        self.attempts().retain(|(p, _), _| *p != partition);
+        let mut attempts = self.attempts();
+        attempts.retain(|(p, _), _| *p != partition);
+        self.any_attempts
+            .store(!attempts.is_empty(), std::sync::atomic::Ordering::Release);
+        drop(attempts);
         let mut parked = self.parked();
         parked.retain(|(p, _)| *p != partition);
         self.any_parked
@@ -427,6 +436,7 @@ impl Pipeline {
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
             attempts: std::sync::Mutex::default(),
+            any_attempts: std::sync::atomic::AtomicBool::new(false),
             parked: std::sync::Mutex::default(),
             any_parked: std::sync::atomic::AtomicBool::new(false),
             idle: Arc::clone(&shared.idle),
@@ -865,6 +875,9 @@ impl Pipeline {
                         known.insert((tp.partition, offset), n);
                     }
                 }
+                self.ctx
+                    .any_attempts
+                    .store(!known.is_empty(), std::sync::atomic::Ordering::Release);
             }
             Err(e) => {
                 warn!(plugin = %self.config.plugin, partition = tp.partition, error = %e, "cannot read the attempts already made; retried events of the partition count from 1");
