@@ -3,8 +3,8 @@
 //!
 //! It owns everything WebAssembly: one engine and linker per process, the host API bound
 //! to `wit/` through `bindgen!`, per-call stores with limits, trap classification, the
-//! compiled-artifact cache, and plugin versions. Dispatch, backends and the effect
-//! journal live in `spate-core`.
+//! compiled-artifact cache, and plugin versions. The plugin contract, the backends and
+//! the effect journal live in `spate-core`, dispatch in `spate-dispatch`.
 
 pub mod registry;
 pub mod sandbox;

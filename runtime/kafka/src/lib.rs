@@ -6,7 +6,7 @@
 //! events and commit before letting partitions go, per-partition pause for backpressure)
 //! and [`EventBus`] (an idempotent `acks=all` producer for emits and dead letters, plus the
 //! metadata and reads the HTTP API needs). It owns no dispatch logic: ordering, retries and
-//! dead-lettering stay in `spate-core`, the same code as on the embedded log.
+//! dead-lettering stay in `spate-dispatch`, the same code as on the embedded log.
 //!
 //! [`EventSource`]: spate_core::backend::EventSource
 //! [`EventBus`]: spate_core::backend::EventBus
