@@ -50,6 +50,14 @@ RULES_LINK = DEPLOY / "prometheus" / "rules.yaml"
 DASHBOARD = DEPLOY / "grafana" / "spate-dashboard.json"
 COMPOSE_DIR = DEPLOY / "compose"
 CONFIG_RS = ROOT / "runtime" / "server" / "src" / "config.rs"
+# config.rs composes the backends' own settings types, each defined in its crate.
+CONFIG_SOURCES = [
+    CONFIG_RS,
+    ROOT / "runtime" / "kafka" / "src" / "options.rs",
+    ROOT / "runtime" / "state-cql" / "src" / "lib.rs",
+    ROOT / "runtime" / "cache-redis" / "src" / "lib.rs",
+    ROOT / "runtime" / "core" / "src" / "tiered.rs",
+]
 
 KUBE_VERSION = "1.30.0"
 RELEASE = "spate"
@@ -197,7 +205,8 @@ class ConfigSchema:
     def __init__(self, source: str) -> None:
         self.structs: dict[str, dict[str, str]] = {}
         self.enums: dict[str, dict[str, Any]] = {}
-        text = re.sub(r"#\[cfg\(test\)\][\s\S]*", "", source)  # the test module is not config
+        # Each source's test module (at its end) is not configuration.
+        text = "\n".join(re.sub(r"#\[cfg\(test\)\][\s\S]*", "", part) for part in source.split("\f"))
         for m in re.finditer(r"pub struct (\w+)\s*\{", text):
             self.structs[m.group(1)] = _fields(_block(text, m.start()))
         for m in re.finditer(r"pub enum (\w+)\s*\{", text):
@@ -227,7 +236,9 @@ class ConfigSchema:
     def _strip(ty: str) -> str:
         ty = ty.strip()
         m = re.fullmatch(r"Option<(.+)>", ty)
-        return m.group(1).strip() if m else ty
+        ty = m.group(1).strip() if m else ty
+        # A type named by path (`spate_kafka::KafkaOptions`) is parsed under its last name.
+        return ty if "<" in ty else ty.rsplit("::", 1)[-1]
 
     def check(self, doc: dict[str, Any], where: str) -> list[str]:
         """Every problem of `doc` (a parsed spate.toml) the runtime would refuse."""
@@ -324,7 +335,12 @@ class ConfigSchema:
                     return False
                 ty = self._strip(self.structs[ty][part])
             elif ty in self.enums:
-                found = [spec[part] for spec in self.enums[ty].values() if isinstance(spec, dict) and part in spec]
+                # A struct variant's fields, or those of the struct a newtype variant wraps.
+                specs = [
+                    spec if isinstance(spec, dict) else self.structs.get(self._strip(spec), {})
+                    for spec in self.enums[ty].values()
+                ]
+                found = [spec[part] for spec in specs if part in spec]
                 if found:
                     ty = self._strip(found[0])
                 elif part == "type" or part in pending:
@@ -1056,10 +1072,11 @@ def main() -> int:
         expect("spate_handler_duration_seconds" in histograms, "spate_handler_duration_seconds must be a histogram")
 
     R.run(f"runtime: {len(names)} metric names from runtime/*/src", metrics_found)
-    schema = R.run("runtime: configuration types from config.rs", lambda: ConfigSchema(CONFIG_RS.read_text()))
+    schema = R.run("runtime: configuration types from config.rs and the backends' crates",
+                   lambda: ConfigSchema("\f".join(p.read_text() for p in CONFIG_SOURCES)))
     if schema is not None:
         R.run("runtime: config.rs has the sections deploy/ renders",
-              lambda: expect({"Config", "ApiConfig", "DispatchConfig", "SandboxSettings", "ReadThroughSettings"} <= set(schema.structs)
+              lambda: expect({"Config", "ApiConfig", "DispatchConfig", "SandboxSettings", "ReadThroughConfig", "KafkaOptions", "CqlOptions", "RedisOptions"} <= set(schema.structs)
                              and {"cql"} <= set(schema.enums.get("StateConfig", {})) and {"redis"} <= set(schema.enums.get("CacheConfig", {})),
                              f"parsed structs {sorted(schema.structs)}, enums {sorted(schema.enums)}"))
     def probe_routes() -> None:

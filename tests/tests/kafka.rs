@@ -28,19 +28,12 @@ use support::{TOKEN, chaos_manifest, chaos_wasm, test_config};
 const GROUP: &str = "spate.chaos";
 
 fn kafka_events(bootstrap: &str) -> EventsConfig {
-    EventsConfig::Kafka {
-        bootstrap_servers: bootstrap.to_string(),
-        group: "spate".into(),
-        instance_id: None,
-        create_topics: false,
-        partitions: 4,
-        replication_factor: 1,
-        session_timeout_ms: 6_000,
-        revoke_timeout_ms: 5_000,
-        produce_timeout_ms: 5_000,
-        request_timeout_ms: 5_000,
-        librdkafka: BTreeMap::new(),
-    }
+    let mut kafka = spate_kafka::KafkaOptions::new(bootstrap);
+    kafka.session_timeout = Duration::from_secs(6);
+    kafka.revoke_timeout = Duration::from_secs(5);
+    kafka.produce_timeout = Duration::from_secs(5);
+    kafka.request_timeout = Duration::from_secs(5);
+    EventsConfig::Kafka(kafka)
 }
 
 async fn start_in_process(dir: &Path, bootstrap: &str) -> Arc<Runtime> {

@@ -26,8 +26,12 @@ use spate_core::backend::{BackendError, BackendResult, Cache};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Settings of the Redis cache.
-#[derive(Clone, Debug)]
+/// Settings of the Redis cache: the `[cache]` section with `type = "redis"` of the
+/// runtime's configuration (every key optional, defaults in [`RedisOptions::default`]).
+/// While Redis is unreachable, reads are misses and writes are skipped (the runtime's
+/// cache guard); it is tried again every `retry-interval-ms`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct RedisOptions {
     /// `redis://host:port/db` of the server, or of cluster nodes to start from.
     pub urls: Vec<String>,
@@ -35,9 +39,14 @@ pub struct RedisOptions {
     pub cluster: bool,
     /// Longest wait for one command, connecting included; beyond it the call is
     /// `Unavailable`.
+    #[serde(rename = "command-timeout-ms", with = "spate_core::millis")]
     pub command_timeout: Duration,
     /// Longest wait for one connection attempt.
+    #[serde(rename = "connect-timeout-ms", with = "spate_core::millis")]
     pub connect_timeout: Duration,
+    /// While Redis is unreachable, how often to try it again.
+    #[serde(rename = "retry-interval-ms", with = "spate_core::millis")]
+    pub retry_interval: Duration,
 }
 
 impl Default for RedisOptions {
@@ -47,6 +56,7 @@ impl Default for RedisOptions {
             cluster: false,
             command_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(500),
+            retry_interval: Duration::from_secs(1),
         }
     }
 }
@@ -68,6 +78,9 @@ impl RedisOptions {
         }
         if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
             p.push("Redis timeouts must be more than zero".to_owned());
+        }
+        if self.retry_interval.is_zero() {
+            p.push("retry-interval-ms must be at least 1".to_owned());
         }
         p
     }

@@ -39,8 +39,8 @@ impl Default for LimitCeilings {
     fn default() -> Self {
         Self {
             max_timeout_ms: 60_000,
-            max_memory_mb: 512,
-            max_concurrency: 1024,
+            max_memory_mb: 256,
+            max_concurrency: 256,
             max_emits: 10_000,
             max_emit_bytes: 64 << 20,
             max_writes: 100_000,

@@ -55,7 +55,8 @@ const PRESENT: u8 = b'v';
 const ABSENT: u8 = b'x';
 
 /// What a committed write does to the cached copy of its key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WritePolicy {
     /// Cache the new value (or "absent" after a delete): a read-modify-write workload keeps
     /// hitting the cache.
@@ -65,11 +66,16 @@ pub enum WritePolicy {
     Invalidate,
 }
 
-/// Settings of the read-through tier.
-#[derive(Clone, Debug)]
+/// Settings of the read-through tier: the `[read-through]` section of the runtime's
+/// configuration (every key optional).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ReadThroughConfig {
+    /// Serve plugins' state reads through the cache backend. Default off.
+    pub enabled: bool,
     /// Longest a cached copy lives; also the bound on staleness across processes.
     /// Default 60 s.
+    #[serde(rename = "ttl-ms", with = "crate::millis")]
     pub ttl: Duration,
     /// What writes do to cached copies. Default [`WritePolicy::Update`].
     pub on_write: WritePolicy,
@@ -86,6 +92,7 @@ pub struct ReadThroughConfig {
 impl Default for ReadThroughConfig {
     fn default() -> Self {
         Self {
+            enabled: false,
             ttl: Duration::from_secs(60),
             on_write: WritePolicy::Update,
             key_prefix: format!("{RESERVED_CACHE_PREFIX}/rt/"),

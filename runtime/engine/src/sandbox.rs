@@ -45,12 +45,19 @@ pub struct SandboxConfig {
     pub compiled_dir: PathBuf,
 }
 
+/// Instances the pool holds at once by default (`sandbox.pool-instances`).
+pub const DEFAULT_POOL_INSTANCES: u32 = 512;
+
 impl SandboxConfig {
-    /// Defaults with compiled artifacts under `dir`.
+    /// Defaults with compiled artifacts under `dir`: the manifests' default memory ceiling
+    /// ([`LimitCeilings`](spate_core::manifest::LimitCeilings)) and
+    /// [`DEFAULT_POOL_INSTANCES`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
-            max_memory_bytes: 512 << 20,
-            pool_instances: 1000,
+            max_memory_bytes: (spate_core::manifest::LimitCeilings::default().max_memory_mb
+                as usize)
+                << 20,
+            pool_instances: DEFAULT_POOL_INSTANCES,
             epoch_tick: Duration::from_millis(2),
             compiled_dir: dir.into(),
         }

@@ -1,6 +1,7 @@
 //! Connection and behaviour settings, and the librdkafka configurations built from them.
 
 use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -21,8 +22,11 @@ const MANAGED: &[&str] = &[
     "allow.auto.create.topics",
 ];
 
-/// How Spate reaches a Kafka cluster and uses it.
-#[derive(Clone, Debug)]
+/// How Spate reaches a Kafka cluster and uses it: the `[events]` section with
+/// `type = "kafka"` of the runtime's configuration (every key optional, defaults in
+/// [`KafkaOptions::default`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct KafkaOptions {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub bootstrap_servers: String,
@@ -31,6 +35,7 @@ pub struct KafkaOptions {
     /// Static membership: a stable name of this runtime instance (e.g. the pod name).
     /// Each consumer's `group.instance.id` is `<instance-id>.<topic>`; a restart within
     /// the session timeout then gets its partitions back without a rebalance.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     /// Create missing topics (with `partitions` and `replication_factor`) instead of
     /// refusing them.
@@ -40,18 +45,29 @@ pub struct KafkaOptions {
     /// Replication factor of topics Spate creates.
     pub replication_factor: i32,
     /// Consumer session timeout: how long a silent consumer keeps its partitions.
+    #[serde(rename = "session-timeout-ms", with = "spate_core::millis")]
     pub session_timeout: Duration,
     /// How long a revocation waits for the dispatcher to finish and commit the revoked
     /// partitions' in-flight events before letting them go anyway.
+    #[serde(rename = "revoke-timeout-ms", with = "spate_core::millis")]
     pub revoke_timeout: Duration,
     /// How long a produced event may wait for the broker's acknowledgement before the
     /// emit fails (and the dispatcher retries the event).
+    #[serde(rename = "produce-timeout-ms", with = "spate_core::millis")]
     pub produce_timeout: Duration,
     /// Timeout of metadata, watermark and commit requests.
+    #[serde(rename = "request-timeout-ms", with = "spate_core::millis")]
     pub request_timeout: Duration,
     /// Extra librdkafka properties for every client (security.protocol, sasl.*, ssl.*,
     /// linger.ms, ...). Properties Spate manages are refused.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaOptions {
+    /// A broker on this machine's default port.
+    fn default() -> Self {
+        Self::new("127.0.0.1:9092")
+    }
 }
 
 impl KafkaOptions {
@@ -93,6 +109,9 @@ impl KafkaOptions {
         }
         if self.replication_factor < 1 {
             problems.push("replication-factor must be at least 1".to_string());
+        }
+        if self.produce_timeout.is_zero() {
+            problems.push("produce-timeout-ms must be at least 1".to_string());
         }
         for key in self.librdkafka.keys() {
             if MANAGED.contains(&key.as_str()) {

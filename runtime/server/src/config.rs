@@ -28,7 +28,7 @@ pub struct Config {
     /// Cache backend.
     pub cache: CacheConfig,
     /// Read-through caching of plugin state in the cache backend.
-    pub read_through: ReadThroughSettings,
+    pub read_through: spate_core::tiered::ReadThroughConfig,
     /// Dispatcher.
     pub dispatch: DispatchConfig,
     /// Sandbox and plugin limits.
@@ -46,7 +46,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             state: StateConfig::default(),
             cache: CacheConfig::default(),
-            read_through: ReadThroughSettings::default(),
+            read_through: spate_core::tiered::ReadThroughConfig::default(),
             dispatch: DispatchConfig::default(),
             sandbox: SandboxSettings::default(),
             registry: RegistryConfig::default(),
@@ -127,81 +127,9 @@ pub enum EventsConfig {
     /// Kafka (`spate-kafka`): each plugin consumes its subscriptions as consumer group
     /// `<group>.<plugin>` (cooperative-sticky), emits and dead letters go through an
     /// idempotent producer (`acks=all`), and an input offset is committed only after
-    /// everything below it is handled and its emits are acknowledged.
-    #[serde(rename_all = "kebab-case")]
-    Kafka {
-        /// `bootstrap.servers`: comma-separated `host:port` list.
-        #[serde(default = "default_kafka_servers")]
-        bootstrap_servers: String,
-        /// This deployment's name: plugin `p` consumes as group `<group>.p`.
-        #[serde(default = "default_kafka_group")]
-        group: String,
-        /// Static group membership: a stable name of this runtime instance (the pod name
-        /// of a StatefulSet). A restart within `session-timeout-ms` keeps its partitions.
-        #[serde(default)]
-        instance_id: Option<String>,
-        /// Create missing topics (input, emit, workflow and dead-letter topics) with
-        /// `partitions` and `replication-factor`; otherwise a missing topic is an error.
-        #[serde(default)]
-        create_topics: bool,
-        /// Partitions of topics Spate creates.
-        #[serde(default = "default_kafka_partitions")]
-        partitions: i32,
-        /// Replication factor of topics Spate creates.
-        #[serde(default = "default_kafka_replication")]
-        replication_factor: i32,
-        /// How long a silent member keeps its partitions, in milliseconds.
-        #[serde(default = "default_kafka_session_timeout_ms")]
-        session_timeout_ms: u64,
-        /// How long a revoked partition's in-flight events may run before they are left
-        /// to its next owner, in milliseconds.
-        #[serde(default = "default_kafka_revoke_timeout_ms")]
-        revoke_timeout_ms: u64,
-        /// How long an emit may wait for the brokers' acknowledgement, in milliseconds;
-        /// then the event is retried.
-        #[serde(default = "default_kafka_produce_timeout_ms")]
-        produce_timeout_ms: u64,
-        /// Timeout of metadata, commit and offset requests, in milliseconds.
-        #[serde(default = "default_kafka_request_timeout_ms")]
-        request_timeout_ms: u64,
-        /// Extra librdkafka properties for every client: `security.protocol`, `sasl.*`,
-        /// `ssl.*`, `linger.ms`, ... Properties Spate's guarantees depend on (group.id,
-        /// enable.auto.commit, acks, enable.idempotence, ...) are refused.
-        #[serde(default)]
-        librdkafka: std::collections::BTreeMap<String, String>,
-    },
-}
-
-fn default_kafka_servers() -> String {
-    "127.0.0.1:9092".into()
-}
-
-fn default_kafka_group() -> String {
-    "spate".into()
-}
-
-fn default_kafka_partitions() -> i32 {
-    4
-}
-
-fn default_kafka_replication() -> i32 {
-    1
-}
-
-fn default_kafka_session_timeout_ms() -> u64 {
-    10_000
-}
-
-fn default_kafka_revoke_timeout_ms() -> u64 {
-    10_000
-}
-
-fn default_kafka_produce_timeout_ms() -> u64 {
-    30_000
-}
-
-fn default_kafka_request_timeout_ms() -> u64 {
-    10_000
+    /// everything below it is handled and its emits are acknowledged. Its keys and
+    /// defaults are [`spate_kafka::KafkaOptions`]'s.
+    Kafka(spate_kafka::KafkaOptions),
 }
 
 impl EventsConfig {
@@ -209,7 +137,7 @@ impl EventsConfig {
     pub fn group_prefix(&self) -> &str {
         match self {
             Self::Embedded { .. } => "spate",
-            Self::Kafka { group, .. } => group,
+            Self::Kafka(o) => &o.group,
         }
     }
 
@@ -217,41 +145,18 @@ impl EventsConfig {
     pub fn revoke_timeout(&self) -> Duration {
         match self {
             Self::Embedded { .. } => Duration::from_secs(10),
-            Self::Kafka {
-                revoke_timeout_ms, ..
-            } => Duration::from_millis(*revoke_timeout_ms),
+            Self::Kafka(o) => o.revoke_timeout,
         }
     }
 
-    /// The Kafka settings, if this selects Kafka.
+    /// The Kafka settings, if this selects Kafka (an empty `instance-id`, as an unset
+    /// environment variable gives, means none).
     pub fn kafka_options(&self) -> Option<spate_kafka::KafkaOptions> {
-        let Self::Kafka {
-            bootstrap_servers,
-            group,
-            instance_id,
-            create_topics,
-            partitions,
-            replication_factor,
-            session_timeout_ms,
-            revoke_timeout_ms,
-            produce_timeout_ms,
-            request_timeout_ms,
-            librdkafka,
-        } = self
-        else {
+        let Self::Kafka(o) = self else {
             return None;
         };
-        let mut o = spate_kafka::KafkaOptions::new(bootstrap_servers.clone());
-        o.group = group.clone();
-        o.instance_id = instance_id.clone().filter(|i| !i.is_empty());
-        o.create_topics = *create_topics;
-        o.partitions = *partitions;
-        o.replication_factor = *replication_factor;
-        o.session_timeout = Duration::from_millis(*session_timeout_ms);
-        o.revoke_timeout = Duration::from_millis(*revoke_timeout_ms);
-        o.produce_timeout = Duration::from_millis(*produce_timeout_ms);
-        o.request_timeout = Duration::from_millis(*request_timeout_ms);
-        o.librdkafka = librdkafka.clone();
+        let mut o = o.clone();
+        o.instance_id = o.instance_id.filter(|i| !i.is_empty());
         Some(o)
     }
 }
@@ -354,159 +259,18 @@ pub enum StateConfig {
     #[default]
     Embedded,
     /// ScyllaDB or Cassandra (`spate-state-cql`): one table, one partition per plugin
-    /// namespace, compare-and-swap by lightweight transactions.
-    #[serde(rename_all = "kebab-case")]
-    Cql {
-        /// Contact points, `host:port`.
-        #[serde(default = "default_cql_nodes")]
-        nodes: Vec<String>,
-        /// Keyspace of the state table.
-        #[serde(default = "default_cql_keyspace")]
-        keyspace: String,
-        /// The state table.
-        #[serde(default = "default_cql_table")]
-        table: String,
-        /// Replication of the keyspace when it is created (a CQL map literal).
-        #[serde(default = "default_cql_replication")]
-        replication: String,
-        /// ScyllaDB only: `false` creates the keyspace without tablets (needed for
-        /// lightweight transactions on ScyllaDB releases whose tablets lack them); unset
-        /// leaves the server's default.
-        #[serde(default)]
-        tablets: Option<bool>,
-        /// Create the keyspace and table at start-up if absent.
-        #[serde(default = "default_true")]
-        create_schema: bool,
-        /// Consistency of reads and writes.
-        #[serde(default)]
-        consistency: CqlConsistency,
-        /// Consistency of compare-and-swap (Paxos) rounds.
-        #[serde(default)]
-        serial_consistency: CqlSerialConsistency,
-        /// Client-side timeout of one request, in milliseconds.
-        #[serde(default = "default_cql_request_timeout_ms")]
-        request_timeout_ms: u64,
-        /// Timeout of opening one connection, in milliseconds.
-        #[serde(default = "default_cql_connect_timeout_ms")]
-        connect_timeout_ms: u64,
-        /// Rows per page of a state scan.
-        #[serde(default = "default_cql_scan_page_size")]
-        scan_page_size: u32,
-        /// User name, if the cluster requires authentication.
-        #[serde(default)]
-        username: Option<String>,
-        /// Password for `username`.
-        #[serde(default)]
-        password: Option<String>,
-    },
-}
-
-fn default_cql_nodes() -> Vec<String> {
-    vec!["127.0.0.1:9042".into()]
-}
-
-fn default_cql_keyspace() -> String {
-    "spate".into()
-}
-
-fn default_cql_table() -> String {
-    "state".into()
-}
-
-fn default_cql_replication() -> String {
-    "{'class': 'SimpleStrategy', 'replication_factor': 1}".into()
-}
-
-fn default_cql_request_timeout_ms() -> u64 {
-    5_000
-}
-
-fn default_cql_connect_timeout_ms() -> u64 {
-    5_000
-}
-
-fn default_cql_scan_page_size() -> u32 {
-    1_000
-}
-
-/// CQL consistency level of reads and writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CqlConsistency {
-    /// One replica.
-    One,
-    /// One replica in the local datacenter.
-    LocalOne,
-    /// A majority of all replicas.
-    Quorum,
-    /// A majority of the local datacenter's replicas.
-    #[default]
-    LocalQuorum,
-    /// A majority in each datacenter (writes).
-    EachQuorum,
-    /// Every replica.
-    All,
-}
-
-/// CQL serial consistency of lightweight transactions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CqlSerialConsistency {
-    /// Paxos across all datacenters.
-    Serial,
-    /// Paxos within the local datacenter.
-    #[default]
-    LocalSerial,
+    /// namespace, compare-and-swap by lightweight transactions. Its keys and defaults are
+    /// [`spate_state_cql::CqlOptions`]'s.
+    Cql(spate_state_cql::CqlOptions),
 }
 
 impl StateConfig {
     /// The CQL store's settings, if this selects it.
     pub fn cql_options(&self) -> Option<spate_state_cql::CqlOptions> {
-        use spate_state_cql::{Consistency, CqlOptions, SerialConsistency};
-        let Self::Cql {
-            nodes,
-            keyspace,
-            table,
-            replication,
-            tablets,
-            create_schema,
-            consistency,
-            serial_consistency,
-            request_timeout_ms,
-            connect_timeout_ms,
-            scan_page_size,
-            username,
-            password,
-        } = self
-        else {
-            return None;
-        };
-        Some(CqlOptions {
-            nodes: nodes.clone(),
-            keyspace: keyspace.clone(),
-            table: table.clone(),
-            replication: replication.clone(),
-            tablets: *tablets,
-            create_schema: *create_schema,
-            consistency: match consistency {
-                CqlConsistency::One => Consistency::One,
-                CqlConsistency::LocalOne => Consistency::LocalOne,
-                CqlConsistency::Quorum => Consistency::Quorum,
-                CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
-                CqlConsistency::EachQuorum => Consistency::EachQuorum,
-                CqlConsistency::All => Consistency::All,
-            },
-            serial_consistency: match serial_consistency {
-                CqlSerialConsistency::Serial => SerialConsistency::Serial,
-                CqlSerialConsistency::LocalSerial => SerialConsistency::LocalSerial,
-            },
-            request_timeout: Duration::from_millis(*request_timeout_ms),
-            connect_timeout: Duration::from_millis(*connect_timeout_ms),
-            scan_page_size: *scan_page_size,
-            credentials: username
-                .clone()
-                .map(|u| (u, password.clone().unwrap_or_default())),
-        })
+        match self {
+            Self::Cql(o) => Some(o.clone()),
+            Self::Embedded => None,
+        }
     }
 }
 
@@ -515,6 +279,7 @@ impl StateConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
 pub enum CacheConfig {
     /// In-process `moka` cache.
+    #[serde(rename_all = "kebab-case")]
     Memory {
         /// Most bytes of keys and values kept; least recently used entries go first.
         #[serde(default = "default_cache_bytes")]
@@ -522,120 +287,16 @@ pub enum CacheConfig {
     },
     /// Redis, or Redis Cluster (`spate-cache-redis`). While it is unreachable, reads are
     /// misses and writes are skipped (metric `spate_cache_degraded`); it reconnects by
-    /// itself.
-    #[serde(rename_all = "kebab-case")]
-    Redis {
-        /// `redis://[user:password@]host:port/db` of the server, or seed nodes of a cluster.
-        #[serde(default = "default_redis_urls")]
-        urls: Vec<String>,
-        /// Talk Redis Cluster protocol to `urls`.
-        #[serde(default)]
-        cluster: bool,
-        /// Longest wait for one command, connecting included, in milliseconds.
-        #[serde(default = "default_redis_timeout_ms")]
-        command_timeout_ms: u64,
-        /// Longest wait for one connection attempt, in milliseconds.
-        #[serde(default = "default_redis_timeout_ms")]
-        connect_timeout_ms: u64,
-        /// While Redis is unreachable, how often to try it again, in milliseconds.
-        #[serde(default = "default_redis_retry_interval_ms")]
-        retry_interval_ms: u64,
-    },
-}
-
-fn default_redis_urls() -> Vec<String> {
-    vec!["redis://127.0.0.1:6379/".into()]
-}
-
-fn default_redis_timeout_ms() -> u64 {
-    500
-}
-
-fn default_redis_retry_interval_ms() -> u64 {
-    1_000
+    /// itself. Its keys and defaults are [`spate_cache_redis::RedisOptions`]'s.
+    Redis(spate_cache_redis::RedisOptions),
 }
 
 impl CacheConfig {
     /// The Redis cache's settings, if this selects it.
     pub fn redis_options(&self) -> Option<spate_cache_redis::RedisOptions> {
-        let Self::Redis {
-            urls,
-            cluster,
-            command_timeout_ms,
-            connect_timeout_ms,
-            ..
-        } = self
-        else {
-            return None;
-        };
-        Some(spate_cache_redis::RedisOptions {
-            urls: urls.clone(),
-            cluster: *cluster,
-            command_timeout: Duration::from_millis(*command_timeout_ms),
-            connect_timeout: Duration::from_millis(*connect_timeout_ms),
-        })
-    }
-}
-
-/// Read-through caching of plugin state: `state.get` asks the cache first, falls back to
-/// the store and fills the cache; writes update (or invalidate) the cached copy after the
-/// store write succeeded.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct ReadThroughSettings {
-    /// Serve state reads through the cache backend.
-    pub enabled: bool,
-    /// Longest a cached copy lives, in milliseconds; also the bound on how stale a copy can
-    /// be when another runtime process wrote the key.
-    pub ttl_ms: u64,
-    /// What a committed write does to the cached copy.
-    pub on_write: OnWrite,
-    /// Prefix of the cached copies' keys; must start with `_spate` (reserved).
-    pub key_prefix: String,
-    /// Values larger than this many bytes are not cached.
-    pub max_value_bytes: usize,
-    /// Most keys remembered as possibly stale after failed cache updates; beyond it state
-    /// reads bypass the cache for one `ttl-ms`.
-    pub max_suspect_keys: usize,
-}
-
-impl Default for ReadThroughSettings {
-    fn default() -> Self {
-        let d = spate_core::tiered::ReadThroughConfig::default();
-        Self {
-            enabled: false,
-            ttl_ms: u64::try_from(d.ttl.as_millis()).unwrap_or(u64::MAX),
-            on_write: OnWrite::Update,
-            key_prefix: d.key_prefix,
-            max_value_bytes: d.max_value_bytes,
-            max_suspect_keys: d.max_suspect_keys,
-        }
-    }
-}
-
-/// What a committed state write does to its cached copy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnWrite {
-    /// Cache the new value: read-modify-write workloads keep hitting.
-    #[default]
-    Update,
-    /// Delete the cached copy; the next read fills it.
-    Invalidate,
-}
-
-impl ReadThroughSettings {
-    /// The tier's settings.
-    pub fn tier_config(&self) -> spate_core::tiered::ReadThroughConfig {
-        spate_core::tiered::ReadThroughConfig {
-            ttl: Duration::from_millis(self.ttl_ms),
-            on_write: match self.on_write {
-                OnWrite::Update => spate_core::tiered::WritePolicy::Update,
-                OnWrite::Invalidate => spate_core::tiered::WritePolicy::Invalidate,
-            },
-            key_prefix: self.key_prefix.clone(),
-            max_value_bytes: self.max_value_bytes,
-            max_suspect_keys: self.max_suspect_keys,
+        match self {
+            Self::Redis(o) => Some(o.clone()),
+            Self::Memory { .. } => None,
         }
     }
 }
@@ -675,14 +336,17 @@ pub struct DispatchConfig {
 }
 
 impl Default for DispatchConfig {
+    /// The dispatcher's own defaults ([`spate_dispatch::DispatchSettings`]).
     fn default() -> Self {
+        let d = spate_dispatch::DispatchSettings::default();
+        let ms = |t: Duration| u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
         Self {
-            max_buffered: 32_768,
-            max_buffered_bytes: 128 << 20,
-            max_buffered_per_partition: 16_384,
-            commit_interval_ms: 100,
-            checkpoint_events: 8192,
-            drain_timeout_ms: 10_000,
+            max_buffered: d.max_buffered,
+            max_buffered_bytes: d.max_buffered_bytes,
+            max_buffered_per_partition: d.max_buffered_per_partition,
+            commit_interval_ms: ms(d.commit_interval),
+            checkpoint_events: d.checkpoint_events,
+            drain_timeout_ms: ms(d.drain_timeout),
         }
     }
 }
@@ -715,16 +379,19 @@ pub struct SandboxSettings {
 }
 
 impl Default for SandboxSettings {
+    /// The manifests' ceilings are [`LimitCeilings`](spate_core::manifest::LimitCeilings)'
+    /// defaults and the pool the sandbox's: one default per setting.
     fn default() -> Self {
+        let c = spate_core::manifest::LimitCeilings::default();
         Self {
-            max_memory_mb: 256,
-            max_timeout_ms: 60_000,
-            max_concurrency: 256,
-            max_emits: 10_000,
-            max_emit_bytes: 64 << 20,
-            max_writes: 100_000,
-            max_backoff_ms: 3_600_000,
-            pool_instances: 512,
+            max_memory_mb: c.max_memory_mb,
+            max_timeout_ms: c.max_timeout_ms,
+            max_concurrency: c.max_concurrency,
+            max_emits: c.max_emits,
+            max_emit_bytes: c.max_emit_bytes,
+            max_writes: c.max_writes,
+            max_backoff_ms: c.max_backoff_ms,
+            pool_instances: spate_engine::sandbox::DEFAULT_POOL_INSTANCES,
             idle_instances: 64,
             idle_timeout_ms: 30_000,
         }
@@ -870,27 +537,22 @@ impl Config {
                     }
                 }
             }
-            EventsConfig::Kafka {
-                revoke_timeout_ms,
-                produce_timeout_ms,
-                ..
-            } => {
+            EventsConfig::Kafka(kafka) => {
                 if let Some(Err(e)) = self.events.kafka_options().map(|o| o.validate()) {
                     p.extend(e.0.into_iter().map(|e| format!("events: {e}")));
                 }
-                if *revoke_timeout_ms >= self.dispatch.drain_timeout_ms.max(1) * 10 {
+                if kafka.revoke_timeout
+                    >= Duration::from_millis(self.dispatch.drain_timeout_ms.max(1) * 10)
+                {
                     p.push("events.revoke-timeout-ms is over ten times dispatch.drain-timeout-ms; a rebalance would stall the group that long".into());
-                }
-                if *produce_timeout_ms == 0 {
-                    p.push("events.produce-timeout-ms must be at least 1".into());
                 }
             }
         }
         if let RegistryConfig::Shared { control_topic } = &self.registry {
-            if !matches!(self.events, EventsConfig::Kafka { .. }) {
+            if !matches!(self.events, EventsConfig::Kafka(_)) {
                 p.push("registry.type = \"shared\" needs events.type = \"kafka\" (its change notices go on a Kafka topic)".into());
             }
-            if !matches!(self.state, StateConfig::Cql { .. }) {
+            if !matches!(self.state, StateConfig::Cql(_)) {
                 p.push("registry.type = \"shared\" needs state.type = \"cql\" (plugins are kept in the cluster store)".into());
             }
             if !spate_core::manifest::valid_topic(control_topic) {
@@ -908,17 +570,9 @@ impl Config {
         if let Some(redis) = self.cache.redis_options() {
             p.extend(redis.problems().into_iter().map(|e| format!("cache: {e}")));
         }
-        if let CacheConfig::Redis {
-            retry_interval_ms: 0,
-            ..
-        } = &self.cache
-        {
-            p.push("cache.retry-interval-ms must be at least 1".into());
-        }
         if self.read_through.enabled {
             p.extend(
                 self.read_through
-                    .tier_config()
                     .problems()
                     .into_iter()
                     .map(|e| format!("read-through: {e}")),
@@ -948,13 +602,8 @@ impl Config {
     /// kept in the data directory. What a restarted runtime uses to fence and abort the
     /// transactions the previous process left open.
     pub fn instance_id(&self) -> std::io::Result<String> {
-        if let EventsConfig::Kafka {
-            instance_id: Some(id),
-            ..
-        } = &self.events
-            && !id.is_empty()
-        {
-            return Ok(id.clone());
+        if let Some(id) = self.events.kafka_options().and_then(|k| k.instance_id) {
+            return Ok(id);
         }
         let path = self.data_dir.join("instance-id");
         match std::fs::read_to_string(&path) {
@@ -988,12 +637,12 @@ impl Config {
             max_backoff_ms: self.sandbox.max_backoff_ms,
             workflow_topic: self.workflow_topic.clone(),
             exactly_once_unsupported: match (&self.events, &self.state) {
-                (EventsConfig::Kafka { .. }, StateConfig::Cql { .. }) => Some(
+                (EventsConfig::Kafka(_), StateConfig::Cql(_)) => Some(
                     "on Kafka it needs the embedded state store (state.type = \"embedded\"): \
                      a CQL store cannot take back a checkpoint whose Kafka transaction failed"
                         .into(),
                 ),
-                (EventsConfig::Kafka { .. }, _) if self.read_through.enabled => Some(
+                (EventsConfig::Kafka(_), _) if self.read_through.enabled => Some(
                     "on Kafka it needs state writes to wait for the checkpoint, which the \
                      read-through tier does not do (set read-through.enabled = false)"
                         .into(),
@@ -1018,7 +667,7 @@ impl Config {
             checkpoint_events: d.checkpoint_events,
             drain_timeout: Duration::from_millis(d.drain_timeout_ms),
             revoke_timeout: self.events.revoke_timeout(),
-            check_output_topics: matches!(self.events, EventsConfig::Kafka { .. }),
+            check_output_topics: matches!(self.events, EventsConfig::Kafka(_)),
             ..spate_dispatch::DispatchSettings::default()
         }
     }
@@ -1035,6 +684,65 @@ mod tests {
         let path = dir.path().join("spate.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path))
+    }
+
+    /// Every key of a TOML value with its value, tables flattened (`a.b.c`), empty tables
+    /// left out.
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, toml::Value>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.clone());
+            }
+        }
+    }
+
+    /// The README's configuration block is the code's defaults, key for key: a default
+    /// changed in the code (or a setting added) and not in the README fails here.
+    #[test]
+    fn the_readme_documents_every_default() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("The defaults:\n\n```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README: a ```toml block after \"The defaults:\"");
+        if let Err(e) = load(block) {
+            panic!("README's configuration block is refused: {e}");
+        }
+        let documented: toml::Value = toml::from_str(block).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let (mut want, mut got) = (Default::default(), Default::default());
+        flatten("", &defaults, &mut want);
+        flatten("", &documented, &mut got);
+        let missing: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        let extra: Vec<String> = got
+            .iter()
+            .filter(|(k, _)| !want.contains_key(*k))
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "README's configuration block differs from Config::default(): \
+             defaults missing or different there: {missing:#?}; keys that are no setting: {extra:#?}"
+        );
     }
 
     #[test]
@@ -1096,7 +804,7 @@ mod tests {
                 assert!(c.read_through.enabled, "{file}");
             }
             if file.ends_with("spate-kafka.toml") {
-                assert!(matches!(c.events, EventsConfig::Kafka { .. }));
+                assert!(matches!(c.events, EventsConfig::Kafka(_)));
                 assert!(matches!(c.registry, RegistryConfig::Shared { .. }));
             }
         }
@@ -1161,7 +869,7 @@ on-write = "invalidate"
         assert_eq!(redis.urls, vec!["redis://10.0.0.9:6379/0"]);
         assert!(!redis.cluster);
         assert_eq!(redis.command_timeout, Duration::from_millis(250));
-        let rt = c.read_through.tier_config();
+        let rt = c.read_through.clone();
         assert!(c.read_through.enabled);
         assert_eq!(rt.ttl, Duration::from_secs(30));
         assert_eq!(rt.on_write, spate_core::tiered::WritePolicy::Invalidate);

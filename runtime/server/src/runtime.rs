@@ -85,7 +85,7 @@ impl Backends {
                 embedded_log = Some(log.clone());
                 (log.clone(), log)
             }
-            EventsConfig::Kafka { .. } => {
+            EventsConfig::Kafka(_) => {
                 let options = config
                     .events
                     .kafka_options()
@@ -116,32 +116,25 @@ impl Backends {
                 )
             }
         };
-        let (backend, name, retry): (Arc<dyn Cache>, &str, u64) = match &config.cache {
-            CacheConfig::Memory { max_bytes } => {
-                (Arc::new(MokaCache::new(*max_bytes)), "memory", 1_000)
-            }
-            CacheConfig::Redis {
-                retry_interval_ms, ..
-            } => {
-                let options = config
-                    .cache
-                    .redis_options()
-                    .context("cache.type = \"redis\" without Redis settings")?;
-                let redis = RedisCache::new(options).context("setting up the Redis cache")?;
-                (Arc::new(redis), "redis", *retry_interval_ms)
+        let (backend, name, retry): (Arc<dyn Cache>, &str, Duration) = match &config.cache {
+            CacheConfig::Memory { max_bytes } => (
+                Arc::new(MokaCache::new(*max_bytes)),
+                "memory",
+                Duration::from_secs(1),
+            ),
+            CacheConfig::Redis(options) => {
+                let redis =
+                    RedisCache::new(options.clone()).context("setting up the Redis cache")?;
+                (Arc::new(redis), "redis", options.retry_interval)
             }
         };
-        let cache_health = Arc::new(GuardedCache::new(
-            backend,
-            name,
-            Duration::from_millis(retry),
-        ));
+        let cache_health = Arc::new(GuardedCache::new(backend, name, retry));
         let cache: Arc<dyn Cache> = cache_health.clone();
         let tier = if config.read_through.enabled {
             StateTier::read_through(
                 Arc::clone(&store),
                 Arc::clone(&cache),
-                config.read_through.tier_config(),
+                config.read_through.clone(),
             )
         } else {
             StateTier::direct(Arc::clone(&store))
@@ -372,13 +365,8 @@ async fn supervise(
 /// This runtime's name among its peers: the static-membership instance id (the pod
 /// name), else the host name, else a random one.
 fn instance_name(config: &Config) -> String {
-    if let EventsConfig::Kafka {
-        instance_id: Some(id),
-        ..
-    } = &config.events
-        && !id.is_empty()
-    {
-        return id.clone();
+    if let Some(id) = config.events.kafka_options().and_then(|k| k.instance_id) {
+        return id;
     }
     std::env::var("HOSTNAME")
         .ok()

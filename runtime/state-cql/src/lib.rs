@@ -50,13 +50,65 @@ use spate_core::backend::{
 use std::time::Duration;
 use tracing::{info, warn};
 
-pub use scylla::statement::{Consistency, SerialConsistency};
+/// Consistency level of reads and writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// One replica.
+    One,
+    /// One replica in the local datacenter.
+    LocalOne,
+    /// A majority of all replicas.
+    Quorum,
+    /// A majority of the local datacenter's replicas.
+    #[default]
+    LocalQuorum,
+    /// A majority in each datacenter (writes).
+    EachQuorum,
+    /// Every replica.
+    All,
+}
+
+impl From<Consistency> for scylla::statement::Consistency {
+    fn from(c: Consistency) -> Self {
+        match c {
+            Consistency::One => Self::One,
+            Consistency::LocalOne => Self::LocalOne,
+            Consistency::Quorum => Self::Quorum,
+            Consistency::LocalQuorum => Self::LocalQuorum,
+            Consistency::EachQuorum => Self::EachQuorum,
+            Consistency::All => Self::All,
+        }
+    }
+}
+
+/// Consistency of lightweight transactions' Paxos rounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SerialConsistency {
+    /// Paxos across all datacenters.
+    Serial,
+    /// Paxos within the local datacenter.
+    #[default]
+    LocalSerial,
+}
+
+impl From<SerialConsistency> for scylla::statement::SerialConsistency {
+    fn from(c: SerialConsistency) -> Self {
+        match c {
+            SerialConsistency::Serial => Self::Serial,
+            SerialConsistency::LocalSerial => Self::LocalSerial,
+        }
+    }
+}
 
 /// Longest TTL CQL accepts: 20 years, in seconds.
 pub const MAX_TTL_SECS: i32 = 630_720_000;
 
-/// Settings of the CQL state store.
-#[derive(Clone, Debug)]
+/// Settings of the CQL state store: the `[state]` section with `type = "cql"` of the
+/// runtime's configuration (every key optional, defaults in [`CqlOptions::default`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct CqlOptions {
     /// Contact points, `host:port`.
     pub nodes: Vec<String>,
@@ -69,6 +121,7 @@ pub struct CqlOptions {
     /// ScyllaDB only: `Some(false)` creates the keyspace with `tablets = {'enabled':
     /// false}` (ScyllaDB releases whose tablets lack lightweight transactions); `None`
     /// leaves the server's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tablets: Option<bool>,
     /// Create the keyspace and table if they do not exist.
     pub create_schema: bool,
@@ -77,13 +130,19 @@ pub struct CqlOptions {
     /// Consistency of the Paxos round of compare-and-swap writes.
     pub serial_consistency: SerialConsistency,
     /// Client-side timeout of one request (retries included).
+    #[serde(rename = "request-timeout-ms", with = "spate_core::millis")]
     pub request_timeout: Duration,
     /// Timeout of opening one connection.
+    #[serde(rename = "connect-timeout-ms", with = "spate_core::millis")]
     pub connect_timeout: Duration,
     /// Rows read per page of a scan.
     pub scan_page_size: u32,
-    /// Credentials, if the cluster requires them.
-    pub credentials: Option<(String, String)>,
+    /// User name, if the cluster requires authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for `username`.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
 }
 
 impl Default for CqlOptions {
@@ -100,7 +159,8 @@ impl Default for CqlOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             scan_page_size: 1000,
-            credentials: None,
+            username: None,
+            password: None,
         }
     }
 }
@@ -209,8 +269,8 @@ impl CqlStateStore {
             return Err(ConnectError::Config(problems.join("; ")));
         }
         let profile = ExecutionProfile::builder()
-            .consistency(options.consistency)
-            .serial_consistency(Some(options.serial_consistency))
+            .consistency(options.consistency.into())
+            .serial_consistency(Some(options.serial_consistency.into()))
             .request_timeout(Some(options.request_timeout))
             .build();
         let mut builder = SessionBuilder::new()
@@ -222,7 +282,8 @@ impl CqlStateStore {
             // minimal CQL servers.
             .fetch_schema_metadata(false)
             .auto_await_schema_agreement(false);
-        if let Some((user, password)) = &options.credentials {
+        if let Some(user) = &options.username {
+            let password = options.password.clone().unwrap_or_default();
             builder = builder.user(user, password);
         }
         let session = builder

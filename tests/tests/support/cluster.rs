@@ -6,12 +6,13 @@
 
 use super::{TOKEN, test_config};
 use serde_json::Value;
-use spate::config::{CacheConfig, ReadThroughSettings, StateConfig};
+use spate::config::{CacheConfig, StateConfig};
 use spate::{Backends, Config, Runtime};
 use spate_conformance::cassandra::{cql_node, fresh_keyspace};
 use spate_conformance::services::{FaultProxy, RedisServer};
 use spate_core::{EventBus, NewEvent};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -30,31 +31,23 @@ pub fn cluster_config(
     read_through: bool,
 ) -> Config {
     let mut c = test_config(dir);
-    c.state = StateConfig::Cql {
+    c.state = StateConfig::Cql(spate_state_cql::CqlOptions {
         nodes: vec![proxy.addr().to_string()],
         keyspace: fresh_keyspace(),
-        table: "state".into(),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        tablets: None,
-        create_schema: true,
-        consistency: Default::default(),
-        serial_consistency: Default::default(),
-        request_timeout_ms: 2_000,
-        connect_timeout_ms: 2_000,
-        scan_page_size: 1_000,
-        username: None,
-        password: None,
-    };
-    c.cache = CacheConfig::Redis {
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        ..spate_state_cql::CqlOptions::default()
+    });
+    c.cache = CacheConfig::Redis(spate_cache_redis::RedisOptions {
         urls: vec![redis.url()],
-        cluster: false,
-        command_timeout_ms: 300,
-        connect_timeout_ms: 300,
-        retry_interval_ms: 200,
-    };
-    c.read_through = ReadThroughSettings {
+        command_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(300),
+        retry_interval: Duration::from_millis(200),
+        ..spate_cache_redis::RedisOptions::default()
+    });
+    c.read_through = spate_core::tiered::ReadThroughConfig {
         enabled: read_through,
-        ..ReadThroughSettings::default()
+        ..spate_core::tiered::ReadThroughConfig::default()
     };
     assert_eq!(c.api.token.as_deref(), Some(TOKEN));
     c
