@@ -135,14 +135,23 @@ R = Report()
 
 
 def runtime_metrics() -> tuple[set[str], set[str]]:
-    """(all metric names, histogram names) recorded by `metrics::…!("name"` in runtime/*/src."""
-    pattern = re.compile(r'metrics::(counter|gauge|histogram)!\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
+    """(all metric names, histogram names) the runtime records: the names declared in
+    runtime/core/src/metric_names.rs whose constant a `metrics::…!(…NAME` call in
+    runtime/*/src uses."""
+    table = (ROOT / "runtime" / "core" / "src" / "metric_names.rs").read_text(encoding="utf-8")
+    declared = re.findall(r'^\s*([A-Z][A-Z0-9_]*) = "([A-Za-z_:][A-Za-z0-9_:]*)", (Counter|Gauge|Histogram),', table, re.M)
+    sources = "\n".join(
+        p.read_text(encoding="utf-8")
+        for p in sorted((ROOT / "runtime").glob("*/src/**/*.rs"))
+        if p.name != "metric_names.rs"
+    )
+    used = set(re.findall(r"metrics::(?:counter|gauge|histogram)!\(\s*(?:[\w:]+::)?([A-Z][A-Z0-9_]*)\b", sources))
     names: set[str] = set()
     histograms: set[str] = set()
-    for path in sorted((ROOT / "runtime").glob("*/src/**/*.rs")):
-        for kind, name in pattern.findall(path.read_text(encoding="utf-8")):
+    for ident, name, kind in declared:
+        if ident in used:
             names.add(name)
-            if kind == "histogram":
+            if kind == "Histogram":
                 histograms.add(name)
     return names, histograms
 

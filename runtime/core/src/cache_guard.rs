@@ -36,7 +36,7 @@ impl GuardedCache {
     /// Guard `inner`, labelled `name` in metrics (`cache="redis"`), re-probing a degraded
     /// backend every `retry_interval`.
     pub fn new(inner: Arc<dyn Cache>, name: &str, retry_interval: Duration) -> Self {
-        metrics::gauge!("spate_cache_degraded", "cache" => name.to_owned()).set(0.0);
+        metrics::gauge!(crate::metric_names::CACHE_DEGRADED, "cache" => name.to_owned()).set(0.0);
         Self {
             inner,
             name: name.to_owned(),
@@ -82,7 +82,8 @@ impl GuardedCache {
             if let Ok(mut open) = self.open_until.lock() {
                 *open = None;
             }
-            metrics::gauge!("spate_cache_degraded", "cache" => self.name.clone()).set(0.0);
+            metrics::gauge!(crate::metric_names::CACHE_DEGRADED, "cache" => self.name.clone())
+                .set(0.0);
             info!(cache = %self.name, "cache reachable again");
         }
     }
@@ -94,11 +95,12 @@ impl GuardedCache {
         if let Ok(mut open) = self.open_until.lock() {
             *open = Some(Instant::now() + self.retry_interval);
         }
-        metrics::counter!("spate_cache_unavailable_total", "cache" => self.name.clone())
+        metrics::counter!(crate::metric_names::CACHE_UNAVAILABLE_TOTAL, "cache" => self.name.clone())
             .increment(1);
         if !self.degraded.swap(true, Ordering::AcqRel) {
             self.outages.fetch_add(1, Ordering::Relaxed);
-            metrics::gauge!("spate_cache_degraded", "cache" => self.name.clone()).set(1.0);
+            metrics::gauge!(crate::metric_names::CACHE_DEGRADED, "cache" => self.name.clone())
+                .set(1.0);
             warn!(cache = %self.name, %error, retry_in = ?self.retry_interval,
                 "cache unreachable; reads are misses and writes are skipped until it answers");
         }

@@ -12,6 +12,7 @@ pub mod cache_guard;
 pub mod embedded;
 pub mod host;
 pub mod manifest;
+pub mod metric_names;
 pub mod millis;
 pub mod parked;
 pub mod plugin;

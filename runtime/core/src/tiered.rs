@@ -185,11 +185,11 @@ impl Counters {
             coalesced: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             bypassed: AtomicU64::new(0),
-            m_gets: metrics::counter!("spate_state_reads_total", "plugin" => p.clone()),
-            m_store_reads: metrics::counter!("spate_state_store_reads_total", "plugin" => p.clone()),
-            m_hits: metrics::counter!("spate_state_cache_hits_total", "plugin" => p.clone()),
-            m_misses: metrics::counter!("spate_state_cache_misses_total", "plugin" => p.clone()),
-            m_errors: metrics::counter!("spate_state_cache_errors_total", "plugin" => p),
+            m_gets: metrics::counter!(crate::metric_names::STATE_READS_TOTAL, "plugin" => p.clone()),
+            m_store_reads: metrics::counter!(crate::metric_names::STATE_STORE_READS_TOTAL, "plugin" => p.clone()),
+            m_hits: metrics::counter!(crate::metric_names::STATE_CACHE_HITS_TOTAL, "plugin" => p.clone()),
+            m_misses: metrics::counter!(crate::metric_names::STATE_CACHE_MISSES_TOTAL, "plugin" => p.clone()),
+            m_errors: metrics::counter!(crate::metric_names::STATE_CACHE_ERRORS_TOTAL, "plugin" => p),
         }
     }
 

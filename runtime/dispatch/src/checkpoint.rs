@@ -338,7 +338,7 @@ impl Checkpointer {
     fn fail(&self, why: &str) {
         if !self.failed.is_cancelled() {
             warn!(group = %self.group, reason = why, "exactly-once transaction failed; the plugin restarts from its last committed checkpoint");
-            metrics::counter!("spate_transaction_failures_total", "plugin" => self.group.clone())
+            metrics::counter!(spate_core::metric_names::TRANSACTION_FAILURES_TOTAL, "plugin" => self.group.clone())
                 .increment(1);
             self.failed.cancel();
         }
@@ -778,7 +778,7 @@ impl Checkpointer {
             };
             // The cache may forget anything at any time: a failed write fails nothing.
             if let Err(e) = r {
-                metrics::counter!("spate_cache_errors_total", "plugin" => self.group.clone())
+                metrics::counter!(spate_core::metric_names::CACHE_ERRORS_TOTAL, "plugin" => self.group.clone())
                     .increment(1);
                 warn!(error = %e, "cache write failed at a checkpoint");
             }
@@ -975,7 +975,7 @@ impl Checkpointer {
         let mut delay = Duration::from_millis(50);
         let mut error = first;
         loop {
-            metrics::counter!("spate_emit_retries_total", "plugin" => self.group.clone())
+            metrics::counter!(spate_core::metric_names::EMIT_RETRIES_TOTAL, "plugin" => self.group.clone())
                 .increment(1);
             warn!(%topic, error = %error, ?delay, "emit failed; sending again");
             tokio::time::sleep(delay).await;

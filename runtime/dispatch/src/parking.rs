@@ -156,11 +156,12 @@ async fn park(
         ctx.set_parked(event.partition, k, true);
     }
     let plugin = ctx.plugin.clone();
-    metrics::counter!("spate_parked_events_total", "plugin" => plugin.clone(), "kind" => how.kind.to_owned()).increment(1);
-    metrics::counter!("spate_events_total", "plugin" => plugin.clone(), "outcome" => "parked")
+    metrics::counter!(spate_core::metric_names::PARKED_EVENTS_TOTAL, "plugin" => plugin.clone(), "kind" => how.kind.to_owned()).increment(1);
+    metrics::counter!(spate_core::metric_names::EVENTS_TOTAL, "plugin" => plugin.clone(), "outcome" => "parked")
         .increment(1);
     if new_key {
-        metrics::counter!("spate_parked_keys_total", "plugin" => plugin).increment(1);
+        metrics::counter!(spate_core::metric_names::PARKED_KEYS_TOTAL, "plugin" => plugin)
+            .increment(1);
         warn!(kind = how.kind, %reason, attempts = how.attempts, "event failed; its key is parked");
     }
     true
@@ -230,7 +231,7 @@ impl Job<'_> {
         if !apply_until_taken(self.ctx, self.at(), &effects).await {
             return false;
         }
-        metrics::counter!("spate_redrives_total", "plugin" => self.ctx.plugin.clone(), "action" => self.request.action.as_str(), "outcome" => outcome).increment(1);
+        metrics::counter!(spate_core::metric_names::REDRIVES_TOTAL, "plugin" => self.ctx.plugin.clone(), "action" => self.request.action.as_str(), "outcome" => outcome).increment(1);
         info!(
             action = self.request.action.as_str(),
             key = %self.request.key_id,
@@ -270,7 +271,7 @@ impl Job<'_> {
     /// key once its queue is empty, or park it again at the first event that fails.
     async fn redrive(&self, instance: &mut Box<dyn Instance>) -> bool {
         let key_id = &self.request.key_id;
-        let events = |outcome: &'static str| metrics::counter!("spate_redriven_events_total", "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
+        let events = |outcome: &'static str| metrics::counter!(spate_core::metric_names::REDRIVEN_EVENTS_TOTAL, "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
         loop {
             if self.stopping() {
                 return false;
@@ -415,7 +416,7 @@ impl Job<'_> {
 
     /// Handle the dead letters the request carries, in order, each at most once.
     async fn redrive_dead_letters(&self, instance: &mut Box<dyn Instance>) -> bool {
-        let events = |outcome: &'static str| metrics::counter!("spate_redriven_events_total", "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
+        let events = |outcome: &'static str| metrics::counter!(spate_core::metric_names::REDRIVEN_EVENTS_TOTAL, "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
         for event in &self.request.events {
             if self.stopping() {
                 return false;

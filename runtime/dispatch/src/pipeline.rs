@@ -92,8 +92,8 @@ struct Meters {
 impl Meters {
     fn new(plugin: &str) -> Self {
         Self {
-            handler_duration: metrics::histogram!("spate_handler_duration_seconds", "plugin" => plugin.to_owned()),
-            handled: metrics::counter!("spate_events_total", "plugin" => plugin.to_owned(), "outcome" => "ok"),
+            handler_duration: metrics::histogram!(spate_core::metric_names::HANDLER_DURATION_SECONDS, "plugin" => plugin.to_owned()),
+            handled: metrics::counter!(spate_core::metric_names::EVENTS_TOTAL, "plugin" => plugin.to_owned(), "outcome" => "ok"),
         }
     }
 }
@@ -558,7 +558,7 @@ impl Pipeline {
                             {
                                 debug!(plugin = %cfg.plugin, partition, "partition full; pausing it");
                                 sub.pause(&TopicPartition::new(cfg.topic.clone(), partition));
-                                metrics::counter!("spate_partition_pauses_total", "plugin" => cfg.plugin.clone()).increment(1);
+                                metrics::counter!(spate_core::metric_names::PARTITION_PAUSES_TOTAL, "plugin" => cfg.plugin.clone()).increment(1);
                             }
                         }
                     }
@@ -951,7 +951,7 @@ impl Pipeline {
                         .saturating_sub(*c)
                 })
                 .sum();
-            metrics::gauge!("spate_consumer_lag", "plugin" => cfg.plugin.clone(), "topic" => cfg.topic.clone())
+            metrics::gauge!(spate_core::metric_names::CONSUMER_LAG, "plugin" => cfg.plugin.clone(), "topic" => cfg.topic.clone())
                 .set(lag as f64);
         }
     }
@@ -1214,7 +1214,7 @@ impl Call<'_> {
                     }
                     CallOutcome::Reject(reason) => Failure::Fatal(DeadLetterKind::Rejected, reason),
                     CallOutcome::Trap(kind, message) => {
-                        metrics::counter!("spate_traps_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
+                        metrics::counter!(spate_core::metric_names::TRAPS_TOTAL, "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
                         // A trapped instance is never reused.
                         *instance = version.instance();
                         match kind {
@@ -1242,7 +1242,7 @@ impl Call<'_> {
             };
             match failure {
                 Failure::Infrastructure(message) => {
-                    metrics::counter!("spate_infrastructure_errors_total", "plugin" => ctx.plugin.clone())
+                    metrics::counter!(spate_core::metric_names::INFRASTRUCTURE_ERRORS_TOTAL, "plugin" => ctx.plugin.clone())
                         .increment(1);
                     let delay = infra_backoff.next().unwrap_or(ctx.max_infra_backoff);
                     warn!(error = %message, ?delay, "infrastructure failure; event will be retried");
@@ -1251,7 +1251,7 @@ impl Call<'_> {
                     }
                 }
                 Failure::Retryable(kind, reason) if attempt < policy.max_attempts => {
-                    metrics::counter!("spate_retries_total", "plugin" => ctx.plugin.clone())
+                    metrics::counter!(spate_core::metric_names::RETRIES_TOTAL, "plugin" => ctx.plugin.clone())
                         .increment(1);
                     // Counted durably, so the event's next owner goes on from here.
                     record_attempts(ctx, info, event, at, attempt).await;
@@ -1449,8 +1449,8 @@ pub(super) async fn dead_letter(
         warn!("dead letter not queued; the event stays uncommitted");
         return false;
     }
-    metrics::counter!("spate_dead_letters_total", "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
-    metrics::counter!("spate_events_total", "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
+    metrics::counter!(spate_core::metric_names::DEAD_LETTERS_TOTAL, "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
+    metrics::counter!(spate_core::metric_names::EVENTS_TOTAL, "plugin" => ctx.plugin.clone(), "outcome" => "dead-lettered").increment(1);
     warn!(kind = kind.as_str(), %reason, attempts, "event dead-lettered");
     true
 }

@@ -395,7 +395,7 @@ impl HostState {
                 .unwrap_or_default();
             tracing::warn!(target: "spate::guest", %plugin, dropped = self.log_dropped,
                 "log lines dropped: a call may log {MAX_LOG_LINES_PER_CALL} lines and {MAX_LOG_BYTES_PER_CALL} bytes");
-            metrics::counter!("spate_guest_log_lines_dropped_total", "plugin" => plugin)
+            metrics::counter!(spate_core::metric_names::GUEST_LOG_LINES_DROPPED_TOTAL, "plugin" => plugin)
                 .increment(u64::from(self.log_dropped));
             self.log_dropped = 0;
         }

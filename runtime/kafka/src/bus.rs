@@ -340,7 +340,8 @@ impl KafkaBus {
                 let previous = self.producer.compare_and_swap(dead, Arc::new(fresh));
                 if Arc::ptr_eq(&previous, dead) {
                     warn!(%code, %reason, "the idempotent producer hit a fatal error; replaced it (events in flight are retried, downstream dedupes by spate-idempotency-id)");
-                    metrics::counter!("spate_kafka_producer_resets_total").increment(1);
+                    metrics::counter!(spate_core::metric_names::KAFKA_PRODUCER_RESETS_TOTAL)
+                        .increment(1);
                 }
             }
             Err(e) => warn!(error = %e, "could not replace a dead producer; retrying later"),

@@ -98,7 +98,8 @@ impl ConsumerContext for SubContext {
                 epochs.remove(&e.partition());
             }
         }
-        metrics::counter!("spate_kafka_rebalances_total", "kind" => "revoke").increment(1);
+        metrics::counter!(spate_core::metric_names::KAFKA_REBALANCES_TOTAL, "kind" => "revoke")
+            .increment(1);
         if parts.is_empty() || self.shared.closing.load(Ordering::Acquire) {
             return;
         }
@@ -141,7 +142,7 @@ impl ConsumerContext for SubContext {
         }
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
-                metrics::counter!("spate_kafka_rebalances_total", "kind" => "assign").increment(1);
+                metrics::counter!(spate_core::metric_names::KAFKA_REBALANCES_TOTAL, "kind" => "assign").increment(1);
                 // Where each partition resumes: the group's committed offset. Only the
                 // dispatcher's bookkeeping starts there; librdkafka fetches from it (or
                 // from auto.offset.reset) by itself. 0 is a safe floor when unknown.

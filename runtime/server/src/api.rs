@@ -680,13 +680,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     // Sizes are read when scraped: a stat call per file and the log's in-memory counts.
     let backends = &state.runtime.backends;
     for h in &backends.storage {
-        metrics::gauge!("spate_storage_file_bytes", "file" => h.name()).set(h.file_bytes() as f64);
+        metrics::gauge!(spate_core::metric_names::STORAGE_FILE_BYTES, "file" => h.name())
+            .set(h.file_bytes() as f64);
     }
     if let Some(log) = &backends.log {
         for t in log.usage() {
-            metrics::gauge!("spate_log_retained_bytes", "topic" => t.topic.clone())
+            metrics::gauge!(spate_core::metric_names::LOG_RETAINED_BYTES, "topic" => t.topic.clone())
                 .set(t.bytes as f64);
-            metrics::gauge!("spate_log_retained_events", "topic" => t.topic).set(t.events as f64);
+            metrics::gauge!(spate_core::metric_names::LOG_RETAINED_EVENTS, "topic" => t.topic)
+                .set(t.events as f64);
         }
     }
     (

@@ -419,9 +419,11 @@ async fn parked_gauges(
                 .map(|k| parked::now_ms().saturating_sub(k.since_ms))
                 .max()
                 .unwrap_or(0);
-            metrics::gauge!("spate_parked_keys", "plugin" => name.clone()).set(keys.len() as f64);
-            metrics::gauge!("spate_parked_events", "plugin" => name.clone()).set(events as f64);
-            metrics::gauge!("spate_parked_oldest_seconds", "plugin" => name)
+            metrics::gauge!(spate_core::metric_names::PARKED_KEYS, "plugin" => name.clone())
+                .set(keys.len() as f64);
+            metrics::gauge!(spate_core::metric_names::PARKED_EVENTS, "plugin" => name.clone())
+                .set(events as f64);
+            metrics::gauge!(spate_core::metric_names::PARKED_OLDEST_SECONDS, "plugin" => name)
                 .set(oldest as f64 / 1000.0);
         }
     }

@@ -14,6 +14,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, U
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use spate_core::metric_names::{self, Kind};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,24 +31,12 @@ pub const HANDLER_DURATION_BUCKETS: &[f64] = &[
 /// How often histogram data is drained when nobody scrapes `/metrics`.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Gauges labelled by plugin that [`forget_plugin`] removes, with their HELP text.
-const PLUGIN_GAUGES: &[(&str, &str)] = &[
-    (
-        "spate_consumer_lag",
-        "Events appended to a subscribed topic but not yet committed by the plugin.",
-    ),
-    (
-        "spate_parked_keys",
-        "Keys of a park-key plugin parked after a failure, waiting for a redrive or a discard (cluster-wide).",
-    ),
-    (
-        "spate_parked_events",
-        "Events waiting in the parked keys' queues (cluster-wide).",
-    ),
-    (
-        "spate_parked_oldest_seconds",
-        "Age of the oldest parked key (cluster-wide).",
-    ),
+/// Gauges labelled by plugin that [`forget_plugin`] removes.
+const PLUGIN_GAUGES: &[&str] = &[
+    metric_names::CONSUMER_LAG,
+    metric_names::PARKED_KEYS,
+    metric_names::PARKED_EVENTS,
+    metric_names::PARKED_OLDEST_SECONDS,
 ];
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -92,7 +81,11 @@ impl PluginGauges {
 
     fn render(&self, out: &mut String) {
         let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        for (name, help) in PLUGIN_GAUGES {
+        for name in PLUGIN_GAUGES {
+            let help = metric_names::ALL
+                .iter()
+                .find(|m| m.name == *name)
+                .map_or("", |m| m.help);
             let mut of_name = series.iter().filter(|(k, _)| k.name() == *name).peekable();
             if of_name.peek().is_none() {
                 continue;
@@ -141,7 +134,7 @@ impl metrics::Recorder for Recorder {
     }
 
     fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
-        if PLUGIN_GAUGES.iter().any(|(name, _)| key.name() == *name) {
+        if PLUGIN_GAUGES.contains(&key.name()) {
             self.plugin_gauges.gauge(key)
         } else {
             self.inner.register_gauge(key, metadata)
@@ -212,112 +205,15 @@ pub fn metrics() -> Metrics {
         .clone()
 }
 
-/// HELP lines for every metric the runtime records.
+/// HELP lines for every metric the runtime records ([`metric_names::ALL`]).
 fn describe() {
-    metrics::describe_counter!(
-        "spate_events_total",
-        Unit::Count,
-        "Events finished per plugin, by outcome (ok, dead-lettered)."
-    );
-    metrics::describe_histogram!(
-        "spate_handler_duration_seconds",
-        Unit::Seconds,
-        "Wall-clock time of one handler call, including instantiation."
-    );
-    metrics::describe_counter!(
-        "spate_retries_total",
-        Unit::Count,
-        "Handler attempts that failed and were retried."
-    );
-    metrics::describe_counter!(
-        "spate_dead_letters_total",
-        Unit::Count,
-        "Events sent to the dead-letter topic, by failure kind."
-    );
-    metrics::describe_counter!(
-        "spate_traps_total",
-        Unit::Count,
-        "Handler calls that trapped, by kind (deadline, memory, panic, ...)."
-    );
-    metrics::describe_counter!(
-        "spate_partition_pauses_total",
-        Unit::Count,
-        "Times a partition was paused because its unfinished events reached dispatch.max-buffered-per-partition (backpressure)."
-    );
-    metrics::describe_counter!(
-        "spate_infrastructure_errors_total",
-        Unit::Count,
-        "Backend failures (state, emit, source) that made an event be retried without counting an attempt."
-    );
-    metrics::describe_counter!(
-        "spate_cache_errors_total",
-        Unit::Count,
-        "Cache writes that failed after an event's durable effects were applied."
-    );
-    metrics::describe_gauge!(
-        "spate_cache_degraded",
-        Unit::Count,
-        "1 while the cache backend is unreachable (reads are misses, writes are skipped), else 0."
-    );
-    metrics::describe_counter!(
-        "spate_cache_unavailable_total",
-        Unit::Count,
-        "Cache calls that found the backend unreachable."
-    );
-    metrics::describe_counter!(
-        "spate_state_reads_total",
-        Unit::Count,
-        "state.get calls per plugin (compare-and-swap reads included)."
-    );
-    metrics::describe_counter!(
-        "spate_state_store_reads_total",
-        Unit::Count,
-        "state.get calls per plugin that read the state store (not answered by the read-through cache)."
-    );
-    metrics::describe_counter!(
-        "spate_state_cache_hits_total",
-        Unit::Count,
-        "state.get calls per plugin answered by the read-through cache."
-    );
-    metrics::describe_counter!(
-        "spate_state_cache_misses_total",
-        Unit::Count,
-        "state.get calls per plugin the read-through cache could not answer."
-    );
-    metrics::describe_counter!(
-        "spate_state_cache_errors_total",
-        Unit::Count,
-        "Read-through cache calls per plugin that failed (reads fall back to the store)."
-    );
-    metrics::describe_gauge!(
-        "spate_storage_file_bytes",
-        Unit::Bytes,
-        "Size on disk of each embedded database file (file = log | state)."
-    );
-    metrics::describe_gauge!(
-        "spate_storage_degraded",
-        "1 while an embedded database file cannot be written (a full disk) and is being reopened."
-    );
-    metrics::describe_counter!(
-        "spate_storage_compactions_total",
-        Unit::Count,
-        "Compactions of an embedded database file after retention freed space."
-    );
-    metrics::describe_gauge!(
-        "spate_log_retained_bytes",
-        Unit::Bytes,
-        "Bytes of the records the embedded log keeps per topic."
-    );
-    metrics::describe_gauge!(
-        "spate_log_retained_events",
-        Unit::Count,
-        "Events the embedded log keeps per topic."
-    );
-    metrics::describe_counter!(
-        "spate_log_retention_deleted_events_total",
-        Unit::Count,
-        "Events the embedded log's retention deleted per topic."
-    );
+    for m in metric_names::ALL {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
 }
 
 /// Install the `tracing` subscriber: human-readable logs to stderr, filtered by

@@ -75,11 +75,8 @@ impl StorageHealth {
     fn set(&self, reason: Option<String>) {
         let degraded = reason.is_some();
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
-        metrics::gauge!("spate_storage_degraded", "file" => self.name).set(if degraded {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!(crate::metric_names::STORAGE_DEGRADED, "file" => self.name)
+            .set(if degraded { 1.0 } else { 0.0 });
     }
 }
 

@@ -447,7 +447,8 @@ fn compact_if_worth_it(db: &mut Database, health: &StorageHealth, min: u64) -> B
     let started = std::time::Instant::now();
     db.compact().map_err(|e| redb_error(redb::Error::from(e)))?;
     let after = health.file_bytes();
-    metrics::counter!("spate_storage_compactions_total", "file" => health.name()).increment(1);
+    metrics::counter!(crate::metric_names::STORAGE_COMPACTIONS_TOTAL, "file" => health.name())
+        .increment(1);
     tracing::info!(file = %health.path().display(), before, after,
         ms = started.elapsed().as_millis() as u64, "compacted the event log");
     Ok(before.saturating_sub(after))
@@ -1130,7 +1131,7 @@ impl Batcher for LogWriter {
             for (name, st) in staged.topics {
                 let deleted: u64 = st.deleted.iter().sum();
                 if deleted > 0 {
-                    metrics::counter!("spate_log_retention_deleted_events_total", "topic" => name.clone())
+                    metrics::counter!(crate::metric_names::LOG_RETENTION_DELETED_EVENTS_TOTAL, "topic" => name.clone())
                         .increment(deleted);
                 }
                 if st.created {
