@@ -16,6 +16,8 @@ pub mod metric_names;
 pub mod millis;
 pub mod parked;
 pub mod plugin;
+#[cfg(any(test, feature = "test-kit"))]
+pub mod test_kit;
 pub mod tiered;
 pub mod types;
 

@@ -168,52 +168,14 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::{CallOutcome, Instance, PluginVersion};
-    use spate_core::host::{Invocation, PluginInfo};
-    use spate_core::manifest::{LimitCeilings, Manifest};
-    use std::sync::atomic::AtomicUsize;
+    use crate::{CallOutcome, PluginVersion};
+    use spate_core::test_kit::FnPlugin;
 
-    /// Counts its live instances, as pool slots would.
-    struct Counted {
-        info: Arc<PluginInfo>,
-        live: Arc<AtomicUsize>,
-    }
-
-    struct CountedInstance(Arc<AtomicUsize>);
-
-    impl Drop for CountedInstance {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    impl PluginVersion for Counted {
-        fn info(&self) -> &Arc<PluginInfo> {
-            &self.info
-        }
-        fn instance(&self) -> Box<dyn Instance> {
-            self.live.fetch_add(1, Ordering::SeqCst);
-            Box::new(CountedInstance(Arc::clone(&self.live)))
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Instance for CountedInstance {
-        async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
-            CallOutcome::Ok(inv.take_journal())
-        }
-    }
-
-    fn version(live: &Arc<AtomicUsize>) -> Arc<dyn PluginVersion> {
-        let m = Manifest::parse(
+    fn version() -> Arc<FnPlugin> {
+        FnPlugin::new(
             "name = \"p\"\nversion = \"1.0.0\"\nsubscriptions = [{ topic = \"t\" }]\n",
-            &LimitCeilings::default(),
+            |mut inv| async move { CallOutcome::Ok(inv.take_journal()) },
         )
-        .unwrap();
-        Arc::new(Counted {
-            info: Arc::new(PluginInfo::new(m, "h".into())),
-            live: Arc::clone(live),
-        })
     }
 
     fn warm(v: &Arc<dyn PluginVersion>) -> WarmInstance {
@@ -222,15 +184,15 @@ mod tests {
 
     #[test]
     fn one_budget_across_owners_oldest_first() {
-        let live = Arc::new(AtomicUsize::new(0));
-        let v = version(&live);
+        let plugin = version();
+        let v: Arc<dyn PluginVersion> = plugin.clone();
         let idle = IdleInstances::new(3, Duration::from_secs(60));
         let (a, b) = (idle.owner(), idle.owner());
         for i in 0..3 {
             idle.put(a, LaneKey::Partition(i), warm(&v));
         }
         idle.put(b, LaneKey::Partition(0), warm(&v));
-        assert_eq!((idle.len(), live.load(Ordering::SeqCst)), (3, 3));
+        assert_eq!((idle.len(), plugin.live()), (3, 3));
         assert!(
             idle.take(a, &LaneKey::Partition(0)).is_none(),
             "the oldest made room"
@@ -239,17 +201,13 @@ mod tests {
         idle.forget(a, |k| *k == LaneKey::Partition(1));
         assert_eq!(idle.len(), 1);
         assert_eq!(idle.evict_all(), 1);
-        assert_eq!(
-            live.load(Ordering::SeqCst),
-            0,
-            "evicted instances are dropped"
-        );
+        assert_eq!(plugin.live(), 0, "evicted instances are dropped");
     }
 
     #[test]
     fn idle_instances_expire_after_the_timeout() {
-        let live = Arc::new(AtomicUsize::new(0));
-        let v = version(&live);
+        let plugin = version();
+        let v: Arc<dyn PluginVersion> = plugin.clone();
         let idle = IdleInstances::new(10, Duration::from_millis(50));
         let owner = idle.owner();
         idle.put(owner, LaneKey::Partition(0), warm(&v));
@@ -257,6 +215,6 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         idle.put(owner, LaneKey::Partition(1), warm(&v));
         assert_eq!(idle.expire(), 1);
-        assert_eq!((idle.len(), live.load(Ordering::SeqCst)), (1, 1));
+        assert_eq!((idle.len(), plugin.live()), (1, 1));
     }
 }

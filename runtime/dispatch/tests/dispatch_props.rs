@@ -2,17 +2,16 @@
 //! FIFO under concurrency, and a commit watermark that ends at the end of every partition.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use async_trait::async_trait;
 use proptest::prelude::*;
 use spate_core::backend::{EventBus, EventSource};
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::{Invocation, PluginInfo};
+use spate_core::host::Invocation;
 use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::test_kit::{FnPlugin, echo};
 use spate_core::tiered::StateTier;
 use spate_core::{NewEvent, StateStore};
 use spate_dispatch::{
-    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Instance, Pipeline,
-    PluginVersion,
+    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Pipeline, PluginVersion,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,34 +28,12 @@ fn pipeline(cx: &DispatchContext, version: Arc<dyn PluginVersion>) -> Pipeline {
 
 /// Emits its input payload to `out`, after a delay the payload's first byte chooses, so
 /// lanes finish out of order.
-struct Echo {
-    info: Arc<PluginInfo>,
-}
-
-struct EchoInstance;
-
-impl PluginVersion for Echo {
-    fn info(&self) -> &Arc<PluginInfo> {
-        &self.info
+async fn delayed_echo(inv: Invocation) -> CallOutcome {
+    let delay = inv.event().payload.first().copied().unwrap_or(0) % 4;
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }
-    fn instance(&self) -> Box<dyn Instance> {
-        Box::new(EchoInstance)
-    }
-}
-
-#[async_trait]
-impl Instance for EchoInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
-        let event = Arc::clone(inv.event());
-        let delay = event.payload.first().copied().unwrap_or(0) % 4;
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
-        }
-        match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
-            Ok(()) => CallOutcome::Ok(inv.take_journal()),
-            Err(e) => CallOutcome::Reject(e.to_string()),
-        }
-    }
+    echo(inv, "out")
 }
 
 fn manifest() -> Manifest {
@@ -98,9 +75,7 @@ async fn run_case(events: Vec<(u8, u8)>) {
         .collect();
     bus.append("in", batch).await.unwrap();
 
-    let version: Arc<dyn PluginVersion> = Arc::new(Echo {
-        info: Arc::new(PluginInfo::new(manifest(), "0".repeat(64))),
-    });
+    let version: Arc<dyn PluginVersion> = FnPlugin::with_manifest(manifest(), delayed_echo);
     let cx = DispatchContext::new(
         source.clone(),
         bus.clone(),
@@ -164,30 +139,9 @@ proptest! {
 }
 
 /// Panics in the host on payload `b"boom"`; emits otherwise.
-struct Panicky {
-    info: Arc<PluginInfo>,
-}
-
-struct PanickyInstance;
-
-impl PluginVersion for Panicky {
-    fn info(&self) -> &Arc<PluginInfo> {
-        &self.info
-    }
-    fn instance(&self) -> Box<dyn Instance> {
-        Box::new(PanickyInstance)
-    }
-}
-
-#[async_trait]
-impl Instance for PanickyInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
-        let event = Arc::clone(inv.event());
-        assert!(event.payload != b"boom", "host bug on this event");
-        inv.emit("out", event.key.clone(), event.payload.clone(), vec![])
-            .unwrap();
-        CallOutcome::Ok(inv.take_journal())
-    }
+async fn panicky(inv: Invocation) -> CallOutcome {
+    assert!(inv.event().payload != b"boom", "host bug on this event");
+    echo(inv, "out")
 }
 
 /// A panic while handling one event is that event's failure (retried, then dead-lettered);
@@ -201,9 +155,7 @@ async fn a_host_panic_dead_letters_the_event_and_the_lane_goes_on() {
     let mut m = manifest();
     m.retry.max_attempts = 2;
     m.retry.initial_backoff_ms = 1;
-    let version: Arc<dyn PluginVersion> = Arc::new(Panicky {
-        info: Arc::new(PluginInfo::new(m, "0".repeat(64))),
-    });
+    let version: Arc<dyn PluginVersion> = FnPlugin::with_manifest(m, panicky);
     let events = ["a", "boom", "b"]
         .iter()
         .map(|p| NewEvent {

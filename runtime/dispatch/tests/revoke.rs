@@ -9,12 +9,12 @@ use spate_core::backend::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
 use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::{Invocation, PluginInfo};
-use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::host::Invocation;
+use spate_core::test_kit::{FnPlugin, echo};
 use spate_core::tiered::StateTier;
 use spate_core::types::{Event, TopicPartition};
 use spate_dispatch::{
-    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Instance, PluginVersion,
+    ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, PluginVersion,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,32 +124,11 @@ impl EventSource for ScriptedSource {
 }
 
 /// Sleeps for the milliseconds its payload names (u16, big-endian), then emits it.
-struct Sleeper {
-    info: Arc<PluginInfo>,
-}
-
-struct SleeperInstance;
-
-impl PluginVersion for Sleeper {
-    fn info(&self) -> &Arc<PluginInfo> {
-        &self.info
-    }
-    fn instance(&self) -> Box<dyn Instance> {
-        Box::new(SleeperInstance)
-    }
-}
-
-#[async_trait]
-impl Instance for SleeperInstance {
-    async fn call(&mut self, mut inv: Invocation) -> CallOutcome {
-        let event = Arc::clone(inv.event());
-        let ms = u16::from_be_bytes([event.payload[0], event.payload[1]]);
-        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
-        match inv.emit("out", event.key.clone(), event.payload.clone(), vec![]) {
-            Ok(()) => CallOutcome::Ok(inv.take_journal()),
-            Err(e) => CallOutcome::Reject(e.to_string()),
-        }
-    }
+async fn sleep_then_echo(inv: Invocation) -> CallOutcome {
+    let payload = &inv.event().payload;
+    let ms = u16::from_be_bytes([payload[0], payload[1]]);
+    tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+    echo(inv, "out")
 }
 
 fn event(partition: u32, offset: u64, key: &str, sleep_ms: u16) -> Event {
@@ -190,14 +169,10 @@ impl Rig {
             script: script.clone(),
             rx: Mutex::new(Some(rx)),
         });
-        let manifest = Manifest::parse(
+        let version: Arc<dyn PluginVersion> = FnPlugin::new(
             "name = \"sleeper\"\nversion = \"1.0.0\"\nsubscriptions = [{ topic = \"in\" }]\n[capabilities]\nemit-topics = [\"out\"]\n[limits]\nconcurrency = 8\ntimeout-ms = 10000\n",
-            &LimitCeilings::default(),
-        )
-        .unwrap();
-        let version: Arc<dyn PluginVersion> = Arc::new(Sleeper {
-            info: Arc::new(PluginInfo::new(manifest, "0".repeat(64))),
-        });
+            sleep_then_echo,
+        );
         let mut settings = DispatchSettings {
             commit_interval: Duration::from_secs(3600), // only revocations commit here
             ..DispatchSettings::default()
