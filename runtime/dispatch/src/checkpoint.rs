@@ -33,6 +33,7 @@
 
 use super::watermark::Watermark;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use spate_core::backend::{
     BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
     StateWrite, Transactional, Transactions,
@@ -41,7 +42,7 @@ use spate_core::host::CacheOp;
 pub use spate_core::host::Effects;
 use spate_core::types::{NewEvent, TopicPartition};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -392,13 +393,9 @@ impl Checkpointer {
         Arc::new(View(Arc::clone(self)))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A pipeline starts using the checkpointer: the first one starts its tasks.
     pub fn enter(self: &Arc<Self>) {
-        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.tasks.lock();
         t.0 += 1;
         if t.1.is_none() {
             let stop = CancellationToken::new();
@@ -426,7 +423,7 @@ impl Checkpointer {
     /// tasks and waits for them, so nothing holds the store or the bus once it returns.
     pub async fn leave(&self) {
         let tasks = {
-            let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut t = self.tasks.lock();
             t.0 = t.0.saturating_sub(1);
             if t.0 == 0 { t.1.take() } else { None }
         };
@@ -464,7 +461,7 @@ impl Checkpointer {
             _ => Watermark::new(start),
         };
         let from = mark.committable();
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.marks
             .entry(topic.to_owned())
             .or_default()
@@ -478,7 +475,7 @@ impl Checkpointer {
 
     /// Forget revoked partitions (after the checkpoint that covers what they finished).
     pub fn release(&self, topic: &str, partitions: impl IntoIterator<Item = u32>) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         for p in partitions {
             if let Some(m) = g.marks.get_mut(topic) {
                 m.remove(&p);
@@ -491,7 +488,7 @@ impl Checkpointer {
 
     /// An event at `offset` was read.
     pub fn track(&self, topic: &str, partition: u32, offset: u64) -> Track {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
             return Track::Seen;
         };
@@ -506,7 +503,8 @@ impl Checkpointer {
 
     /// The position the last durable checkpoint covers in `topic`/`partition`.
     pub fn durable(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.lock()
+        self.inner
+            .lock()
             .durable
             .get(topic)
             .and_then(|d| d.get(&partition))
@@ -567,7 +565,7 @@ impl Checkpointer {
             // Conditions on keys the view does not hold are checked against the store,
             // read before taking the lock; a checkpoint landing meanwhile means read again.
             let (generation, missing) = {
-                let g = self.lock();
+                let g = self.inner.lock();
                 let now = now_ms();
                 let missing: Vec<&str> = writes
                     .iter()
@@ -586,7 +584,7 @@ impl Checkpointer {
                     .map_err(FinishError::Backend)?;
                 stored.insert(key.to_owned(), value);
             }
-            let mut g = self.lock();
+            let mut g = self.inner.lock();
             if !stored.is_empty() && g.generation != generation {
                 continue;
             }
@@ -662,7 +660,7 @@ impl Checkpointer {
     async fn wait_for_room(&self) {
         loop {
             let (full, mut acked, mut done) = {
-                let g = self.lock();
+                let g = self.inner.lock();
                 (
                     g.dirty_bytes > self.config.max_bytes
                         || g.unacked_bytes > self.config.max_bytes,
@@ -692,7 +690,7 @@ impl Checkpointer {
             ));
         }
         let (snapshot, positions, target, cache) = {
-            let mut g = self.lock();
+            let mut g = self.inner.lock();
             if self.eos.is_some() {
                 if g.events == 0 && g.queue.is_empty() && g.unacked_bytes == 0 {
                     // Nothing new: no transaction to commit.
@@ -784,7 +782,7 @@ impl Checkpointer {
             }
         }
         {
-            let mut g = self.lock();
+            let mut g = self.inner.lock();
             g.flushing = None;
             g.generation += 1;
             // Partitions released meanwhile stay forgotten.
@@ -822,7 +820,7 @@ impl Checkpointer {
             // Still pending: a restart finds the id committed and keeps it.
             warn!(group = %self.group, error = %e, "could not clear a committed checkpoint's undo record");
         }
-        self.lock().barrier = None;
+        self.inner.lock().barrier = None;
         self.queued.notify_one();
         Ok(())
     }
@@ -830,7 +828,7 @@ impl Checkpointer {
     /// A checkpoint failed: its writes go back under the ones applied since (which are
     /// newer), to be written by the next one.
     fn restore(&self, snapshot: Arc<Overlay>, cache: Vec<CacheOp>) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.flushing = None;
         let newer = std::mem::take(&mut g.dirty);
         let mut merged = Arc::try_unwrap(snapshot).unwrap_or_else(|a| (*a).clone());
@@ -888,7 +886,7 @@ impl Checkpointer {
         loop {
             let Some(me) = this.upgrade() else { return };
             let batch: Vec<Queued> = {
-                let mut g = me.lock();
+                let mut g = me.inner.lock();
                 let upto = g.barrier.unwrap_or(u64::MAX);
                 let n = g.queue.iter().take_while(|q| q.seq <= upto).count();
                 g.queue.drain(..n).collect()
@@ -932,7 +930,7 @@ impl Checkpointer {
                     self.fail(&e.to_string());
                     return;
                 }
-                let mut g = self.lock();
+                let mut g = self.inner.lock();
                 g.unacked_bytes = g.unacked_bytes.saturating_sub(bytes);
                 drop(g);
                 self.acked.send_replace(last);
@@ -952,7 +950,7 @@ impl Checkpointer {
                 }
             }
             {
-                let mut g = self.lock();
+                let mut g = self.inner.lock();
                 g.unacked_bytes = g.unacked_bytes.saturating_sub(bytes);
             }
             self.acked.send_replace(last);
@@ -990,7 +988,7 @@ impl Checkpointer {
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        let t = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        let t = self.tasks.get_mut();
         if let Some(tasks) = t.1.take() {
             tasks.stop.cancel();
         }
@@ -1002,7 +1000,7 @@ struct View(Arc<Checkpointer>);
 
 impl View {
     fn overlay(&self, namespace: &str, key: &str) -> Option<Option<(Vec<u8>, u64)>> {
-        let g = self.0.lock();
+        let g = self.0.inner.lock();
         let now = now_ms();
         let hit = |o: &Overlay| o.get(namespace).and_then(|m| m.get(key)).cloned();
         hit(&g.dirty)
@@ -1045,7 +1043,7 @@ impl StateStore for View {
     ) -> BackendResult<Vec<(String, Vec<u8>)>> {
         // Pending writes in range, newest first (dirty over flushing).
         let pending: BTreeMap<String, Option<Vec<u8>>> = {
-            let g = self.0.lock();
+            let g = self.0.inner.lock();
             let now = now_ms();
             let mut out = BTreeMap::new();
             for o in [g.flushing.as_deref(), Some(&g.dirty)]
@@ -1283,7 +1281,7 @@ mod tests {
             _group: &str,
         ) -> BackendResult<Arc<dyn Transactions>> {
             // A new producer with the same id aborts what the last one left open.
-            self.0.open.lock().unwrap().clear();
+            self.0.open.lock().clear();
             Ok(Arc::new(Txn(Arc::clone(&self.0))))
         }
     }
@@ -1295,7 +1293,7 @@ mod tests {
             _topic: &str,
             events: Vec<NewEvent>,
         ) -> BackendResult<spate_core::backend::EmitTicket> {
-            let mut open = self.0.open.lock().unwrap();
+            let mut open = self.0.open.lock();
             open.extend(
                 events
                     .iter()
@@ -1309,7 +1307,7 @@ mod tests {
             offsets: &[(TopicPartition, u64)],
             checkpoint: &str,
         ) -> BackendResult<()> {
-            let sent = std::mem::take(&mut *self.0.open.lock().unwrap());
+            let sent = std::mem::take(&mut *self.0.open.lock());
             if self
                 .0
                 .fail_next_commit
@@ -1317,8 +1315,8 @@ mod tests {
             {
                 return Err(BackendError::Unavailable("fenced".into()));
             }
-            self.0.visible.lock().unwrap().extend(sent);
-            let mut tags = self.0.tags.lock().unwrap();
+            self.0.visible.lock().extend(sent);
+            let mut tags = self.0.tags.lock();
             for (tp, next) in offsets {
                 tags.insert(
                     (tp.topic.clone(), tp.partition),
@@ -1329,14 +1327,14 @@ mod tests {
         }
 
         async fn committed_checkpoint(&self, tp: &TopicPartition) -> BackendResult<Option<String>> {
-            let tags = self.0.tags.lock().unwrap();
+            let tags = self.0.tags.lock();
             Ok(tags
                 .get(&(tp.topic.clone(), tp.partition))
                 .map(|(_, t)| t.clone()))
         }
 
         async fn abort(&self) -> BackendResult<()> {
-            self.0.open.lock().unwrap().clear();
+            self.0.open.lock().clear();
             Ok(())
         }
     }
@@ -1375,11 +1373,11 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
-            broker.visible.lock().unwrap().is_empty(),
+            broker.visible.lock().is_empty(),
             "visible before its commit"
         );
         ckpt.checkpoint().await.unwrap();
-        assert_eq!(*broker.visible.lock().unwrap(), ["e1"]);
+        assert_eq!(*broker.visible.lock(), ["e1"]);
         assert_eq!(f.store.pending_checkpoint("ns").await.unwrap(), None);
 
         assert_eq!(ckpt.track("in", 0, 1), Track::New);
@@ -1398,7 +1396,7 @@ mod tests {
             "a failed checkpointer applies nothing more"
         );
         ckpt.leave().await;
-        assert_eq!(*broker.visible.lock().unwrap(), ["e1"]);
+        assert_eq!(*broker.visible.lock(), ["e1"]);
         assert_eq!(f.store.get("ns", "k").await.unwrap(), Some(b"v1".to_vec()));
         let at = f.store.source_position("ns", "g", "in", 0).await.unwrap();
         assert_eq!(at.map(|p| p.next), Some(1));
@@ -1413,7 +1411,7 @@ mod tests {
             .await
             .unwrap();
         ckpt.checkpoint().await.unwrap();
-        assert_eq!(*broker.visible.lock().unwrap(), ["e1", "e2"]);
+        assert_eq!(*broker.visible.lock(), ["e1", "e2"]);
         assert_eq!(f.store.get("ns", "k").await.unwrap(), Some(b"v2".to_vec()));
         ckpt.leave().await;
     }
@@ -1445,11 +1443,7 @@ mod tests {
             } else {
                 "an-older-checkpoint".into()
             };
-            broker
-                .tags
-                .lock()
-                .unwrap()
-                .insert(("in".into(), 0), (5, tag));
+            broker.tags.lock().insert(("in".into(), 0), (5, tag));
             let ckpt = exactly_once(&f, &broker);
             let from = ckpt.assign("in", 0, 0).await.unwrap();
             let k = f.store.get("ns", "k").await.unwrap();

@@ -7,9 +7,10 @@
 //! evicts them all before it waits.
 
 use super::pipeline::{LaneKey, WarmInstance};
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The shared idle budget; see the [module docs](self).
@@ -63,10 +64,6 @@ impl IdleInstances {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// A new owner id (one per pipeline).
     pub(super) fn owner(&self) -> u64 {
         self.owners.fetch_add(1, Ordering::Relaxed)
@@ -74,7 +71,7 @@ impl IdleInstances {
 
     /// Idle instances held now.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.inner.lock().entries.len()
     }
 
     /// Whether none is held.
@@ -90,7 +87,7 @@ impl IdleInstances {
         }
         let mut evicted = Vec::new();
         {
-            let mut inner = self.lock();
+            let mut inner = self.inner.lock();
             let id = (owner, key);
             evicted.extend(inner.remove(&id));
             while inner.entries.len() >= self.cap {
@@ -110,13 +107,13 @@ impl IdleInstances {
 
     /// Take back `owner`'s idle instance of lane `key`, if it is still kept.
     pub(super) fn take(&self, owner: u64, key: &LaneKey) -> Option<WarmInstance> {
-        self.lock().remove(&(owner, key.clone()))
+        self.inner.lock().remove(&(owner, key.clone()))
     }
 
     /// Drop `owner`'s idle instances whose lane matches `which`.
     pub(super) fn forget(&self, owner: u64, which: impl Fn(&LaneKey) -> bool) {
         let dropped: Vec<WarmInstance> = {
-            let mut inner = self.lock();
+            let mut inner = self.inner.lock();
             let ids: Vec<(u64, LaneKey)> = inner
                 .entries
                 .keys()
@@ -133,7 +130,7 @@ impl IdleInstances {
         let now = Instant::now();
         let mut dropped = Vec::new();
         {
-            let mut inner = self.lock();
+            let mut inner = self.inner.lock();
             while let Some((_, id)) = inner.order.first_key_value() {
                 let expired = inner
                     .entries
@@ -155,7 +152,7 @@ impl IdleInstances {
     /// returns how many.
     pub fn evict_all(&self) -> usize {
         let dropped: Vec<WarmInstance> = {
-            let mut inner = self.lock();
+            let mut inner = self.inner.lock();
             inner.order.clear();
             inner.entries.drain().map(|(_, (i, _, _))| i).collect()
         };

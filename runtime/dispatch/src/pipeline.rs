@@ -102,13 +102,13 @@ pub(super) struct WorkerCtx {
     pub(super) plugin: String,
     /// Attempts earlier runs made on events of this pipeline's partitions that were still
     /// being retried (loaded when a partition is assigned), by partition and offset.
-    attempts: std::sync::Mutex<HashMap<(u32, u64), u32>>,
+    attempts: parking_lot::Mutex<HashMap<(u32, u64), u32>>,
     /// Whether `attempts` holds anything (the check every event makes).
     any_attempts: std::sync::atomic::AtomicBool,
     /// Keys of this pipeline's partitions that may be parked (by partition): every parked
     /// one is here (loaded when a partition is assigned, added when one parks), so an event
     /// whose key is not needs no read of the store.
-    parked: std::sync::Mutex<HashSet<(u32, Vec<u8>)>>,
+    parked: parking_lot::Mutex<HashSet<(u32, Vec<u8>)>>,
     /// Whether `parked` holds anything (the check every event makes).
     any_parked: std::sync::atomic::AtomicBool,
     /// Idle warm instances of every pipeline, evicted when the sandbox pool is full.
@@ -130,10 +130,8 @@ pub(super) struct WorkerCtx {
 }
 
 impl WorkerCtx {
-    fn attempts(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, u64), u32>> {
-        self.attempts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn attempts(&self) -> parking_lot::MutexGuard<'_, HashMap<(u32, u64), u32>> {
+        self.attempts.lock()
     }
 
     /// Attempts an earlier run made on the event at `partition`/`offset` (0 if none).
@@ -161,10 +159,8 @@ impl WorkerCtx {
             .store(!parked.is_empty(), std::sync::atomic::Ordering::Release);
     }
 
-    fn parked(&self) -> std::sync::MutexGuard<'_, HashSet<(u32, Vec<u8>)>> {
-        self.parked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn parked(&self) -> parking_lot::MutexGuard<'_, HashSet<(u32, Vec<u8>)>> {
+        self.parked.lock()
     }
 
     /// Whether `key` of `partition` may be parked (then the store says whether it is).
@@ -435,9 +431,9 @@ impl Pipeline {
     ) -> Self {
         let ctx = Arc::new(WorkerCtx {
             plugin: config.plugin.clone(),
-            attempts: std::sync::Mutex::default(),
+            attempts: parking_lot::Mutex::default(),
             any_attempts: std::sync::atomic::AtomicBool::new(false),
-            parked: std::sync::Mutex::default(),
+            parked: parking_lot::Mutex::default(),
             any_parked: std::sync::atomic::AtomicBool::new(false),
             idle: Arc::clone(&shared.idle),
             active: Arc::clone(&shared.active),

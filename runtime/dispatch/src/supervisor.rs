@@ -8,11 +8,12 @@
 //! pipelines' health from its [`PipelineBoard`].
 
 use crate::{ActiveVersion, DispatchContext, Pipeline, PipelineHealth, PluginVersion};
+use parking_lot::Mutex;
 use spate_core::StartPosition;
 use spate_core::backend::{BackendError, EventBus};
 use spate_core::manifest::{Manifest, Ordering};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,25 +29,21 @@ pub struct PipelineBoard {
 impl PipelineBoard {
     /// Every running pipeline: `(plugin, topic)` and its health.
     pub fn snapshot(&self) -> Vec<((String, String), Arc<PipelineHealth>)> {
-        self.lock()
+        self.pipelines
+            .lock()
             .iter()
             .map(|(k, h)| (k.clone(), Arc::clone(h)))
             .collect()
     }
 
     fn insert(&self, plugin: &str, topic: &str, health: Arc<PipelineHealth>) {
-        self.lock()
+        self.pipelines
+            .lock()
             .insert((plugin.to_owned(), topic.to_owned()), health);
     }
 
     fn forget(&self, plugin: &str) {
-        self.lock().retain(|(p, _), _| p != plugin);
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<PipelineHealth>>> {
-        self.pipelines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.pipelines.lock().retain(|(p, _), _| p != plugin);
     }
 }
 

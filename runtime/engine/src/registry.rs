@@ -11,13 +11,14 @@
 
 use crate::sandbox::{LoadError, Sandbox, WasmPlugin};
 use crate::store::{ChangeFeed, RegistryStore};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use spate_core::host::PluginInfo;
 use spate_core::manifest::{LimitCeilings, Manifest, ManifestError};
 use spate_core::plugin::PluginVersion;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -192,7 +193,7 @@ impl Registry {
             };
             match registry.load_version(name, v).await {
                 Ok(plugin) => {
-                    lock(&registry.active).insert(name.clone(), plugin);
+                    registry.active.lock().insert(name.clone(), plugin);
                 }
                 Err(e) => {
                     tracing::error!(plugin = %name, version = %active, error = %e, "could not load active version")
@@ -212,14 +213,15 @@ impl Registry {
 
     /// The active version of `name`.
     pub fn active(&self, name: &str) -> Option<Arc<dyn PluginVersion>> {
-        lock(&self.active)
+        self.active
+            .lock()
             .get(name)
             .map(|p| Arc::clone(p) as Arc<dyn PluginVersion>)
     }
 
     /// Names of every plugin with an active version.
     pub fn active_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = lock(&self.active).keys().cloned().collect();
+        let mut v: Vec<String> = self.active.lock().keys().cloned().collect();
         v.sort();
         v
     }
@@ -283,7 +285,7 @@ impl Registry {
         v: &VersionRecord,
     ) -> Result<Arc<WasmPlugin>, RegistryError> {
         let key = loaded_key(name, &v.version);
-        if let Some(p) = lock(&self.loaded).get(&key) {
+        if let Some(p) = self.loaded.lock().get(&key) {
             return Ok(Arc::clone(p));
         }
         let manifest = Manifest::parse(&v.manifest, &self.ceilings)?;
@@ -312,7 +314,7 @@ impl Registry {
         };
         let info = Arc::new(PluginInfo::new(manifest, v.hash.clone()));
         let plugin = self.sandbox.plugin(&component, info)?;
-        lock(&self.loaded).insert(key, Arc::clone(&plugin));
+        self.loaded.lock().insert(key, Arc::clone(&plugin));
         Ok(plugin)
     }
 
@@ -339,7 +341,9 @@ impl Registry {
     pub async fn refresh(&self, name: &str) -> Result<(), RegistryError> {
         let stored = self.store.load(name).await?;
         let mut file = self.file.lock().await;
-        let active_now = lock(&self.active)
+        let active_now = self
+            .active
+            .lock()
             .get(name)
             .map(|p| p.info().manifest.version.to_string());
         if file.plugins.get(name) == stored.as_ref()
@@ -355,7 +359,7 @@ impl Registry {
             Some(v) => {
                 if active_now.as_deref() != Some(v.version.as_str()) {
                     let plugin = self.load_version(name, &v).await?;
-                    lock(&self.active).insert(name.to_string(), plugin);
+                    self.active.lock().insert(name.to_string(), plugin);
                     let _ = self
                         .changes
                         .send(RegistryChange::Activated(name.to_string()));
@@ -363,7 +367,7 @@ impl Registry {
                 }
             }
             None => {
-                if lock(&self.active).remove(name).is_some() {
+                if self.active.lock().remove(name).is_some() {
                     let _ = self.changes.send(RegistryChange::Removed(name.to_string()));
                     tracing::info!(plugin = name, "plugin removed by another runtime");
                 }
@@ -375,7 +379,9 @@ impl Registry {
             }
             None => {
                 file.plugins.remove(name);
-                lock(&self.loaded).retain(|k, _| !k.starts_with(&format!("{name}@")));
+                self.loaded
+                    .lock()
+                    .retain(|k, _| !k.starts_with(&format!("{name}@")));
             }
         }
         Ok(())
@@ -470,11 +476,13 @@ impl Registry {
         }
         self.persist(&new_file, &name).await?;
         *file = new_file;
-        lock(&self.loaded).insert(loaded_key(&name, &version), Arc::clone(&plugin));
+        self.loaded
+            .lock()
+            .insert(loaded_key(&name, &version), Arc::clone(&plugin));
         let is_active =
             file.plugins.get(&name).and_then(|r| r.active.as_deref()) == Some(version.as_str());
         if switching {
-            lock(&self.active).insert(name.clone(), plugin);
+            self.active.lock().insert(name.clone(), plugin);
             let _ = self.changes.send(RegistryChange::Activated(name.clone()));
         }
         drop(file);
@@ -551,7 +559,7 @@ impl Registry {
         }
         self.persist(&new_file, name).await?;
         *file = new_file;
-        lock(&self.active).insert(name.to_string(), plugin);
+        self.active.lock().insert(name.to_string(), plugin);
         let _ = self
             .changes
             .send(RegistryChange::Activated(name.to_string()));
@@ -576,8 +584,10 @@ impl Registry {
         self.persist(&new_file, &tombstone(name)).await?;
         self.persist(&new_file, name).await?;
         *file = new_file;
-        lock(&self.active).remove(name);
-        lock(&self.loaded).retain(|k, _| !k.starts_with(&format!("{name}@")));
+        self.active.lock().remove(name);
+        self.loaded
+            .lock()
+            .retain(|k, _| !k.starts_with(&format!("{name}@")));
         let _ = self.changes.send(RegistryChange::Removed(name.to_string()));
         drop(file);
         self.announce(name).await;
@@ -607,10 +617,6 @@ async fn follow(registry: Weak<Registry>, mut notices: tokio::sync::mpsc::Receiv
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// No two plugins may share a state namespace, and no cache prefix may be a prefix of

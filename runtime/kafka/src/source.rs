@@ -14,6 +14,7 @@
 use crate::bus::to_event;
 use crate::options::KafkaOptions;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -23,7 +24,7 @@ use spate_core::backend::{BackendError, BackendResult, SourceMessage, Subscripti
 use spate_core::types::{Event, TopicPartition};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak, mpsc as std_mpsc};
+use std::sync::{Arc, Weak, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -66,10 +67,6 @@ struct Shared {
     next_epoch: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 pub(crate) struct SubContext {
     shared: Arc<Shared>,
     group: String,
@@ -93,7 +90,7 @@ impl ConsumerContext for SubContext {
             .map(|e| TopicPartition::new(e.topic(), e.partition().max(0) as u32))
             .collect();
         {
-            let mut epochs = lock(&self.shared.epochs);
+            let mut epochs = self.shared.epochs.lock();
             for e in tpl.elements() {
                 epochs.remove(&e.partition());
             }
@@ -105,7 +102,7 @@ impl ConsumerContext for SubContext {
         }
         let lost = consumer.assignment_lost();
         info!(group = %self.group, topic = %self.topic, partitions = ?parts.iter().map(|p| p.partition).collect::<Vec<_>>(), lost, "partitions revoked; waiting for their in-flight events");
-        let release = lock(&self.release);
+        let release = self.release.lock();
         // A release the dispatcher sent after an earlier revocation timed out is stale.
         while release.try_recv().is_ok() {}
         if self.control.send(Control::Revoked(parts)).is_err() {
@@ -160,7 +157,7 @@ impl ConsumerContext for SubContext {
                     .unwrap_or_default();
                 let mut parts = Vec::new();
                 {
-                    let mut epochs = lock(&self.shared.epochs);
+                    let mut epochs = self.shared.epochs.lock();
                     for e in tpl.elements() {
                         let epoch = self.shared.next_epoch.fetch_add(1, Ordering::Relaxed);
                         epochs.insert(e.partition(), epoch);
@@ -175,7 +172,7 @@ impl ConsumerContext for SubContext {
                 // assignment: a partition paused before the group lost it would never be
                 // fetched again. A new assignment starts unpaused.
                 {
-                    let mut paused = lock(&self.shared.paused);
+                    let mut paused = self.shared.paused.lock();
                     for e in tpl.elements() {
                         paused.remove(&e.partition());
                     }
@@ -203,7 +200,8 @@ pub(crate) fn group_metadata(
     group: &str,
     topic: &str,
 ) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
-    let consumer = lock(members)
+    let consumer = members
+        .lock()
         .get(&(group.to_owned(), topic.to_owned()))?
         .upgrade()?;
     consumer.group_metadata()
@@ -272,7 +270,7 @@ impl KafkaSubscription {
             .subscribe(&[topic])
             .map_err(|e| crate::backend_error(e, Some(topic)))?;
         let consumer = Arc::new(consumer);
-        lock(members).insert(
+        members.lock().insert(
             (group.to_owned(), topic.to_owned()),
             Arc::downgrade(&consumer),
         );
@@ -401,14 +399,17 @@ impl Subscription for KafkaSubscription {
     }
 
     fn pause(&mut self, partition: &TopicPartition) {
-        lock(&self.shared.paused).insert(partition.partition as i32);
+        self.shared.paused.lock().insert(partition.partition as i32);
         if let Some(c) = &self.consumer {
             let _ = c.pause(&self.partition_tpl(partition.partition));
         }
     }
 
     fn resume(&mut self, partition: &TopicPartition) {
-        lock(&self.shared.paused).remove(&(partition.partition as i32));
+        self.shared
+            .paused
+            .lock()
+            .remove(&(partition.partition as i32));
         if let Some(c) = &self.consumer {
             let _ = c.resume(&self.partition_tpl(partition.partition));
         }
@@ -462,7 +463,7 @@ fn poll_loop(
         loop {
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
-                    let epoch = lock(&shared.epochs).get(&m.partition()).copied();
+                    let epoch = shared.epochs.lock().get(&m.partition()).copied();
                     if let Some(epoch) = epoch {
                         pending
                             .get_or_insert_with(Vec::new)
@@ -497,7 +498,7 @@ fn set_held(consumer: &BaseConsumer<SubContext>, shared: &Shared, hold: bool) {
     };
     let mut tpl = TopicPartitionList::new();
     {
-        let paused = lock(&shared.paused);
+        let paused = shared.paused.lock();
         for e in assignment.elements() {
             if hold || !paused.contains(&e.partition()) {
                 tpl.add_partition(e.topic(), e.partition());

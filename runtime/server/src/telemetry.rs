@@ -14,11 +14,12 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, U
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use parking_lot::Mutex;
 use spate_core::metric_names::{self, Kind};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -65,22 +66,19 @@ struct PluginGauges {
 
 impl PluginGauges {
     fn gauge(&self, key: &Key) -> Gauge {
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = self.series.lock();
         Gauge::from_arc(Arc::clone(series.entry(key.clone()).or_default()))
     }
 
     fn forget(&self, plugin: &str) {
-        self.series
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|key, _| {
-                !key.labels()
-                    .any(|l| l.key() == "plugin" && l.value() == plugin)
-            });
+        self.series.lock().retain(|key, _| {
+            !key.labels()
+                .any(|l| l.key() == "plugin" && l.value() == plugin)
+        });
     }
 
     fn render(&self, out: &mut String) {
-        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = self.series.lock();
         for name in PLUGIN_GAUGES {
             let help = metric_names::ALL
                 .iter()

@@ -18,6 +18,7 @@
 use super::clients::Common;
 use crate::workload::{Job, counted};
 use anyhow::{Context, Result, bail};
+use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,18 +28,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use spate_core::types::headers;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the final flush waits for outstanding deliveries.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one consumer poll waits when nothing is fetched.
 const POLL: Duration = Duration::from_millis(50);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Inputs of one partition consumed and not yet acknowledged.
 #[derive(Default)]
@@ -73,14 +70,17 @@ impl ProducerContext for Retire {
     fn delivery(&self, result: &DeliveryResult<'_>, source: Box<(i32, i64)>) {
         match result {
             Ok(_) => {
-                if let Some(p) = lock(&self.0.partitions).get_mut(&source.0) {
+                if let Some(p) = self.0.partitions.lock().get_mut(&source.0) {
                     p.pending.remove(&source.1);
                 }
                 self.0.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Err((e, _)) => {
                 self.0.failed.fetch_add(1, Ordering::Relaxed);
-                lock(&self.0.first_error).get_or_insert_with(|| e.to_string());
+                self.0
+                    .first_error
+                    .lock()
+                    .get_or_insert_with(|| e.to_string());
             }
         }
     }
@@ -159,7 +159,7 @@ impl Ceiling {
         if tracker.failed.load(Ordering::Relaxed) > 0 {
             bail!(
                 "the ceiling's warm-up record failed: {}",
-                lock(&tracker.first_error).as_deref().unwrap_or("?")
+                tracker.first_error.lock().as_deref().unwrap_or("?")
             );
         }
         tracker.delivered.store(0, Ordering::Relaxed);
@@ -233,7 +233,7 @@ fn run(
             let (partition, offset) = (m.partition(), m.offset());
             let payload = output(settings.job, &mut counts, m.key(), m.payload())?;
             {
-                let mut parts = lock(&tracker.partitions);
+                let mut parts = tracker.partitions.lock();
                 let p = parts.entry(partition).or_default();
                 if payload.is_some() {
                     p.pending.insert(offset);
@@ -299,7 +299,7 @@ fn run(
         bail!(
             "{} of the ceiling's outputs failed, first because {}",
             stats.failed,
-            lock(&tracker.first_error).as_deref().unwrap_or("?")
+            tracker.first_error.lock().as_deref().unwrap_or("?")
         );
     }
     Ok(stats)
@@ -348,7 +348,7 @@ fn commit(
     mode: CommitMode,
 ) -> Result<()> {
     let mut tpl = TopicPartitionList::new();
-    for (partition, p) in lock(&tracker.partitions).iter() {
+    for (partition, p) in tracker.partitions.lock().iter() {
         let at = p.committable();
         if committed.get(partition).is_none_or(|c| *c < at) {
             tpl.add_partition_offset(&settings.input, *partition, Offset::Offset(at))

@@ -6,6 +6,7 @@
 //! threads, so they cost the same whichever subject runs.
 
 use anyhow::{Context, Result, bail};
+use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -16,18 +17,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use spate_core::NewEvent;
 use spate_core::types::headers;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the input producer waits for its acknowledgements.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one observer poll waits (also its reaction time to `stop`).
 const OBSERVER_POLL: Duration = Duration::from_millis(20);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// librdkafka settings every client of a run shares (`--fetch-wait-ms`, `--librdkafka`).
 #[derive(Clone, Debug, Default)]
@@ -76,7 +73,7 @@ impl ProducerContext for AckContext {
     fn delivery(&self, result: &DeliveryResult<'_>, index: Box<usize>) {
         let at = Instant::now();
         match result {
-            Ok(m) => lock(&self.0.acks).push((
+            Ok(m) => self.0.acks.lock().push((
                 *index,
                 Ack {
                     partition: m.partition(),
@@ -86,7 +83,10 @@ impl ProducerContext for AckContext {
             )),
             Err((e, _)) => {
                 self.0.failed.fetch_add(1, Ordering::Relaxed);
-                lock(&self.0.first_error).get_or_insert_with(|| e.to_string());
+                self.0
+                    .first_error
+                    .lock()
+                    .get_or_insert_with(|| e.to_string());
             }
         }
     }
@@ -162,10 +162,10 @@ impl InputProducer {
         if failed > 0 {
             bail!(
                 "{failed} input events were not acknowledged, first because {}",
-                lock(&self.log.first_error).as_deref().unwrap_or("?")
+                self.log.first_error.lock().as_deref().unwrap_or("?")
             );
         }
-        let mut acks = std::mem::take(&mut *lock(&self.log.acks));
+        let mut acks = std::mem::take(&mut *self.log.acks.lock());
         if acks.len() != self.sent.len() {
             bail!(
                 "{} of {} input events acknowledged",
