@@ -17,7 +17,7 @@ use spate_core::{Event, Header, NewEvent};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::node::{Node, append, spawn_node, upload};
-use support::{Harness, TOKEN, call, chaos_manifest, chaos_wasm, upload_request};
+use support::{Harness, TOKEN, call, chaos_manifest, upload_chaos};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -574,16 +574,7 @@ async fn park_api(name: &str, topic: &str) -> (Harness, axum::Router) {
         TOKEN,
         spate::telemetry::metrics(),
     ));
-    let manifest = park_manifest(name, topic);
-    let wasm = chaos_wasm();
-    let (status, body) = call(
-        &app,
-        upload_request(
-            Some(TOKEN),
-            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
-        ),
-    )
-    .await;
+    let (status, body) = upload_chaos(&app, &park_manifest(name, topic)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     (h, app)
 }

@@ -917,22 +917,11 @@ async fn wait_parked<F: Fn(&BTreeMap<String, serde_json::Value>) -> bool>(
 /// handles the key's events once, in order; a second redrive does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_key_survives_sigkill_and_rebalance_and_redrives_once() {
-    use spate_conformance::cassandra::{cql_node, fresh_keyspace};
-    use support::node::spawn_node_with;
+    use support::node::{cql_state_config, spawn_node_with};
     let broker = chaos_broker(4).await;
     let b = broker.bootstrap();
     let root = tempfile::tempdir().unwrap();
-    let config = root.path().join("spate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[state]\ntype = \"cql\"\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
-             replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
-            cql_node(),
-            fresh_keyspace()
-        ),
-    )
-    .unwrap();
+    let config = cql_state_config(root.path());
     let env = kafka_env(&b);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let http = reqwest::Client::new();

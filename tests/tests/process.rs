@@ -183,19 +183,8 @@ async fn sigkill_five_times_keeps_state_exactly_once() {
 /// one single-partition batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_five_times_keeps_cassandra_state_exactly_once() {
-    use spate_conformance::cassandra::{cql_node, fresh_keyspace};
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("spate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[state]\ntype = \"cql\"\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
-             replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
-            cql_node(),
-            fresh_keyspace()
-        ),
-    )
-    .unwrap();
+    let config = support::node::cql_state_config(dir.path());
     count_job_through_sigkills(dir.path(), Some(&config)).await;
 }
 

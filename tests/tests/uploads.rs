@@ -29,16 +29,8 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
         TOKEN,
         spate::telemetry::metrics(),
     ));
-    let manifest = chaos_manifest("chaos", "1.0.0", "in", "");
     let wasm = chaos_wasm();
-    let (status, body) = call(
-        &app,
-        upload_request(
-            Some(TOKEN),
-            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
-        ),
-    )
-    .await;
+    let (status, body) = upload_chaos(&app, &chaos_manifest("chaos", "1.0.0", "in", "")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["version"], "1.0.0");
 

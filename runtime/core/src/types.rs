@@ -75,6 +75,17 @@ pub struct Event {
 }
 
 impl Event {
+    /// Bytes the event holds in memory: key, payload and headers.
+    pub fn held_bytes(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+
     /// The event's topic partition.
     pub fn topic_partition(&self) -> TopicPartition {
         TopicPartition::new(self.topic.clone(), self.partition)

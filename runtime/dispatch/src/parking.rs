@@ -6,7 +6,7 @@ use super::DeadLetterKind;
 use super::checkpoint::Effects;
 use super::pipeline::{
     At, Call, Called, Finish, WarmInstance, WorkerCtx, apply_until_taken, attempts_cleared,
-    dead_letter, sleep_or_shutdown,
+    dead_letter, instance_of, sleep_or_shutdown,
 };
 use spate_core::backend::{BackendResult, StateStore, StateWrite};
 use spate_core::host::{MAX_REASON_LEN, PluginInfo, truncate_reason};
@@ -177,10 +177,7 @@ pub(super) async fn carry_out(
     let Some(version) = ctx.active.load() else {
         return (Finish::Abandoned, None);
     };
-    let mut instance = match warm {
-        Some((v, i)) if Arc::ptr_eq(&v, &version) => i,
-        _ => version.instance(),
-    };
+    let mut instance = instance_of(&version, warm);
     let job = Job {
         ctx,
         version: &version,
@@ -251,6 +248,50 @@ impl Job<'_> {
         closed
     }
 
+    /// The first `n` events of the key's queue; `None` when the pipeline is stopping.
+    async fn next_parked(&self, n: u32) -> Option<Vec<(String, ParkedEvent)>> {
+        if self.stopping() {
+            return None;
+        }
+        read(self.ctx, || {
+            parked::queue(self.state(), &self.ns, &self.request.key_id, n)
+        })
+        .await
+    }
+
+    /// Call the active version with a redriven `event` (going on from the attempts a cut
+    /// short redrive made), applying `side` with its effects; the outcome is counted.
+    async fn call(
+        &self,
+        instance: &mut Box<dyn Instance>,
+        event: &Arc<Event>,
+        side: Vec<(String, StateWrite)>,
+    ) -> Called {
+        let Some(prior) = self.prior(event).await else {
+            return Called::Abandoned;
+        };
+        let call = Call {
+            version: self.version,
+            info: &self.info,
+            event,
+            prior,
+            at: self.at(),
+            side,
+        };
+        let called = call.run(self.ctx, instance).await;
+        match &called {
+            Called::Done => self.redriven("handled"),
+            Called::Failed { .. } => self.redriven("failed"),
+            Called::Abandoned => {}
+        }
+        called
+    }
+
+    /// Count a redriven event's outcome.
+    fn redriven(&self, outcome: &'static str) {
+        metrics::counter!(spate_core::metric_names::REDRIVEN_EVENTS_TOTAL, "plugin" => self.ctx.plugin.clone(), "outcome" => outcome).increment(1);
+    }
+
     /// Whether the pipeline is stopping: a request stops between two events (each one's
     /// step is durable) and goes on after the restart.
     fn stopping(&self) -> bool {
@@ -271,16 +312,8 @@ impl Job<'_> {
     /// key once its queue is empty, or park it again at the first event that fails.
     async fn redrive(&self, instance: &mut Box<dyn Instance>) -> bool {
         let key_id = &self.request.key_id;
-        let events = |outcome: &'static str| metrics::counter!(spate_core::metric_names::REDRIVEN_EVENTS_TOTAL, "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
         loop {
-            if self.stopping() {
-                return false;
-            }
-            let Some(head) = read(self.ctx, || {
-                parked::queue(self.state(), &self.ns, key_id, 1)
-            })
-            .await
-            else {
+            let Some(head) = self.next_parked(1).await else {
                 return false;
             };
             let Some(key) = read(self.ctx, || parked::key(self.state(), &self.ns, key_id)).await
@@ -310,9 +343,6 @@ impl Job<'_> {
                 redrives: 0,
                 last_reason: None,
             });
-            let Some(prior) = self.prior(&event).await else {
-                return false;
-            };
             key.events = key.events.saturating_sub(1);
             let side = vec![
                 (self.ns.clone(), parked::delete(entry.clone())),
@@ -321,23 +351,14 @@ impl Job<'_> {
                     parked::put(parked::key_entry(key_id), &key, None),
                 ),
             ];
-            let call = Call {
-                version: self.version,
-                info: &self.info,
-                event: &event,
-                prior,
-                at: self.at(),
-                side,
-            };
-            match call.run(self.ctx, instance).await {
-                Called::Done => events("handled").increment(1),
+            match self.call(instance, &event, side).await {
+                Called::Done => {}
                 Called::Abandoned => return false,
                 Called::Failed {
                     kind,
                     reason,
                     attempts,
                 } => {
-                    events("failed").increment(1);
                     let reason = truncate_reason(reason, MAX_REASON_LEN);
                     warn!(kind = kind.as_str(), %reason, attempts, offset = event.offset, "redriven event failed again; the key stays parked");
                     key.events += 1;
@@ -370,14 +391,7 @@ impl Job<'_> {
     async fn discard(&self) -> bool {
         let key_id = &self.request.key_id;
         loop {
-            if self.stopping() {
-                return false;
-            }
-            let Some(batch) = read(self.ctx, || {
-                parked::queue(self.state(), &self.ns, key_id, 64)
-            })
-            .await
-            else {
+            let Some(batch) = self.next_parked(64).await else {
                 return false;
             };
             if batch.is_empty() {
@@ -416,7 +430,6 @@ impl Job<'_> {
 
     /// Handle the dead letters the request carries, in order, each at most once.
     async fn redrive_dead_letters(&self, instance: &mut Box<dyn Instance>) -> bool {
-        let events = |outcome: &'static str| metrics::counter!(spate_core::metric_names::REDRIVEN_EVENTS_TOTAL, "plugin" => self.ctx.plugin.clone(), "outcome" => outcome);
         for event in &self.request.events {
             if self.stopping() {
                 return false;
@@ -426,34 +439,22 @@ impl Job<'_> {
                 return false;
             };
             if seen.is_some() {
-                events("already-redriven").increment(1);
+                self.redriven("already-redriven");
                 continue;
             }
-            let Some(prior) = self.prior(event).await else {
-                return false;
-            };
             let event = Arc::new(event.clone());
             let done = (
                 self.ns.clone(),
                 parked::put(marker, &parked::now_ms(), Some(parked::REDRIVEN_TTL)),
             );
-            let call = Call {
-                version: self.version,
-                info: &self.info,
-                event: &event,
-                prior,
-                at: self.at(),
-                side: vec![done],
-            };
-            match call.run(self.ctx, instance).await {
-                Called::Done => events("handled").increment(1),
+            match self.call(instance, &event, vec![done]).await {
+                Called::Done => {}
                 Called::Abandoned => return false,
                 Called::Failed {
                     kind,
                     reason,
                     attempts,
                 } => {
-                    events("failed").increment(1);
                     let side = vec![attempts_cleared(&self.info, &event)];
                     if !dead_letter(
                         self.ctx,

@@ -978,12 +978,7 @@ fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {
 
 /// What an event holds in memory: key, payload and headers.
 fn event_bytes(e: &Event) -> usize {
-    e.payload.len()
-        + e.key.as_ref().map_or(0, Vec::len)
-        + e.headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len())
-            .sum::<usize>()
+    e.held_bytes()
 }
 
 /// The lane a request runs in: its key's (or, for a keyless dead letter, one of its own).
@@ -1024,10 +1019,7 @@ async fn handle_event(
         return (Finish::Abandoned, None);
     };
     let info = Arc::clone(version.info());
-    let mut instance = match warm {
-        Some((v, i)) if Arc::ptr_eq(&v, &version) => i,
-        _ => version.instance(),
-    };
+    let mut instance = instance_of(&version, warm);
     let event = Arc::new(event);
     // A keyless event has no order to keep: it is dead-lettered like any other plugin's.
     let park = info.manifest.on_failure == OnFailure::ParkKey && event.key.is_some();
@@ -1077,6 +1069,17 @@ async fn handle_event(
     match done {
         true => (Finish::Done, Some((version, instance))),
         false => (Finish::Abandoned, None),
+    }
+}
+
+/// The lane's warm instance if it is of `version`, else a new one.
+pub(super) fn instance_of(
+    version: &Arc<dyn PluginVersion>,
+    warm: Option<WarmInstance>,
+) -> Box<dyn Instance> {
+    match warm {
+        Some((v, i)) if Arc::ptr_eq(&v, version) => i,
+        _ => version.instance(),
     }
 }
 

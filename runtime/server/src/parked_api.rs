@@ -719,7 +719,7 @@ pub(crate) async fn redrive_dead_letters(
                     out.duplicates += 1;
                     continue;
                 }
-                let size = event_bytes(&source);
+                let size = source.held_bytes();
                 if held + size > MAX_REDRIVE_BYTES {
                     out.truncated = true;
                     break 'scan;
@@ -751,15 +751,6 @@ pub(crate) async fn redrive_dead_letters(
 /// The lane a redriven dead letter runs in: its original topic, partition and key.
 type Lane = (String, u32, Option<Vec<u8>>);
 
-fn event_bytes(e: &Event) -> usize {
-    e.payload.len()
-        + e.key.as_ref().map_or(0, Vec::len)
-        + e.headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len())
-            .sum::<usize>()
-}
-
 /// The requests redriving each lane's dead letters in source order: at most
 /// [`parked::MAX_REQUEST_EVENTS`] and [`REQUEST_BYTES`] each, one lane's made one after
 /// the other, so their ids sort in the order they must run.
@@ -771,7 +762,7 @@ fn plan(groups: BTreeMap<Lane, Vec<Event>>) -> Vec<Request> {
         let mut chunk: Vec<Event> = Vec::new();
         let mut bytes = 0usize;
         for event in events {
-            let size = event_bytes(&event);
+            let size = event.held_bytes();
             if !chunk.is_empty()
                 && (chunk.len() >= parked::MAX_REQUEST_EVENTS || bytes + size > REQUEST_BYTES)
             {

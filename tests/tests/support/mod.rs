@@ -224,6 +224,20 @@ pub fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<B
     req.body(Body::from(multipart(parts))).unwrap()
 }
 
+/// Upload `manifest` with the test-chaos component to `app` with the test token; the
+/// status and the JSON answer.
+pub async fn upload_chaos(app: &axum::Router, manifest: &str) -> (StatusCode, Value) {
+    let wasm = chaos_wasm();
+    call(
+        app,
+        upload_request(
+            Some(TOKEN),
+            &[("manifest", manifest.as_bytes()), ("component", &wasm)],
+        ),
+    )
+    .await
+}
+
 /// Send `req` to `app`; the status and the JSON body (a non-JSON body fails the test).
 pub async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
     let resp = app.clone().oneshot(req).await.unwrap();

@@ -143,3 +143,21 @@ pub async fn metric(http: &reqwest::Client, node: &Node, name: &str, labels: &[&
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A configuration file in `dir` putting the state in a fresh keyspace of the test binary's
+/// Cassandra node (`spate_conformance::cassandra`); for [`spawn_node_with`].
+pub fn cql_state_config(dir: &Path) -> std::path::PathBuf {
+    use spate_conformance::cassandra::{cql_node, fresh_keyspace};
+    let config = dir.join("spate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ntype = \"cql\"\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
+             replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
+            cql_node(),
+            fresh_keyspace()
+        ),
+    )
+    .unwrap();
+    config
+}
