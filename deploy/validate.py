@@ -56,7 +56,7 @@ CONFIG_SOURCES = [
     ROOT / "runtime" / "kafka" / "src" / "options.rs",
     ROOT / "runtime" / "state-cql" / "src" / "lib.rs",
     ROOT / "runtime" / "cache-redis" / "src" / "lib.rs",
-    ROOT / "runtime" / "core" / "src" / "tiered.rs",
+    ROOT / "runtime" / "core" / "src" / "tiered" / "read_through.rs",
 ]
 
 KUBE_VERSION = "1.30.0"
