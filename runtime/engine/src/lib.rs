@@ -6,6 +6,7 @@
 //! compiled-artifact cache, and plugin versions. The plugin contract, the backends and
 //! the effect journal live in `spate-core`, dispatch in `spate-dispatch`.
 
+pub mod record;
 pub mod registry;
 pub mod sandbox;
 pub mod store;

@@ -9,75 +9,21 @@
 //! the plugin's record ([`Registry::refresh`]), load and compile its active version and
 //! swap it in the same way; a periodic re-read catches a lost notice.
 
-use crate::sandbox::{LoadError, Sandbox, WasmPlugin};
+pub use crate::record::{PluginRecord, RegistryError, VersionRecord, content_hash};
+use crate::sandbox::{Sandbox, WasmPlugin};
 use crate::store::{ChangeFeed, RegistryStore};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde::Serialize;
 use spate_core::host::PluginInfo;
-use spate_core::manifest::{LimitCeilings, Manifest, ManifestError};
+use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::plugin::PluginVersion;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// Why a registry operation was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The manifest is invalid.
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    /// The component is unusable.
-    #[error(transparent)]
-    Component(#[from] LoadError),
-    /// The component exceeds the upload size limit.
-    #[error("component of {size} bytes exceeds the limit of {limit} bytes")]
-    TooLarge {
-        /// Size received.
-        size: usize,
-        /// Limit.
-        limit: usize,
-    },
-    /// The version exists with different content, or a namespace is taken.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    /// No such plugin or version.
-    #[error("not found: {0}")]
-    NotFound(String),
-    /// Storage failure.
-    #[error("registry storage error: {0}")]
-    Storage(String),
-}
-
 fn storage(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Storage(e.to_string())
-}
-
-/// One stored version of a plugin.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct VersionRecord {
-    /// Semantic version.
-    pub version: String,
-    /// Hex sha256 of the component.
-    pub hash: String,
-    /// The manifest as uploaded.
-    pub manifest: String,
-    /// Component size in bytes.
-    pub size: usize,
-    /// Upload time, milliseconds since the Unix epoch.
-    pub uploaded_ms: i64,
-}
-
-/// A plugin's versions and which one serves.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct PluginRecord {
-    /// Versions in upload order.
-    pub versions: Vec<VersionRecord>,
-    /// The serving version.
-    pub active: Option<String>,
-    /// Versions that served before, most recent last (what rollback returns to).
-    pub history: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -139,11 +85,6 @@ pub struct Registry {
 
 fn loaded_key(name: &str, version: &str) -> String {
     format!("{name}@{version}")
-}
-
-/// Hex sha256 of `bytes`.
-pub fn content_hash(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn now_ms() -> i64 {

@@ -9,7 +9,7 @@
 //! half-written component is never read. A [`ChangeFeed`] (a compacted Kafka topic in a
 //! cluster) carries small "plugin X changed" notices; receivers re-read X's record.
 
-use crate::registry::{PluginRecord, RegistryError, content_hash};
+use crate::record::{PluginRecord, RegistryError, content_hash};
 use crate::sandbox::write_atomic;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -305,7 +305,7 @@ impl RegistryStore for SharedStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::registry::VersionRecord;
+    use crate::record::VersionRecord;
     use spate_core::embedded::EmbeddedStateStore;
 
     #[tokio::test]

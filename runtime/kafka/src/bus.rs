@@ -1,6 +1,7 @@
 //! The Kafka [`EventBus`] (idempotent producer, metadata, reads) and [`EventSource`].
 
 use crate::options::KafkaOptions;
+use crate::record::to_event;
 use crate::source::KafkaSubscription;
 use crate::{OptionsError, backend_error};
 use arc_swap::ArcSwap;
@@ -9,13 +10,13 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header as KHeader, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header as KHeader, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use spate_core::backend::{
     BackendError, BackendResult, EmitTicket, EventBus, EventSource, StartPosition, Subscription,
 };
-use spate_core::types::{Appended, Event, Header, NewEvent};
+use spate_core::types::{Appended, Event, NewEvent};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -230,30 +231,6 @@ impl KafkaBus {
             });
         }
         h
-    }
-}
-
-/// An [`Event`] from a consumed Kafka message.
-pub(crate) fn to_event(m: &BorrowedMessage<'_>) -> Event {
-    let headers = m
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| Header {
-                    name: h.key.to_string(),
-                    value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Event {
-        topic: m.topic().to_string(),
-        partition: m.partition().max(0) as u32,
-        offset: m.offset().max(0) as u64,
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        headers,
-        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
     }
 }
 

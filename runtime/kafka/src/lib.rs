@@ -14,6 +14,7 @@
 mod bus;
 mod feed;
 mod options;
+mod record;
 mod source;
 mod txn;
 

@@ -11,8 +11,8 @@
 //! assignment of a partition are dropped, so a partition that leaves and comes back can
 //! never have stale events tracked ahead of its redelivered ones.
 
-use crate::bus::to_event;
 use crate::options::KafkaOptions;
+use crate::record::to_event;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::ClientConfig;
