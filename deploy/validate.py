@@ -1092,12 +1092,12 @@ def main() -> int:
         # The chart's probes must hit routes the runtime serves. A path the runtime does not
         # serve yet is reported as a note (the route lands with the same issue), not a failure.
         values = yaml.safe_load((CHART / "values.yaml").read_text())
-        api = (ROOT / "runtime" / "server" / "src" / "api.rs").read_text()
+        api = (ROOT / "runtime" / "server" / "src" / "api" / "mod.rs").read_text()
         routes = set(re.findall(r'\.route\(\s*"([^"]+)"', api))
-        expect("/readyz" in routes, "runtime/server/src/api.rs serves no /readyz")
+        expect("/readyz" in routes, "runtime/server/src/api/mod.rs serves no /readyz")
         for probe, spec in values["probes"].items():
             if spec["path"] not in routes:
-                R.note(f"the chart's {probe} probe GETs {spec['path']}, which runtime/server/src/api.rs does not route yet "
+                R.note(f"the chart's {probe} probe GETs {spec['path']}, which runtime/server/src/api/mod.rs does not route yet "
                        f"(it routes {', '.join(sorted(r for r in routes if not r.startswith('/v1')))}): pods fail that probe until it does")
 
     R.run("runtime: probe paths vs the API's routes", probe_routes)

@@ -5,7 +5,6 @@
 pub mod api;
 pub mod config;
 pub mod node;
-pub mod parked_api;
 pub mod runtime;
 pub mod serve;
 pub mod telemetry;

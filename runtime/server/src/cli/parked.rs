@@ -1,13 +1,13 @@
 //! `spate parked ...` and `spate dlq redrive`: a plugin's parked keys, their redrive and
 //! discard, and the redrive of its dead letters, through the API's parked routes (the
-//! answers decode into `spate::parked_api`'s types).
+//! answers decode into `spate::api::parked`'s types).
 
 use super::ParkedCommand;
 use super::client::ApiClient;
 use chrono::{DateTime, NaiveDate, NaiveTime, SecondsFormat};
 use clap::Args;
 use reqwest::Method;
-use spate::parked_api::{
+use spate::api::parked::{
     DeadLetterRedrive, DeadLetterSelection, Filed, KeySelection, MAX_DEAD_LETTERS_SCANNED,
     MAX_LIMIT, ParkedList, ParkedShow, PayloadEncoding,
 };
@@ -613,7 +613,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use spate::parked_api::FiledRequest;
+    use spate::api::parked::FiledRequest;
     use spate_core::parked::ParkedKey;
 
     #[test]
