@@ -17,6 +17,7 @@ mod kafka;
 mod micro;
 mod native;
 mod report;
+mod tier;
 mod workload;
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +72,9 @@ enum Command {
     /// key): the `count` plugin fresh and warm, its native twin and a plain rdkafka
     /// ceiling on Kafka, and the plugin and its twin on the embedded log.
     Count(count::Args),
+    /// The read-through state tier on a skewed read-modify-write workload: state-store
+    /// reads saved and the Redis hop's cost, against Apache Cassandra and Redis.
+    Tier(tier::Args),
 }
 
 /// Options of the embedded bench.
@@ -128,9 +132,10 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match &cli.command {
-        Some(Command::Kafka(args)) => return kafka::main(args),
-        Some(Command::Count(args)) => return count::main(args),
+    match cli.command {
+        Some(Command::Kafka(args)) => return kafka::main(&args),
+        Some(Command::Count(args)) => return count::main(&args),
+        Some(Command::Tier(args)) => return block_on(tier::main(args)),
         None => {}
     }
     let args = cli.embedded;

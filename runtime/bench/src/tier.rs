@@ -1,4 +1,4 @@
-//! `tier-bench`: what the read-through state tier saves and costs on a skewed workload.
+//! `spate-bench tier`: what the read-through state tier saves and costs on a skewed workload.
 //!
 //! Runs the same Zipf-like workload (default 100,000 events over 10,000 keys, s = 1) twice
 //! against the same CQL store — once reading state straight from the store, once through
@@ -13,7 +13,7 @@
 //! ScyllaDB and Redis).
 //!
 //! ```sh
-//! cargo run --release -p spate-tier-bench -- [--events N] [--keys N] [--lanes N]
+//! scripts/bench tier [--events N] [--keys N] [--lanes N]
 //! ```
 
 use anyhow::{Context, bail};
@@ -29,60 +29,35 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Command-line settings.
-struct Args {
+/// Options of `spate-bench tier`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Events of the workload.
+    #[arg(long, default_value_t = 100_000)]
     events: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     keys: u32,
+    /// Skew of the Zipf-like key popularity.
+    #[arg(long, default_value_t = 1.0)]
     zipf_s: f64,
+    /// Lanes handled concurrently (each in order).
+    #[arg(long, default_value_t = 16)]
     lanes: usize,
+    /// Bytes of each state value.
+    #[arg(long, default_value_t = 100)]
     value_bytes: usize,
+    /// Namespaces the keys are spread over (default 1 against a real CQL server, 100
+    /// against the in-process one, whose point reads cost as much as the rest of the
+    /// partition).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     partitions: Option<u32>,
+    /// Redis to use instead of starting a `redis-server` (`redis://host:port/`).
+    #[arg(long)]
     redis: Option<String>,
+    /// CQL server to use instead of starting Apache Cassandra (`host:port`).
+    #[arg(long)]
     cql: Option<String>,
-}
-
-impl Args {
-    fn parse() -> anyhow::Result<Self> {
-        let mut a = Self {
-            events: 100_000,
-            keys: 10_000,
-            zipf_s: 1.0,
-            lanes: 16,
-            value_bytes: 100,
-            partitions: None,
-            redis: None,
-            cql: None,
-        };
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--events" => a.events = value()?.parse()?,
-                "--keys" => a.keys = value()?.parse()?,
-                "--zipf-s" => a.zipf_s = value()?.parse()?,
-                "--lanes" => a.lanes = value()?.parse()?,
-                "--value-bytes" => a.value_bytes = value()?.parse()?,
-                "--partitions" => a.partitions = Some(value()?.parse()?),
-                "--redis" => a.redis = Some(value()?),
-                "--cql" => a.cql = Some(value()?),
-                "-h" | "--help" => {
-                    println!(
-                        "tier-bench [--events 100000] [--keys 10000] [--zipf-s 1.0] [--lanes 16] \
-                         [--value-bytes 100] [--partitions N] [--redis redis://host:port/] [--cql host:port]\n\
-                         --partitions spreads the keys over N namespaces (default 1 against a real \
-                         CQL server, 100 against the in-process one, whose point reads cost as much \
-                         as the rest of the partition)"
-                    );
-                    std::process::exit(0);
-                }
-                other => bail!("unknown flag {other}; see --help"),
-            }
-        }
-        if a.keys == 0 || a.events == 0 || a.lanes == 0 || a.partitions == Some(0) {
-            bail!("--keys, --events, --lanes and --partitions must be at least 1");
-        }
-        Ok(a)
-    }
 }
 
 tokio::task_local! {
@@ -241,12 +216,12 @@ async fn preload(
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(bench(args))
+/// Run both passes and print what the tier saved and cost.
+pub async fn main(args: Args) -> anyhow::Result<()> {
+    if args.events == 0 || args.lanes == 0 {
+        bail!("--events and --lanes must be at least 1");
+    }
+    bench(args).await
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
