@@ -57,6 +57,7 @@ CONFIG_SOURCES = [
     ROOT / "runtime" / "state-cql" / "src" / "lib.rs",
     ROOT / "runtime" / "cache-redis" / "src" / "lib.rs",
     ROOT / "runtime" / "core" / "src" / "tiered" / "read_through.rs",
+    ROOT / "runtime" / "core" / "src" / "embedded" / "settings.rs",
 ]
 
 KUBE_VERSION = "1.30.0"
@@ -1085,7 +1086,7 @@ def main() -> int:
                    lambda: ConfigSchema("\f".join(p.read_text() for p in CONFIG_SOURCES)))
     if schema is not None:
         R.run("runtime: config.rs has the sections deploy/ renders",
-              lambda: expect({"Config", "ApiConfig", "DispatchConfig", "SandboxSettings", "ReadThroughConfig", "KafkaOptions", "CqlOptions", "RedisOptions"} <= set(schema.structs)
+              lambda: expect({"Config", "ApiConfig", "DispatchConfig", "SandboxSettings", "ReadThroughConfig", "KafkaOptions", "CqlOptions", "RedisOptions", "LogSettings", "RetentionSettings"} <= set(schema.structs)
                              and {"cql"} <= set(schema.enums.get("StateConfig", {})) and {"redis"} <= set(schema.enums.get("CacheConfig", {})),
                              f"parsed structs {sorted(schema.structs)}, enums {sorted(schema.enums)}"))
     def probe_routes() -> None:

@@ -111,19 +111,9 @@ impl Default for ApiConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
 pub enum EventsConfig {
-    /// The built-in durable log in the data directory.
-    #[serde(rename_all = "kebab-case")]
-    Embedded {
-        /// Partitions of topics created on first use.
-        #[serde(default = "default_partitions")]
-        default_partitions: u32,
-        /// Create topics on first append or subscription.
-        #[serde(default = "default_true")]
-        auto_create_topics: bool,
-        /// What old events the log deletes ([`EmbeddedRetention`]).
-        #[serde(default)]
-        retention: EmbeddedRetention,
-    },
+    /// The built-in durable log in the data directory. Its keys and defaults are
+    /// [`spate_core::embedded::LogSettings`]'s.
+    Embedded(spate_core::embedded::LogSettings),
     /// Kafka (`spate-kafka`): each plugin consumes its subscriptions as consumer group
     /// `<group>.<plugin>` (cooperative-sticky), emits and dead letters go through an
     /// idempotent producer (`acks=all`), and an input offset is committed only after
@@ -136,7 +126,7 @@ impl EventsConfig {
     /// The prefix of every plugin's consumer group: plugin `p` consumes as `<prefix>.p`.
     pub fn group_prefix(&self) -> &str {
         match self {
-            Self::Embedded { .. } => "spate",
+            Self::Embedded(_) => "spate",
             Self::Kafka(o) => &o.group,
         }
     }
@@ -144,7 +134,7 @@ impl EventsConfig {
     /// How long revoked partitions' in-flight events may run.
     pub fn revoke_timeout(&self) -> Duration {
         match self {
-            Self::Embedded { .. } => Duration::from_secs(10),
+            Self::Embedded(_) => Duration::from_secs(10),
             Self::Kafka(o) => o.revoke_timeout,
         }
     }
@@ -161,93 +151,9 @@ impl EventsConfig {
     }
 }
 
-fn default_partitions() -> u32 {
-    4
-}
-
-/// Retention of the embedded log: a partition's oldest events are deleted once older than
-/// `max-age-ms` or while the partition holds more than `max-partition-bytes`, but never an
-/// event some consumer group (a plugin) has not committed yet. 0 means no limit.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct EmbeddedRetention {
-    /// Delete events older than this, in milliseconds (default 7 days; 0: keep).
-    pub max_age_ms: u64,
-    /// Delete a partition's oldest events while it holds more bytes than this (default 0:
-    /// no size limit).
-    pub max_partition_bytes: u64,
-    /// How often retention runs, in milliseconds.
-    pub check_interval_ms: u64,
-    /// Compact the log file once retention freed at least this many bytes (writers wait
-    /// while it runs).
-    pub compact_min_bytes: u64,
-    /// Per-topic settings, replacing the ones above for that topic.
-    pub topics: std::collections::BTreeMap<String, TopicRetentionOverride>,
-}
-
-impl Default for EmbeddedRetention {
-    fn default() -> Self {
-        Self {
-            max_age_ms: 7 * 24 * 3600 * 1000,
-            max_partition_bytes: 0,
-            check_interval_ms: 60_000,
-            compact_min_bytes: 64 << 20,
-            topics: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-/// One topic's retention; an absent field takes the `[events.retention]` value.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct TopicRetentionOverride {
-    /// As `events.retention.max-age-ms`, for this topic (0: keep).
-    #[serde(default)]
-    pub max_age_ms: Option<u64>,
-    /// As `events.retention.max-partition-bytes`, for this topic (0: no size limit).
-    #[serde(default)]
-    pub max_partition_bytes: Option<u64>,
-}
-
-impl EmbeddedRetention {
-    /// The embedded log's retention settings.
-    pub fn log_config(&self) -> spate_core::embedded::RetentionConfig {
-        use spate_core::embedded::{RetentionConfig, TopicRetention};
-        let policy = |age: u64, bytes: u64| TopicRetention {
-            max_age: (age > 0).then(|| Duration::from_millis(age)),
-            max_partition_bytes: (bytes > 0).then_some(bytes),
-        };
-        RetentionConfig {
-            default: policy(self.max_age_ms, self.max_partition_bytes),
-            topics: self
-                .topics
-                .iter()
-                .map(|(name, o)| {
-                    let p = policy(
-                        o.max_age_ms.unwrap_or(self.max_age_ms),
-                        o.max_partition_bytes.unwrap_or(self.max_partition_bytes),
-                    );
-                    (name.clone(), p)
-                })
-                .collect(),
-            interval: Duration::from_millis(self.check_interval_ms.max(1)),
-            compact_min_bytes: self.compact_min_bytes,
-            ..RetentionConfig::default()
-        }
-    }
-}
-
-fn default_true() -> bool {
-    true
-}
-
 impl Default for EventsConfig {
     fn default() -> Self {
-        Self::Embedded {
-            default_partitions: default_partitions(),
-            auto_create_topics: true,
-            retention: EmbeddedRetention::default(),
-        }
+        Self::Embedded(spate_core::embedded::LogSettings::default())
     }
 }
 
@@ -518,12 +424,9 @@ impl Config {
             p.push("api.header-read-timeout-ms and api.idle-timeout-ms must be at least 1".into());
         }
         match &self.events {
-            EventsConfig::Embedded {
-                default_partitions,
-                retention,
-                ..
-            } => {
-                if *default_partitions == 0 || *default_partitions > 1024 {
+            EventsConfig::Embedded(log) => {
+                let (default_partitions, retention) = (log.default_partitions, &log.retention);
+                if default_partitions == 0 || default_partitions > 1024 {
                     p.push("events.default-partitions must be 1..=1024".into());
                 }
                 if retention.check_interval_ms == 0 {
@@ -891,15 +794,11 @@ max-age-ms = 3600000
 "#,
         )
         .unwrap();
-        let EventsConfig::Embedded {
-            default_partitions,
-            retention,
-            ..
-        } = &c.events
-        else {
+        let EventsConfig::Embedded(log) = &c.events else {
             panic!("not embedded: {:?}", c.events);
         };
-        assert_eq!(*default_partitions, 2);
+        let (default_partitions, retention) = (log.default_partitions, &log.retention);
+        assert_eq!(default_partitions, 2);
         let r = retention.log_config();
         let week = Some(Duration::from_secs(7 * 24 * 3600));
         assert_eq!(r.default.max_age, week);

@@ -7,7 +7,7 @@ use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
 use spate_cache_redis::RedisCache;
 use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
 use spate_core::cache_guard::GuardedCache;
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache, StorageHealth};
+use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, MokaCache, StorageHealth};
 use spate_core::tiered::StateTier;
 use spate_dispatch::{DispatchContext, IdleInstances, PipelineBoard, Supervisor};
 use spate_engine::{
@@ -66,21 +66,9 @@ impl Backends {
         let mut embedded_log = None;
         let mut storage = Vec::new();
         let (bus, source): (Arc<dyn EventBus>, Arc<dyn EventSource>) = match &config.events {
-            EventsConfig::Embedded {
-                default_partitions,
-                auto_create_topics,
-                retention,
-            } => {
-                let log = EmbeddedLog::open(
-                    &config.data_dir.join("log"),
-                    LogConfig {
-                        default_partitions: *default_partitions,
-                        auto_create_topics: *auto_create_topics,
-                        retention: retention.log_config(),
-                        ..LogConfig::default()
-                    },
-                )
-                .context("opening the embedded event log")?;
+            EventsConfig::Embedded(settings) => {
+                let log = EmbeddedLog::open(&config.data_dir.join("log"), settings.log_config())
+                    .context("opening the embedded event log")?;
                 storage.push(log.health());
                 embedded_log = Some(log.clone());
                 (log.clone(), log)

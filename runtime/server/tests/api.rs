@@ -317,11 +317,10 @@ async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
     const CAP: usize = 64 << 10;
     let app = app_with(|c| {
         c.api.max_read_bytes = CAP;
-        c.events = spate::config::EventsConfig::Embedded {
+        c.events = spate::config::EventsConfig::Embedded(spate_core::embedded::LogSettings {
             default_partitions: 2,
-            auto_create_topics: true,
-            retention: Default::default(),
-        };
+            ..Default::default()
+        });
     })
     .await;
     // 60 events of ~4 KiB (240 KiB) over two partitions, and one of 100 KiB.

@@ -11,6 +11,7 @@ pub mod cache;
 mod db;
 mod group_commit;
 pub mod log;
+mod settings;
 pub mod state;
 
 pub use cache::MokaCache;
@@ -18,6 +19,7 @@ pub use db::StorageHealth;
 pub use log::{
     EmbeddedLog, LogConfig, RetentionConfig, RetentionReport, TopicRetention, TopicUsage,
 };
+pub use settings::{LogSettings, RetentionSettings, TopicRetentionOverride};
 pub use state::{EmbeddedStateStore, StateConfig};
 
 use crate::backend::{BackendError, BackendResult};
