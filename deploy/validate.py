@@ -56,8 +56,9 @@ CONFIG_SOURCES = [
     ROOT / "runtime" / "kafka" / "src" / "options.rs",
     ROOT / "runtime" / "state-cql" / "src" / "lib.rs",
     ROOT / "runtime" / "cache-redis" / "src" / "lib.rs",
-    ROOT / "runtime" / "core" / "src" / "tiered" / "read_through.rs",
-    ROOT / "runtime" / "core" / "src" / "embedded" / "settings.rs",
+    ROOT / "runtime" / "core" / "src" / "state" / "tiered" / "read_through.rs",
+    ROOT / "runtime" / "core" / "src" / "events" / "settings.rs",
+    ROOT / "runtime" / "core" / "src" / "cache" / "memory.rs",
 ]
 
 KUBE_VERSION = "1.30.0"

@@ -552,7 +552,7 @@ async fn a_failing_key_parks_with_its_later_events_while_other_keys_flow() {
     assert!(out.iter().all(|e| e.key.as_deref() != Some(&b"bad"[..])));
 
     // Durable (through the checkpoint) in the parked namespace, in source order.
-    let ns = spate_core::parked::namespace("chaos");
+    let ns = spate_core::state::parked::namespace("chaos");
     let state = &h.rt.backends.state;
     let started = std::time::Instant::now();
     let queue = loop {
@@ -562,7 +562,7 @@ async fn a_failing_key_parks_with_its_later_events_while_other_keys_flow() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let parked: Vec<spate_core::parked::ParkedEvent> = queue
+    let parked: Vec<spate_core::state::parked::ParkedEvent> = queue
         .iter()
         .map(|(_, v)| serde_json::from_slice(v).unwrap())
         .collect();
@@ -575,11 +575,13 @@ async fn a_failing_key_parks_with_its_later_events_while_other_keys_flow() {
     let mut sorted = offsets.clone();
     sorted.sort_unstable();
     assert_eq!(offsets, sorted, "the key's events in source order");
-    let key: spate_core::parked::ParkedKey = serde_json::from_slice(
+    let key: spate_core::state::parked::ParkedKey = serde_json::from_slice(
         &state
             .get(
                 &ns,
-                &spate_core::parked::key_entry(&spate_core::parked::key_id(Some(b"bad"))),
+                &spate_core::state::parked::key_entry(&spate_core::state::parked::key_id(Some(
+                    b"bad",
+                ))),
             )
             .await
             .unwrap()
@@ -673,12 +675,16 @@ where
     }
 }
 
-async fn parked_key(h: &Harness, plugin: &str, key: &str) -> Option<spate_core::parked::ParkedKey> {
-    let ns = spate_core::parked::namespace(plugin);
-    spate_core::parked::key(
+async fn parked_key(
+    h: &Harness,
+    plugin: &str,
+    key: &str,
+) -> Option<spate_core::state::parked::ParkedKey> {
+    let ns = spate_core::state::parked::namespace(plugin);
+    spate_core::state::parked::key(
         &*h.rt.backends.state,
         &ns,
-        &spate_core::parked::key_id(Some(key.as_bytes())),
+        &spate_core::state::parked::key_id(Some(key.as_bytes())),
     )
     .await
     .unwrap()
@@ -687,21 +693,26 @@ async fn parked_key(h: &Harness, plugin: &str, key: &str) -> Option<spate_core::
 async fn file(
     h: &Harness,
     plugin: &str,
-    action: spate_core::parked::Action,
-    key: &spate_core::parked::ParkedKey,
+    action: spate_core::state::parked::Action,
+    key: &spate_core::state::parked::ParkedKey,
 ) -> String {
-    let ns = spate_core::parked::namespace(plugin);
-    let request =
-        spate_core::parked::Request::new(action, &key.topic, key.partition, &key.key_id, vec![]);
-    spate_core::parked::file(&*h.rt.backends.store, &ns, &request)
+    let ns = spate_core::state::parked::namespace(plugin);
+    let request = spate_core::state::parked::Request::new(
+        action,
+        &key.topic,
+        key.partition,
+        &key.key_id,
+        vec![],
+    );
+    spate_core::state::parked::file(&*h.rt.backends.store, &ns, &request)
         .await
         .unwrap();
-    spate_core::parked::request_entry(&request)
+    spate_core::state::parked::request_entry(&request)
 }
 
 /// Wait until the request at `entry` was carried out (its entry is gone).
 async fn carried_out(h: &Harness, plugin: &str, entry: &str) {
-    let ns = spate_core::parked::namespace(plugin);
+    let ns = spate_core::state::parked::namespace(plugin);
     eventually(&format!("request {entry} carried out"), || async {
         h.rt.backends
             .state
@@ -740,7 +751,7 @@ async fn all_state(h: &Harness, ns: &str) -> std::collections::BTreeMap<String, 
 /// run's; a redrive of a key no longer parked does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
-    use spate_core::parked::Action;
+    use spate_core::state::parked::Action;
     let inputs = park_inputs(
         2_000,
         &[
@@ -789,8 +800,8 @@ async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
     let key = parked_key(&h, "chaos", "bad").await.expect("still parked");
     assert_eq!((key.events, key.redrives), (3, 1));
     assert!(key.last_reason.as_deref().unwrap().contains("max-writes"));
-    let ns = spate_core::parked::namespace("chaos");
-    let head = spate_core::parked::queue(&*h.rt.backends.state, &ns, &key.key_id, 10)
+    let ns = spate_core::state::parked::namespace("chaos");
+    let head = spate_core::state::parked::queue(&*h.rt.backends.state, &ns, &key.key_id, 10)
         .await
         .unwrap();
     assert_eq!(head.len(), 3);
@@ -868,7 +879,7 @@ async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
 /// reason, and unparks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarding_a_parked_key_dead_letters_its_events_and_unparks_it() {
-    use spate_core::parked::Action;
+    use spate_core::state::parked::Action;
     let h = Harness::start().await;
     h.deploy(&park_manifest("chaos", "1.0.0", 1, ""), chaos_wasm())
         .await;
@@ -918,7 +929,7 @@ async fn discarding_a_parked_key_dead_letters_its_events_and_unparks_it() {
 /// original coordinates; run twice, it handles nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_redrive_handles_each_dead_letter_once() {
-    use spate_core::parked::{Action, Request};
+    use spate_core::state::parked::{Action, Request};
     let h = Harness::start().await;
     let manifest = |version: &str, max_writes: u32| {
         chaos_manifest(
@@ -942,23 +953,28 @@ async fn a_dead_letter_redrive_handles_each_dead_letter_once() {
     let dlq = h.wait_events("dlqr.dlq", 1, WAIT).await;
     h.wait_events("out", 2, WAIT).await;
     h.deploy(&manifest("2.0.0", 8), chaos_wasm()).await;
-    let original = spate_core::parked::dead_letter_source(&dlq[0]).expect("a dead letter");
+    let original = spate_core::state::parked::dead_letter_source(&dlq[0]).expect("a dead letter");
     assert_eq!(original.topic, "in");
-    let ns = spate_core::parked::namespace("dlqr");
+    let ns = spate_core::state::parked::namespace("dlqr");
     let redrive = || {
         Request::new(
             Action::RedriveDeadLetters,
             &original.topic,
             original.partition,
-            &spate_core::parked::key_id(original.key.as_deref()),
+            &spate_core::state::parked::key_id(original.key.as_deref()),
             vec![original.clone()],
         )
     };
     let first = redrive();
-    spate_core::parked::file(&*h.rt.backends.store, &ns, &first)
+    spate_core::state::parked::file(&*h.rt.backends.store, &ns, &first)
         .await
         .unwrap();
-    carried_out(&h, "dlqr", &spate_core::parked::request_entry(&first)).await;
+    carried_out(
+        &h,
+        "dlqr",
+        &spate_core::state::parked::request_entry(&first),
+    )
+    .await;
     let out = h.wait_events("out", 3, WAIT).await;
     let redriven = out.iter().find(|e| json(e).get("put").is_some()).unwrap();
     assert_eq!(
@@ -991,10 +1007,15 @@ async fn a_dead_letter_redrive_handles_each_dead_letter_once() {
         .await
         .unwrap();
     let second = redrive();
-    spate_core::parked::file(&*h.rt.backends.store, &ns, &second)
+    spate_core::state::parked::file(&*h.rt.backends.store, &ns, &second)
         .await
         .unwrap();
-    carried_out(&h, "dlqr", &spate_core::parked::request_entry(&second)).await;
+    carried_out(
+        &h,
+        "dlqr",
+        &spate_core::state::parked::request_entry(&second),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.events("out").await.len(), 3, "nothing emitted twice");
     assert_eq!(
@@ -1032,7 +1053,7 @@ async fn a_retried_event_keeps_its_attempt_count_across_a_restart() {
         8,
         "[retry]\nmax-attempts = 3\ninitial-backoff-ms = 6000\nmax-backoff-ms = 6000",
     );
-    let ns = spate_core::parked::namespace("retrier");
+    let ns = spate_core::state::parked::namespace("retrier");
     {
         let rt = start_runtime(dir.path()).await;
         rt.registry
@@ -1056,10 +1077,10 @@ async fn a_retried_event_keeps_its_attempt_count_across_a_restart() {
     }
     assert_eq!(retries(), 1, "one failed attempt before the restart");
     let rt = start_runtime(dir.path()).await;
-    let id = spate_core::parked::key_id(Some(b"r"));
+    let id = spate_core::state::parked::key_id(Some(b"r"));
     let started = std::time::Instant::now();
     let parked = loop {
-        let q = spate_core::parked::queue(&*rt.backends.state, &ns, &id, 10)
+        let q = spate_core::state::parked::queue(&*rt.backends.state, &ns, &id, 10)
             .await
             .unwrap();
         if let Some((_, e)) = q.into_iter().next() {

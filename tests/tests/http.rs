@@ -11,7 +11,7 @@ mod support;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header as http_header};
 use serde_json::{Value, json};
-use spate_core::parked::{self, Action, ParkedEvent, ParkedKey};
+use spate_core::state::parked::{self, Action, ParkedEvent, ParkedKey};
 use spate_core::types::headers;
 use spate_core::{Event, Header, NewEvent};
 use std::process::Command;

@@ -824,7 +824,7 @@ async fn count_job_killed_five_times(exactly_once: bool) {
     assert!(node.child.wait().unwrap().success());
     drop(node);
     let state =
-        spate_core::embedded::EmbeddedStateStore::open(&dir.path().join("data/state")).unwrap();
+        spate_core::state::EmbeddedStateStore::open(&dir.path().join("data/state")).unwrap();
     for k in 0..KEYS {
         let v = state.get("chaos", &format!("count/k{k}")).await.unwrap();
         let n: u64 = String::from_utf8(v.unwrap()).unwrap().parse().unwrap();

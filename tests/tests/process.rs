@@ -151,9 +151,9 @@ async fn sigterm_under_load_drains_and_commits_so_a_restart_redoes_nothing() {
     // Count what the first process emitted before the second one starts handling.
     let handled_before: u64 = {
         use spate_core::EventBus;
-        let log = spate_core::embedded::EmbeddedLog::open(
+        let log = spate_core::events::EmbeddedLog::open(
             &dir.path().join("data/log"),
-            spate_core::embedded::LogConfig::default(),
+            spate_core::events::LogConfig::default(),
         )
         .unwrap();
         log.end_offsets("out").await.unwrap().iter().sum()

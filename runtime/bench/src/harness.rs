@@ -13,11 +13,15 @@
 use crate::workload::{Job, Workload};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use spate_core::backend::{EventBus, EventSource, SourceMessage, StartPosition};
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::tiered::StateTier;
+use spate_core::state::tiered::StateTier;
 use spate_core::types::{header_str, headers};
+use spate_core::{EventBus, EventSource, SourceMessage, StartPosition};
 use spate_core::{NewEvent, StateStore};
+use spate_core::{
+    cache::MokaCache,
+    events::{EmbeddedLog, LogConfig},
+    state::EmbeddedStateStore,
+};
 use spate_dispatch::{DispatchContext, DispatchSettings, PluginVersion, Supervisor};
 use std::collections::HashMap;
 use std::path::Path;

@@ -39,12 +39,12 @@ use report::{
     KafkaReport, KafkaSettings, LatencyRun, LatencySummary, Ratio, SubjectResult, ThroughputRun,
 };
 use spate_conformance::kafka::{BrokerOptions, KafkaBroker, kafka_version};
-use spate_core::backend::{EventBus, EventSource};
-use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::PluginInfo;
 use spate_core::manifest::Manifest;
-use spate_core::tiered::StateTier;
+use spate_core::state::tiered::StateTier;
+use spate_core::{EventBus, EventSource};
 use spate_core::{NewEvent, StateStore};
+use spate_core::{cache::MokaCache, state::EmbeddedStateStore};
 use spate_dispatch::{DispatchContext, DispatchSettings, PluginVersion, Supervisor};
 use spate_engine::Sandbox;
 use spate_kafka::{KafkaBus, KafkaOptions};

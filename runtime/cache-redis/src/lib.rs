@@ -3,7 +3,7 @@
 //!
 //! It owns the connection and the mapping of commands and errors; keys arrive already
 //! prefixed by the host layer (the plugin's cache prefix), and what to do while Redis is
-//! down is the core's [`GuardedCache`](spate_core::cache_guard::GuardedCache)'s job.
+//! down is the core's [`GuardedCache`](spate_core::cache::GuardedCache)'s job.
 //!
 //! - `get` is `GET`; `set` is `SET key value PX <ms>` (a zero TTL deletes: the value
 //!   "expires at once"); `delete` is `DEL`; `incr` is `INCRBY`, so a counter created by
@@ -22,7 +22,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, ServerErrorKind};
-use spate_core::backend::{BackendError, BackendResult, Cache};
+use spate_core::{BackendError, BackendResult, Cache};
 use std::time::Duration;
 use tokio::sync::Mutex;
 

@@ -6,10 +6,10 @@
 
 use spate_cache_redis::{RedisCache, RedisOptions};
 use spate_conformance::services::{RedisCluster, RedisServer};
-use spate_core::backend::{BackendError, Cache, StateStore};
-use spate_core::cache_guard::GuardedCache;
-use spate_core::embedded::EmbeddedStateStore;
-use spate_core::tiered::{ReadThroughConfig, StateTier};
+use spate_core::cache::GuardedCache;
+use spate_core::state::EmbeddedStateStore;
+use spate_core::state::tiered::{ReadThroughConfig, StateTier};
+use spate_core::{BackendError, Cache, StateStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

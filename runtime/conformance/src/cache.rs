@@ -7,7 +7,7 @@
 //! - `basic`: get, set, overwrite, delete, binary values, distinct keys, counters;
 //! - `ttl`: expiry, zero TTLs, and counters keeping (or not having) a TTL.
 
-use spate_core::backend::{BackendError, Cache};
+use spate_core::{BackendError, Cache};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -13,7 +13,7 @@
 //! Every case works in namespaces of its own ([`Ctx::ns`]), so suites can share one
 //! long-lived server (a real ScyllaDB) between runs.
 
-use spate_core::backend::{ApplyOutcome, BackendError, StateStore, StateWrite};
+use spate_core::{ApplyOutcome, BackendError, StateStore, StateWrite};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -605,7 +605,7 @@ pub async fn an_expired_value_counts_as_absent_for_conditions(cx: Ctx) {
 /// partition, a later checkpoint replaces them, and no scan or read of a guest's keys
 /// ever sees them.
 pub async fn a_checkpoint_holds_state_and_positions_together(cx: Ctx) {
-    use spate_core::backend::SourcePosition;
+    use spate_core::SourcePosition;
     let ns = cx.ns("ckpt");
     let pos = |partition, next, done: Vec<u64>| SourcePosition {
         group: "g".into(),

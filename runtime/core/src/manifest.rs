@@ -2,7 +2,7 @@
 //! and the limits it runs under. Parsed strictly: unknown fields are errors, and every
 //! problem is reported at once.
 
-use crate::backend::StartPosition;
+use crate::StartPosition;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -436,12 +436,12 @@ impl Manifest {
             p.push("capabilities.cache-prefix must be 1-128 characters".into());
         }
         if let Some(prefix) = &self.capabilities.cache_prefix
-            && (prefix.starts_with(crate::tiered::RESERVED_CACHE_PREFIX)
-                || crate::tiered::RESERVED_CACHE_PREFIX.starts_with(prefix.as_str()))
+            && (prefix.starts_with(crate::state::tiered::RESERVED_CACHE_PREFIX)
+                || crate::state::tiered::RESERVED_CACHE_PREFIX.starts_with(prefix.as_str()))
         {
             p.push(format!(
                 "capabilities.cache-prefix `{prefix}` overlaps `{}`, which is reserved for the runtime's state cache",
-                crate::tiered::RESERVED_CACHE_PREFIX
+                crate::state::tiered::RESERVED_CACHE_PREFIX
             ));
         }
         let l = &self.limits;

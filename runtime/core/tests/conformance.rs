@@ -3,10 +3,10 @@
 //! Every group of cases runs: these backends define the contracts.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use spate_core::backend::{Cache, StateStore};
-use spate_core::cache_guard::GuardedCache;
-use spate_core::embedded::{EmbeddedStateStore, MokaCache};
-use spate_core::tiered::{ReadThroughConfig, StateTier, WritePolicy};
+use spate_core::cache::GuardedCache;
+use spate_core::state::tiered::{ReadThroughConfig, StateTier, WritePolicy};
+use spate_core::{Cache, StateStore};
+use spate_core::{cache::MokaCache, state::EmbeddedStateStore};
 use std::sync::Arc;
 use std::time::Duration;
 

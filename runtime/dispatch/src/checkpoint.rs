@@ -34,13 +34,13 @@
 use super::watermark::Watermark;
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use spate_core::backend::{
-    BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
-    StateWrite, Transactional, Transactions,
-};
 use spate_core::host::CacheOp;
 pub use spate_core::host::Effects;
 use spate_core::types::{NewEvent, TopicPartition};
+use spate_core::{
+    BackendError, BackendResult, Cache, Entry, EventBus, Expiry, SourcePosition, StateStore,
+    StateWrite, Transactional, Transactions,
+};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1090,7 +1090,7 @@ impl StateStore for View {
         &self,
         namespace: &str,
         writes: &[StateWrite],
-    ) -> BackendResult<spate_core::backend::ApplyOutcome> {
+    ) -> BackendResult<spate_core::ApplyOutcome> {
         self.0.state.apply(namespace, writes).await
     }
 }
@@ -1100,9 +1100,13 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
     use spate_core::host::PendingEmit;
     use spate_core::types::Header;
+    use spate_core::{
+        cache::MokaCache,
+        events::{EmbeddedLog, LogConfig},
+        state::EmbeddedStateStore,
+    };
 
     struct Fixture {
         ckpt: Arc<Checkpointer>,
@@ -1292,7 +1296,7 @@ mod tests {
             &self,
             _topic: &str,
             events: Vec<NewEvent>,
-        ) -> BackendResult<spate_core::backend::EmitTicket> {
+        ) -> BackendResult<spate_core::EmitTicket> {
             let mut open = self.0.open.lock();
             open.extend(
                 events

@@ -1,6 +1,6 @@
 //! `on-failure = "park-key"` and the operators' requests: parking a failed event with its
 //! key's later events, and carrying out redrives and discards in the key's lane (see
-//! [`spate_core::parked`] for the layout and why it is all state).
+//! [`spate_core::state::parked`] for the layout and why it is all state).
 
 use super::DeadLetterKind;
 use super::checkpoint::Effects;
@@ -8,11 +8,11 @@ use super::pipeline::{
     At, Call, Called, Finish, WarmInstance, WorkerCtx, apply_until_taken, attempts_cleared,
     dead_letter, instance_of, sleep_or_shutdown,
 };
-use spate_core::backend::{BackendResult, StateStore, StateWrite};
 use spate_core::host::{MAX_REASON_LEN, PluginInfo, truncate_reason};
-use spate_core::parked::{self, Action, ParkedEvent, ParkedKey, Request};
 use spate_core::plugin::{Instance, PluginVersion};
+use spate_core::state::parked::{self, Action, ParkedEvent, ParkedKey, Request};
 use spate_core::types::Event;
+use spate_core::{BackendResult, StateStore, StateWrite};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,14 +8,14 @@ use super::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
-use spate_core::backend::{
+use spate_core::host::{HostServices, Invocation, MAX_REASON_LEN, PluginInfo, truncate_reason};
+use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
+use spate_core::state::parked;
+use spate_core::types::{Event, Header, TopicPartition};
+use spate_core::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, StateWrite,
     Subscription,
 };
-use spate_core::host::{HostServices, Invocation, MAX_REASON_LEN, PluginInfo, truncate_reason};
-use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
-use spate_core::parked;
-use spate_core::types::{Event, Header, TopicPartition};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

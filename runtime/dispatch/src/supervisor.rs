@@ -10,8 +10,8 @@
 use crate::{ActiveVersion, DispatchContext, Pipeline, PipelineHealth, PluginVersion};
 use parking_lot::Mutex;
 use spate_core::StartPosition;
-use spate_core::backend::{BackendError, EventBus};
 use spate_core::manifest::{Manifest, Ordering};
+use spate_core::{BackendError, EventBus};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

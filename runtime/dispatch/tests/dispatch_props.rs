@@ -3,13 +3,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use proptest::prelude::*;
-use spate_core::backend::{EventBus, EventSource};
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
 use spate_core::host::Invocation;
 use spate_core::manifest::{LimitCeilings, Manifest};
+use spate_core::state::tiered::StateTier;
 use spate_core::test_kit::{FnPlugin, echo};
-use spate_core::tiered::StateTier;
+use spate_core::{EventBus, EventSource};
 use spate_core::{NewEvent, StateStore};
+use spate_core::{
+    cache::MokaCache,
+    events::{EmbeddedLog, LogConfig},
+    state::EmbeddedStateStore,
+};
 use spate_dispatch::{
     ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, Pipeline, PluginVersion,
 };

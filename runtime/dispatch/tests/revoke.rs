@@ -5,14 +5,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use async_trait::async_trait;
-use spate_core::backend::{
+use spate_core::host::Invocation;
+use spate_core::state::tiered::StateTier;
+use spate_core::test_kit::{FnPlugin, echo};
+use spate_core::types::{Event, TopicPartition};
+use spate_core::{
     BackendResult, EventBus, EventSource, SourceMessage, StartPosition, Subscription,
 };
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, LogConfig, MokaCache};
-use spate_core::host::Invocation;
-use spate_core::test_kit::{FnPlugin, echo};
-use spate_core::tiered::StateTier;
-use spate_core::types::{Event, TopicPartition};
+use spate_core::{
+    cache::MokaCache,
+    events::{EmbeddedLog, LogConfig},
+    state::EmbeddedStateStore,
+};
 use spate_dispatch::{
     ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, PluginVersion,
 };

@@ -13,8 +13,8 @@ use crate::record::{PluginRecord, RegistryError, content_hash};
 use crate::sandbox::write_atomic;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-pub use spate_core::backend::ChangeFeed;
-use spate_core::backend::{StateStore, StateWrite};
+pub use spate_core::ChangeFeed;
+use spate_core::{StateStore, StateWrite};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -306,7 +306,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::record::VersionRecord;
-    use spate_core::embedded::EmbeddedStateStore;
+    use spate_core::state::EmbeddedStateStore;
 
     #[tokio::test]
     async fn the_shared_store_round_trips_records_and_chunked_components() {

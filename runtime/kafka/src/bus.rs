@@ -13,10 +13,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KHeader, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use spate_core::backend::{
+use spate_core::types::{Appended, Event, NewEvent};
+use spate_core::{
     BackendError, BackendResult, EmitTicket, EventBus, EventSource, StartPosition, Subscription,
 };
-use spate_core::types::{Appended, Event, NewEvent};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use spate_core::backend::{BackendError, BackendResult, ChangeFeed, EventBus};
+use spate_core::{BackendError, BackendResult, ChangeFeed, EventBus};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;

@@ -8,8 +8,8 @@
 //! metadata and reads the HTTP API needs). It owns no dispatch logic: ordering, retries and
 //! dead-lettering stay in `spate-dispatch`, the same code as on the embedded log.
 //!
-//! [`EventSource`]: spate_core::backend::EventSource
-//! [`EventBus`]: spate_core::backend::EventBus
+//! [`EventSource`]: spate_core::EventSource
+//! [`EventBus`]: spate_core::EventBus
 
 mod bus;
 mod feed;
@@ -24,7 +24,7 @@ pub use options::{KafkaOptions, OptionsError};
 pub use txn::KafkaTransactions;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use spate_core::backend::BackendError;
+use spate_core::BackendError;
 
 /// Map a librdkafka error to what the dispatcher needs to know: retry (the broker is
 /// away), refuse (the request is wrong), or the topic does not exist.

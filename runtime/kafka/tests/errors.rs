@@ -4,7 +4,7 @@
 
 use spate_conformance::kafka::KafkaBroker;
 use spate_conformance::services::free_port;
-use spate_core::backend::{BackendError, EventBus, EventSource, StartPosition};
+use spate_core::{BackendError, EventBus, EventSource, StartPosition};
 use spate_kafka::{ConnectError, KafkaBus, KafkaOptions};
 use std::time::{Duration, Instant};
 

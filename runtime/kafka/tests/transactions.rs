@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use spate_conformance::kafka::{KafkaBroker, committed_offsets, consume_all};
-use spate_core::backend::{EventSource, SourceMessage, StartPosition, Subscription, Transactional};
 use spate_core::types::{NewEvent, TopicPartition};
+use spate_core::{EventSource, SourceMessage, StartPosition, Subscription, Transactional};
 use spate_kafka::{KafkaBus, KafkaOptions};
 use std::time::Duration;
 

@@ -28,7 +28,7 @@ pub struct Config {
     /// Cache backend.
     pub cache: CacheConfig,
     /// Read-through caching of plugin state in the cache backend.
-    pub read_through: spate_core::tiered::ReadThroughConfig,
+    pub read_through: spate_core::state::tiered::ReadThroughConfig,
     /// Dispatcher.
     pub dispatch: DispatchConfig,
     /// Sandbox and plugin limits.
@@ -46,7 +46,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             state: StateConfig::default(),
             cache: CacheConfig::default(),
-            read_through: spate_core::tiered::ReadThroughConfig::default(),
+            read_through: spate_core::state::tiered::ReadThroughConfig::default(),
             dispatch: DispatchConfig::default(),
             sandbox: SandboxSettings::default(),
             registry: RegistryConfig::default(),
@@ -112,8 +112,8 @@ impl Default for ApiConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
 pub enum EventsConfig {
     /// The built-in durable log in the data directory. Its keys and defaults are
-    /// [`spate_core::embedded::LogSettings`]'s.
-    Embedded(spate_core::embedded::LogSettings),
+    /// [`spate_core::events::LogSettings`]'s.
+    Embedded(spate_core::events::LogSettings),
     /// Kafka (`spate-kafka`): each plugin consumes its subscriptions as consumer group
     /// `<group>.<plugin>` (cooperative-sticky), emits and dead letters go through an
     /// idempotent producer (`acks=all`), and an input offset is committed only after
@@ -153,7 +153,7 @@ impl EventsConfig {
 
 impl Default for EventsConfig {
     fn default() -> Self {
-        Self::Embedded(spate_core::embedded::LogSettings::default())
+        Self::Embedded(spate_core::events::LogSettings::default())
     }
 }
 
@@ -184,13 +184,9 @@ impl StateConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", tag = "type")]
 pub enum CacheConfig {
-    /// In-process `moka` cache.
-    #[serde(rename_all = "kebab-case")]
-    Memory {
-        /// Most bytes of keys and values kept; least recently used entries go first.
-        #[serde(default = "default_cache_bytes")]
-        max_bytes: u64,
-    },
+    /// In-process `moka` cache. Its keys and defaults are
+    /// [`spate_core::cache::MemorySettings`]'s.
+    Memory(spate_core::cache::MemorySettings),
     /// Redis, or Redis Cluster (`spate-cache-redis`). While it is unreachable, reads are
     /// misses and writes are skipped (metric `spate_cache_degraded`); it reconnects by
     /// itself. Its keys and defaults are [`spate_cache_redis::RedisOptions`]'s.
@@ -202,20 +198,14 @@ impl CacheConfig {
     pub fn redis_options(&self) -> Option<spate_cache_redis::RedisOptions> {
         match self {
             Self::Redis(o) => Some(o.clone()),
-            Self::Memory { .. } => None,
+            Self::Memory(_) => None,
         }
     }
 }
 
-fn default_cache_bytes() -> u64 {
-    256 << 20
-}
-
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self::Memory {
-            max_bytes: default_cache_bytes(),
-        }
+        Self::Memory(spate_core::cache::MemorySettings::default())
     }
 }
 
@@ -775,7 +765,10 @@ on-write = "invalidate"
         let rt = c.read_through.clone();
         assert!(c.read_through.enabled);
         assert_eq!(rt.ttl, Duration::from_secs(30));
-        assert_eq!(rt.on_write, spate_core::tiered::WritePolicy::Invalidate);
+        assert_eq!(
+            rt.on_write,
+            spate_core::state::tiered::WritePolicy::Invalidate
+        );
     }
 
     #[test]
@@ -821,7 +814,7 @@ max-age-ms = 3600000
     fn defaults_stay_embedded_and_a_bare_type_takes_every_default() {
         let c = load("").unwrap();
         assert!(matches!(c.state, StateConfig::Embedded));
-        assert!(matches!(c.cache, CacheConfig::Memory { .. }));
+        assert!(matches!(c.cache, CacheConfig::Memory(_)));
         assert!(!c.read_through.enabled);
         let c = load("[cache]\ntype = \"redis\"\n[state]\ntype = \"cql\"\n").unwrap();
         assert_eq!(

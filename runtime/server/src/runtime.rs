@@ -5,10 +5,12 @@
 use crate::config::RegistryConfig;
 use crate::config::{CacheConfig, Config, EventsConfig, StateConfig};
 use spate_cache_redis::RedisCache;
-use spate_core::backend::{Cache, EventBus, EventSource, StateStore};
-use spate_core::cache_guard::GuardedCache;
-use spate_core::embedded::{EmbeddedLog, EmbeddedStateStore, MokaCache, StorageHealth};
-use spate_core::tiered::StateTier;
+use spate_core::cache::GuardedCache;
+use spate_core::state::tiered::StateTier;
+use spate_core::{Cache, EventBus, EventSource, StateStore};
+use spate_core::{
+    cache::MokaCache, events::EmbeddedLog, state::EmbeddedStateStore, storage::StorageHealth,
+};
 use spate_dispatch::{DispatchContext, IdleInstances, PipelineBoard, Supervisor};
 use spate_engine::{
     ChangeFeed, LocalStore, Registry, RegistryChange, RegistryStore, Sandbox, SandboxConfig,
@@ -105,8 +107,8 @@ impl Backends {
             }
         };
         let (backend, name, retry): (Arc<dyn Cache>, &str, Duration) = match &config.cache {
-            CacheConfig::Memory { max_bytes } => (
-                Arc::new(MokaCache::new(*max_bytes)),
+            CacheConfig::Memory(settings) => (
+                Arc::new(MokaCache::with_settings(settings)),
                 "memory",
                 Duration::from_secs(1),
             ),
@@ -225,7 +227,7 @@ impl Runtime {
             transactions: backends
                 .kafka
                 .clone()
-                .map(|k| k as Arc<dyn spate_core::backend::Transactional>),
+                .map(|k| k as Arc<dyn spate_core::Transactional>),
             instance: config.instance_id().map_err(|e| {
                 anyhow::anyhow!(
                     "cannot keep this runtime's instance id in {}: {e}",
@@ -377,7 +379,7 @@ async fn parked_gauges(
     shutdown: CancellationToken,
 ) {
     use spate_core::manifest::OnFailure;
-    use spate_core::parked;
+    use spate_core::state::parked;
     let mut tick = tokio::time::interval(PARKED_GAUGES_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -317,7 +317,7 @@ async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
     const CAP: usize = 64 << 10;
     let app = app_with(|c| {
         c.api.max_read_bytes = CAP;
-        c.events = spate::config::EventsConfig::Embedded(spate_core::embedded::LogSettings {
+        c.events = spate::config::EventsConfig::Embedded(spate_core::events::LogSettings {
             default_partitions: 2,
             ..Default::default()
         });

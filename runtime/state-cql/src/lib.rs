@@ -43,7 +43,7 @@ use scylla::serialize::writers::{CellWriter, WrittenCellProof};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
-use spate_core::backend::{
+use spate_core::{
     ApplyOutcome, BackendError, BackendResult, Entry, Expiry, SourcePosition, StateStore,
     StateWrite,
 };

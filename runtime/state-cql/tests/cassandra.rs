@@ -13,10 +13,10 @@
 
 use spate_conformance::cassandra::{cql_node, fresh_keyspace};
 use spate_conformance::services::FaultProxy;
-use spate_core::backend::{ApplyOutcome, BackendError, StateStore, StateWrite};
-use spate_core::cache_guard::GuardedCache;
-use spate_core::embedded::MokaCache;
-use spate_core::tiered::{ReadThroughConfig, StateTier};
+use spate_core::cache::GuardedCache;
+use spate_core::cache::MokaCache;
+use spate_core::state::tiered::{ReadThroughConfig, StateTier};
+use spate_core::{ApplyOutcome, BackendError, StateStore, StateWrite};
 use spate_state_cql::{ConnectError, CqlOptions, CqlStateStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,10 +13,10 @@
 //! ```
 
 use anyhow::{Context, Result, bail};
-use spate_core::embedded::{EmbeddedStateStore, MokaCache};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
 use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::plugin::{CallOutcome, PluginVersion};
+use spate_core::{cache::MokaCache, state::EmbeddedStateStore};
 use spate_engine::{Registry, Sandbox, SandboxConfig};
 use std::path::Path;
 use std::sync::Arc;

@@ -45,9 +45,9 @@ pub fn cluster_config(
         retry_interval: Duration::from_millis(200),
         ..spate_cache_redis::RedisOptions::default()
     });
-    c.read_through = spate_core::tiered::ReadThroughConfig {
+    c.read_through = spate_core::state::tiered::ReadThroughConfig {
         enabled: read_through,
-        ..spate_core::tiered::ReadThroughConfig::default()
+        ..spate_core::state::tiered::ReadThroughConfig::default()
     };
     assert_eq!(c.api.token.as_deref(), Some(TOKEN));
     c

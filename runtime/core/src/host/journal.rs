@@ -8,7 +8,7 @@
 //! runtime headers (idempotency id, provenance, trace context) here, from one function.
 
 use super::{HostError, MAX_REASON_LEN, PluginInfo, truncate_reason};
-use crate::backend::StateWrite;
+use crate::StateWrite;
 use crate::manifest::Limits;
 use crate::plugin::TrapKind;
 use crate::types::{Event, Header, NewEvent, header_str, headers};
@@ -76,7 +76,7 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// The state writes as a batch for [`StateStore::apply`].
+    /// The state writes as a batch for [`StateStore::apply`](crate::StateStore::apply).
     pub fn state_writes(&self) -> Vec<StateWrite> {
         self.state
             .iter()

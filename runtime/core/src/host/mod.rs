@@ -11,9 +11,9 @@ pub mod journal;
 
 pub use journal::{CacheOp, DeadLetterKind, Effects, Journal, PendingEmit, idempotency_id};
 
-use crate::backend::{BackendError, Cache, StateStore};
 use crate::manifest::Manifest;
 use crate::types::{Event, Header, NewEvent, headers};
+use crate::{BackendError, Cache, StateStore};
 use journal::PendingState;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -464,8 +464,8 @@ fn add_to_counter(v: &[u8], delta: i64) -> Result<Vec<u8>, HostError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::embedded::{EmbeddedStateStore, MokaCache};
     use crate::manifest::LimitCeilings;
+    use crate::{cache::MokaCache, state::EmbeddedStateStore};
 
     /// An invocation of a plugin with `limits`, on an event with `input_headers`, over an
     /// embedded store in a directory of its own (kept alive with it).

@@ -6,7 +6,7 @@
 //! Nothing here changes parked entries or handles events: every action is a
 //! [`parked::Request`] filed in the plugin's parked namespace for the pipeline owning the
 //! key's partition, which carries it out in the key's lane within about half a second
-//! (see `spate_core::parked`). A `202 Accepted` therefore means "filed", not "done";
+//! (see `spate_core::state::parked`). A `202 Accepted` therefore means "filed", not "done";
 //! `GET /v1/plugins/{name}/parked` shows the outcome.
 //!
 //! Routes (all under the API's bearer token):
@@ -26,11 +26,11 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
-use spate_core::backend::{StateStore, StateWrite};
 use spate_core::host::PluginInfo;
-use spate_core::parked::{self, Action, ParkedEvent, ParkedKey, Request};
+use spate_core::state::parked::{self, Action, ParkedEvent, ParkedKey, Request};
 use spate_core::types::{header_str, headers};
 use spate_core::{BackendError, Event};
+use spate_core::{StateStore, StateWrite};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 

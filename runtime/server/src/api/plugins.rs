@@ -212,9 +212,9 @@ pub(super) async fn delete_plugin(
                 if page.is_empty() {
                     break;
                 }
-                let deletes: Vec<spate_core::backend::StateWrite> = page
+                let deletes: Vec<spate_core::StateWrite> = page
                     .into_iter()
-                    .map(|(key, _)| spate_core::backend::StateWrite {
+                    .map(|(key, _)| spate_core::StateWrite {
                         key,
                         value: None,
                         ttl: None,

@@ -11,7 +11,7 @@ use spate::api::parked::{
     DeadLetterRedrive, DeadLetterSelection, Filed, KeySelection, MAX_DEAD_LETTERS_SCANNED,
     MAX_LIMIT, ParkedList, ParkedShow, PayloadEncoding,
 };
-use spate_core::parked::{Action, now_ms};
+use spate_core::state::parked::{Action, now_ms};
 
 /// Help text after `spate parked ls --help`.
 pub const LS_HELP: &str = "\
@@ -614,7 +614,7 @@ mod tests {
 
     use super::*;
     use spate::api::parked::FiledRequest;
-    use spate_core::parked::ParkedKey;
+    use spate_core::state::parked::ParkedKey;
 
     #[test]
     fn times_are_rfc3339_dates_or_unix_millis() {

@@ -1,28 +1,18 @@
-//! Embedded backends: a durable event log, a state store on `redb` and an in-process cache
-//! on `moka`. One machine, one data directory, no external services.
-//!
-//! The two `redb` backends each own one file in the data directory and share the
-//! group-commit writer in `group_commit`: every write request is queued to one writer
-//! thread that commits everything queued in a single transaction, so a burst of writers
-//! pays for one fsync, and a call returns only once its write is durable. Reads run on
-//! tokio's blocking pool against `redb`'s MVCC snapshots and never wait for the writer.
+//! The `redb` plumbing the embedded log ([`crate::events::EmbeddedLog`]) and state store
+//! ([`crate::state::EmbeddedStateStore`]) share. Each owns one file in the data directory
+//! and both go through the group-commit writer in `group_commit`: every write request is
+//! queued to one writer thread that commits everything queued in a single transaction, so
+//! a burst of writers pays for one fsync, and a call returns only once its write is
+//! durable. Reads run on tokio's blocking pool against `redb`'s MVCC snapshots and never
+//! wait for the writer.
 
-pub mod cache;
 mod db;
-mod group_commit;
-pub mod log;
-mod settings;
-pub mod state;
+pub(crate) mod group_commit;
 
-pub use cache::MokaCache;
+pub(crate) use db::SharedDb;
 pub use db::StorageHealth;
-pub use log::{
-    EmbeddedLog, LogConfig, RetentionConfig, RetentionReport, TopicRetention, TopicUsage,
-};
-pub use settings::{LogSettings, RetentionSettings, TopicRetentionOverride};
-pub use state::{EmbeddedStateStore, StateConfig};
 
-use crate::backend::{BackendError, BackendResult};
+use crate::error::{BackendError, BackendResult};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,42 +1,21 @@
-//! The seams between the runtime and the services it talks to.
-//!
-//! Each trait has one embedded implementation in [`crate::embedded`] and one cluster
-//! implementation in its own crate (Kafka, ScyllaDB/Cassandra, Redis). Backends know
-//! nothing of plugins: namespaces, prefixes and capability checks are applied by the
-//! host layer ([`crate::host`]) before a backend is touched.
+//! The events seam: where events come from ([`EventSource`], [`Subscription`]), where emits
+//! and dead letters go ([`EventBus`], [`Transactional`]), how runtimes announce registry
+//! changes ([`ChangeFeed`]), and the embedded log that implements them on one machine
+//! ([`EmbeddedLog`], configured by [`LogSettings`]). The Kafka implementation is the
+//! `spate-kafka` crate.
 
+pub mod log;
+mod settings;
+
+pub use log::{
+    EmbeddedLog, LogConfig, RetentionConfig, RetentionReport, TopicRetention, TopicUsage,
+};
+pub use settings::{LogSettings, RetentionSettings, TopicRetentionOverride};
+
+use crate::error::{BackendError, BackendResult};
 use crate::types::{Appended, Event, NewEvent, TopicPartition};
 use async_trait::async_trait;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// A failure of a backing service. Never shown to a guest: the host aborts the call and
-/// the dispatcher retries the event without counting it against the plugin's retry limit.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// The service could not be reached or did not answer in time; retrying may help.
-    #[error("backend unavailable: {0}")]
-    Unavailable(String),
-    /// The request was refused as invalid (bad topic name, value too large, ...).
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    /// A topic that does not exist and will not be created.
-    #[error("unknown topic `{0}`")]
-    UnknownTopic(String),
-    /// Stored data could not be decoded.
-    #[error("corrupt data: {0}")]
-    Corrupt(String),
-}
-
-impl BackendError {
-    /// An [`BackendError::Unavailable`] from any displayable error.
-    pub fn unavailable(e: impl std::fmt::Display) -> Self {
-        Self::Unavailable(e.to_string())
-    }
-}
-
-/// Result type of backend calls.
-pub type BackendResult<T> = Result<T, BackendError>;
 
 /// Where a new consumer group starts reading a topic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -128,7 +107,7 @@ pub trait Transactions: Send + Sync + 'static {
 }
 
 /// How far a consumer group got in one source partition, as recorded with the state
-/// written by the events it covers (see [`StateStore::commit_checkpoint`]).
+/// written by the events it covers (see [`StateStore::commit_checkpoint`](crate::StateStore::commit_checkpoint)).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourcePosition {
     /// Consumer group.
@@ -246,183 +225,6 @@ pub trait EventSource: Send + Sync + 'static {
 
     /// Committed positions (next offset to handle) of `group` on each partition of `topic`.
     async fn committed(&self, group: &str, topic: &str) -> BackendResult<Vec<Option<u64>>>;
-}
-
-/// One write of a state journal, applied atomically with the rest of its batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StateWrite {
-    /// Key within the namespace.
-    pub key: String,
-    /// New value; `None` deletes the key.
-    pub value: Option<Vec<u8>>,
-    /// Expiry of the new value.
-    pub ttl: Option<Duration>,
-    /// `Some(expected)`: apply only if the stored value (`None` = absent) still equals
-    /// `expected`, otherwise the whole batch is refused with [`ApplyOutcome::Conflict`].
-    pub condition: Option<Option<Vec<u8>>>,
-}
-
-/// The result of applying a batch of state writes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApplyOutcome {
-    /// Every write was applied.
-    Applied,
-    /// A condition did not hold; nothing was applied.
-    Conflict {
-        /// The key whose condition failed.
-        key: String,
-    },
-}
-
-/// How long a stored value has left to live, as far as its store can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expiry {
-    /// Written without a TTL.
-    Never,
-    /// Expires after about this long.
-    In(Duration),
-    /// The store does not report expiry.
-    Unknown,
-}
-
-/// A live value with its remaining lifetime; see [`StateStore::get_entry`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// The value.
-    pub value: Vec<u8>,
-    /// When it expires.
-    pub expiry: Expiry,
-}
-
-/// Durable key-value state, partitioned by namespace.
-#[async_trait]
-pub trait StateStore: Send + Sync + 'static {
-    /// The live (unexpired) value of `key` in `namespace`.
-    async fn get(&self, namespace: &str, key: &str) -> BackendResult<Option<Vec<u8>>>;
-
-    /// [`StateStore::get`] with the value's remaining lifetime, for layers that copy values
-    /// (the read-through tier must not serve a copy past the value's expiry). Stores that
-    /// cannot tell report [`Expiry::Unknown`], which this default does.
-    async fn get_entry(&self, namespace: &str, key: &str) -> BackendResult<Option<Entry>> {
-        Ok(self.get(namespace, key).await?.map(|value| Entry {
-            value,
-            expiry: Expiry::Unknown,
-        }))
-    }
-
-    /// Up to `limit` live entries of `namespace` whose keys start with `prefix`, in key order.
-    async fn scan(
-        &self,
-        namespace: &str,
-        prefix: &str,
-        limit: u32,
-    ) -> BackendResult<Vec<(String, Vec<u8>)>> {
-        self.scan_bounded(namespace, prefix, limit, usize::MAX)
-            .await
-    }
-
-    /// [`StateStore::scan`] that stops reading once the entries' keys and values add up
-    /// to more than `max_bytes` (the entry crossing it is the last one returned), so a
-    /// caller can bound what one scan makes it hold.
-    async fn scan_bounded(
-        &self,
-        namespace: &str,
-        prefix: &str,
-        limit: u32,
-        max_bytes: usize,
-    ) -> BackendResult<Vec<(String, Vec<u8>)>>;
-
-    /// Apply `writes` to `namespace` as one unit, checking their conditions first.
-    async fn apply(&self, namespace: &str, writes: &[StateWrite]) -> BackendResult<ApplyOutcome>;
-
-    /// Whether the store can make a checkpoint durable in one unit with
-    /// [`StateStore::commit_checkpoint`], so writes may wait in a view in front of it until
-    /// the checkpoint. Stores that cannot (the default) get every event's writes at once.
-    fn checkpoints(&self) -> bool {
-        false
-    }
-
-    /// Whether other runtimes write this store too (a cluster's CQL store): a
-    /// compare-and-swap must then be decided by the store, not by a view in front of it.
-    fn shared(&self) -> bool {
-        false
-    }
-
-    /// Make a checkpoint durable in one unit: `writes` (per namespace, unconditional)
-    /// and the source `positions` they cover, kept with namespace `home` (the plugin's),
-    /// so after a crash state and positions agree.
-    async fn commit_checkpoint(
-        &self,
-        _writes: &[(String, Vec<StateWrite>)],
-        _home: &str,
-        _positions: &[SourcePosition],
-    ) -> BackendResult<()> {
-        Err(BackendError::Invalid(
-            "this state store does not take checkpoints".into(),
-        ))
-    }
-
-    /// Whether the store can [`StateStore::prepare_checkpoint`]: keep what a checkpoint
-    /// overwrote until it is resolved, for checkpoints whose positions are committed
-    /// elsewhere afterwards (a Kafka transaction).
-    fn prepares(&self) -> bool {
-        false
-    }
-
-    /// [`StateStore::commit_checkpoint`] that also keeps, in the same unit, what it
-    /// overwrites (values and positions) as `home`'s pending checkpoint, until
-    /// [`StateStore::resolve_checkpoint`] keeps or undoes it. At most one is pending per
-    /// `home`; preparing another resolves the previous one as kept.
-    async fn prepare_checkpoint(
-        &self,
-        _writes: &[(String, Vec<StateWrite>)],
-        _home: &str,
-        _positions: &[SourcePosition],
-    ) -> BackendResult<()> {
-        Err(BackendError::Invalid(
-            "this state store cannot undo a checkpoint".into(),
-        ))
-    }
-
-    /// The positions of `home`'s pending checkpoint, if one is pending.
-    async fn pending_checkpoint(&self, _home: &str) -> BackendResult<Option<Vec<SourcePosition>>> {
-        Ok(None)
-    }
-
-    /// Resolve `home`'s pending checkpoint: `keep` it (its positions were committed), or
-    /// put back every value and position it overwrote. Nothing pending: nothing to do.
-    async fn resolve_checkpoint(&self, _home: &str, _keep: bool) -> BackendResult<()> {
-        Ok(())
-    }
-
-    /// The position last recorded by [`StateStore::commit_checkpoint`] with namespace
-    /// `home` for `group` in one source partition.
-    async fn source_position(
-        &self,
-        _home: &str,
-        _group: &str,
-        _topic: &str,
-        _partition: u32,
-    ) -> BackendResult<Option<SourcePosition>> {
-        Ok(None)
-    }
-}
-
-/// A cache with expiry. Keys arrive fully prefixed by the host layer.
-#[async_trait]
-pub trait Cache: Send + Sync + 'static {
-    /// The cached value, if present and unexpired.
-    async fn get(&self, key: &str) -> BackendResult<Option<Vec<u8>>>;
-
-    /// Cache `value` for `ttl`.
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> BackendResult<()>;
-
-    /// Forget `key`.
-    async fn delete(&self, key: &str) -> BackendResult<()>;
-
-    /// Add `delta` to the decimal integer at `key` (missing = 0) and return the result.
-    /// A value that is not an integer is an [`BackendError::Invalid`].
-    async fn incr(&self, key: &str, delta: i64) -> BackendResult<i64>;
 }
 
 /// How runtimes sharing a plugin registry tell each other about changes: small "plugin X

@@ -5,7 +5,7 @@
 //! created by `incr` never expire, and `incr` on a value set with a TTL keeps that TTL
 //! (as Redis does).
 
-use crate::backend::{BackendError, BackendResult, Cache};
+use crate::{BackendError, BackendResult, Cache};
 use async_trait::async_trait;
 use moka::Expiry;
 use moka::ops::compute::Op;
@@ -59,6 +59,22 @@ impl Expiry<String, Entry> for EntryExpiry {
     }
 }
 
+/// The in-process cache's `[cache]` section (`type = "memory"`, the default).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MemorySettings {
+    /// Most bytes of keys and values kept; least recently used entries go first.
+    pub max_bytes: u64,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
 /// The in-process cache; see the [module docs](self).
 pub struct MokaCache {
     inner: moka::sync::Cache<String, Entry>,
@@ -76,6 +92,11 @@ impl MokaCache {
             .expire_after(EntryExpiry)
             .build();
         Self { inner }
+    }
+
+    /// A cache as its settings ask.
+    pub fn with_settings(settings: &MemorySettings) -> Self {
+        Self::new(settings.max_bytes)
     }
 }
 

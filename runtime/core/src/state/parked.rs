@@ -23,9 +23,9 @@
 //! - `d/<topic>/<p>/<o>`: a dead letter of this event was redriven and handled, so
 //!   redriving it again does nothing (kept [`REDRIVEN_TTL`]).
 
-use crate::backend::{BackendError, BackendResult, StateStore, StateWrite};
 use crate::manifest::RESERVED_NAMESPACE_PREFIX;
 use crate::types::{Event, header_str, headers};
+use crate::{BackendError, BackendResult, StateStore, StateWrite};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

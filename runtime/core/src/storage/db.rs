@@ -9,7 +9,7 @@
 //! which `redb` only does with no transaction alive.
 
 use super::{open_database, redb_error};
-use crate::backend::{BackendError, BackendResult};
+use crate::{BackendError, BackendResult};
 use redb::{Database, Durability, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

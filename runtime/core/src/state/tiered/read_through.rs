@@ -4,7 +4,7 @@
 
 use super::RESERVED_CACHE_PREFIX;
 use super::counting::Counters;
-use crate::backend::{Cache, Entry, Expiry, StateWrite};
+use crate::{Cache, Entry, Expiry, StateWrite};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -13,10 +13,10 @@
 //! transaction, after the earlier applies of the same group, so compare-and-swap stays
 //! exact under concurrency.
 
-use super::db::{SharedDb, StorageHealth};
-use super::group_commit::{Batcher, GroupWriter};
-use super::{DEFAULT_CACHE_BYTES, now_ms, redb_error};
-use crate::backend::{
+use crate::storage::group_commit::{Batcher, GroupWriter};
+use crate::storage::{DEFAULT_CACHE_BYTES, now_ms, redb_error};
+use crate::storage::{SharedDb, StorageHealth};
+use crate::{
     ApplyOutcome, BackendError, BackendResult, Entry, Expiry, SourcePosition, StateStore,
     StateWrite,
 };

@@ -16,14 +16,14 @@
 //! live in memory, published after each commit together with a per-topic `watch` that
 //! wakes subscriptions.
 
-use super::db::{SharedDb, StorageHealth};
-use super::group_commit::{Batcher, GroupWriter};
-use super::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
-use crate::backend::{
+use crate::storage::group_commit::{Batcher, GroupWriter};
+use crate::storage::{DEFAULT_CACHE_BYTES, blocking, now_ms, redb_error};
+use crate::storage::{SharedDb, StorageHealth};
+use crate::types::{Appended, Event, Header, NewEvent, TopicPartition, headers, partition_for_key};
+use crate::{
     BackendError, BackendResult, EmitTicket, EventBus, EventSource, SourceMessage, StartPosition,
     Subscription,
 };
-use crate::types::{Appended, Event, Header, NewEvent, TopicPartition, headers, partition_for_key};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::collections::{HashMap, HashSet};

@@ -41,7 +41,7 @@ use read_through::{
     decode,
 };
 
-use crate::backend::{ApplyOutcome, BackendResult, Cache, SourcePosition, StateStore, StateWrite};
+use crate::{ApplyOutcome, BackendResult, Cache, SourcePosition, StateStore, StateWrite};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -445,8 +445,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::backend::{BackendError, Entry};
-    use crate::embedded::{EmbeddedStateStore, MokaCache};
+    use crate::{BackendError, Entry};
+    use crate::{cache::MokaCache, state::EmbeddedStateStore};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 

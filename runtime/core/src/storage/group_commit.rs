@@ -19,7 +19,7 @@
 //! between groups ([`GroupWriter::exclusive`]), so writers simply wait for it.
 
 use super::db::{SharedDb, is_io};
-use crate::backend::{BackendError, BackendResult};
+use crate::{BackendError, BackendResult};
 use redb::{Database, Durability, WriteTransaction};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,7 @@
 //! Plugins therefore see a cache miss, never a trap, while Redis is down — a cache may
 //! forget anything at any time, and an outage is the extreme case of that.
 
-use crate::backend::{BackendError, BackendResult, Cache};
+use crate::{BackendError, BackendResult, Cache};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -166,7 +166,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::embedded::MokaCache;
+    use crate::cache::MokaCache;
 
     /// A cache that is down while `down` is set, and counts the calls that reach it.
     struct Flaky {
