@@ -12,6 +12,7 @@
 //! wires it. Run it through `scripts/bench`, which builds the plugins first.
 
 mod count;
+mod guests;
 mod harness;
 mod kafka;
 mod micro;
@@ -41,9 +42,6 @@ const TRIVIAL_MANIFEST: &str = include_str!("../../../plugins/trivial/spate.toml
 const COUNT_MANIFEST: &str = include_str!("../../../plugins/count/spate.toml");
 /// Manifest of the `order-totals` plugin, as in the tree.
 const ORDER_TOTALS_MANIFEST: &str = include_str!("../../../plugins/order-totals/spate.toml");
-/// Sandbox memory ceiling per slot and pool size: the server's defaults.
-const SANDBOX_MAX_MEMORY_MB: usize = 256;
-const SANDBOX_POOL_INSTANCES: u32 = 512;
 /// Untimed calls before each microbenchmark.
 const MICRO_WARMUP: usize = 500;
 /// One-event appends timed for the append floor.
@@ -75,6 +73,10 @@ enum Command {
     /// The read-through state tier on a skewed read-modify-write workload: state-store
     /// reads saved and the Redis hop's cost, against Apache Cassandra and Redis.
     Tier(tier::Args),
+    /// What a handler's language costs: the example plugin in Rust, Python and JavaScript
+    /// (component size, upload-to-serving and restart times, per-event cost, smallest
+    /// memory); `scripts/bench guests` builds the components.
+    Guests(guests::Args),
 }
 
 /// Options of the embedded bench.
@@ -136,6 +138,7 @@ fn main() -> Result<()> {
         Some(Command::Kafka(args)) => return kafka::main(&args),
         Some(Command::Count(args)) => return count::main(&args),
         Some(Command::Tier(args)) => return block_on(tier::main(args)),
+        Some(Command::Guests(args)) => return block_on(guests::run(args)),
         None => {}
     }
     let args = cli.embedded;
@@ -275,11 +278,9 @@ fn temp_root(parent: &Path, prefix: &str) -> Result<tempfile::TempDir> {
 }
 
 /// The sandbox with the server's defaults, its compiled-code cache under `root`.
+/// A sandbox with the server's defaults (memory ceiling per slot, pool size).
 fn sandbox(root: &Path) -> Result<Arc<Sandbox>> {
-    let mut config = SandboxConfig::new(root.join("compiled"));
-    config.max_memory_bytes = SANDBOX_MAX_MEMORY_MB << 20;
-    config.pool_instances = SANDBOX_POOL_INSTANCES;
-    Sandbox::new(config).context("starting the sandbox")
+    Sandbox::new(SandboxConfig::new(root.join("compiled"))).context("starting the sandbox")
 }
 
 /// This machine, with data directories under `data_root`.
@@ -583,8 +584,8 @@ async fn run(args: &Args) -> Result<Report> {
             paced_warmup_seconds: warmup.as_secs_f64(),
             micro_calls: args.micro_calls,
             commit_interval_ms: args.commit_interval_ms,
-            sandbox_max_memory_mb: SANDBOX_MAX_MEMORY_MB,
-            sandbox_pool_instances: SANDBOX_POOL_INSTANCES,
+            sandbox_max_memory_mb: SandboxConfig::new("").max_memory_bytes >> 20,
+            sandbox_pool_instances: SandboxConfig::new("").pool_instances,
         },
         plugins: vec![trivial.load, order_totals.load],
         append_floor_p50_us: floor_p50.as_secs_f64() * 1e6,

@@ -1,16 +1,12 @@
-//! `guest-bench`: what a handler's language costs, measured on the example plugin in Rust,
-//! Python and JavaScript (`plugins/order-totals{,-py,-js}`, built by this crate's build).
+//! `spate-bench guests`: what a handler's language costs, measured on the example plugin in
+//! Rust, Python and JavaScript (`plugins/order-totals{,-py,-js}`; `scripts/bench guests`
+//! builds the three components).
 //!
 //! For each language it prints the component's size; the upload-to-serving time (validate,
 //! compile, store and activate through the registry, as `POST /v1/plugins` does); the time
 //! a restart takes to serve it again from the compiled-artifact cache; the per-event cost
 //! with a fresh instance (instantiate + handle one order, the journal dropped) and with a
 //! reused one; and the smallest `memory-mb` the order succeeds with.
-//!
-//! ```sh
-//! scripts/guest-toolchains.sh
-//! cargo run --release -p spate-tests --bin guest-bench -- [--calls N] [--json]
-//! ```
 
 use anyhow::{Context, Result, bail};
 use spate_core::host::{HostServices, Invocation, PluginInfo};
@@ -18,7 +14,7 @@ use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::plugin::{CallOutcome, PluginVersion};
 use spate_core::{cache::MokaCache, state::EmbeddedStateStore};
 use spate_engine::{Registry, Sandbox, SandboxConfig};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,11 +22,37 @@ use std::time::{Duration, Instant};
 /// reads state and the cache, writes state, and emits one update.
 const ORDER: &str =
     r#"{"order_id":"o-1","customer_id":"c-1","amount_cents":4999,"currency":"EUR"}"#;
-/// The runtime's default ceilings: 256 MiB per pool slot, 512 slots.
-const SLOT_MEMORY_MB: usize = 256;
-const POOL_INSTANCES: u32 = 512;
-/// Sandboxes and registries use the server's default upload limit.
+/// The server's default upload limit (`api.max-upload-bytes`).
 const MAX_UPLOAD_BYTES: usize = 64 << 20;
+
+/// Options of `spate-bench guests`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Calls measured per language and instance kind (after a tenth as many to warm up).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    calls: u64,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+    /// The Rust component (`plugins/order-totals`, built for wasm32-wasip2).
+    #[arg(long)]
+    rust: PathBuf,
+    /// The Python component (`sdk/python/build.py plugins/order-totals-py/handler.py`).
+    #[arg(long)]
+    python: PathBuf,
+    /// The JavaScript component (`sdk/js/build.mjs plugins/order-totals-js/handler.js`).
+    #[arg(long)]
+    js: PathBuf,
+}
+
+/// The manifest of `plugins/<dir>`, as in the tree.
+fn manifest_of(dir: &str) -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../plugins")
+        .join(dir)
+        .join("spate.toml");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
 
 /// One language's figures.
 #[derive(Debug)]
@@ -45,79 +67,22 @@ struct Row {
     min_memory_mb: Option<u64>,
 }
 
-struct Args {
-    calls: usize,
-    json: bool,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        calls: 500,
-        json: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--calls" => {
-                args.calls = it
-                    .next()
-                    .context("--calls needs a number")?
-                    .parse()
-                    .context("--calls needs a number")?;
-            }
-            "--json" => args.json = true,
-            "-h" | "--help" => {
-                println!(
-                    "usage: guest-bench [--calls N] [--json]\n\nMeasures the example plugin in Rust, Python and JavaScript: component size,\nupload-to-serving (compile) time, restart from the compiled cache, and per-event cost."
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument `{other}` (try --help)"),
-        }
-    }
-    if args.calls == 0 {
-        bail!("--calls must be at least 1");
-    }
-    Ok(args)
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = parse_args()?;
-    let examples: [(&str, &str, String); 3] = [
-        (
-            "Rust",
-            spate_tests::plugins::ORDER_TOTALS,
-            spate_tests::plugins::manifest("order-totals"),
-        ),
-        (
-            "Python",
-            guest_path(spate_tests::guests::ORDER_TOTALS_PY)?,
-            spate_tests::guests::ORDER_TOTALS_PY.manifest(),
-        ),
-        (
-            "JavaScript",
-            guest_path(spate_tests::guests::ORDER_TOTALS_JS)?,
-            spate_tests::guests::ORDER_TOTALS_JS.manifest(),
-        ),
+/// Measures the three languages and prints the table.
+pub async fn run(args: Args) -> Result<()> {
+    let calls = usize::try_from(args.calls)?;
+    let examples = [
+        ("Rust", &args.rust, manifest_of("order-totals")?),
+        ("Python", &args.python, manifest_of("order-totals-py")?),
+        ("JavaScript", &args.js, manifest_of("order-totals-js")?),
     ];
     let root = tempfile::Builder::new()
-        .prefix("spate-guest-bench-")
+        .prefix("spate-bench-guests-")
         .tempdir()
         .context("creating a temporary directory")?;
     let mut rows = Vec::new();
     for (lang, path, manifest) in &examples {
-        eprintln!("guest-bench: {lang} ({path})");
-        rows.push(
-            measure(
-                lang,
-                Path::new(path),
-                manifest,
-                &root.path().join(lang),
-                args.calls,
-            )
-            .await?,
-        );
+        eprintln!("spate-bench guests: {lang} ({})", path.display());
+        rows.push(measure(lang, path, manifest, &root.path().join(lang), calls).await?);
     }
     if args.json {
         let rows: Vec<serde_json::Value> = rows
@@ -158,17 +123,10 @@ async fn main() -> Result<()> {
     }
     println!(
         "\n{} calls each, one order event, journal dropped (no storage in the figures); {} cores; release build.",
-        args.calls,
+        calls,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     Ok(())
-}
-
-fn guest_path(guest: spate_tests::guests::Guest) -> Result<&'static str> {
-    if !guest.error.is_empty() {
-        bail!("{} was not built: {}", guest.name, guest.error);
-    }
-    Ok(guest.path)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -180,10 +138,8 @@ fn us(d: Duration) -> f64 {
 }
 
 fn sandbox(dir: &Path) -> Result<Arc<Sandbox>> {
-    let mut config = SandboxConfig::new(dir.join("compiled"));
-    config.max_memory_bytes = SLOT_MEMORY_MB << 20;
-    config.pool_instances = POOL_INSTANCES;
-    Sandbox::new(config).context("starting the sandbox")
+    // The runtime's defaults: the manifests' memory ceiling per pool slot, the default pool.
+    Sandbox::new(SandboxConfig::new(dir.join("compiled"))).context("starting the sandbox")
 }
 
 async fn measure(
