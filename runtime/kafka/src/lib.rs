@@ -11,11 +11,15 @@
 //! [`EventSource`]: spate_core::EventSource
 //! [`EventBus`]: spate_core::EventBus
 
+mod admin;
 mod bus;
 mod feed;
 mod options;
+mod produce;
+mod read;
 mod record;
 mod source;
+mod subscribe;
 mod txn;
 
 pub use bus::{ConnectError, KafkaBus};
