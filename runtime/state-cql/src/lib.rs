@@ -253,77 +253,10 @@ struct Statements {
     cas_delete_absent: PreparedStatement,
 }
 
-/// The CQL state store; see the [crate docs](crate).
-pub struct CqlStateStore {
-    session: Session,
-    statements: Statements,
-    page_size: u32,
-}
-
-impl CqlStateStore {
-    /// Connect, create the keyspace and table if configured to, prepare the statements and
-    /// check what the server supports.
-    pub async fn connect(options: CqlOptions) -> Result<Self, ConnectError> {
-        let problems = options.problems();
-        if !problems.is_empty() {
-            return Err(ConnectError::Config(problems.join("; ")));
-        }
-        let profile = ExecutionProfile::builder()
-            .consistency(options.consistency.into())
-            .serial_consistency(Some(options.serial_consistency.into()))
-            .request_timeout(Some(options.request_timeout))
-            .build();
-        let mut builder = SessionBuilder::new()
-            .known_nodes(&options.nodes)
-            .connection_timeout(options.connect_timeout)
-            .default_execution_profile_handle(profile.into_handle())
-            // Spate reads no schema metadata, and schema changes are only its own
-            // `IF NOT EXISTS` DDL at start-up; skipping both also lets it run against
-            // minimal CQL servers.
-            .fetch_schema_metadata(false)
-            .auto_await_schema_agreement(false);
-        if let Some(user) = &options.username {
-            let password = options.password.clone().unwrap_or_default();
-            builder = builder.user(user, password);
-        }
-        let session = builder
-            .build()
-            .await
-            .map_err(|source| ConnectError::Connect {
-                nodes: options.nodes.clone(),
-                source,
-            })?;
-        let table = format!("{}.{}", options.keyspace, options.table);
-        if options.create_schema {
-            let tablets = match options.tablets {
-                Some(enabled) => format!(" AND tablets = {{'enabled': {enabled}}}"),
-                None => String::new(),
-            };
-            for statement in [
-                format!(
-                    "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}{tablets}",
-                    options.keyspace,
-                    options.replication.trim()
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (ns text, key blob, value blob, PRIMARY KEY ((ns), key))"
-                ),
-            ] {
-                session
-                    .query_unpaged(statement.as_str(), ())
-                    .await
-                    .map_err(|source| ConnectError::Schema { statement, source })?;
-            }
-            // Every node must know the table before statements run on it. (A single node —
-            // or the in-process test server, which has no schema versions — has nothing to
-            // agree with.)
-            if session.get_cluster_state().get_nodes_info().len() > 1
-                && let Err(e) = session.await_schema_agreement().await
-            {
-                warn!(error = %e, "schema agreement not reached; continuing");
-            }
-        }
-
+impl Statements {
+    /// Prepares every statement on `table`, checking each is read as written; what the
+    /// server lacks is reported together.
+    async fn prepare(session: &Session, table: &str) -> Result<Self, ConnectError> {
         // Each statement must be read as written: the bind markers (and result columns)
         // the server reports are checked, and what fails is reported together.
         let mut missing = Vec::new();
@@ -333,7 +266,7 @@ impl CqlStateStore {
                                  columns: Option<usize>,
                                  idempotent: bool|
                -> Result<Option<PreparedStatement>, ConnectError> {
-            match checked(&session, &statement, markers, columns, idempotent).await {
+            match checked(session, &statement, markers, columns, idempotent).await {
                 Ok(p) => Ok(Some(p)),
                 Err(Misread::Refused(source)) if feature.is_empty() => {
                     Err(ConnectError::Prepare { statement, source })
@@ -462,7 +395,7 @@ impl CqlStateStore {
             missing.dedup();
             return Err(ConnectError::MissingFeatures(missing.join(", ")));
         };
-        let statements = Statements {
+        Ok(Statements {
             get,
             put,
             put_ttl,
@@ -473,13 +406,103 @@ impl CqlStateStore {
             cas_put_absent,
             cas_delete,
             cas_delete_absent,
-        };
+        })
+    }
+}
+
+/// The CQL state store; see the [crate docs](crate).
+pub struct CqlStateStore {
+    session: Session,
+    statements: Statements,
+    page_size: u32,
+}
+
+impl CqlStateStore {
+    /// Connect, create the keyspace and table if configured to, prepare the statements and
+    /// check what the server supports.
+    pub async fn connect(options: CqlOptions) -> Result<Self, ConnectError> {
+        let problems = options.problems();
+        if !problems.is_empty() {
+            return Err(ConnectError::Config(problems.join("; ")));
+        }
+        let session = Self::open_session(&options).await?;
+        let table = format!("{}.{}", options.keyspace, options.table);
+        if options.create_schema {
+            Self::create_schema(&session, &options, &table).await?;
+        }
+        let statements = Statements::prepare(&session, &table).await?;
         info!(nodes = ?options.nodes, %table, "CQL state store ready");
         Ok(Self {
             session,
             statements,
             page_size: options.scan_page_size,
         })
+    }
+
+    /// A driver session with the options' nodes, credentials, consistency and timeouts.
+    async fn open_session(options: &CqlOptions) -> Result<Session, ConnectError> {
+        let profile = ExecutionProfile::builder()
+            .consistency(options.consistency.into())
+            .serial_consistency(Some(options.serial_consistency.into()))
+            .request_timeout(Some(options.request_timeout))
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&options.nodes)
+            .connection_timeout(options.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle())
+            // Spate reads no schema metadata, and schema changes are only its own
+            // `IF NOT EXISTS` DDL at start-up; skipping both also lets it run against
+            // minimal CQL servers.
+            .fetch_schema_metadata(false)
+            .auto_await_schema_agreement(false);
+        if let Some(user) = &options.username {
+            let password = options.password.clone().unwrap_or_default();
+            builder = builder.user(user, password);
+        }
+        builder
+            .build()
+            .await
+            .map_err(|source| ConnectError::Connect {
+                nodes: options.nodes.clone(),
+                source,
+            })
+    }
+
+    /// Creates the keyspace and table if they do not exist, and waits for the nodes to
+    /// agree on the schema.
+    async fn create_schema(
+        session: &Session,
+        options: &CqlOptions,
+        table: &str,
+    ) -> Result<(), ConnectError> {
+        let tablets = match options.tablets {
+            Some(enabled) => format!(" AND tablets = {{'enabled': {enabled}}}"),
+            None => String::new(),
+        };
+        for statement in [
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}{tablets}",
+                options.keyspace,
+                options.replication.trim()
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {table} (ns text, key blob, value blob, PRIMARY KEY ((ns), key))"
+            ),
+        ] {
+            session
+                .query_unpaged(statement.as_str(), ())
+                .await
+                .map_err(|source| ConnectError::Schema { statement, source })?;
+        }
+        // Every node must know the table before statements run on it. (A single node —
+        // or the in-process test server, which has no schema versions — has nothing to
+        // agree with.)
+        if session.get_cluster_state().get_nodes_info().len() > 1
+            && let Err(e) = session.await_schema_agreement().await
+        {
+            warn!(error = %e, "schema agreement not reached; continuing");
+        }
+        Ok(())
     }
 
     /// The driver session (for tests and tools).
