@@ -11,6 +11,8 @@ mod support;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header as http_header};
 use serde_json::{Value, json};
+use spate::api::ErrorBody;
+use spate::api::events::EventPage;
 use spate_core::state::parked::{self, Action, ParkedEvent, ParkedKey};
 use spate_core::types::headers;
 use spate_core::{Event, Header, NewEvent};
@@ -468,34 +470,29 @@ async fn reads_need_the_token_and_are_bounded_in_bytes_and_in_number() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let raw = r.bytes().await.unwrap();
-    let page: Value = serde_json::from_slice(&raw).unwrap();
-    let first = page["events"].as_array().unwrap().len();
+    let page: EventPage = serde_json::from_slice(&raw).unwrap();
+    let first = page.events.len();
     println!(
         "capped read: {} bytes of answer, {first} events of 1 MB, truncated = {} (cap {CAP})",
         raw.len(),
-        page["truncated"]
+        page.truncated
     );
     assert!(raw.len() <= CAP + 1024, "{} bytes", raw.len());
-    assert!(page["bytes"].as_u64().unwrap() <= CAP as u64);
+    assert!(page.bytes <= CAP);
     assert_eq!(first, 8);
-    assert_eq!(page["truncated"], true);
+    assert!(page.truncated);
     // The cursor continues where the cap stopped it.
-    let from = page["next_from"].as_str().unwrap();
     let (_, rest) = get_json(
         &http,
         &node,
-        &format!("/v1/topics/big/events?from={from}"),
+        &format!("/v1/topics/big/events?from={}", page.next_from),
         Some(TOKEN),
     )
     .await;
-    let offsets: Vec<u64> = rest["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["offset"].as_u64().unwrap())
-        .collect();
+    let rest: EventPage = serde_json::from_value(rest).unwrap();
+    let offsets: Vec<u64> = rest.events.iter().map(|e| e.offset).collect();
     assert_eq!(offsets, vec![8, 9, 10, 11]);
-    assert_eq!(rest["truncated"], false);
+    assert!(!rest.truncated);
 
     // Two readers that never read their 8 MB answers hold both read slots; a third read
     // is told to come back, while health and other routes still answer.
@@ -600,10 +597,11 @@ async fn api(
 }
 
 /// The error code of an answer, asserting it is the API's error shape.
-fn code(body: &Value) -> &str {
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(!message.is_empty(), "no error message: {body}");
-    body["error"]["code"].as_str().unwrap_or_default()
+fn code(body: &Value) -> String {
+    let ErrorBody { error } = serde_json::from_value(body.clone())
+        .unwrap_or_else(|e| panic!("not the API's error shape ({e}): {body}"));
+    assert!(!error.message.is_empty(), "no error message: {body}");
+    error.code
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,10 +106,11 @@ pub struct NewEvent {
 /// Where an appended event landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Appended {
-    /// Partition it went to.
-    pub partition: u32,
-    /// Its offset there.
+    // In name order: the order the HTTP API's append answer has always had.
+    /// Its offset in that partition.
     pub offset: u64,
+    /// The partition it went to.
+    pub partition: u32,
 }
 
 /// The partition a key maps to: a stable hash, the same in every process and release.

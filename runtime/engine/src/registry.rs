@@ -13,7 +13,7 @@ pub use crate::record::{PluginRecord, RegistryError, VersionRecord, content_hash
 use crate::sandbox::{Sandbox, WasmPlugin};
 use crate::store::{ChangeFeed, RegistryStore};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spate_core::host::PluginInfo;
 use spate_core::manifest::{LimitCeilings, Manifest};
 use spate_core::plugin::PluginVersion;
@@ -53,8 +53,8 @@ pub enum RegistryChange {
     Removed(String),
 }
 
-/// What an upload did.
-#[derive(Clone, Debug, Serialize)]
+/// What an upload did (the API's answer to an upload, which the CLI decodes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadOutcome {
     /// Plugin name.
     pub name: String,

@@ -7,8 +7,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use base64::Engine as _;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use spate::api::{self, ApiState};
+use spate::api::events::{AppendedEvents, EventPage, TopicInfo};
+use spate::api::{self, ApiState, ErrorBody};
 use spate::{Backends, Config, Runtime, telemetry};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,14 +74,19 @@ impl Answer {
             ct.to_str().unwrap().starts_with("application/json"),
             "content-type {ct:?}"
         );
-        let v = self.json();
-        let code = v["error"]["code"].as_str().expect("error.code").to_string();
-        let message = v["error"]["message"]
-            .as_str()
-            .expect("error.message")
-            .to_string();
-        assert!(!message.is_empty());
-        (code, message)
+        let ErrorBody { error } = self.typed();
+        assert!(!error.message.is_empty());
+        (error.code, error.message)
+    }
+
+    /// The body as the API's typed answer `T`.
+    fn typed<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not the expected answer ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 }
 
@@ -349,14 +356,18 @@ async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
             .get(&format!("/v1/topics/orders/events?from={from}"))
             .await;
         assert_eq!(r.status, StatusCode::OK);
-        let page = r.json();
-        let events = page["events"].as_array().unwrap();
+        let page: EventPage = r.typed();
+        let events = &page.events;
         if events.is_empty() {
-            assert_eq!(page["truncated"], false);
+            assert!(!page.truncated);
             break;
         }
         pages += 1;
-        let largest = events.iter().map(|e| e.to_string().len()).max().unwrap();
+        let largest = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap().len())
+            .max()
+            .unwrap();
         // At most the cap, or one event on its own when that event is larger.
         assert!(
             r.body.len() <= CAP + 512 || events.len() == 1,
@@ -364,10 +375,14 @@ async fn a_read_stops_at_the_byte_cap_and_its_cursor_continues() {
             r.body.len(),
             events.len()
         );
-        assert!(page["bytes"].as_u64().unwrap() as usize <= CAP.max(largest));
-        flags.push(page["truncated"].as_bool().unwrap());
-        seen.extend(events.iter().map(|e| e["payload"]["i"].as_u64().unwrap()));
-        from = page["next_from"].as_str().unwrap().to_string();
+        assert!(page.bytes <= CAP.max(largest));
+        flags.push(page.truncated);
+        seen.extend(
+            events
+                .iter()
+                .map(|e| e.payload.as_ref().unwrap()["i"].as_u64().unwrap()),
+        );
+        from = page.next_from;
         assert!(pages < 40, "the cursor does not advance");
     }
     seen.sort_unstable();
@@ -652,10 +667,10 @@ async fn events_round_trip_single_and_batch() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
-    let appended = r.json()["appended"].as_array().unwrap().clone();
+    let AppendedEvents { appended } = r.typed();
     assert_eq!(appended.len(), 1);
-    assert_eq!(appended[0]["offset"], 0);
-    let key_partition = appended[0]["partition"].as_u64().unwrap();
+    assert_eq!(appended[0].offset, 0);
+    let key_partition = appended[0].partition;
 
     let binary = [0xffu8, 0x00, 0x01];
     let r = app
@@ -670,23 +685,18 @@ async fn events_round_trip_single_and_batch() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
-    let appended = r.json()["appended"].as_array().unwrap().clone();
+    let AppendedEvents { appended } = r.typed();
     assert_eq!(appended.len(), 4);
     // One key, one partition, consecutive offsets.
     for (i, a) in appended[..3].iter().enumerate() {
-        assert_eq!(a["partition"].as_u64().unwrap(), key_partition);
-        assert_eq!(a["offset"].as_u64().unwrap(), i as u64 + 1);
+        assert_eq!(a.partition, key_partition);
+        assert_eq!(a.offset, i as u64 + 1);
     }
 
-    let info = app.get("/v1/topics/orders").await.json();
-    let partitions = info["partitions"].as_u64().unwrap();
+    let info: TopicInfo = app.get("/v1/topics/orders").await.typed();
+    let partitions = info.partitions;
     assert_eq!(partitions, 4);
-    let total: u64 = info["end_offsets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .sum();
+    let total: u64 = info.end_offsets.iter().sum();
     assert_eq!(total, 5);
 
     // Every partition from the start.
@@ -711,7 +721,7 @@ async fn events_round_trip_single_and_batch() {
 
     // Cursors: reading from `next_from` finds nothing new, then exactly the new event.
     let next_from = all["next_from"].as_str().unwrap().to_string();
-    assert_eq!(next_from.split(',').count() as u64, partitions);
+    assert_eq!(next_from.split(',').count(), partitions as usize);
     let uri = format!("/v1/topics/orders/events?from={next_from}");
     assert!(
         app.get(&uri).await.json()["events"]
@@ -731,7 +741,7 @@ async fn events_round_trip_single_and_batch() {
     // The unkeyed event may have landed in the key's partition too.
     assert_eq!(
         events[0]["offset"],
-        info["end_offsets"][key_partition as usize]
+        info.end_offsets[key_partition as usize]
     );
 
     // One partition, from an offset, with a limit.

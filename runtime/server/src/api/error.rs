@@ -4,6 +4,33 @@
 
 use super::*;
 
+/// The body of every error answer: `{"error":{"code","message"}}`. The CLI prints it as
+/// `<message> (HTTP <status> <code>)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The `error` of an [`ErrorBody`] (the probes' 503 answers carry one too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Machine-readable code (`not_found`, `invalid_manifest`, ...).
+    pub code: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl ErrorDetail {
+    /// An error `code` with its `message`.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Every error the API returns, rendered as `{"error":{"code","message"}}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -160,7 +187,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let body = ErrorBody {
+            error: ErrorDetail::new(self.code(), self.to_string()),
+        };
         let mut res = (self.status(), Json(body)).into_response();
         match self {
             Self::Unauthorized(_) => {

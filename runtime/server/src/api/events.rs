@@ -1,7 +1,179 @@
 //! Topics and their events: appending, reading from per-partition cursors within the
-//! byte cap, and a topic's partitions and end offsets.
+//! byte cap, and a topic's partitions and end offsets; and the typed bodies these routes
+//! take and answer with (the CLI decodes the same types).
+//!
+//! Routes (all under the API's bearer token):
+//! - `POST /v1/topics/{topic}/events`, one [`AppendEvent`] or an [`AppendBatch`] →
+//!   [`AppendedEvents`] (201);
+//! - `GET /v1/topics/{topic}/events?partition=P&offset=O&from=P:O,..&limit=N` →
+//!   [`EventPage`] of [`EventView`]s;
+//! - `GET /v1/topics/{topic}` → [`TopicInfo`].
+//!
+//! The answers' fields are declared in the order these bodies have always had (name
+//! order, but for the page, which the handler writes by hand as it reads).
 
 use super::*;
+
+/// One event of an append: the whole body of `POST /v1/topics/{topic}/events`, or one of
+/// an [`AppendBatch`]'s. Exactly one of `payload` and `payload_base64`; at most one of
+/// `key` and `key_base64`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendEvent {
+    /// Text headers (names starting with `spate-` are the runtime's and refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The partition key, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The partition key, binary in standard base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_base64: Option<String>,
+    /// The payload, any JSON (stored as its JSON text). Present-but-null is a JSON `null`
+    /// payload, not a missing one.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub payload: Option<Value>,
+    /// The payload, binary in standard base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+}
+
+/// The batch body of `POST /v1/topics/{topic}/events`: 1 to
+/// [`MAX_EVENTS_PER_REQUEST`] events, appended in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendBatch {
+    /// The events.
+    pub events: Vec<AppendEvent>,
+}
+
+/// The answer of `POST /v1/topics/{topic}/events` (`201 Created`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedEvents {
+    /// Where each event landed, in the order sent.
+    pub appended: Vec<Appended>,
+}
+
+/// `GET /v1/topics/{topic}`: the topic's partitions and where each ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    /// Per partition, the offset the next event gets.
+    pub end_offsets: Vec<u64>,
+    /// Its partition count.
+    pub partitions: u32,
+    /// The topic.
+    pub topic: String,
+}
+
+/// One event as the API shows it: the key as text when it is UTF-8 (else `key_base64`),
+/// the payload as JSON when it parses (else `payload_text` when it is UTF-8, else
+/// `payload_base64`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventView {
+    /// Its headers (values as lossy UTF-8).
+    pub headers: BTreeMap<String, String>,
+    /// Its key when it is UTF-8: `Some(None)` is an event without a key (`"key":null`);
+    /// `None` (no `key` field) a binary key, in `key_base64`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub key: Option<Option<String>>,
+    /// Its key in standard base64 when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_base64: Option<String>,
+    /// Its offset.
+    pub offset: u64,
+    /// Its partition.
+    pub partition: u32,
+    /// Its payload when it is JSON (a JSON `null` payload is `Some(Value::Null)`).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub payload: Option<Value>,
+    /// Its payload in standard base64 when it is neither JSON nor UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// Its payload when it is UTF-8 text but not JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_text: Option<String>,
+    /// When it was appended, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Its topic.
+    pub topic: String,
+}
+
+impl EventView {
+    /// How the API shows `e`.
+    pub fn new(e: &Event) -> Self {
+        let (key, key_base64) = match e.key.as_deref() {
+            None => (Some(None), None),
+            Some(k) => match std::str::from_utf8(k) {
+                Ok(s) => (Some(Some(s.to_string())), None),
+                Err(_) => (None, Some(BASE64.encode(k))),
+            },
+        };
+        let (payload, payload_text, payload_base64) =
+            match serde_json::from_slice::<Value>(&e.payload) {
+                Ok(v) => (Some(v), None, None),
+                Err(_) => match std::str::from_utf8(&e.payload) {
+                    Ok(s) => (None, Some(s.to_string()), None),
+                    Err(_) => (None, None, Some(BASE64.encode(&e.payload))),
+                },
+            };
+        Self {
+            headers: text_headers(&e.headers),
+            key,
+            key_base64,
+            offset: e.offset,
+            partition: e.partition,
+            payload,
+            payload_base64,
+            payload_text,
+            timestamp_ms: e.timestamp_ms,
+            topic: e.topic.clone(),
+        }
+    }
+}
+
+/// Headers as the API shows them: by name (the last of a repeated name), values as lossy
+/// UTF-8.
+pub(crate) fn text_headers(headers: &[Header]) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.clone(),
+                String::from_utf8_lossy(&h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `GET /v1/topics/{topic}/events`: a page of events and where the next page starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventPage {
+    /// The topic.
+    pub topic: String,
+    /// The events, each partition's in offset order.
+    pub events: Vec<EventView>,
+    /// Per partition read (its number as text), the offset to read from next.
+    pub next: BTreeMap<String, u64>,
+    /// `next` as a `from` query value (`0:12,1:4`).
+    pub next_from: String,
+    /// Some partition stopped at its share of the byte cap (`api.max-read-bytes`) with
+    /// events left.
+    pub truncated: bool,
+    /// Bytes of events in the answer.
+    pub bytes: usize,
+}
 
 pub(super) fn checked_topic(topic: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     let Path(topic) = topic.map_err(path_error)?;
@@ -15,31 +187,17 @@ pub(super) fn checked_topic(topic: Result<Path<String>, PathRejection>) -> ApiRe
     }
 }
 
-/// One event of a `POST /v1/topics/{topic}/events` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct EventIn {
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    key_base64: Option<String>,
-    /// Present-but-null is a JSON `null` payload, not a missing one.
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Value>,
-    #[serde(default)]
-    payload_base64: Option<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-}
-
-pub(super) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
+/// A field that is present, even as `null`, deserializes to `Some`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 pub(super) const EVENT_EXAMPLE: &str =
     r#"{"key":"c-1","payload":{"amount":3},"headers":{"source":"web"}} or {"events":[...]}"#;
 
-impl EventIn {
+impl AppendEvent {
     fn into_new_event(self) -> Result<NewEvent, String> {
         let key = match (self.key, self.key_base64) {
             (Some(_), Some(_)) => return Err("give `key` or `key_base64`, not both".into()),
@@ -125,16 +283,16 @@ pub(super) fn parse_events(body: &[u8]) -> ApiResult<Vec<NewEvent>> {
             .into_iter()
             .enumerate()
             .map(|(i, v)| {
-                serde_json::from_value::<EventIn>(v)
+                serde_json::from_value::<AppendEvent>(v)
                     .map_err(|e| e.to_string())
-                    .and_then(EventIn::into_new_event)
+                    .and_then(AppendEvent::into_new_event)
                     .map_err(|m| ApiError::bad("invalid_event", format!("events[{i}]: {m}")))
             })
             .collect()
     } else {
-        let event = serde_json::from_value::<EventIn>(Value::Object(object))
+        let event = serde_json::from_value::<AppendEvent>(Value::Object(object))
             .map_err(|e| e.to_string())
-            .and_then(EventIn::into_new_event)
+            .and_then(AppendEvent::into_new_event)
             .map_err(|m| ApiError::bad("invalid_event", format!("{m}; send {EVENT_EXAMPLE}")))?;
         Ok(vec![event])
     }
@@ -144,12 +302,12 @@ pub(super) async fn append_events(
     State(state): State<ApiState>,
     topic: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<AppendedEvents>)> {
     let topic = checked_topic(topic)?;
     let body = body.map_err(|r| body_error(r, state.runtime.config.api.max_body_bytes))?;
     let events = parse_events(&body)?;
     let appended = state.runtime.backends.bus.append(&topic, events).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "appended": appended }))))
+    Ok((StatusCode::CREATED, Json(AppendedEvents { appended })))
 }
 
 #[derive(Deserialize)]
@@ -202,15 +360,15 @@ pub(super) async fn topic_partitions(state: &ApiState, topic: &str) -> ApiResult
 pub(super) async fn topic_info(
     State(state): State<ApiState>,
     topic: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TopicInfo>> {
     let topic = checked_topic(topic)?;
     let partitions = topic_partitions(&state, &topic).await?;
     let end_offsets = state.runtime.backends.bus.end_offsets(&topic).await?;
-    Ok(Json(json!({
-        "topic": topic,
-        "partitions": partitions,
-        "end_offsets": end_offsets,
-    })))
+    Ok(Json(TopicInfo {
+        end_offsets,
+        partitions,
+        topic,
+    }))
 }
 
 /// Events of the first read of a partition, before their size is known.
@@ -296,11 +454,11 @@ pub(super) async fn read_events(
     let mut truncated = false;
     // The cap is reached: no partition gets more.
     let mut full = false;
-    let mut next = Map::new();
+    let mut next = BTreeMap::new();
     for &p in &targets {
         let mut at = start_of(p);
         if !has_events(p) {
-            next.insert(p.to_string(), json!(at));
+            next.insert(p.to_string(), at);
             continue;
         }
         let mut want = remaining.div_ceil(sharing.max(1));
@@ -321,7 +479,7 @@ pub(super) async fn read_events(
                 .await?;
             let got = batch.len();
             for e in batch {
-                let json = serde_json::to_vec(&event_json(&e)).map_err(ApiError::internal)?;
+                let json = serde_json::to_vec(&EventView::new(&e)).map_err(ApiError::internal)?;
                 largest = largest.max(json.len());
                 let size = json.len() + usize::from(out.len() > header_len);
                 let in_cap = used + size <= cap;
@@ -350,7 +508,7 @@ pub(super) async fn read_events(
                 break;
             }
         }
-        next.insert(p.to_string(), json!(at));
+        next.insert(p.to_string(), at);
     }
     let next_from = next
         .iter()
@@ -390,45 +548,49 @@ pub(super) fn held_body(bytes: Bytes, permit: OwnedSemaphorePermit) -> axum::bod
     axum::body::Body::from_stream(stream)
 }
 
-/// An event as JSON: the key as text when it is UTF-8 (else `key_base64`), the payload
-/// as JSON when it parses (else `payload_text` or `payload_base64`).
-pub fn event_json(e: &Event) -> Value {
-    let mut o = Map::new();
-    o.insert("topic".into(), json!(e.topic));
-    o.insert("partition".into(), json!(e.partition));
-    o.insert("offset".into(), json!(e.offset));
-    match &e.key {
-        None => {
-            o.insert("key".into(), Value::Null);
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The event view's JSON is the wire format clients (and `spate events tail`) read:
+    /// fields in name order, `"key":null` for no key, one payload field.
+    #[test]
+    fn events_show_as_they_always_have_and_decode_back() {
+        let event = |key: Option<&[u8]>, payload: &[u8]| Event {
+            topic: "t".into(),
+            partition: 3,
+            offset: 9,
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            headers: vec![Header::text("z", "1"), Header::text("a", "2")],
+            timestamp_ms: 5,
+        };
+        let head = r#"{"headers":{"a":"2","z":"1"},"#;
+        let tail = r#","timestamp_ms":5,"topic":"t"}"#;
+        for (e, middle) in [
+            (
+                event(None, b"null"),
+                r#""key":null,"offset":9,"partition":3,"payload":null"#,
+            ),
+            (
+                event(Some(b"c-1"), br#"{"b":1,"a":2}"#),
+                r#""key":"c-1","offset":9,"partition":3,"payload":{"a":2,"b":1}"#,
+            ),
+            (
+                event(Some(b"\xff"), b"plain"),
+                r#""key_base64":"/w==","offset":9,"partition":3,"payload_text":"plain""#,
+            ),
+            (
+                event(Some(b""), b"\xff"),
+                r#""key":"","offset":9,"partition":3,"payload_base64":"/w==""#,
+            ),
+        ] {
+            let view = EventView::new(&e);
+            let text = serde_json::to_string(&view).unwrap();
+            assert_eq!(text, format!("{head}{middle}{tail}"));
+            assert_eq!(serde_json::from_str::<EventView>(&text).unwrap(), view);
         }
-        Some(k) => match std::str::from_utf8(k) {
-            Ok(s) => {
-                o.insert("key".into(), json!(s));
-            }
-            Err(_) => {
-                o.insert("key_base64".into(), json!(BASE64.encode(k)));
-            }
-        },
     }
-    match serde_json::from_slice::<Value>(&e.payload) {
-        Ok(v) => {
-            o.insert("payload".into(), v);
-        }
-        Err(_) => match std::str::from_utf8(&e.payload) {
-            Ok(s) => {
-                o.insert("payload_text".into(), json!(s));
-            }
-            Err(_) => {
-                o.insert("payload_base64".into(), json!(BASE64.encode(&e.payload)));
-            }
-        },
-    }
-    let headers: Map<String, Value> = e
-        .headers
-        .iter()
-        .map(|h| (h.name.clone(), json!(String::from_utf8_lossy(&h.value))))
-        .collect();
-    o.insert("headers".into(), Value::Object(headers));
-    o.insert("timestamp_ms".into(), json!(e.timestamp_ms));
-    Value::Object(o)
 }

@@ -1,6 +1,48 @@
-//! Health, readiness, liveness and the metrics scrape: open routes, no token.
+//! Health, readiness, liveness and the metrics scrape: open routes, no token. The probes
+//! answer with a [`Probe`] body.
 
 use super::*;
+
+/// The body of `GET /healthz`, `/readyz` and `/livez`. Healthy, each answers only its
+/// `status` (`ok`, `ready`, `live`); with a 503 it answers the API's `error` and the
+/// reason's list, and `/healthz` its `status` (`degraded`) too:
+/// - `/healthz`: `storage`, the embedded storage that cannot be written;
+/// - `/readyz`: `not_joined`, the pipelines still joining their groups, and `storage`;
+/// - `/livez`: `stalled`, the pipelines whose event loop is stuck.
+///
+/// Fields are declared in name order, the order these bodies have always had.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Why the probe fails (503 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+    /// `/readyz`: consumers still joining their groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_joined: Option<Vec<String>>,
+    /// `/livez`: event loops not making progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<Vec<String>>,
+    /// `ok`, `degraded`, `ready` or `live`; a failing `/readyz` or `/livez` has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// `/healthz` and `/readyz`: embedded storage that cannot be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Vec<String>>,
+}
+
+impl Probe {
+    fn passing(status: &str) -> Response {
+        Json(Self {
+            status: Some(status.to_string()),
+            ..Self::default()
+        })
+        .into_response()
+    }
+
+    fn failing(self) -> Response {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(self)).into_response()
+    }
+}
 
 /// Health: 200 `ok`, or 503 `degraded` naming the embedded storage that cannot be
 /// written (a full disk) while it is being reopened. Liveness is `/livez`: a degraded
@@ -8,14 +50,18 @@ use super::*;
 pub(super) async fn healthz(State(state): State<ApiState>) -> Response {
     let h = state.runtime.health();
     if h.storage.is_empty() {
-        return Json(json!({ "status": "ok" })).into_response();
+        return Probe::passing("ok");
     }
-    let body = json!({
-        "status": "degraded",
-        "error": { "code": "storage_unavailable", "message": storage_message(&h.storage) },
-        "storage": h.storage,
-    });
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    Probe {
+        error: Some(ErrorDetail::new(
+            "storage_unavailable",
+            storage_message(&h.storage),
+        )),
+        status: Some("degraded".into()),
+        storage: Some(h.storage),
+        ..Probe::default()
+    }
+    .failing()
 }
 
 pub(super) fn storage_message(storage: &[String]) -> String {
@@ -30,7 +76,7 @@ pub(super) fn storage_message(storage: &[String]) -> String {
 pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
     let h = state.runtime.health();
     if h.ready {
-        return Json(json!({ "status": "ready" })).into_response();
+        return Probe::passing("ready");
     }
     let message = if !h.storage.is_empty() {
         storage_message(&h.storage)
@@ -42,12 +88,13 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
             h.not_joined.join(", ")
         )
     };
-    let body = json!({
-        "error": { "code": "not_ready", "message": message },
-        "not_joined": h.not_joined,
-        "storage": h.storage,
-    });
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    Probe {
+        error: Some(ErrorDetail::new("not_ready", message)),
+        not_joined: Some(h.not_joined),
+        storage: Some(h.storage),
+        ..Probe::default()
+    }
+    .failing()
 }
 
 /// Live: every pipeline's event loop went round within the last minute. 503 with the
@@ -55,16 +102,17 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
 pub(super) async fn livez(State(state): State<ApiState>) -> Response {
     let h = state.runtime.health();
     if h.live {
-        return Json(json!({ "status": "live" })).into_response();
+        return Probe::passing("live");
     }
-    let body = json!({
-        "error": {
-            "code": "stalled",
-            "message": format!("event loops not making progress: {}", h.stalled.join(", ")),
-        },
-        "stalled": h.stalled,
-    });
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    Probe {
+        error: Some(ErrorDetail::new(
+            "stalled",
+            format!("event loops not making progress: {}", h.stalled.join(", ")),
+        )),
+        stalled: Some(h.stalled),
+        ..Probe::default()
+    }
+    .failing()
 }
 
 pub(super) async fn metrics(State(state): State<ApiState>) -> Response {

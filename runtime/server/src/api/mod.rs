@@ -10,15 +10,19 @@
 //! are open. Event reads are bounded in bytes (`api.max-read-bytes`) and in number at
 //! once (`api.max-concurrent-reads`).
 //!
+//! The bodies each route takes and answers with are typed, beside their handlers
+//! ([`plugins`], [`events`], [`health`], [`parked`]; every error is an [`ErrorBody`]),
+//! and the CLI decodes the same types.
+//!
 //! This module maps requests onto the registry and the event bus; it does not validate
 //! manifests or components itself (the registry does) and holds no state of its own.
 
 mod auth;
 mod error;
-mod events;
-mod health;
+pub mod events;
+pub mod health;
 pub mod parked;
-mod plugins;
+pub mod plugins;
 
 use crate::config::Config;
 use crate::runtime::Runtime;
@@ -36,12 +40,12 @@ use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spate_core::manifest::{Manifest, valid_topic};
 use spate_core::types::headers;
-use spate_core::{BackendError, Event, Header, NewEvent};
+use spate_core::{Appended, BackendError, Event, Header, NewEvent};
 use spate_engine::{LoadError, RegistryError};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -59,10 +63,9 @@ use tower_http::trace::TraceLayer;
 
 use auth::*;
 pub use auth::{resolve_token, token_path};
-pub use error::ApiError;
 use error::*;
+pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub(crate) use error::{ApiResult, body_error, parse_json, path_error, query_error};
-pub use events::event_json;
 use events::*;
 use health::*;
 use plugins::*;

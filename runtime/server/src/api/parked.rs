@@ -17,6 +17,7 @@
 //! - `POST /v1/plugins/{name}/dead-letters/redrive`, a [`DeadLetterSelection`] →
 //!   [`DeadLetterRedrive`].
 
+use crate::api::events::text_headers;
 use crate::api::{ApiError, ApiResult, ApiState, body_error, parse_json, path_error, query_error};
 use axum::Json;
 use axum::body::Bytes;
@@ -153,16 +154,7 @@ impl ParkedEventView {
         };
         Self {
             key: parked::display_key(event.key.as_deref()),
-            headers: event
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.clone(),
-                        String::from_utf8_lossy(&h.value).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: text_headers(&event.headers),
             topic: event.topic,
             partition: event.partition,
             offset: event.offset,

@@ -1,6 +1,99 @@
-//! Plugin uploads and their lifecycle: list, show, activate, roll back, delete.
+//! Plugin uploads and their lifecycle: list, show, activate, roll back, delete; and the
+//! typed bodies these routes take and answer with (the CLI decodes the same types).
+//!
+//! Routes (all under the API's bearer token):
+//! - `POST /v1/plugins[?activate=false]`, a multipart form → [`UploadOutcome`] (201, or
+//!   200 for an unchanged re-upload);
+//! - `GET /v1/plugins` → [`PluginList`];
+//! - `GET /v1/plugins/{name}` → [`PluginShow`];
+//! - `POST /v1/plugins/{name}/activate`, an [`ActivateBody`] → [`Activated`];
+//! - `POST /v1/plugins/{name}/rollback` (no body) → [`Activated`];
+//! - `DELETE /v1/plugins/{name}[?purge=true]` → 204, no body.
+//!
+//! The answers' fields are declared in name order: the order these bodies have always had.
 
 use super::*;
+
+pub use spate_engine::UploadOutcome;
+
+/// One stored version of a plugin, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionView {
+    /// Hex sha256 of the component.
+    pub hash: String,
+    /// Component size in bytes.
+    pub size: usize,
+    /// Upload time, milliseconds since the Unix epoch.
+    pub uploaded_ms: i64,
+    /// Semantic version.
+    pub version: String,
+}
+
+impl VersionView {
+    fn new(v: &spate_engine::registry::VersionRecord) -> Self {
+        Self {
+            hash: v.hash.clone(),
+            size: v.size,
+            uploaded_ms: v.uploaded_ms,
+            version: v.version.clone(),
+        }
+    }
+
+    fn all(versions: &[spate_engine::registry::VersionRecord]) -> Vec<Self> {
+        versions.iter().map(Self::new).collect()
+    }
+}
+
+/// One plugin of a [`PluginList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginSummary {
+    /// The serving version, if any.
+    pub active: Option<String>,
+    /// The plugin.
+    pub name: String,
+    /// Its stored versions, in upload order.
+    pub versions: Vec<VersionView>,
+}
+
+/// `GET /v1/plugins`: every deployed plugin, by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginList {
+    /// The plugins.
+    pub plugins: Vec<PluginSummary>,
+}
+
+/// `GET /v1/plugins/{name}`: one plugin, its active manifest and activation history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginShow {
+    /// The serving version, if any.
+    pub active: Option<String>,
+    /// Versions that served before, most recent last (at most the last 20).
+    pub history: Vec<String>,
+    /// The active version's manifest as JSON; its text if it no longer parses (a manifest
+    /// stored by an older release), `null` without an active version.
+    pub manifest: Value,
+    /// The plugin.
+    pub name: String,
+    /// Its stored versions, in upload order.
+    pub versions: Vec<VersionView>,
+}
+
+/// The body of `POST /v1/plugins/{name}/activate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateBody {
+    /// The stored version to make active.
+    pub version: String,
+}
+
+/// The answer of `POST .../activate` and `.../rollback`: the version now serving.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activated {
+    /// The version now active.
+    pub active: String,
+    /// The plugin.
+    pub name: String,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,37 +178,26 @@ pub(super) async fn upload_plugin(
     Ok((status, Json(outcome)).into_response())
 }
 
-pub(super) fn version_json(v: &spate_engine::registry::VersionRecord) -> Value {
-    json!({
-        "version": v.version,
-        "hash": v.hash,
-        "size": v.size,
-        "uploaded_ms": v.uploaded_ms,
-    })
-}
-
-pub(super) async fn list_plugins(State(state): State<ApiState>) -> Json<Value> {
-    let plugins: Vec<Value> = state
+pub(super) async fn list_plugins(State(state): State<ApiState>) -> Json<PluginList> {
+    let plugins = state
         .runtime
         .registry
         .list()
         .await
         .into_iter()
-        .map(|(name, record)| {
-            json!({
-                "name": name,
-                "active": record.active,
-                "versions": record.versions.iter().map(version_json).collect::<Vec<_>>(),
-            })
+        .map(|(name, record)| PluginSummary {
+            active: record.active,
+            name,
+            versions: VersionView::all(&record.versions),
         })
         .collect();
-    Json(json!({ "plugins": plugins }))
+    Json(PluginList { plugins })
 }
 
 pub(super) async fn show_plugin(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PluginShow>> {
     let Path(name) = name.map_err(path_error)?;
     let record = state
         .runtime
@@ -136,42 +218,42 @@ pub(super) async fn show_plugin(
         })
         .unwrap_or(Value::Null);
     let skip = record.history.len().saturating_sub(SHOWN_HISTORY);
-    Ok(Json(json!({
-        "name": name,
-        "active": record.active,
-        "manifest": manifest,
-        "versions": record.versions.iter().map(version_json).collect::<Vec<_>>(),
-        "history": record.history[skip..],
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ActivateBody {
-    version: String,
+    Ok(Json(PluginShow {
+        versions: VersionView::all(&record.versions),
+        history: record.history[skip..].to_vec(),
+        active: record.active,
+        manifest,
+        name,
+    }))
 }
 
 pub(super) async fn activate_plugin(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Activated>> {
     let Path(name) = name.map_err(path_error)?;
     let body = body.map_err(|r| body_error(r, state.runtime.config.api.max_body_bytes))?;
     let ActivateBody { version } = parse_json(&body, r#"{"version":"1.2.0"}"#)?;
     state.runtime.registry.activate(&name, &version).await?;
     tracing::info!(plugin = %name, %version, "plugin version activated");
-    Ok(Json(json!({ "name": name, "active": version })))
+    Ok(Json(Activated {
+        active: version,
+        name,
+    }))
 }
 
 pub(super) async fn rollback_plugin(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Activated>> {
     let Path(name) = name.map_err(path_error)?;
     let version = state.runtime.registry.rollback(&name).await?;
     tracing::info!(plugin = %name, %version, "plugin rolled back");
-    Ok(Json(json!({ "name": name, "active": version })))
+    Ok(Json(Activated {
+        active: version,
+        name,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

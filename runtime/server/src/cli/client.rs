@@ -6,7 +6,7 @@ use super::{DEFAULT_DATA_DIR, GlobalArgs};
 use anyhow::Context as _;
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use spate::api::ErrorBody;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -71,17 +71,8 @@ impl ApiClient {
         self.http.request(method, format!("{}{path}", self.base))
     }
 
-    /// Send a read (`GET`). Every `/v1` route needs the token, reads included.
-    pub async fn read(&self, req: RequestBuilder) -> anyhow::Result<Value> {
-        self.authorized(req).await
-    }
-
-    /// Send a request that changes something.
-    pub async fn write(&self, req: RequestBuilder) -> anyhow::Result<Value> {
-        self.authorized(req).await
-    }
-
-    /// Send `req` (a read or a write) and decode its answer as the API's typed body `T`.
+    /// Send `req` (a read or a write; every `/v1` route needs the token, reads included)
+    /// and decode its answer as the API's typed body `T`.
     pub async fn typed<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {
         let bytes = self.authorized_bytes(req).await?;
         serde_json::from_slice(&bytes).with_context(|| {
@@ -93,18 +84,9 @@ impl ApiClient {
         })
     }
 
-    /// Send `req` with the token; fails before sending when there is none.
-    async fn authorized(&self, req: RequestBuilder) -> anyhow::Result<Value> {
-        let bytes = self.authorized_bytes(req).await?;
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "the API at {} answered with something that is not JSON",
-                self.base
-            )
-        })
+    /// Send `req`, whose answer has no body (`204 No Content`).
+    pub async fn no_content(&self, req: RequestBuilder) -> anyhow::Result<()> {
+        self.authorized_bytes(req).await.map(drop)
     }
 
     /// The body of a successful answer to `req`, sent with the token.
@@ -139,14 +121,9 @@ impl ApiClient {
         if status.is_success() {
             return Ok(bytes);
         }
-        let parsed: Option<(String, String)> =
-            serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| {
-                let e = v.get("error")?;
-                Some((
-                    e.get("code")?.as_str()?.to_string(),
-                    e.get("message")?.as_str()?.to_string(),
-                ))
-            });
+        let parsed = serde_json::from_slice::<ErrorBody>(&bytes)
+            .ok()
+            .map(|b| (b.error.code, b.error.message));
         let (code, message) = parsed.unwrap_or_else(|| {
             let text = String::from_utf8_lossy(&bytes).trim().to_string();
             let message = if text.is_empty() {

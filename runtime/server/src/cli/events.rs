@@ -1,11 +1,15 @@
-//! `spate events send` and `spate events tail`.
+//! `spate events send` and `spate events tail` (the API's bodies are
+//! `spate::api::events`'s types).
 
 use super::client::{ApiClient, is_status};
 use anyhow::Context as _;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{Method, StatusCode};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
+use spate::api::events::{
+    AppendBatch, AppendEvent, AppendedEvents, EventPage, EventView, TopicInfo,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,29 +106,30 @@ pub async fn send(client: &ApiClient, args: SendArgs) -> anyhow::Result<()> {
             "PAYLOAD_JSON is not valid JSON ({e}); quote plain text as a JSON string, e.g. '\"hello\"'"
         )
     })?;
-    let mut headers = Map::new();
+    let mut headers = BTreeMap::new();
     for h in &args.headers {
         let (name, value) = h
             .split_once('=')
             .filter(|(n, _)| !n.is_empty())
             .with_context(|| format!("--header `{h}` must look like name=value"))?;
-        headers.insert(name.to_string(), json!(value));
+        headers.insert(name.to_string(), value.to_string());
     }
-    let mut event = json!({ "payload": payload, "headers": headers });
-    if let Some(k) = args.key {
-        event["key"] = json!(k);
-    }
-    let v = client
-        .write(
+    let event = AppendEvent {
+        headers,
+        key: args.key,
+        payload: Some(payload),
+        ..AppendEvent::default()
+    };
+    let AppendedEvents { appended } = client
+        .typed(
             client
                 .request(Method::POST, &format!("/v1/topics/{topic}/events"))
                 .json(&event),
         )
         .await?;
-    let at = v
-        .get("appended")
-        .and_then(|a| a.get(0))
-        .map(|a| format!("partition {}, offset {}", a["partition"], a["offset"]))
+    let at = appended
+        .first()
+        .map(|a| format!("partition {}, offset {}", a.partition, a.offset))
         .unwrap_or_default();
     println!("sent 1 event to {topic} ({at})");
     Ok(())
@@ -133,7 +138,7 @@ pub async fn send(client: &ApiClient, args: SendArgs) -> anyhow::Result<()> {
 /// One checked line of a JSONL file.
 struct Line {
     topic: String,
-    event: Value,
+    event: AppendEvent,
     size: usize,
 }
 
@@ -205,6 +210,7 @@ fn parse_jsonl(text: &str, default_topic: Option<&str>) -> anyhow::Result<Vec<Li
         }
         let event = Value::Object(obj);
         let size = event.to_string().len();
+        let event = serde_json::from_value(event).map_err(|e| fail(e.to_string()))?;
         lines.push(Line { topic, event, size });
     }
     if lines.is_empty() {
@@ -214,8 +220,8 @@ fn parse_jsonl(text: &str, default_topic: Option<&str>) -> anyhow::Result<Vec<Li
 }
 
 /// Consecutive lines of one topic, cut at [`BATCH_EVENTS`] events or [`BATCH_BYTES`].
-fn batches(lines: Vec<Line>) -> Vec<(String, Vec<Value>)> {
-    let mut out: Vec<(String, Vec<Value>, usize)> = Vec::new();
+fn batches(lines: Vec<Line>) -> Vec<(String, Vec<AppendEvent>)> {
+    let mut out: Vec<(String, Vec<AppendEvent>, usize)> = Vec::new();
     for line in lines {
         match out.last_mut() {
             Some((topic, events, bytes))
@@ -252,11 +258,11 @@ async fn send_file(
     let mut sent = 0u64;
     for (topic, events) in batches(lines) {
         let n = events.len() as u64;
-        let result = client
-            .write(
+        let result: anyhow::Result<AppendedEvents> = client
+            .typed(
                 client
                     .request(Method::POST, &format!("/v1/topics/{topic}/events"))
-                    .json(&json!({ "events": events })),
+                    .json(&AppendBatch { events }),
             )
             .await;
         if let Err(e) = result {
@@ -287,18 +293,12 @@ fn is_busy(e: &anyhow::Error) -> bool {
         .is_some_and(|f| f.status == StatusCode::SERVICE_UNAVAILABLE && f.code == "busy")
 }
 
-/// A page of events and where the next page starts.
-struct Page {
-    events: Vec<Value>,
-    next_from: String,
-}
-
-async fn read_page(client: &ApiClient, topic: &str, from: &str) -> anyhow::Result<Page> {
+async fn read_page(client: &ApiClient, topic: &str, from: &str) -> anyhow::Result<EventPage> {
     let limit = PAGE.to_string();
     let mut attempts = 0;
-    let v = loop {
+    loop {
         let answer = client
-            .read(
+            .typed(
                 client
                     .request(Method::GET, &format!("/v1/topics/{topic}/events"))
                     .query(&[("from", from), ("limit", limit.as_str())]),
@@ -310,35 +310,18 @@ async fn read_page(client: &ApiClient, topic: &str, from: &str) -> anyhow::Resul
                 attempts += 1;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    Ok(Page {
-        events: v
-            .get("events")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-        next_from: v
-            .get("next_from")
-            .and_then(Value::as_str)
-            .unwrap_or(from)
-            .to_string(),
-    })
+    }
 }
 
 /// The topic's end offsets, or `None` if it does not exist yet.
 async fn end_offsets(client: &ApiClient, topic: &str) -> anyhow::Result<Option<Vec<u64>>> {
     match client
-        .read(client.request(Method::GET, &format!("/v1/topics/{topic}")))
+        .typed::<TopicInfo>(client.request(Method::GET, &format!("/v1/topics/{topic}")))
         .await
     {
-        Ok(v) => Ok(Some(
-            v.get("end_offsets")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                .unwrap_or_default(),
-        )),
+        Ok(info) => Ok(Some(info.end_offsets)),
         Err(e) if is_status(&e, StatusCode::NOT_FOUND) => Ok(None),
         Err(e) => Err(e),
     }
@@ -352,8 +335,10 @@ fn cursors(offsets: impl Iterator<Item = u64>) -> String {
         .join(",")
 }
 
-fn print(event: &Value) {
-    println!("{event}");
+/// One event as one JSON line, as the API answered it.
+fn print(event: &EventView) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(event)?);
+    Ok(())
 }
 
 /// Run `spate events tail`.
@@ -393,7 +378,7 @@ pub async fn tail(client: &ApiClient, args: TailArgs) -> anyhow::Result<()> {
                 break;
             }
             for e in &page.events {
-                print(e);
+                print(e)?;
                 printed += 1;
                 if args.limit.is_some_and(|l| printed >= l) {
                     return Ok(());
@@ -412,17 +397,10 @@ pub async fn tail(client: &ApiClient, args: TailArgs) -> anyhow::Result<()> {
             }
             backlog.extend(page.events);
         }
-        let key = |e: &Value| {
-            (
-                e["timestamp_ms"].as_i64().unwrap_or(0),
-                e["partition"].as_u64().unwrap_or(0),
-                e["offset"].as_u64().unwrap_or(0),
-            )
-        };
-        backlog.sort_by_key(key);
+        backlog.sort_by_key(|e: &EventView| (e.timestamp_ms, e.partition, e.offset));
         let skip = backlog.len().saturating_sub(n as usize);
         for e in &backlog[skip..] {
-            print(e);
+            print(e)?;
         }
     }
     if !args.follow {
@@ -432,7 +410,7 @@ pub async fn tail(client: &ApiClient, args: TailArgs) -> anyhow::Result<()> {
         let page = read_page(client, topic, &from).await?;
         from = page.next_from;
         for e in &page.events {
-            print(e);
+            print(e)?;
             printed += 1;
             if args.from_beginning && args.limit.is_some_and(|l| printed >= l) {
                 return Ok(());
@@ -481,7 +459,8 @@ mod tests {
         let b = batches(parse_jsonl(&text, None).unwrap());
         let shape: Vec<(&str, usize)> = b.iter().map(|(t, e)| (t.as_str(), e.len())).collect();
         assert_eq!(shape, vec![("a", 500), ("b", 10), ("a", 500), ("a", 190)]);
-        assert_eq!(b[1].1[0]["payload"], json!(500));
-        assert!(b[1].1[0].get("topic").is_none());
+        assert_eq!(b[1].1[0].payload, Some(serde_json::json!(500)));
+        let sent = serde_json::to_value(&b[1].1[0]).unwrap();
+        assert!(sent.get("topic").is_none(), "{sent}");
     }
 }

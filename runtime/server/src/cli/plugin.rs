@@ -1,5 +1,5 @@
 //! `spate plugin ...`: deploy a manifest and component, list, show, activate, roll back
-//! and remove plugins.
+//! and remove plugins (the API's bodies are `spate::api::plugins`'s types).
 
 use super::PluginCommand;
 use super::client::ApiClient;
@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
-use serde_json::{Value, json};
+use spate::api::plugins::{ActivateBody, Activated, PluginList, PluginShow, UploadOutcome};
 use std::path::{Path, PathBuf};
 
 /// Help text after `spate plugin deploy --help`.
@@ -50,28 +50,29 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Deploy(args) => deploy(client, args).await,
         PluginCommand::Ls => list(client).await,
         PluginCommand::Show { name } => {
-            let v = client
-                .read(client.request(Method::GET, &format!("/v1/plugins/{name}")))
+            let shown: PluginShow = client
+                .typed(client.request(Method::GET, &format!("/v1/plugins/{name}")))
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", serde_json::to_string_pretty(&shown)?);
             Ok(())
         }
         PluginCommand::Activate { name, version } => {
-            client
-                .write(
+            let _: Activated = client
+                .typed(
                     client
                         .request(Method::POST, &format!("/v1/plugins/{name}/activate"))
-                        .json(&json!({ "version": version })),
+                        .json(&ActivateBody {
+                            version: version.clone(),
+                        }),
                 )
                 .await?;
             println!("{name}: version {version} is now active");
             Ok(())
         }
         PluginCommand::Rollback { name } => {
-            let v = client
-                .write(client.request(Method::POST, &format!("/v1/plugins/{name}/rollback")))
+            let Activated { active, .. } = client
+                .typed(client.request(Method::POST, &format!("/v1/plugins/{name}/rollback")))
                 .await?;
-            let active = v.get("active").and_then(Value::as_str).unwrap_or("?");
             println!("{name}: rolled back; version {active} is now active");
             Ok(())
         }
@@ -83,7 +84,9 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
                 true => format!("/v1/plugins/{name}?purge=true"),
                 false => format!("/v1/plugins/{name}"),
             };
-            client.write(client.request(Method::DELETE, &path)).await?;
+            client
+                .no_content(client.request(Method::DELETE, &path))
+                .await?;
             match purge {
                 true => println!("removed plugin {name} and purged its state"),
                 false => println!(
@@ -130,42 +133,36 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
                 .mime_str("application/wasm")?,
         );
     let activate = if args.no_activate { "false" } else { "true" };
-    let v = client
-        .write(
+    let outcome: UploadOutcome = client
+        .typed(
             client
                 .request(Method::POST, "/v1/plugins")
                 .query(&[("activate", activate)])
                 .multipart(form),
         )
         .await?;
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-    let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-    let hash = s("hash");
+    let UploadOutcome {
+        name,
+        version,
+        hash,
+        active,
+        unchanged,
+        compile_ms,
+    } = outcome;
     let short = hash.get(..12).unwrap_or(&hash);
-    let what = if b("unchanged") {
+    let what = if unchanged {
         "already stored, unchanged".to_string()
+    } else if compile_ms == 0 {
+        "stored (compiled artifact reused)".to_string()
     } else {
-        let ms = v.get("compile_ms").and_then(Value::as_u64).unwrap_or(0);
-        if ms == 0 {
-            "stored (compiled artifact reused)".to_string()
-        } else {
-            format!("stored, compiled in {ms} ms")
-        }
+        format!("stored, compiled in {compile_ms} ms")
     };
-    let state = if b("active") {
+    let state = if active {
         "active".to_string()
     } else {
-        format!(
-            "not active (activate with `spate plugin activate {} {}`)",
-            s("name"),
-            s("version")
-        )
+        format!("not active (activate with `spate plugin activate {name} {version}`)")
     };
-    println!(
-        "{}@{} sha256:{short} {what}; {state}",
-        s("name"),
-        s("version")
-    );
+    println!("{name}@{version} sha256:{short} {what}; {state}");
     Ok(())
 }
 
@@ -215,34 +212,23 @@ fn find_component(manifest_path: &Path, manifest: &str) -> anyhow::Result<PathBu
 }
 
 async fn list(client: &ApiClient) -> anyhow::Result<()> {
-    let v = client
-        .read(client.request(Method::GET, "/v1/plugins"))
+    let PluginList { plugins } = client
+        .typed(client.request(Method::GET, "/v1/plugins"))
         .await?;
-    let plugins = v
-        .get("plugins")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
     if plugins.is_empty() {
         println!("no plugins deployed; deploy one with `spate plugin deploy DIR`");
         return Ok(());
     }
     let rows: Vec<[String; 3]> = plugins
-        .iter()
+        .into_iter()
         .map(|p| {
-            let name = p.get("name").and_then(Value::as_str).unwrap_or("?");
-            let active = p.get("active").and_then(Value::as_str).unwrap_or("-");
             let versions = p
-                .get("versions")
-                .and_then(Value::as_array)
-                .map(|vs| {
-                    vs.iter()
-                        .filter_map(|v| v.get("version").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
-            [name.to_string(), active.to_string(), versions]
+                .versions
+                .iter()
+                .map(|v| v.version.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            [p.name, p.active.unwrap_or_else(|| "-".into()), versions]
         })
         .collect();
     let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(4);
