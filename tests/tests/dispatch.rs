@@ -1106,3 +1106,98 @@ async fn a_retried_event_keeps_its_attempt_count_across_a_restart() {
     );
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_events_never_reach_the_handler_and_are_committed() {
+    let h = Harness::start().await;
+    // Installs the process's recorder before anything is counted.
+    spate::telemetry::metrics();
+    let filter = "[filter]\nkey-prefix = [\"eu-\", \"uk-\"]\nhas-headers = [\"trace\"]\n\
+                  headers = { kind = [\"order\", \"refund\"] }\nfields = { op = \"emit\" }\n";
+    h.deploy(
+        &chaos_manifest("sieve", "1.0.0", "in", filter),
+        chaos_wasm(),
+    )
+    .await;
+    let headers = |kind: &str| {
+        vec![
+            spate_core::Header::text("trace", "t"),
+            spate_core::Header::text("kind", kind),
+        ]
+    };
+    // (key, kind, payload, reaches the handler)
+    let mut inputs = Vec::new();
+    for i in 0..200u64 {
+        let (key, kind, op, admitted) = match i % 5 {
+            0 => ("eu-1", "order", "emit", true),
+            1 => ("uk-2", "refund", "emit", true),
+            2 => ("us-1", "order", "emit", false), // key prefix
+            3 => ("eu-1", "other", "emit", false), // header value
+            _ => ("eu-1", "order", "panic", false), // field: would trap if it ran
+        };
+        inputs.push((key, kind, json!({"op": op, "n": i}), admitted));
+    }
+    let mut batch: Vec<spate_core::NewEvent> = inputs
+        .iter()
+        .map(|(key, kind, payload, _)| spate_core::NewEvent {
+            key: Some(key.as_bytes().to_vec()),
+            payload: serde_json::to_vec(payload).unwrap(),
+            headers: headers(kind),
+        })
+        .collect();
+    // No `trace` header: passed over too.
+    batch.push(spate_core::NewEvent {
+        key: Some(b"eu-1".to_vec()),
+        payload: serde_json::to_vec(&json!({"op": "emit", "n": 999})).unwrap(),
+        headers: vec![spate_core::Header::text("kind", "order")],
+    });
+    h.bus().append("in", batch).await.unwrap();
+    let admitted: Vec<u64> = inputs
+        .iter()
+        .filter(|i| i.3)
+        .map(|i| i.2["n"].as_u64().unwrap())
+        .collect();
+    let out = h.wait_events("out", admitted.len(), WAIT).await;
+    // Every input is committed, the passed-over ones included (201 events, one partition
+    // per key hash: the sum of the committed positions).
+    let group = format!("{}.sieve", h.rt.config.events.group_prefix());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let committed: u64 = support::cluster::committed(&h.rt, &group, "in")
+            .await
+            .iter()
+            .sum();
+        if committed == 201 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "committed {committed} of 201"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut seen: Vec<u64> = h
+        .events("out")
+        .await
+        .iter()
+        .map(|e| json(e)["n"].as_u64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(out.len(), admitted.len());
+    assert_eq!(seen, admitted, "exactly the matching events were handled");
+    assert!(
+        h.events("sieve.dlq").await.is_empty(),
+        "the passed-over `panic` events never ran"
+    );
+    let filtered = spate::telemetry::metrics()
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with("spate_events_total{")
+                && l.contains("plugin=\"sieve\"")
+                && l.contains("outcome=\"filtered\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(filtered, Some(201 - admitted.len() as u64));
+}

@@ -39,6 +39,12 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
     let mut oversized = wasm.clone();
     oversized.resize(h.rt.config.api.max_upload_bytes + 1024, 0);
     let unknown_field = format!("{v2}\nretries = 5\n");
+    let bad_filter = chaos_manifest(
+        "chaos",
+        "2.0.0",
+        "in",
+        "[filter]\nfields = { op = { nested = 1 } }\n",
+    );
     let wrong_world = wrong_world_wasm();
 
     let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
@@ -95,6 +101,15 @@ async fn bad_uploads_are_refused_and_the_serving_version_keeps_serving() {
             ),
             StatusCode::BAD_REQUEST,
             "retries",
+        ),
+        (
+            "filter on a nested object",
+            upload_request(
+                Some(TOKEN),
+                &[("manifest", bad_filter.as_bytes()), ("component", &wasm)],
+            ),
+            StatusCode::BAD_REQUEST,
+            "filter.fields.op: compare with strings, numbers or booleans",
         ),
         (
             "missing component",

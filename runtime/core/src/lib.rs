@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod error;
 pub mod events;
+pub mod filter;
 pub mod host;
 pub mod manifest;
 pub mod metric_names;

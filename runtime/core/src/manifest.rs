@@ -3,6 +3,7 @@
 //! problem is reported at once.
 
 use crate::StartPosition;
+use crate::filter::Filter;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -92,6 +93,10 @@ pub struct Manifest {
     /// log holds is dropped).
     #[serde(default)]
     pub exactly_once: bool,
+    /// Which events reach the handler, decided before a sandbox is instantiated; the
+    /// rest are committed without effects ([`crate::filter`]).
+    #[serde(default, skip_serializing_if = "Filter::is_empty")]
+    pub filter: Filter,
 }
 
 /// What happens to an event that exhausts its attempts or is rejected.
@@ -354,6 +359,7 @@ impl Manifest {
         if self.subscriptions.is_empty() {
             p.push("subscriptions must name at least one topic".into());
         }
+        p.extend(self.filter.problems());
         if self.exactly_once
             && let Some(why) = &ceilings.exactly_once_unsupported
         {
@@ -704,5 +710,27 @@ memory-mb = 100000
         let text = format!("{GOOD}[retry]\nmax-backoff-ms = 3600001\n");
         let err = Manifest::parse(&text, &ceilings).unwrap_err();
         assert!(err.to_string().contains("retry.max-backoff-ms"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod readme {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The README's annotated manifest is a valid one, every section included.
+    #[test]
+    fn the_readme_manifest_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\nname = \"order-totals\"")
+            .expect("the README's manifest block")
+            + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let m = Manifest::parse(&readme[start..end], &LimitCeilings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!m.filter.is_empty());
+        assert_eq!(m.on_failure, OnFailure::DeadLetter);
     }
 }

@@ -39,7 +39,7 @@ macro_rules! metrics_table {
 
 metrics_table! {
     EVENTS_TOTAL = "spate_events_total", Counter,
-        "Events finished per plugin, by outcome (ok, dead-lettered, parked).";
+        "Events finished per plugin, by outcome (ok, dead-lettered, parked, filtered).";
     HANDLER_DURATION_SECONDS = "spate_handler_duration_seconds", Histogram,
         "Wall-clock time of one handler call, including instantiation.";
     RETRIES_TOTAL = "spate_retries_total", Counter,

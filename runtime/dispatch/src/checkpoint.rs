@@ -525,6 +525,22 @@ impl Checkpointer {
         self.record(topic, partition, Some(offset), effects).await
     }
 
+    /// The event at `offset` is done with no effects (a manifest filter passed it over):
+    /// marked done at once, without waiting for room.
+    pub fn skip(&self, topic: &str, partition: u32, offset: u64) {
+        let mut g = self.inner.lock();
+        let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
+            return; // revoked meanwhile
+        };
+        mark.complete(offset);
+        g.events += 1;
+        let due = g.events >= self.config.max_events;
+        drop(g);
+        if due {
+            self.due.notify_one();
+        }
+    }
+
     /// [`Checkpointer::finish`] for effects that belong to no source position (a parked
     /// event redriven, a request carried out): applied the same way while `partition` is
     /// still assigned, dropped if it was revoked (its next owner does the work again).

@@ -93,6 +93,15 @@ impl ActiveVersion {
         self.slot.load_full().map(|v| Arc::clone(&*v))
     }
 
+    /// Whether the active version's manifest filter lets `event` reach the handler (yes
+    /// while there is no version: the event is then abandoned like any other).
+    pub fn admits(&self, event: &spate_core::Event) -> bool {
+        self.slot
+            .load()
+            .as_ref()
+            .is_none_or(|v| v.info().manifest.filter.matches(event))
+    }
+
     /// Make `version` the active one.
     pub fn store(&self, version: Arc<dyn PluginVersion>) {
         self.slot.store(Some(Arc::new(version)));

@@ -87,6 +87,7 @@ pub struct Pipeline {
 struct Meters {
     handler_duration: metrics::Histogram,
     handled: metrics::Counter,
+    filtered: metrics::Counter,
 }
 
 impl Meters {
@@ -94,6 +95,7 @@ impl Meters {
         Self {
             handler_duration: metrics::histogram!(spate_core::metric_names::HANDLER_DURATION_SECONDS, "plugin" => plugin.to_owned()),
             handled: metrics::counter!(spate_core::metric_names::EVENTS_TOTAL, "plugin" => plugin.to_owned(), "outcome" => "ok"),
+            filtered: metrics::counter!(spate_core::metric_names::EVENTS_TOTAL, "plugin" => plugin.to_owned(), "outcome" => "filtered"),
         }
     }
 }
@@ -542,6 +544,13 @@ impl Pipeline {
                             // A re-delivery, a revoked partition, or an event a checkpoint
                             // recorded as done before a restart: not handled again.
                             if self.ctx.ckpt.track(&cfg.topic, event.partition, event.offset) != Track::New {
+                                continue;
+                            }
+                            // The active version's filter: a passed-over event is done, with
+                            // no sandbox and no effects.
+                            if !self.ctx.active.admits(&event) {
+                                self.ctx.ckpt.skip(&cfg.topic, event.partition, event.offset);
+                                self.ctx.meters.filtered.increment(1);
                                 continue;
                             }
                             let partition = event.partition;
