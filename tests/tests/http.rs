@@ -9,7 +9,7 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header as http_header};
+use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use spate::api::ErrorBody;
 use spate::api::events::EventPage;
@@ -19,7 +19,7 @@ use spate_core::{Event, Header, NewEvent};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::node::{Node, append, spawn_node, upload};
-use support::{Harness, TOKEN, call, chaos_manifest, upload_chaos};
+use support::{Harness, TOKEN, api, call, chaos_manifest, upload_chaos};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -577,25 +577,6 @@ async fn park_api(name: &str, topic: &str) -> (Harness, axum::Router) {
 }
 
 /// `method path` with the token and `body` as JSON; the status and the JSON answer.
-async fn api(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http_header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-    let req = match body {
-        Some(b) => req
-            .header(http_header::CONTENT_TYPE, "application/json")
-            .body(Body::from(b.to_string())),
-        None => req.body(Body::empty()),
-    };
-    call(app, req.unwrap()).await
-}
-
 /// The error code of an answer, asserting it is the API's error shape.
 fn code(body: &Value) -> String {
     let ErrorBody { error } = serde_json::from_value(body.clone())

@@ -97,6 +97,56 @@ pub struct Manifest {
     /// rest are committed without effects ([`crate::filter`]).
     #[serde(default, skip_serializing_if = "Filter::is_empty")]
     pub filter: Filter,
+    /// The effect record: what each handled event did, kept for replays and shadow
+    /// versions to compare with ([`crate::host::record`]).
+    #[serde(default)]
+    pub record: RecordSettings,
+}
+
+/// The manifest's `[record]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct RecordSettings {
+    /// Keep a record of every handled event.
+    pub enabled: bool,
+    /// How long a record is kept.
+    pub max_age_hours: u32,
+    /// Records kept per source partition (the latest this many offsets).
+    pub per_partition: u32,
+    /// Largest record kept whole; beyond it, values are kept as digests.
+    pub max_bytes: usize,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_age_hours: 7 * 24,
+            per_partition: 10_000,
+            max_bytes: 64 << 10,
+        }
+    }
+}
+
+impl RecordSettings {
+    /// `max-age-hours` as a duration.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(u64::from(self.max_age_hours) * 3600)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.max_age_hours == 0 || self.max_age_hours > 90 * 24 {
+            p.push("record.max-age-hours must be 1 to 2160 (90 days)".into());
+        }
+        if self.per_partition == 0 || self.per_partition > 10_000_000 {
+            p.push("record.per-partition must be 1 to 10000000".into());
+        }
+        if !(1024..=(4 << 20)).contains(&self.max_bytes) {
+            p.push("record.max-bytes must be 1024 to 4194304".into());
+        }
+        p
+    }
 }
 
 /// What happens to an event that exhausts its attempts or is rejected.
@@ -360,6 +410,7 @@ impl Manifest {
             p.push("subscriptions must name at least one topic".into());
         }
         p.extend(self.filter.problems());
+        p.extend(self.record.problems());
         if self.exactly_once
             && let Some(why) = &ceilings.exactly_once_unsupported
         {

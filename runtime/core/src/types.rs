@@ -90,6 +90,16 @@ impl Event {
     pub fn topic_partition(&self) -> TopicPartition {
         TopicPartition::new(self.topic.clone(), self.partition)
     }
+
+    /// The event as the handler's call number `attempt` (1-based) sees it: with the
+    /// [`headers::ATTEMPT`] header.
+    pub fn with_attempt(&self, attempt: u32) -> Event {
+        let mut e = self.clone();
+        e.headers.retain(|h| h.name != headers::ATTEMPT);
+        e.headers
+            .push(Header::text(headers::ATTEMPT, attempt.to_string()));
+        e
+    }
 }
 
 /// An event to append: the topic assigns partition (by key hash) and offset.
@@ -143,6 +153,8 @@ pub mod headers {
     pub const DLQ_KIND: &str = "spate-dlq-kind";
     /// Number of attempts made before dead-lettering.
     pub const DLQ_ATTEMPTS: &str = "spate-dlq-attempts";
+    /// The 1-based attempt number of the call, visible to the guest.
+    pub const ATTEMPT: &str = "spate-attempt";
     /// Emits a chain of handlers has made to reach this event (see `limits.max-hops`).
     pub const HOPS: &str = "spate-hops";
 

@@ -572,6 +572,7 @@ impl Checkpointer {
             cache,
             emits,
             mut side,
+            reads: _,
         } = effects;
         if !self.write_back {
             writes.clear();
@@ -1177,6 +1178,7 @@ mod tests {
                 },
             }],
             side: Vec::new(),
+            reads: Default::default(),
         }
     }
 

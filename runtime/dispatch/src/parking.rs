@@ -8,6 +8,7 @@ use super::pipeline::{
     At, Call, Called, Finish, WarmInstance, WorkerCtx, apply_until_taken, attempts_cleared,
     dead_letter, instance_of, sleep_or_shutdown,
 };
+use spate_core::host::record::{self, Outcome};
 use spate_core::host::{MAX_REASON_LEN, PluginInfo, truncate_reason};
 use spate_core::plugin::{Instance, PluginVersion};
 use spate_core::state::parked::{self, Action, ParkedEvent, ParkedKey, Request};
@@ -141,7 +142,7 @@ async fn park(
         version,
         parked_at_ms: now,
     };
-    let effects = Effects {
+    let mut effects = Effects {
         side: vec![
             (ns.clone(), parked::put(entry, &record, None)),
             (ns.clone(), parked::put(parked::key_entry(&id), &key, None)),
@@ -149,6 +150,14 @@ async fn park(
         ],
         ..Effects::default()
     };
+    let outcome = Outcome::Failed {
+        kind: how.kind.to_owned(),
+        reason: reason.clone(),
+        then: "parked".into(),
+    };
+    effects
+        .side
+        .extend(record::write_for(info, event, outcome, how.attempts, None));
     if !apply_until_taken(ctx, At::Event(event), &effects).await {
         return false;
     }

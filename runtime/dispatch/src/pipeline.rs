@@ -8,10 +8,11 @@ use super::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
+use spate_core::host::record::{self, Outcome};
 use spate_core::host::{HostServices, Invocation, MAX_REASON_LEN, PluginInfo, truncate_reason};
 use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
 use spate_core::state::parked;
-use spate_core::types::{Event, Header, TopicPartition};
+use spate_core::types::{Event, TopicPartition};
 use spate_core::{
     ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, StateWrite,
     Subscription,
@@ -33,9 +34,6 @@ const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the operators' requests (redrives, discards) are looked for.
 const REQUESTS_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Header carrying the 1-based attempt number of the call, visible to the guest.
-pub const ATTEMPT_HEADER: &str = "spate-attempt";
 
 /// Settings of one pipeline, from the [`DispatchSettings`](crate::DispatchSettings) and
 /// the plugin's manifest.
@@ -1165,7 +1163,7 @@ impl Call<'_> {
                 let invocation = Invocation::new(
                     Arc::clone(info),
                     ctx.services.clone(),
-                    Arc::new(with_attempt(event, attempt)),
+                    Arc::new(event.with_attempt(attempt)),
                 );
                 let started = Instant::now();
                 // A panic in the host (ours or wasmtime's) must not take the lane down
@@ -1206,6 +1204,15 @@ impl Call<'_> {
                     CallOutcome::Ok(journal) => {
                         let mut effects = journal.into_effects(&info.namespace);
                         effects.side.clone_from(&side);
+                        effects.side.extend(record::write_for(
+                            info,
+                            event,
+                            Outcome::Ok,
+                            attempt,
+                            Some(&effects),
+                        ));
+                        // Kept for the record only; the checkpoint applies no reads.
+                        effects.reads = Default::default();
                         if attempt > 1 {
                             effects.side.push(attempts_cleared(info, event));
                         }
@@ -1323,14 +1330,6 @@ pub(super) async fn sleep_or_shutdown(ctx: &WorkerCtx, delay: Duration) -> bool 
         _ = ctx.abandon.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
     }
-}
-
-fn with_attempt(event: &Event, attempt: u32) -> Event {
-    let mut e = event.clone();
-    e.headers.retain(|h| h.name != ATTEMPT_HEADER);
-    e.headers
-        .push(Header::text(ATTEMPT_HEADER, attempt.to_string()));
-    e
 }
 
 /// Which position effects belong to.
@@ -1451,6 +1450,10 @@ pub(super) async fn dead_letter(
     // acknowledged before the event's position is committed.
     let mut effects = Effects::dead_letter(info, event, kind, reason, attempts);
     effects.side = side;
+    let outcome = Outcome::failed(kind, reason, "dead-lettered");
+    effects
+        .side
+        .extend(record::write_for(info, event, outcome, attempts, None));
     // The log shows the reason as the record carries it.
     let reason = truncate_reason(reason.to_string(), 2 * MAX_REASON_LEN);
     if !apply_until_taken(ctx, at, &effects).await {

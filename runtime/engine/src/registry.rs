@@ -160,6 +160,25 @@ impl Registry {
             .map(|p| Arc::clone(p) as Arc<dyn PluginVersion>)
     }
 
+    /// Version `version` of `name`, loaded (compiled, or from the compiled cache) whether
+    /// or not it is active: what a replay runs.
+    pub async fn version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<dyn PluginVersion>, RegistryError> {
+        let stored = self
+            .show(name)
+            .await
+            .and_then(|r| r.versions.iter().find(|v| v.version == version).cloned());
+        let Some(v) = stored else {
+            return Err(RegistryError::NotFound(format!(
+                "version {version} of plugin `{name}`"
+            )));
+        };
+        Ok(self.load_version(name, &v).await? as Arc<dyn PluginVersion>)
+    }
+
     /// Names of every plugin with an active version.
     pub fn active_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.active.lock().keys().cloned().collect();

@@ -253,3 +253,23 @@ pub async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value)
     });
     (status, body)
 }
+
+/// Calls `method path` on the API with the test token and an optional JSON body.
+pub async fn api(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::AUTHORIZATION, format!("Bearer {TOKEN}"));
+    let req = match body {
+        Some(b) => req
+            .header(http::CONTENT_TYPE, "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    };
+    call(app, req.unwrap()).await
+}

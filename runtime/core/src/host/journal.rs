@@ -60,6 +60,72 @@ pub struct PendingEmit {
     pub event: NewEvent,
 }
 
+/// What a call read from the state store and the cache: the first read of each key, as
+/// the store answered it. Kept only for plugins that keep an effect record (a replay then
+/// serves the same inputs), and only up to the record's size bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// State reads by key (`None`: absent).
+    pub state: BTreeMap<String, Option<Vec<u8>>>,
+    /// Cache reads by full key (`None`: a miss).
+    pub cache: BTreeMap<String, Option<Vec<u8>>>,
+    /// Bytes held; reads stop being kept past the record's `max-bytes`.
+    bytes: usize,
+    /// Whether some reads were not kept.
+    pub incomplete: bool,
+}
+
+impl Reads {
+    /// Whether nothing was read (or kept).
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty() && self.cache.is_empty()
+    }
+
+    fn keep(
+        map: &mut BTreeMap<String, Option<Vec<u8>>>,
+        bytes: &mut usize,
+        incomplete: &mut bool,
+        max: usize,
+        key: &str,
+        value: &Option<Vec<u8>>,
+    ) {
+        if map.contains_key(key) {
+            return;
+        }
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        if *bytes + size > max {
+            *incomplete = true;
+            return;
+        }
+        *bytes += size;
+        map.insert(key.to_owned(), value.clone());
+    }
+
+    /// Keep a state read (the first of `key`), within `max` bytes in all.
+    pub fn state_read(&mut self, max: usize, key: &str, value: &Option<Vec<u8>>) {
+        Self::keep(
+            &mut self.state,
+            &mut self.bytes,
+            &mut self.incomplete,
+            max,
+            key,
+            value,
+        );
+    }
+
+    /// Keep a cache read (the first of `key`), within `max` bytes in all.
+    pub fn cache_read(&mut self, max: usize, key: &str, value: &Option<Vec<u8>>) {
+        Self::keep(
+            &mut self.cache,
+            &mut self.bytes,
+            &mut self.incomplete,
+            max,
+            key,
+            value,
+        );
+    }
+}
+
 /// Everything a call wants to change, applied only if it returns ok.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Journal {
@@ -69,6 +135,8 @@ pub struct Journal {
     pub cache: Vec<CacheOp>,
     /// Emits in call order.
     pub emits: Vec<PendingEmit>,
+    /// What the call read (plugins that keep an effect record only).
+    pub reads: Reads,
     emitted_bytes: u64,
     /// Bytes of the recorded state and cache writes (keys and values): what the host
     /// holds for the call until it is applied.
@@ -276,6 +344,7 @@ impl Journal {
             cache: self.cache,
             emits: self.emits,
             side: Vec::new(),
+            reads: self.reads,
         }
     }
 }
@@ -306,6 +375,9 @@ pub struct Effects {
     /// belong to the same unit: a redriven event's removal from its parked queue, an
     /// attempt record's removal.
     pub side: Vec<(String, StateWrite)>,
+    /// What the call read, for its effect record (empty unless the plugin keeps one; not
+    /// applied).
+    pub reads: Reads,
 }
 
 impl Effects {

@@ -7,9 +7,11 @@
 //! are touched only after the checks here pass, so a backend never sees another plugin's
 //! namespace.
 
+pub mod capture;
 pub mod journal;
+pub mod record;
 
-pub use journal::{CacheOp, DeadLetterKind, Effects, Journal, PendingEmit, idempotency_id};
+pub use journal::{CacheOp, DeadLetterKind, Effects, Journal, PendingEmit, Reads, idempotency_id};
 
 use crate::manifest::Manifest;
 use crate::types::{Event, Header, NewEvent, headers};
@@ -185,7 +187,17 @@ impl Invocation {
         if let Some(p) = self.journal.state.get(key) {
             return Ok(p.value.clone());
         }
-        Ok(self.services.state.get(&self.plugin.namespace, key).await?)
+        self.stored(key).await
+    }
+
+    /// `key`'s stored value, kept in the call's reads if the plugin keeps an effect record.
+    async fn stored(&mut self, key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let value = self.services.state.get(&self.plugin.namespace, key).await?;
+        let record = &self.plugin.manifest.record;
+        if record.enabled {
+            self.journal.reads.state_read(record.max_bytes, key, &value);
+        }
+        Ok(value)
     }
 
     /// `state.put`.
@@ -222,10 +234,7 @@ impl Invocation {
         }
         let (current, inherited) = match self.journal.state.get(key) {
             Some(p) => (p.value.clone(), Some(p.condition.clone())),
-            None => (
-                self.services.state.get(&self.plugin.namespace, key).await?,
-                None,
-            ),
+            None => (self.stored(key).await?, None),
         };
         if current != expected {
             return Ok(false);
@@ -329,6 +338,12 @@ impl Invocation {
             }
         }
         let stored = self.services.cache.get(&full).await?;
+        let record = &self.plugin.manifest.record;
+        if record.enabled {
+            self.journal
+                .reads
+                .cache_read(record.max_bytes, &full, &stored);
+        }
         match (stored, pending_delta) {
             (v, 0) => Ok(v),
             (Some(v), d) => Ok(Some(add_to_counter(&v, d)?)),

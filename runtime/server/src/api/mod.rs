@@ -23,6 +23,7 @@ pub mod events;
 pub mod health;
 pub mod parked;
 pub mod plugins;
+pub mod replay;
 
 use crate::config::Config;
 use crate::runtime::Runtime;
@@ -183,6 +184,11 @@ pub fn router(state: ApiState) -> Router {
                 body,
                 upload_timeout,
             ),
+        )
+        // Runs up to `replay::MAX_LIMIT` events through a version.
+        .route(
+            "/v1/plugins/{name}/replay",
+            bounded(post(replay::replay), body, upload_timeout),
         )
         .route("/v1/topics/{topic}", bounded(get(topic_info), body, timeout))
         .route(

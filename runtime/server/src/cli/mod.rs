@@ -9,6 +9,7 @@ pub mod client;
 pub mod events;
 pub mod parked;
 pub mod plugin;
+pub mod replay;
 pub mod scaffold;
 
 use clap::{Args, Parser, Subcommand};
@@ -109,6 +110,10 @@ pub enum Command {
     /// Send a plugin's dead letters back through its active version.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Run stored events through a plugin version with nothing applied, and compare what
+    /// each did with its effect record.
+    #[command(after_help = replay::HELP)]
+    Replay(replay::ReplayArgs),
 }
 
 const UP_EXAMPLES: &str = "\
@@ -235,6 +240,7 @@ pub async fn run_client(global: &GlobalArgs, command: Command) -> anyhow::Result
         Command::Events(EventsCommand::Tail(args)) => events::tail(&client, args).await,
         Command::Parked(cmd) => parked::run(&client, cmd).await,
         Command::Dlq(DlqCommand::Redrive(args)) => parked::dlq_redrive(&client, args).await,
+        Command::Replay(args) => replay::run(&client, args).await,
     }
 }
 

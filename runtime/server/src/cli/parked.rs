@@ -201,7 +201,7 @@ fn since(at: u64) -> String {
 }
 
 /// `s` percent-encoded as one path segment.
-fn segment(s: &str) -> String {
+pub(super) fn segment(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
