@@ -68,6 +68,8 @@ metrics_table! {
         "Operators' requests carried out, by action (redrive, discard, redrive-dead-letters) and outcome.";
     REDRIVEN_EVENTS_TOTAL = "spate_redriven_events_total", Counter,
         "Events handled by a redrive, by outcome (handled, failed, already-redriven).";
+    SHADOW_EVENTS_TOTAL = "spate_shadow_events_total", Counter,
+        "Events a shadow candidate ran on, by result (identical, differing, trap, skipped).";
     EMIT_RETRIES_TOTAL = "spate_emit_retries_total", Counter,
         "Emits the checkpoint's sender sent again after the bus refused them.";
     TRANSACTION_FAILURES_TOTAL = "spate_transaction_failures_total", Counter,

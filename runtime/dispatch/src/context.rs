@@ -55,6 +55,8 @@ pub struct DispatchSettings {
     /// exist before its pipelines consume (Kafka: a missing dead-letter topic would
     /// otherwise stall the first poison event's lane).
     pub check_output_topics: bool,
+    /// The share of one core a plugin's shadow candidate may take.
+    pub shadow_cpu_share: f64,
 }
 
 impl Default for DispatchSettings {
@@ -71,6 +73,7 @@ impl Default for DispatchSettings {
             revoke_timeout: Duration::from_secs(10),
             max_infra_backoff: Duration::from_secs(5),
             check_output_topics: false,
+            shadow_cpu_share: crate::DEFAULT_SHADOW_CPU_SHARE,
         }
     }
 }

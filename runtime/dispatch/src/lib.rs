@@ -18,6 +18,7 @@ mod context;
 mod idle;
 mod parking;
 mod pipeline;
+pub mod shadow;
 pub mod supervisor;
 pub mod watermark;
 
@@ -74,18 +75,35 @@ pub use spate_core::host::DeadLetterKind;
 pub use spate_core::plugin::{CallOutcome, Instance, PluginVersion, TrapKind};
 use std::sync::Arc;
 
+/// The share of one core a shadow candidate's calls may take by default
+/// (`dispatch.shadow-cpu-share`).
+pub const DEFAULT_SHADOW_CPU_SHARE: f64 = 0.1;
+
 /// The version of a plugin that new events start on. Swapped atomically on upload,
 /// activation and rollback; events already started keep the version they loaded.
 pub struct ActiveVersion {
     slot: ArcSwapOption<Arc<dyn PluginVersion>>,
+    /// A candidate running beside it, if any.
+    shadow: Arc<shadow::Shadow>,
 }
 
 impl ActiveVersion {
     /// A slot holding `version`.
     pub fn new(version: Arc<dyn PluginVersion>) -> Arc<Self> {
+        Self::with_shadow_share(version, DEFAULT_SHADOW_CPU_SHARE)
+    }
+
+    /// A slot holding `version`, whose shadow candidates may take `share` of one core.
+    pub fn with_shadow_share(version: Arc<dyn PluginVersion>, share: f64) -> Arc<Self> {
         Arc::new(Self {
             slot: ArcSwapOption::from_pointee(version),
+            shadow: Arc::new(shadow::Shadow::new(share)),
         })
+    }
+
+    /// The plugin's shadow candidate and its report.
+    pub fn shadow(&self) -> &Arc<shadow::Shadow> {
+        &self.shadow
     }
 
     /// The version new events start on, or `None` once the plugin is removed.

@@ -8,7 +8,7 @@ use super::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
-use spate_core::host::record::{self, Outcome};
+use spate_core::host::record::{self, EffectRecord, Outcome};
 use spate_core::host::{HostServices, Invocation, MAX_REASON_LEN, PluginInfo, truncate_reason};
 use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
 use spate_core::state::parked;
@@ -1055,12 +1055,22 @@ async fn handle_event(
             kind,
             reason,
             attempts,
-        } if park => parking::park_failed(ctx, &info, &event, kind, &reason, attempts).await,
+        } if park => {
+            shadow_failed(ctx, &info, &event, (kind, &reason, attempts), "parked");
+            parking::park_failed(ctx, &info, &event, kind, &reason, attempts).await
+        }
         Called::Failed {
             kind,
             reason,
             attempts,
         } => {
+            shadow_failed(
+                ctx,
+                &info,
+                &event,
+                (kind, &reason, attempts),
+                "dead-lettered",
+            );
             let side = vec![attempts_cleared(&info, &event)];
             dead_letter(
                 ctx,
@@ -1076,6 +1086,23 @@ async fn handle_event(
     match done {
         true => (Finish::Done, Some((version, instance))),
         false => (Finish::Abandoned, None),
+    }
+}
+
+/// Compare a shadow candidate, if one runs, with the active version's failure on `event`.
+fn shadow_failed(
+    ctx: &WorkerCtx,
+    info: &PluginInfo,
+    event: &Event,
+    (kind, reason, attempts): (DeadLetterKind, &str, u32),
+    then: &str,
+) {
+    let shadow = ctx.active.shadow();
+    if shadow.is_on() {
+        let label = info.manifest.version.to_string();
+        let outcome = Outcome::failed(kind, reason, then);
+        let mine = EffectRecord::new(event, &label, outcome, attempts, None);
+        shadow.compare(&ctx.services, event, mine);
     }
 }
 
@@ -1160,11 +1187,16 @@ impl Call<'_> {
                         p
                     }
                 };
-                let invocation = Invocation::new(
+                let mut invocation = Invocation::new(
                     Arc::clone(info),
                     ctx.services.clone(),
                     Arc::new(event.with_attempt(attempt)),
                 );
+                // A shadow candidate is served what this call reads.
+                let shadowed = matches!(at, At::Event(_)) && ctx.active.shadow().is_on();
+                if shadowed {
+                    invocation.keep_reads();
+                }
                 let started = Instant::now();
                 // A panic in the host (ours or wasmtime's) must not take the lane down
                 // with it: it becomes a trap of this attempt, retried and dead-lettered
@@ -1211,6 +1243,17 @@ impl Call<'_> {
                             attempt,
                             Some(&effects),
                         ));
+                        if shadowed {
+                            let label = info.manifest.version.to_string();
+                            let mine = EffectRecord::new(
+                                event,
+                                &label,
+                                Outcome::Ok,
+                                attempt,
+                                Some(&effects),
+                            );
+                            ctx.active.shadow().compare(&ctx.services, event, mine);
+                        }
                         // Kept for the record only; the checkpoint applies no reads.
                         effects.reads = Default::default();
                         if attempt > 1 {

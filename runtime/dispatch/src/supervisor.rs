@@ -24,6 +24,8 @@ use tracing::{error, info};
 #[derive(Debug, Default)]
 pub struct PipelineBoard {
     pipelines: Mutex<HashMap<(String, String), Arc<PipelineHealth>>>,
+    /// Every running plugin's shadow slot, for its report.
+    shadows: Mutex<HashMap<String, Arc<crate::shadow::Shadow>>>,
 }
 
 impl PipelineBoard {
@@ -44,6 +46,12 @@ impl PipelineBoard {
 
     fn forget(&self, plugin: &str) {
         self.pipelines.lock().retain(|(p, _), _| p != plugin);
+        self.shadows.lock().remove(plugin);
+    }
+
+    /// The report of `plugin`'s shadow candidate, if one runs here.
+    pub fn shadow_report(&self, plugin: &str) -> Option<crate::shadow::ShadowReport> {
+        self.shadows.lock().get(plugin)?.report()
     }
 }
 
@@ -90,6 +98,8 @@ pub struct Supervisor {
     board: Arc<PipelineBoard>,
     on_stopped: Option<OnStopped>,
     runs: HashMap<String, PluginRun>,
+    /// Shadow candidates by plugin, carried over when its pipelines restart.
+    shadows: HashMap<String, Arc<dyn PluginVersion>>,
 }
 
 impl Supervisor {
@@ -100,6 +110,7 @@ impl Supervisor {
             board,
             on_stopped: None,
             runs: HashMap::new(),
+            shadows: HashMap::new(),
         }
     }
 
@@ -164,6 +175,21 @@ impl Supervisor {
         self.runs.insert(name.to_string(), run);
     }
 
+    /// Run `candidate` beside `name`'s active version as its shadow (`None`: stop it).
+    pub fn set_shadow(&mut self, name: &str, candidate: Option<Arc<dyn PluginVersion>>) {
+        match &candidate {
+            Some(c) => {
+                self.shadows.insert(name.to_owned(), Arc::clone(c));
+            }
+            None => {
+                self.shadows.remove(name);
+            }
+        }
+        if let Some(run) = self.runs.get(name) {
+            run.active.shadow().set(name, candidate);
+        }
+    }
+
     /// Stop every plugin's pipelines (each drains and commits), all at once.
     pub async fn stop_all(&mut self) {
         let mut stopping = JoinSet::new();
@@ -190,7 +216,14 @@ impl Supervisor {
         } else {
             Vec::new()
         };
-        let active = ActiveVersion::new(version);
+        let active = ActiveVersion::with_shadow_share(version, self.cx.settings.shadow_cpu_share);
+        active
+            .shadow()
+            .set(name, self.shadows.get(name).map(Arc::clone));
+        self.board
+            .shadows
+            .lock()
+            .insert(name.to_owned(), Arc::clone(active.shadow()));
         let token = self.cx.shutdown.child_token();
         let mut tasks = JoinSet::new();
         let (cx, board, plugin) = (self.cx.clone(), Arc::clone(&self.board), name.to_owned());

@@ -59,6 +59,10 @@ pub struct PluginRecord {
     pub active: Option<String>,
     /// Versions that served before, most recent last (what rollback returns to).
     pub history: Vec<String>,
+    /// A candidate version running beside the active one in capture mode (`spate plugin
+    /// deploy --shadow`), compared with it event by event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
 }
 
 /// Hex sha256 of `bytes`.

@@ -51,6 +51,8 @@ pub enum RegistryChange {
     Activated(String),
     /// `name` was removed.
     Removed(String),
+    /// `name`'s shadow candidate changed (set, replaced or stopped).
+    Shadowed(String),
 }
 
 /// What an upload did (the API's answer to an upload, which the CLI decodes).
@@ -68,6 +70,9 @@ pub struct UploadOutcome {
     pub unchanged: bool,
     /// Compile time in milliseconds (0 when the compiled artifact was cached).
     pub compile_ms: u64,
+    /// Whether it now runs as the plugin's shadow candidate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// The plugin registry.
@@ -177,6 +182,61 @@ impl Registry {
             )));
         };
         Ok(self.load_version(name, &v).await? as Arc<dyn PluginVersion>)
+    }
+
+    /// `name`'s shadow candidate, loaded, if it has one.
+    pub async fn shadow(&self, name: &str) -> Option<Arc<dyn PluginVersion>> {
+        let record = self.show(name).await?;
+        let version = record.shadow.as_ref()?;
+        let v = record.versions.iter().find(|v| &v.version == version)?;
+        match self.load_version(name, v).await {
+            Ok(p) => Some(p as Arc<dyn PluginVersion>),
+            Err(e) => {
+                tracing::warn!(plugin = name, %version, error = %e, "cannot load the shadow candidate");
+                None
+            }
+        }
+    }
+
+    /// Run stored version `version` of `name` beside its active version as a shadow
+    /// candidate (`None`: stop the one running). Loaded and compiled before it is
+    /// recorded, like an activation.
+    pub async fn set_shadow(&self, name: &str, version: Option<&str>) -> Result<(), RegistryError> {
+        let mut file = self.file.lock().await;
+        let record = file
+            .plugins
+            .get(name)
+            .filter(|_| !name.starts_with(TOMBSTONE_PREFIX))
+            .ok_or_else(|| RegistryError::NotFound(format!("plugin `{name}`")))?;
+        if record.shadow.as_deref() == version {
+            return Ok(());
+        }
+        if let Some(version) = version {
+            if record.active.as_deref() == Some(version) {
+                return Err(RegistryError::Conflict(format!(
+                    "{name}@{version} is the active version; a shadow candidate is another version"
+                )));
+            }
+            let v = record
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))?;
+            self.load_version(name, &v).await?;
+        }
+        let mut new_file = file.clone();
+        if let Some(rec) = new_file.plugins.get_mut(name) {
+            rec.shadow = version.map(str::to_owned);
+        }
+        self.persist(&new_file, name).await?;
+        *file = new_file;
+        drop(file);
+        let _ = self
+            .changes
+            .send(RegistryChange::Shadowed(name.to_string()));
+        self.announce(name).await;
+        Ok(())
     }
 
     /// Names of every plugin with an active version.
@@ -333,6 +393,13 @@ impl Registry {
                 }
             }
         }
+        let shadow_was = file.plugins.get(name).and_then(|r| r.shadow.clone());
+        let shadow_now = stored.as_ref().and_then(|r| r.shadow.clone());
+        if shadow_was != shadow_now {
+            let _ = self
+                .changes
+                .send(RegistryChange::Shadowed(name.to_string()));
+        }
         match stored {
             Some(r) => {
                 file.plugins.insert(name.to_string(), r);
@@ -456,6 +523,7 @@ impl Registry {
             active: is_active,
             unchanged,
             compile_ms,
+            shadow: false,
         })
     }
 
@@ -513,9 +581,15 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("{name}@{version}")))?;
         let plugin = self.load_version(name, &v).await?;
         let mut new_file = file.clone();
+        let mut unshadowed = false;
         if let Some(rec) = new_file.plugins.get_mut(name) {
             update_history(rec);
             rec.active = Some(version.to_string());
+            // A candidate that becomes active is no longer a shadow.
+            if rec.shadow.as_deref() == Some(version) {
+                rec.shadow = None;
+                unshadowed = true;
+            }
         }
         self.persist(&new_file, name).await?;
         *file = new_file;
@@ -523,6 +597,11 @@ impl Registry {
         let _ = self
             .changes
             .send(RegistryChange::Activated(name.to_string()));
+        if unshadowed {
+            let _ = self
+                .changes
+                .send(RegistryChange::Shadowed(name.to_string()));
+        }
         self.announce(name).await;
         Ok(())
     }

@@ -229,6 +229,9 @@ pub struct DispatchConfig {
     pub checkpoint_events: usize,
     /// How long shutdown waits for in-flight events, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// The share of one core a plugin's shadow candidate may take (0 to 1); events over
+    /// it are not compared.
+    pub shadow_cpu_share: f64,
 }
 
 impl Default for DispatchConfig {
@@ -243,6 +246,7 @@ impl Default for DispatchConfig {
             commit_interval_ms: ms(d.commit_interval),
             checkpoint_events: d.checkpoint_events,
             drain_timeout_ms: ms(d.drain_timeout),
+            shadow_cpu_share: d.shadow_cpu_share,
         }
     }
 }
@@ -410,6 +414,9 @@ impl Config {
         if self.api.max_concurrent_reads == 0 {
             p.push("api.max-concurrent-reads must be at least 1".into());
         }
+        if !(0.0..=1.0).contains(&self.dispatch.shadow_cpu_share) {
+            p.push("dispatch.shadow-cpu-share must be 0 to 1 (a share of one core)".into());
+        }
         if self.api.header_read_timeout_ms == 0 || self.api.idle_timeout_ms == 0 {
             p.push("api.header-read-timeout-ms and api.idle-timeout-ms must be at least 1".into());
         }
@@ -561,6 +568,7 @@ impl Config {
             drain_timeout: Duration::from_millis(d.drain_timeout_ms),
             revoke_timeout: self.events.revoke_timeout(),
             check_output_topics: matches!(self.events, EventsConfig::Kafka(_)),
+            shadow_cpu_share: d.shadow_cpu_share,
             ..spate_dispatch::DispatchSettings::default()
         }
     }

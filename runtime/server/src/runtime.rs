@@ -268,6 +268,12 @@ impl Runtime {
         }))
     }
 
+    /// How `name`'s shadow candidate compares with its active version on the events this
+    /// runtime handled, if one runs.
+    pub fn shadow_report(&self, name: &str) -> Option<spate_dispatch::shadow::ShadowReport> {
+        self.pipelines.shadow_report(name)
+    }
+
     /// Whether active plugins are loaded, their pipelines started and every consumer
     /// joined its group.
     pub fn is_ready(&self) -> bool {
@@ -326,23 +332,25 @@ async fn supervise(
     shutdown: CancellationToken,
 ) {
     for name in registry.active_names() {
-        supervisor.sync(&name, registry.active(&name)).await;
+        follow(&mut supervisor, &registry, &name).await;
     }
     ready.store(true, AtomicOrdering::Release);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             change = changes.recv() => match change {
-                Ok(RegistryChange::Activated(name) | RegistryChange::Removed(name)) => {
-                    supervisor.sync(&name, registry.active(&name)).await;
-                }
+                Ok(
+                    RegistryChange::Activated(name)
+                    | RegistryChange::Removed(name)
+                    | RegistryChange::Shadowed(name),
+                ) => follow(&mut supervisor, &registry, &name).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let mut names = supervisor.running();
                     names.extend(registry.active_names());
                     names.sort();
                     names.dedup();
                     for n in names {
-                        supervisor.sync(&n, registry.active(&n)).await;
+                        follow(&mut supervisor, &registry, &n).await;
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
@@ -350,6 +358,13 @@ async fn supervise(
         }
     }
     supervisor.stop_all().await;
+}
+
+/// Bring `name`'s pipelines in line with the registry: its active version and its shadow
+/// candidate.
+async fn follow(supervisor: &mut Supervisor, registry: &Registry, name: &str) {
+    supervisor.sync(name, registry.active(name)).await;
+    supervisor.set_shadow(name, registry.shadow(name).await);
 }
 
 /// This runtime's name among its peers: the static-membership instance id (the pod

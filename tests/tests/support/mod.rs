@@ -214,7 +214,12 @@ pub fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// `POST /v1/plugins` with `parts`, bearing `token` if given.
 pub fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<Body> {
-    let mut req = Request::post("/v1/plugins").header(
+    upload_request_to("/v1/plugins", token, parts)
+}
+
+/// [`upload_request`] to `uri` (the upload route with a query).
+pub fn upload_request_to(uri: &str, token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<Body> {
+    let mut req = Request::post(uri).header(
         http::CONTENT_TYPE,
         format!("multipart/form-data; boundary={BOUNDARY}"),
     );
@@ -227,10 +232,24 @@ pub fn upload_request(token: Option<&str>, parts: &[(&str, &[u8])]) -> Request<B
 /// Upload `manifest` with the test-chaos component to `app` with the test token; the
 /// status and the JSON answer.
 pub async fn upload_chaos(app: &axum::Router, manifest: &str) -> (StatusCode, Value) {
+    upload_chaos_query(app, manifest, "").await
+}
+
+/// [`upload_chaos`] with a query string (`activate=false`, `shadow=true`).
+pub async fn upload_chaos_query(
+    app: &axum::Router,
+    manifest: &str,
+    query: &str,
+) -> (StatusCode, Value) {
     let wasm = chaos_wasm();
+    let uri = match query {
+        "" => "/v1/plugins".to_owned(),
+        q => format!("/v1/plugins?{q}"),
+    };
     call(
         app,
-        upload_request(
+        upload_request_to(
+            &uri,
             Some(TOKEN),
             &[("manifest", manifest.as_bytes()), ("component", &wasm)],
         ),

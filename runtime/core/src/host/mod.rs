@@ -124,17 +124,29 @@ pub struct Invocation {
     services: HostServices,
     event: Arc<Event>,
     journal: Journal,
+    /// Keep the call's reads in its journal, up to this many bytes.
+    keep_reads: Option<usize>,
 }
 
 impl Invocation {
     /// Start a call of `plugin` on `event`.
     pub fn new(plugin: Arc<PluginInfo>, services: HostServices, event: Arc<Event>) -> Self {
+        let record = &plugin.manifest.record;
+        let keep_reads = record.enabled.then_some(record.max_bytes);
         Self {
             plugin,
             services,
             event,
             journal: Journal::default(),
+            keep_reads,
         }
+    }
+
+    /// Keep what the call reads (the first read of each key, up to the plugin's record
+    /// size) even if the plugin keeps no effect record: a shadow candidate is served the
+    /// same values.
+    pub fn keep_reads(&mut self) {
+        self.keep_reads = Some(self.plugin.manifest.record.max_bytes);
     }
 
     /// The plugin version being called.
@@ -193,9 +205,8 @@ impl Invocation {
     /// `key`'s stored value, kept in the call's reads if the plugin keeps an effect record.
     async fn stored(&mut self, key: &str) -> Result<Option<Vec<u8>>, HostError> {
         let value = self.services.state.get(&self.plugin.namespace, key).await?;
-        let record = &self.plugin.manifest.record;
-        if record.enabled {
-            self.journal.reads.state_read(record.max_bytes, key, &value);
+        if let Some(max) = self.keep_reads {
+            self.journal.reads.state_read(max, key, &value);
         }
         Ok(value)
     }

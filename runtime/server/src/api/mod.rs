@@ -185,6 +185,14 @@ pub fn router(state: ApiState) -> Router {
                 upload_timeout,
             ),
         )
+        .route(
+            "/v1/plugins/{name}/shadow",
+            bounded(get(shadow_report).merge(delete(stop_shadow)), body, timeout),
+        )
+        .route(
+            "/v1/plugins/{name}/promote",
+            bounded(post(promote_plugin), body, timeout),
+        )
         // Runs up to `replay::MAX_LIMIT` events through a version.
         .route(
             "/v1/plugins/{name}/replay",

@@ -8,12 +8,16 @@
 //! - `GET /v1/plugins/{name}` → [`PluginShow`];
 //! - `POST /v1/plugins/{name}/activate`, an [`ActivateBody`] → [`Activated`];
 //! - `POST /v1/plugins/{name}/rollback` (no body) → [`Activated`];
-//! - `DELETE /v1/plugins/{name}[?purge=true]` → 204, no body.
+//! - `DELETE /v1/plugins/{name}[?purge=true]` → 204, no body;
+//! - `POST /v1/plugins?shadow=true` uploads a shadow candidate; `GET
+//!   /v1/plugins/{name}/shadow` → its [`ShadowReport`]; `DELETE .../shadow` stops it;
+//!   `POST .../promote` → [`Activated`] (the candidate becomes active).
 //!
 //! The answers' fields are declared in name order: the order these bodies have always had.
 
 use super::*;
 
+pub use spate_dispatch::shadow::ShadowReport;
 pub use spate_engine::UploadOutcome;
 
 /// One stored version of a plugin, as the API shows it.
@@ -51,6 +55,9 @@ pub struct PluginSummary {
     pub active: Option<String>,
     /// The plugin.
     pub name: String,
+    /// The shadow candidate running beside the active version, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
     /// Its stored versions, in upload order.
     pub versions: Vec<VersionView>,
 }
@@ -74,6 +81,9 @@ pub struct PluginShow {
     pub manifest: Value,
     /// The plugin.
     pub name: String,
+    /// The shadow candidate running beside the active version, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
     /// Its stored versions, in upload order.
     pub versions: Vec<VersionView>,
 }
@@ -100,6 +110,9 @@ pub struct Activated {
 pub(super) struct UploadQuery {
     #[serde(default = "default_true")]
     activate: bool,
+    /// Run the new version beside the active one as a shadow candidate (not activated).
+    #[serde(default)]
+    shadow: bool,
 }
 
 pub(super) fn default_true() -> bool {
@@ -164,11 +177,16 @@ pub(super) async fn upload_plugin(
     };
     let manifest = manifest.ok_or_else(|| missing("manifest"))?;
     let component = component.ok_or_else(|| missing("component"))?;
-    let outcome = state
-        .runtime
-        .registry
-        .upload(&manifest, component, query.activate)
+    let registry = &state.runtime.registry;
+    let mut outcome = registry
+        .upload(&manifest, component, query.activate && !query.shadow)
         .await?;
+    if query.shadow {
+        registry
+            .set_shadow(&outcome.name, Some(&outcome.version))
+            .await?;
+        outcome.shadow = true;
+    }
     tracing::info!(plugin = %outcome.name, version = %outcome.version, active = outcome.active, unchanged = outcome.unchanged, "plugin uploaded");
     let status = if outcome.unchanged {
         StatusCode::OK
@@ -188,6 +206,7 @@ pub(super) async fn list_plugins(State(state): State<ApiState>) -> Json<PluginLi
         .map(|(name, record)| PluginSummary {
             active: record.active,
             name,
+            shadow: record.shadow,
             versions: VersionView::all(&record.versions),
         })
         .collect();
@@ -224,6 +243,7 @@ pub(super) async fn show_plugin(
         active: record.active,
         manifest,
         name,
+        shadow: record.shadow,
     }))
 }
 
@@ -250,6 +270,71 @@ pub(super) async fn rollback_plugin(
     let Path(name) = name.map_err(path_error)?;
     let version = state.runtime.registry.rollback(&name).await?;
     tracing::info!(plugin = %name, %version, "plugin rolled back");
+    Ok(Json(Activated {
+        active: version,
+        name,
+    }))
+}
+
+/// `GET /v1/plugins/{name}/shadow`: how the shadow candidate compares with the active
+/// version on the events this runtime handled since it started.
+pub(super) async fn shadow_report(
+    State(state): State<ApiState>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<ShadowReport>> {
+    let Path(name) = name.map_err(path_error)?;
+    no_shadow(&state, &name).await?;
+    // Set in the registry, but its pipelines have not picked it up yet (or the plugin has
+    // no active version): an empty report.
+    let record = state.runtime.registry.show(&name).await;
+    let candidate = record.and_then(|r| r.shadow).unwrap_or_default();
+    Ok(Json(state.runtime.shadow_report(&name).unwrap_or(
+        ShadowReport {
+            plugin: name,
+            candidate,
+            cpu_share: state.runtime.config.dispatch.shadow_cpu_share,
+            ..ShadowReport::default()
+        },
+    )))
+}
+
+/// 404 unless `name` exists and has a shadow candidate.
+async fn no_shadow(state: &ApiState, name: &str) -> ApiResult<String> {
+    match state.runtime.registry.show(name).await {
+        None => Err(ApiError::NotFound {
+            code: "not_found",
+            message: format!("no plugin named `{name}`; `GET /v1/plugins` (`spate plugin ls`) lists them"),
+        }),
+        Some(r) => r.shadow.ok_or_else(|| ApiError::NotFound {
+            code: "no_shadow",
+            message: format!(
+                "plugin `{name}` has no shadow candidate; upload one with `POST /v1/plugins?shadow=true` (`spate plugin deploy --shadow`)"
+            ),
+        }),
+    }
+}
+
+/// `DELETE /v1/plugins/{name}/shadow`: stop the shadow candidate (it stays stored).
+pub(super) async fn stop_shadow(
+    State(state): State<ApiState>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path(name) = name.map_err(path_error)?;
+    no_shadow(&state, &name).await?;
+    state.runtime.registry.set_shadow(&name, None).await?;
+    tracing::info!(plugin = %name, "shadow candidate stopped");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/plugins/{name}/promote`: make the shadow candidate the active version.
+pub(super) async fn promote_plugin(
+    State(state): State<ApiState>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Activated>> {
+    let Path(name) = name.map_err(path_error)?;
+    let version = no_shadow(&state, &name).await?;
+    state.runtime.registry.activate(&name, &version).await?;
+    tracing::info!(plugin = %name, %version, "shadow candidate promoted");
     Ok(Json(Activated {
         active: version,
         name,

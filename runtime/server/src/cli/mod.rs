@@ -184,6 +184,25 @@ pub enum PluginCommand {
         #[arg(long)]
         purge: bool,
     },
+    /// How the shadow candidate (`deploy --shadow`) compares with the active version:
+    /// events compared, identical, differing (the first ones with their diffs), traps.
+    #[command(after_help = plugin::SHADOW_HELP)]
+    Shadow {
+        /// Plugin name.
+        name: String,
+        /// Print the whole report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Stop the shadow candidate (it stays stored).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Make the shadow candidate the active version.
+    #[command(after_help = "Example:\n  spate plugin promote order-totals")]
+    Promote {
+        /// Plugin name.
+        name: String,
+    },
 }
 
 /// `spate events ...`

@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use clap::Args;
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
-use spate::api::plugins::{ActivateBody, Activated, PluginList, PluginShow, UploadOutcome};
+use spate::api::plugins::{
+    ActivateBody, Activated, PluginList, PluginShow, ShadowReport, UploadOutcome,
+};
 use std::path::{Path, PathBuf};
 
 /// Help text after `spate plugin deploy --help`.
@@ -25,7 +27,22 @@ Examples:
   cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
   spate plugin deploy plugins/order-totals
   spate plugin deploy plugins/order-totals/spate.toml --component order_totals.wasm
-  spate plugin deploy --manifest spate.toml --component plugin.wasm --no-activate";
+  spate plugin deploy --manifest spate.toml --component plugin.wasm --no-activate
+  spate plugin deploy plugins/order-totals --shadow     # compare before it takes over";
+
+/// Help text after `spate plugin shadow --help`.
+pub const SHADOW_HELP: &str = "\
+A shadow candidate (`spate plugin deploy --shadow`) runs on the events the active version
+handles, at the same positions, with nothing applied, emitted or committed; it is served
+the values the active call read, so a difference is the code's. It takes at most
+dispatch.shadow-cpu-share of one core (events over it are skipped, never delayed). The
+report is this runtime's since the candidate started; `spate plugin promote` makes the
+candidate active, `--stop` ends the comparison.
+
+Examples:
+  spate plugin shadow order-totals
+  spate plugin shadow order-totals --json | jq '.divergences[0].diff'
+  spate plugin shadow order-totals --stop";
 
 /// Options of `spate plugin deploy`.
 #[derive(Debug, Args)]
@@ -42,6 +59,10 @@ pub struct DeployArgs {
     /// Store the version without making it active (activate later with `spate plugin activate`).
     #[arg(long)]
     pub no_activate: bool,
+    /// Run the version beside the active one as a shadow candidate: compared event by
+    /// event, never applied (`spate plugin shadow`, `spate plugin promote`).
+    #[arg(long, conflicts_with = "no_activate")]
+    pub shadow: bool,
 }
 
 /// Run a `spate plugin` command.
@@ -74,6 +95,32 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
                 .typed(client.request(Method::POST, &format!("/v1/plugins/{name}/rollback")))
                 .await?;
             println!("{name}: rolled back; version {active} is now active");
+            Ok(())
+        }
+        PluginCommand::Shadow { name, json, stop } => {
+            let path = format!("/v1/plugins/{name}/shadow");
+            if stop {
+                client
+                    .no_content(client.request(Method::DELETE, &path))
+                    .await?;
+                println!("{name}: shadow candidate stopped (still stored)");
+                return Ok(());
+            }
+            let report: ShadowReport = client.typed(client.request(Method::GET, &path)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for line in shadow_lines(&report) {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        PluginCommand::Promote { name } => {
+            let Activated { active, .. } = client
+                .typed(client.request(Method::POST, &format!("/v1/plugins/{name}/promote")))
+                .await?;
+            println!("{name}: shadow candidate {active} promoted; it is now active");
             Ok(())
         }
         PluginCommand::New(_) | PluginCommand::Build(_) => {
@@ -132,12 +179,17 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
                 .file_name("plugin.wasm")
                 .mime_str("application/wasm")?,
         );
-    let activate = if args.no_activate { "false" } else { "true" };
+    let activate = if args.no_activate || args.shadow {
+        "false"
+    } else {
+        "true"
+    };
+    let shadow = if args.shadow { "true" } else { "false" };
     let outcome: UploadOutcome = client
         .typed(
             client
                 .request(Method::POST, "/v1/plugins")
-                .query(&[("activate", activate)])
+                .query(&[("activate", activate), ("shadow", shadow)])
                 .multipart(form),
         )
         .await?;
@@ -148,6 +200,7 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
         active,
         unchanged,
         compile_ms,
+        shadow,
     } = outcome;
     let short = hash.get(..12).unwrap_or(&hash);
     let what = if unchanged {
@@ -159,11 +212,75 @@ async fn deploy(client: &ApiClient, args: DeployArgs) -> anyhow::Result<()> {
     };
     let state = if active {
         "active".to_string()
+    } else if shadow {
+        format!(
+            "running as shadow beside the active version (`spate plugin shadow {name}`; promote with `spate plugin promote {name}`)"
+        )
     } else {
         format!("not active (activate with `spate plugin activate {name} {version}`)")
     };
     println!("{name}@{version} sha256:{short} {what}; {state}");
     Ok(())
+}
+
+/// A shadow report as text: the counts, then each kept divergence.
+pub fn shadow_lines(r: &ShadowReport) -> Vec<String> {
+    let pct = |n: u64| {
+        if r.compared == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / r.compared as f64
+        }
+    };
+    let mut out = vec![format!(
+        "{} shadow {}: {} events compared, {} identical ({:.1}%), {} differing ({:.1}%), {} traps; {} skipped (budget {} of a core)",
+        r.plugin,
+        r.candidate,
+        r.compared,
+        r.identical,
+        pct(r.identical),
+        r.differing,
+        pct(r.differing),
+        r.traps,
+        r.skipped,
+        r.cpu_share
+    )];
+    for d in &r.divergences {
+        let a = &d.active;
+        let verdicts: Vec<String> = d
+            .diff
+            .verdicts
+            .iter()
+            .filter_map(|v| {
+                serde_json::to_value(v)
+                    .ok()?
+                    .as_str()
+                    .map(|s| s.replace('-', " "))
+            })
+            .collect();
+        out.push(format!(
+            "{}/{}/{}  active {} ({}), candidate {}: {}",
+            a.topic,
+            a.partition,
+            a.offset,
+            a.outcome.class(),
+            a.version,
+            d.candidate.outcome.class(),
+            verdicts.join(", ")
+        ));
+        for x in &d.diff.differences {
+            let at = x
+                .key
+                .as_deref()
+                .map(|k| format!(" {k}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "  {}{at}: active {} -> candidate {}",
+                x.what, x.recorded, x.replayed
+            ));
+        }
+    }
+    out
 }
 
 /// The newest `.wasm` found where a build of the manifest's plugin would put it.
@@ -228,7 +345,12 @@ async fn list(client: &ApiClient) -> anyhow::Result<()> {
                 .map(|v| v.version.as_str())
                 .collect::<Vec<_>>()
                 .join(", ");
-            [p.name, p.active.unwrap_or_else(|| "-".into()), versions]
+            let active = p.active.unwrap_or_else(|| "-".into());
+            let active = match p.shadow {
+                Some(s) => format!("{active} (shadow {s})"),
+                None => active,
+            };
+            [p.name, active, versions]
         })
         .collect();
     let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(4);

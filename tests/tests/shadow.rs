@@ -1,0 +1,159 @@
+//! Shadow versions on the embedded log, through the real HTTP router: a candidate runs on
+//! the active version's events in capture mode (its state namespace stays empty, it emits
+//! nothing) and its report counts what it compared; a candidate that differs is reported
+//! event by event; promoting makes it active.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use axum::http::StatusCode;
+use serde_json::json;
+use spate::api::plugins::ShadowReport;
+use spate_core::NewEvent;
+use spate_core::host::record::{Outcome, Verdict};
+use spate_core::types::headers;
+use std::time::{Duration, Instant};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn report(app: &axum::Router, plugin: &str) -> ShadowReport {
+    let (status, body) = api(app, "GET", &format!("/v1/plugins/{plugin}/shadow"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+/// Waits until the candidate has compared or skipped `n` events.
+async fn settled(app: &axum::Router, plugin: &str, n: u64) -> ShadowReport {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = report(app, plugin).await;
+        if r.compared + r.skipped >= n {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} seen: {r:?}",
+            r.compared + r.skipped
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn send(h: &Harness, range: std::ops::Range<u64>) {
+    let events: Vec<NewEvent> = range
+        .map(|i| {
+            // Every event emits; nine in ten write state too.
+            let payload = if i % 10 == 0 {
+                json!({"op": "emit", "n": i})
+            } else {
+                json!({"op": "put-many", "count": 1, "bytes": 3, "prefix": format!("p{i}")})
+            };
+            NewEvent {
+                key: Some(format!("k{}", i % 50).into_bytes()),
+                payload: serde_json::to_vec(&payload).unwrap(),
+                headers: Vec::new(),
+            }
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        h.bus().append("in", chunk.to_vec()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
+    let h = Harness::start().await;
+    let app = spate::api::router(spate::api::ApiState::new(
+        h.rt.clone(),
+        TOKEN,
+        spate::telemetry::metrics(),
+    ));
+    h.deploy(&chaos_manifest("sh", "1.0.0", "in", ""), chaos_wasm())
+        .await;
+    let (status, body) = api(&app, "GET", "/v1/plugins/sh/shadow", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.to_string().contains("--shadow"), "{body}");
+
+    // The same code writing to a namespace of its own: any write that leaked would land
+    // there, any emit that leaked would double `out`.
+    let same = chaos_manifest("sh", "1.1.0", "in", "state-namespace = \"sh-shadow\"\n");
+    h.rt.registry
+        .upload(&same, chaos_wasm(), false)
+        .await
+        .unwrap();
+    h.rt.registry.set_shadow("sh", Some("1.1.0")).await.unwrap();
+    let r = report(&app, "sh").await;
+    assert_eq!(r.candidate, "1.1.0");
+    send(&h, 0..10_000).await;
+    let out = h.wait_events("out", 10_000, WAIT).await;
+    let r = settled(&app, "sh", 10_000).await;
+    assert_eq!(r.compared + r.skipped, 10_000, "{r:?}");
+    assert!(r.compared > 0, "{r:?}");
+    assert_eq!(
+        (r.identical, r.differing, r.traps),
+        (r.compared, 0, 0),
+        "{r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.events("out").await.len(),
+        10_000,
+        "the candidate emitted nothing"
+    );
+    assert!(
+        out.iter()
+            .all(|e| header(e, headers::PLUGIN_VERSION) == Some("1.0.0")),
+        "only the active version emitted"
+    );
+    let leaked = h.rt.backends.state.scan("sh-shadow", "", 10).await.unwrap();
+    assert!(leaked.is_empty(), "the candidate wrote state: {leaked:?}");
+    assert_eq!(
+        h.rt.backends
+            .state
+            .scan("sh", "", 100_000)
+            .await
+            .unwrap()
+            .len(),
+        9_000
+    );
+
+    // A candidate that may not emit: every event it sees differs, as a trap.
+    let mute = chaos_manifest("sh", "2.0.0", "in", "[limits]\nmax-emits = 0\n");
+    let (status, body) = upload_chaos_query(&app, &mute, "shadow=true").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["shadow"], true, "{body}");
+    let r = report(&app, "sh").await;
+    assert_eq!(
+        (r.candidate.as_str(), r.compared),
+        ("2.0.0", 0),
+        "a new report: {r:?}"
+    );
+    send(&h, 10_000..11_000).await;
+    h.wait_events("out", 1_100, WAIT).await;
+    let r = settled(&app, "sh", 1_000).await;
+    assert!(r.compared > 0, "{r:?}");
+    assert_eq!(r.identical + r.differing, r.compared, "{r:?}");
+    assert_eq!(r.traps, r.differing, "{r:?}");
+    for d in &r.divergences {
+        assert_eq!(
+            d.active.emits.len(),
+            1,
+            "only emitting events differ: {d:?}"
+        );
+        assert!(
+            matches!(&d.candidate.outcome, Outcome::Failed { kind, .. } if kind == "limit"),
+            "{d:?}"
+        );
+        assert!(d.diff.verdicts.contains(&Verdict::OutcomeDiffers), "{d:?}");
+    }
+
+    // Promote: the candidate becomes active and is no shadow any more.
+    let (status, body) = api(&app, "POST", "/v1/plugins/sh/promote", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], "2.0.0");
+    let (status, _) = api(&app, "GET", "/v1/plugins/sh/shadow", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = api(&app, "POST", "/v1/plugins/sh/promote", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
