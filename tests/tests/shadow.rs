@@ -157,3 +157,84 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
     let (status, _) = api(&app, "POST", "/v1/plugins/sh/promote", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// Promote while events flow: each partition is cut at an offset, every event below it is
+/// handled by the old version and every one at or above it by the promoted one, each
+/// exactly once; the cuts are in the plugin's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_splits_each_partition_at_a_recorded_offset_cut() {
+    let h = Harness::start().await;
+    let app = spate::api::router(spate::api::ApiState::new(
+        h.rt.clone(),
+        TOKEN,
+        spate::telemetry::metrics(),
+    ));
+    h.deploy(&chaos_manifest("cut", "1.0.0", "in", ""), chaos_wasm())
+        .await;
+    let (status, body) = upload_chaos_query(
+        &app,
+        &chaos_manifest("cut", "2.0.0", "in", ""),
+        "shadow=true",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bus = h.bus().clone();
+    let producer = tokio::spawn(async move {
+        for batch in 0..40u64 {
+            let events: Vec<NewEvent> = (0..100)
+                .map(|i| NewEvent {
+                    key: Some(format!("k{}", i % 37).into_bytes()),
+                    payload: serde_json::to_vec(&json!({"op": "emit", "n": batch * 100 + i}))
+                        .unwrap(),
+                    headers: Vec::new(),
+                })
+                .collect();
+            bus.append("in", events).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    // Promote mid-stream.
+    h.wait_events("out", 1_000, WAIT).await;
+    let (status, body) = api(&app, "POST", "/v1/plugins/cut/promote", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["active"].as_str(), body["from"].as_str()),
+        (Some("2.0.0"), Some("1.0.0"))
+    );
+    producer.await.unwrap();
+    let out = h.wait_events("out", 4_000, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out_all = h.events("out").await;
+    assert_eq!(
+        out_all.len(),
+        4_000,
+        "every event emitted once: {}",
+        out.len()
+    );
+
+    let (status, show) = api(&app, "GET", "/v1/plugins/cut", None).await;
+    assert_eq!(status, StatusCode::OK, "{show}");
+    let cuts = &show["promotions"][0]["cuts"];
+    assert_eq!(show["promotions"][0]["from"], "1.0.0", "{show}");
+    let mut seen = std::collections::HashSet::new();
+    let (mut old, mut new) = (0, 0);
+    for e in &out_all {
+        let source = header(e, headers::SOURCE).unwrap();
+        assert!(seen.insert(source.to_owned()), "{source} handled twice");
+        let (tp, offset) = source.rsplit_once('/').unwrap();
+        let offset: u64 = offset.parse().unwrap();
+        let cut = cuts[tp]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cut for {tp}: {show}"));
+        let version = header(e, headers::PLUGIN_VERSION).unwrap();
+        let want = if offset < cut { "1.0.0" } else { "2.0.0" };
+        assert_eq!(version, want, "{source} (cut {cut})");
+        if offset < cut {
+            old += 1;
+        } else {
+            new += 1;
+        }
+    }
+    assert!(old >= 1_000 && new > 0, "old {old}, new {new}");
+    eprintln!("cuts {cuts}: {old} events on 1.0.0, {new} on 2.0.0");
+}

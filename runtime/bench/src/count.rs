@@ -267,6 +267,10 @@ async fn run(args: &Args) -> Result<CountReport> {
     eos_m.exactly_once = true;
     let mut park_m = fresh_m.clone();
     park_m.on_failure = spate_core::manifest::OnFailure::ParkKey;
+    let mut record_m = fresh_m.clone();
+    record_m.record.enabled = true;
+    let mut candidate_m = fresh_m.clone();
+    candidate_m.version.minor += 1;
     let mut native_m = fresh_m.clone();
     native_m.name = "native-count".into();
     let changes = setup.changes(
@@ -275,6 +279,8 @@ async fn run(args: &Args) -> Result<CountReport> {
             "wasm-warm = plugins/count/spate.toml with [execution] mode = \"warm\"",
             "wasm-fresh-eos = plugins/count/spate.toml with exactly-once = true (Kafka transactions)",
             "wasm-fresh-park = plugins/count/spate.toml with on-failure = \"park-key\" (no event fails: the cost of the parked-key check)",
+            "wasm-fresh-record = plugins/count/spate.toml with [record] enabled = true (embedded log only)",
+            "wasm-fresh-shadow = wasm-fresh with the same component as a shadow candidate (next minor version; embedded log only)",
             "native = plugins/count/spate.toml with name = \"native-count\" (its own group, state namespace and DLQ)",
         ],
     );
@@ -282,6 +288,8 @@ async fn run(args: &Args) -> Result<CountReport> {
     let warm = setup.version(warm_m)?;
     let eos = setup.version(eos_m)?;
     let park = setup.version(park_m)?;
+    let record = setup.version(record_m)?;
+    let candidate = setup.version(candidate_m)?;
     let native: Arc<dyn PluginVersion> = Arc::new(NativeCount::new(
         kafka::native_info(native_m),
         output_topic.clone(),
@@ -363,18 +371,21 @@ async fn run(args: &Args) -> Result<CountReport> {
     }
 
     let embedded: Vec<harness::Subject> = [
-        ("wasm-fresh", fresh),
-        ("wasm-fresh-park", park),
-        ("native", native),
+        ("wasm-fresh", Arc::clone(&fresh), None),
+        ("wasm-fresh-park", park, None),
+        ("wasm-fresh-record", record, None),
+        ("wasm-fresh-shadow", fresh, Some(candidate)),
+        ("native", native, None),
     ]
     .into_iter()
-    .map(|(label, version)| harness::Subject {
+    .map(|(label, version, shadow)| harness::Subject {
         label: format!("{EMBEDDED}{label}"),
         version,
         input_topic: input_topic.clone(),
         output_topic: output_topic.clone(),
         workload: backlog.clone(),
         job,
+        shadow,
     })
     .filter(|s| run.selects(&s.label))
     .collect();

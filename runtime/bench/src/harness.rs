@@ -60,6 +60,8 @@ pub struct Subject {
     pub workload: Workload,
     /// Which inputs make an output.
     pub job: Job,
+    /// A shadow candidate running beside `version`, if any.
+    pub shadow: Option<Arc<dyn PluginVersion>>,
 }
 
 /// Dispatcher settings shared by every run.
@@ -195,6 +197,9 @@ impl Env {
         let group = cx.settings.group(&manifest.name);
         let mut supervisor = Supervisor::new(cx, Arc::default());
         supervisor.deploy(Arc::clone(&subject.version)).await;
+        if let Some(candidate) = &subject.shadow {
+            supervisor.set_shadow(&manifest.name, Some(Arc::clone(candidate)));
+        }
         Ok(Self {
             log,
             supervisor,

@@ -482,6 +482,7 @@ async fn run(args: &Args) -> Result<Report> {
             output_topic: "out".into(),
             workload: keyed.clone(),
             job: Job::OnePerInput,
+            shadow: None,
         },
         Subject {
             label: "trivial wasm, warm".into(),
@@ -490,6 +491,7 @@ async fn run(args: &Args) -> Result<Report> {
             output_topic: "out".into(),
             workload: keyed.clone(),
             job: Job::OnePerInput,
+            shadow: None,
         },
         Subject {
             label: "order-totals wasm, fresh".into(),
@@ -500,6 +502,7 @@ async fn run(args: &Args) -> Result<Report> {
                 customers: args.customers,
             },
             job: Job::OnePerInput,
+            shadow: None,
         },
         Subject {
             label: "native trivial".into(),
@@ -508,6 +511,7 @@ async fn run(args: &Args) -> Result<Report> {
             output_topic: "out".into(),
             workload: keyed,
             job: Job::OnePerInput,
+            shadow: None,
         },
     ];
 

@@ -190,6 +190,7 @@ impl DispatchContext {
             ckpt,
             permits: Arc::new(Semaphore::new(manifest.limits.concurrency as usize)),
             idle: Arc::clone(&self.idle),
+            store: Arc::clone(&state),
         };
         manifest
             .subscriptions

@@ -18,6 +18,7 @@ mod context;
 mod idle;
 mod parking;
 mod pipeline;
+pub mod promotion;
 pub mod shadow;
 pub mod supervisor;
 pub mod watermark;
@@ -85,6 +86,8 @@ pub struct ActiveVersion {
     slot: ArcSwapOption<Arc<dyn PluginVersion>>,
     /// A candidate running beside it, if any.
     shadow: Arc<shadow::Shadow>,
+    /// The promotion that made it active, if it was promoted at an offset cut.
+    promotion: ArcSwapOption<promotion::Promotion>,
 }
 
 impl ActiveVersion {
@@ -98,7 +101,25 @@ impl ActiveVersion {
         Arc::new(Self {
             slot: ArcSwapOption::from_pointee(version),
             shadow: Arc::new(shadow::Shadow::new(share)),
+            promotion: ArcSwapOption::empty(),
         })
+    }
+
+    /// Make `version` active at an offset cut: events below each partition's cut (taken
+    /// by its pipeline) stay on the version active until now, `old`.
+    pub fn promote(&self, id: u64, old: Arc<dyn PluginVersion>, version: Arc<dyn PluginVersion>) {
+        if self.promotion.load().as_ref().is_some_and(|p| p.id == id) {
+            return;
+        }
+        // The promotion first: an event that loads the new version finds its cut rule.
+        self.promotion
+            .store(Some(Arc::new(promotion::Promotion { id, old })));
+        self.slot.store(Some(Arc::new(version)));
+    }
+
+    /// The promotion in effect, if any.
+    pub fn promotion(&self) -> Option<Arc<promotion::Promotion>> {
+        self.promotion.load_full()
     }
 
     /// The plugin's shadow candidate and its report.
@@ -120,8 +141,10 @@ impl ActiveVersion {
             .is_none_or(|v| v.info().manifest.filter.matches(event))
     }
 
-    /// Make `version` the active one.
+    /// Make `version` the active one (a hot swap: no cut, events already started finish
+    /// on the version they loaded).
     pub fn store(&self, version: Arc<dyn PluginVersion>) {
+        self.promotion.store(None);
         self.slot.store(Some(Arc::new(version)));
     }
 

@@ -6,6 +6,7 @@ use super::parking;
 use super::{
     ActiveVersion, CallOutcome, DeadLetterKind, Instance, PipelineHealth, PluginVersion, TrapKind,
 };
+use crate::promotion;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use spate_core::host::record::{self, EffectRecord, Outcome};
@@ -14,8 +15,8 @@ use spate_core::manifest::{ExecutionMode, OnFailure, Ordering};
 use spate_core::state::parked;
 use spate_core::types::{Event, TopicPartition};
 use spate_core::{
-    ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, StateWrite,
-    Subscription,
+    ApplyOutcome, BackendError, EventBus, EventSource, SourceMessage, StartPosition, StateStore,
+    StateWrite, Subscription,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long calls already running may take after the drain timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -127,9 +128,70 @@ pub(super) struct WorkerCtx {
     /// restart.
     pub(super) stop: CancellationToken,
     pub(super) max_infra_backoff: Duration,
+    /// The plugin's state store itself (not the checkpoint's view): promotion cuts are
+    /// durable before they take effect.
+    store: Arc<dyn StateStore>,
+    /// The cuts of the promotion in effect taken for this pipeline's partitions: its id
+    /// and the first offset of each partition the promoted version handles.
+    cuts: parking_lot::Mutex<(u64, HashMap<u32, u64>)>,
 }
 
 impl WorkerCtx {
+    /// The version `event` is handled by: the active one, unless a promotion is in effect
+    /// and the event is below its partition's cut (or the cut is not taken yet: it was
+    /// read before the promotion), which stays on the version promoted over.
+    fn version_for(&self, event: &Event) -> Option<Arc<dyn PluginVersion>> {
+        let active = self.active.load()?;
+        let Some(promotion) = self.active.promotion() else {
+            return Some(active);
+        };
+        let cuts = self.cuts.lock();
+        let cut = (cuts.0 == promotion.id)
+            .then(|| cuts.1.get(&event.partition).copied())
+            .flatten();
+        match cut {
+            Some(cut) if event.offset >= cut => Some(active),
+            _ => Some(Arc::clone(&promotion.old)),
+        }
+    }
+
+    /// Take (or load) the cut of `partition` for the promotion in effect, durably, with
+    /// `next` as the proposal; retried until the store answers or the pipeline stops.
+    async fn take_cut(&self, topic: &str, partition: u32, next: u64) {
+        let Some(promotion) = self.active.promotion() else {
+            return;
+        };
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match promotion::cut(
+                &*self.store,
+                &self.plugin,
+                promotion.id,
+                (topic, partition),
+                next,
+            )
+            .await
+            {
+                Ok(cut) => {
+                    let mut cuts = self.cuts.lock();
+                    if cuts.0 != promotion.id {
+                        *cuts = (promotion.id, HashMap::new());
+                    }
+                    cuts.1.insert(partition, cut);
+                    info!(plugin = %self.plugin, topic, partition, cut, promotion = promotion.id, "promotion cut taken");
+                    return;
+                }
+                Err(e) => {
+                    warn!(plugin = %self.plugin, topic, partition, error = %e, "cannot record the promotion cut; events stay on the previous version until it is");
+                    if !sleep_or_shutdown(self, delay).await {
+                        return;
+                    }
+                    delay = (delay * 2).min(self.max_infra_backoff);
+                }
+            }
+        }
+    }
+
     fn attempts(&self) -> parking_lot::MutexGuard<'_, HashMap<(u32, u64), u32>> {
         self.attempts.lock()
     }
@@ -418,6 +480,8 @@ pub(crate) struct PluginShared {
     pub(crate) permits: Arc<Semaphore>,
     /// Idle warm instances of every pipeline of the runtime.
     pub(crate) idle: Arc<IdleInstances>,
+    /// The plugin's state store, without the checkpoint's view.
+    pub(crate) store: Arc<dyn StateStore>,
 }
 
 impl Pipeline {
@@ -445,6 +509,8 @@ impl Pipeline {
             abandon: CancellationToken::new(),
             stop: stop.clone(),
             max_infra_backoff: config.max_infra_backoff,
+            store: Arc::clone(&shared.store),
+            cuts: parking_lot::Mutex::default(),
         });
         Self {
             config,
@@ -491,6 +557,7 @@ impl Pipeline {
             last_lag: None,
             requests: HashSet::new(),
             last_requests: Instant::now(),
+            read_next: HashMap::new(),
         };
         let mut ticker = tokio::time::interval(cfg.commit_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -532,13 +599,17 @@ impl Pipeline {
                             // committed, so the next tick commits the checkpoint's.
                             self.assign(&tp, start).await;
                             st.committed.insert(tp.partition, start);
+                            st.read_next.insert(tp.partition, start);
                         }
                     }
                     Ok(SourceMessage::Revoked(parts)) => {
                         self.revoke(&mut *sub, &mut st, parts).await;
                     }
                     Ok(SourceMessage::Events(events)) => {
+                        self.follow_promotion(&mut st).await;
                         for event in events {
+                            let next = st.read_next.entry(event.partition).or_default();
+                            *next = (*next).max(event.offset + 1);
                             // A re-delivery, a revoked partition, or an event a checkpoint
                             // recorded as done before a restart: not handled again.
                             if self.ctx.ckpt.track(&cfg.topic, event.partition, event.offset) != Track::New {
@@ -574,6 +645,7 @@ impl Pipeline {
                     }
                 },
                 _ = ticker.tick() => {
+                    self.follow_promotion(&mut st).await;
                     self.health.beat();
                     self.health.set_joined(sub.joined());
                     self.ctx.idle.expire();
@@ -666,6 +738,8 @@ impl Pipeline {
         self.checkpoint_now().await;
         let mut offsets = Vec::new();
         for p in &revoked {
+            // Its next owner takes (or loads) its cut.
+            st.read_next.remove(p);
             let committed = st.committed.remove(p).unwrap_or(0);
             if let Some(next) = self.ctx.ckpt.durable(&cfg.topic, *p)
                 && next > committed
@@ -822,6 +896,27 @@ impl Pipeline {
     /// Where `tp` resumes: the later of the source's committed position and the last
     /// checkpoint's (whose done offsets above it are skipped). A store that cannot be read
     /// is asked again: resuming without it could apply an event's state twice.
+    /// A promotion that this pipeline has not cut yet: each assigned partition is cut at
+    /// the next offset it had not read, so what was read stays on the previous version.
+    async fn follow_promotion(&self, st: &mut RunState) {
+        let Some(promotion) = self.ctx.active.promotion() else {
+            return;
+        };
+        if self.ctx.cuts.lock().0 == promotion.id {
+            return;
+        }
+        let mut partitions: Vec<(u32, u64)> = st.read_next.iter().map(|(p, n)| (*p, *n)).collect();
+        partitions.sort_unstable();
+        {
+            // Cuts taken from here on belong to this promotion, even with no partition.
+            let mut cuts = self.ctx.cuts.lock();
+            *cuts = (promotion.id, HashMap::new());
+        }
+        for (partition, next) in partitions {
+            self.ctx.take_cut(&self.config.topic, partition, next).await;
+        }
+    }
+
     async fn assign(&self, tp: &TopicPartition, start: u64) {
         let mut delay = Duration::from_millis(50);
         loop {
@@ -834,6 +929,9 @@ impl Pipeline {
                 }
             }
         }
+        // A promotion in effect splits the partition at its cut (taken by an earlier
+        // owner, or here at the start: everything read from now on is new).
+        self.ctx.take_cut(&tp.topic, tp.partition, start).await;
         // Events of the partition an earlier run was retrying go on from the attempts it
         // made (a restart, or a rebalance onto this runtime, does not start them over).
         let Some(version) = self.ctx.active.load() else {
@@ -973,6 +1071,8 @@ struct RunState {
     requests: HashSet<String>,
     /// When the requests were last looked for.
     last_requests: Instant,
+    /// The next offset to read of each assigned partition (a promotion's cut).
+    read_next: HashMap<u32, u64>,
 }
 
 fn lane_key(ordering: Ordering, event: &Event) -> LaneKey {
@@ -1022,7 +1122,7 @@ async fn handle_event(
     event: Event,
     warm: Option<WarmInstance>,
 ) -> (Finish, Option<WarmInstance>) {
-    let Some(version) = ctx.active.load() else {
+    let Some(version) = ctx.version_for(&event) else {
         return (Finish::Abandoned, None);
     };
     let info = Arc::clone(version.info());

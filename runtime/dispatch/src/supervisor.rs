@@ -145,6 +145,18 @@ impl Supervisor {
     /// Bring the pipelines of `name` in line with `version`, its active version (`None`:
     /// the plugin was removed).
     pub async fn sync(&mut self, name: &str, version: Option<Arc<dyn PluginVersion>>) {
+        self.sync_promoted(name, version, None).await;
+    }
+
+    /// [`Supervisor::sync`] for an active version that was promoted over `old` by
+    /// promotion `id` (`promotion`): each partition is split at an offset cut
+    /// ([`crate::promotion`]) instead of hot-swapped.
+    pub async fn sync_promoted(
+        &mut self,
+        name: &str,
+        version: Option<Arc<dyn PluginVersion>>,
+        promotion: Option<(u64, Arc<dyn PluginVersion>)>,
+    ) {
         let Some(version) = version else {
             if let Some(run) = self.runs.remove(name) {
                 run.active.clear();
@@ -159,10 +171,18 @@ impl Supervisor {
         if let Some(run) = self.runs.get(name)
             && run.shape == shape
         {
-            // Same subscriptions: an atomic swap. Events already started finish on the
-            // version they loaded; new events start on this one.
-            run.active.store(version);
-            info!(plugin = name, "hot-swapped active version");
+            match promotion {
+                Some((id, old)) => {
+                    run.active.promote(id, old, version);
+                    info!(plugin = name, promotion = id, "promoted at an offset cut");
+                }
+                // Same subscriptions: an atomic swap. Events already started finish on
+                // the version they loaded; new events start on this one.
+                None => {
+                    run.active.store(version);
+                    info!(plugin = name, "hot-swapped active version");
+                }
+            }
             return;
         }
         if let Some(run) = self.runs.remove(name) {
@@ -171,7 +191,7 @@ impl Supervisor {
             self.stopped(name);
         }
         self.board.forget(name);
-        let run = self.start(name, version, shape);
+        let run = self.start(name, version, shape, promotion);
         self.runs.insert(name.to_string(), run);
     }
 
@@ -200,7 +220,13 @@ impl Supervisor {
         info!("all pipelines drained");
     }
 
-    fn start(&self, name: &str, version: Arc<dyn PluginVersion>, shape: Shape) -> PluginRun {
+    fn start(
+        &self,
+        name: &str,
+        version: Arc<dyn PluginVersion>,
+        shape: Shape,
+        promotion: Option<(u64, Arc<dyn PluginVersion>)>,
+    ) -> PluginRun {
         // A topic the plugin writes to must exist before it consumes: a missing
         // dead-letter topic would otherwise stall the first poison event's lane.
         let outputs: Vec<String> = if self.cx.settings.check_output_topics {
@@ -216,7 +242,13 @@ impl Supervisor {
         } else {
             Vec::new()
         };
-        let active = ActiveVersion::with_shadow_share(version, self.cx.settings.shadow_cpu_share);
+        let active = ActiveVersion::with_shadow_share(
+            Arc::clone(&version),
+            self.cx.settings.shadow_cpu_share,
+        );
+        if let Some((id, old)) = promotion {
+            active.promote(id, old, version);
+        }
         active
             .shadow()
             .set(name, self.shadows.get(name).map(Arc::clone));

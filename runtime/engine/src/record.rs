@@ -63,6 +63,21 @@ pub struct PluginRecord {
     /// deploy --shadow`), compared with it event by event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<String>,
+    /// Shadow candidates promoted to active at an offset cut, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub promotions: Vec<Promotion>,
+}
+
+/// A shadow candidate made active at an offset cut (the cuts themselves are kept in the
+/// state store, written by the pipelines that took them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// Its id (the Unix ms it was made at, made unique per plugin).
+    pub id: u64,
+    /// The version active before.
+    pub from: String,
+    /// The version promoted.
+    pub to: String,
 }
 
 /// Hex sha256 of `bytes`.

@@ -9,7 +9,7 @@
 //! the plugin's record ([`Registry::refresh`]), load and compile its active version and
 //! swap it in the same way; a periodic re-read catches a lost notice.
 
-pub use crate::record::{PluginRecord, RegistryError, VersionRecord, content_hash};
+pub use crate::record::{PluginRecord, Promotion, RegistryError, VersionRecord, content_hash};
 use crate::sandbox::{Sandbox, WasmPlugin};
 use crate::store::{ChangeFeed, RegistryStore};
 use parking_lot::Mutex;
@@ -237,6 +237,56 @@ impl Registry {
             .send(RegistryChange::Shadowed(name.to_string()));
         self.announce(name).await;
         Ok(())
+    }
+
+    /// Make `name`'s shadow candidate active at an offset cut: recorded as a
+    /// [`Promotion`] with the activation, in one write.
+    pub async fn promote(&self, name: &str) -> Result<Promotion, RegistryError> {
+        let mut file = self.file.lock().await;
+        let record = file
+            .plugins
+            .get(name)
+            .filter(|_| !name.starts_with(TOMBSTONE_PREFIX))
+            .ok_or_else(|| RegistryError::NotFound(format!("plugin `{name}`")))?;
+        let to = record.shadow.clone().ok_or_else(|| {
+            RegistryError::NotFound(format!("a shadow candidate of plugin `{name}`"))
+        })?;
+        let from = record.active.clone().ok_or_else(|| {
+            RegistryError::Conflict(format!(
+                "plugin `{name}` has no active version to promote over; activate {to} instead"
+            ))
+        })?;
+        let last = record.promotions.last().map_or(0, |p| p.id);
+        let promotion = Promotion {
+            id: (now_ms().max(0) as u64).max(last + 1),
+            from: from.clone(),
+            to: to.clone(),
+        };
+        let kept = promotion.clone();
+        self.switch(&mut file, name, &to, move |rec| {
+            rec.history.push(from);
+            rec.promotions.push(kept);
+        })
+        .await?;
+        Ok(promotion)
+    }
+
+    /// The promotion that made `name`'s active version active, with the version it
+    /// replaced loaded, if its active version was promoted.
+    pub async fn promotion(&self, name: &str) -> Option<(u64, Arc<dyn PluginVersion>)> {
+        let record = self.show(name).await?;
+        let last = record.promotions.last()?;
+        if record.active.as_deref() != Some(last.to.as_str()) {
+            return None;
+        }
+        let v = record.versions.iter().find(|v| v.version == last.from)?;
+        match self.load_version(name, v).await {
+            Ok(p) => Some((last.id, p as Arc<dyn PluginVersion>)),
+            Err(e) => {
+                tracing::warn!(plugin = name, version = %last.from, error = %e, "cannot load the version a promotion replaced; events below its cut go to the active version");
+                None
+            }
+        }
     }
 
     /// Names of every plugin with an active version.

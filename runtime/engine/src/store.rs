@@ -333,6 +333,7 @@ mod tests {
             active: Some("1.0.0".into()),
             history: vec![],
             shadow: None,
+            promotions: vec![],
         };
         let empty = BTreeMap::new();
         store.save("a", Some(&record), &empty).await.unwrap();

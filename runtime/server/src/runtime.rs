@@ -363,7 +363,10 @@ async fn supervise(
 /// Bring `name`'s pipelines in line with the registry: its active version and its shadow
 /// candidate.
 async fn follow(supervisor: &mut Supervisor, registry: &Registry, name: &str) {
-    supervisor.sync(name, registry.active(name)).await;
+    let promotion = registry.promotion(name).await;
+    supervisor
+        .sync_promoted(name, registry.active(name), promotion)
+        .await;
     supervisor.set_shadow(name, registry.shadow(name).await);
 }
 

@@ -81,6 +81,9 @@ pub struct PluginShow {
     pub manifest: Value,
     /// The plugin.
     pub name: String,
+    /// Shadow candidates promoted to active, with their offset cuts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub promotions: Vec<PromotionView>,
     /// The shadow candidate running beside the active version, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<String>,
@@ -237,7 +240,9 @@ pub(super) async fn show_plugin(
         })
         .unwrap_or(Value::Null);
     let skip = record.history.len().saturating_sub(SHOWN_HISTORY);
+    let promotions = promotion_views(&state, &name, &record).await?;
     Ok(Json(PluginShow {
+        promotions,
         versions: VersionView::all(&record.versions),
         history: record.history[skip..].to_vec(),
         active: record.active,
@@ -326,19 +331,69 @@ pub(super) async fn stop_shadow(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/plugins/{name}/promote`: make the shadow candidate the active version.
+/// The answer of `POST /v1/plugins/{name}/promote`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promoted {
+    /// The version now active (the candidate).
+    pub active: String,
+    /// The version it replaced: events below each partition's cut stay on it.
+    pub from: String,
+    /// The plugin.
+    pub name: String,
+    /// The promotion's id; its cuts are listed by `GET /v1/plugins/{name}` once the
+    /// pipelines took them (within a commit interval).
+    pub promotion: u64,
+}
+
+/// One promotion in a plugin's history, with the cuts taken so far.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionView {
+    /// Per `topic/partition`, the first offset the promoted version handled.
+    pub cuts: BTreeMap<String, u64>,
+    /// The version replaced.
+    pub from: String,
+    /// The promotion's id (Unix ms when it was made).
+    pub id: u64,
+    /// The version promoted.
+    pub to: String,
+}
+
+/// `POST /v1/plugins/{name}/promote`: make the shadow candidate the active version at an
+/// offset cut per partition.
 pub(super) async fn promote_plugin(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
-) -> ApiResult<Json<Activated>> {
+) -> ApiResult<Json<Promoted>> {
     let Path(name) = name.map_err(path_error)?;
-    let version = no_shadow(&state, &name).await?;
-    state.runtime.registry.activate(&name, &version).await?;
-    tracing::info!(plugin = %name, %version, "shadow candidate promoted");
-    Ok(Json(Activated {
-        active: version,
+    no_shadow(&state, &name).await?;
+    let p = state.runtime.registry.promote(&name).await?;
+    tracing::info!(plugin = %name, from = %p.from, to = %p.to, promotion = p.id, "shadow candidate promoted");
+    Ok(Json(Promoted {
+        active: p.to,
+        from: p.from,
         name,
+        promotion: p.id,
     }))
+}
+
+/// The plugin's promotions, newest last, with their cuts from the state store.
+async fn promotion_views(
+    state: &ApiState,
+    name: &str,
+    record: &spate_engine::registry::PluginRecord,
+) -> ApiResult<Vec<PromotionView>> {
+    let store = state.runtime.backends.tier.for_plugin(name);
+    let mut out = Vec::new();
+    for p in &record.promotions {
+        let cuts = spate_dispatch::promotion::cuts(&*store, name, p.id).await?;
+        out.push(PromotionView {
+            cuts,
+            from: p.from.clone(),
+            id: p.id,
+            to: p.to.clone(),
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use clap::Args;
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
 use spate::api::plugins::{
-    ActivateBody, Activated, PluginList, PluginShow, ShadowReport, UploadOutcome,
+    ActivateBody, Activated, PluginList, PluginShow, Promoted, ShadowReport, UploadOutcome,
 };
 use std::path::{Path, PathBuf};
 
@@ -117,10 +117,19 @@ pub async fn run(client: &ApiClient, cmd: PluginCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PluginCommand::Promote { name } => {
-            let Activated { active, .. } = client
+            let Promoted {
+                active,
+                from,
+                promotion,
+                ..
+            } = client
                 .typed(client.request(Method::POST, &format!("/v1/plugins/{name}/promote")))
                 .await?;
-            println!("{name}: shadow candidate {active} promoted; it is now active");
+            println!(
+                "{name}: {active} promoted over {from} (promotion {promotion}); each partition is cut at \
+                 the next offset its pipeline had not read: events below it stay on {from}, the \
+                 rest go to {active} (the cuts: `spate plugin show {name}`)"
+            );
             Ok(())
         }
         PluginCommand::New(_) | PluginCommand::Build(_) => {
