@@ -345,7 +345,7 @@ max-backoff-ms = 3000
             &["file=\"log\""],
         )
         .await;
-        if handled == 500 && in_bytes <= 1_048_576.0 && compactions >= 1.0 && after < peak / 3 {
+        if handled == 500 && in_bytes <= 1_048_576.0 && compactions >= 1.0 && after < peak / 2 {
             break;
         }
         assert!(
