@@ -1197,12 +1197,11 @@ fn shadow_failed(
     (kind, reason, attempts): (DeadLetterKind, &str, u32),
     then: &str,
 ) {
-    let shadow = ctx.active.shadow();
-    if shadow.is_on() {
+    if let Some(ticket) = ctx.active.shadow().admit() {
         let label = info.manifest.version.to_string();
         let outcome = Outcome::failed(kind, reason, then);
         let mine = EffectRecord::new(event, &label, outcome, attempts, None);
-        shadow.compare(&ctx.services, event, mine);
+        ticket.compare(&ctx.services, event, mine);
     }
 }
 
@@ -1292,9 +1291,12 @@ impl Call<'_> {
                     ctx.services.clone(),
                     Arc::new(event.with_attempt(attempt)),
                 );
-                // A shadow candidate is served what this call reads.
-                let shadowed = matches!(at, At::Event(_)) && ctx.active.shadow().is_on();
-                if shadowed {
+                // A shadow candidate compared on this event is served what this call reads.
+                let ticket = match at {
+                    At::Event(_) => ctx.active.shadow().admit(),
+                    At::Partition(..) => None,
+                };
+                if ticket.is_some() {
                     invocation.keep_reads();
                 }
                 let started = Instant::now();
@@ -1343,7 +1345,7 @@ impl Call<'_> {
                             attempt,
                             Some(&effects),
                         ));
-                        if shadowed {
+                        if let Some(ticket) = ticket {
                             let label = info.manifest.version.to_string();
                             let mine = EffectRecord::new(
                                 event,
@@ -1352,7 +1354,7 @@ impl Call<'_> {
                                 attempt,
                                 Some(&effects),
                             );
-                            ctx.active.shadow().compare(&ctx.services, event, mine);
+                            ticket.compare(&ctx.services, event, mine);
                         }
                         // Kept for the record only; the checkpoint applies no reads.
                         effects.reads = Default::default();

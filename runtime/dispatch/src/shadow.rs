@@ -19,7 +19,7 @@ use spate_core::metric_names;
 use spate_core::plugin::PluginVersion;
 use spate_core::types::Event;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Divergences a report keeps with their diffs (the first ones).
@@ -78,6 +78,45 @@ pub struct Shadow {
     budget: Mutex<Budget>,
     running: AtomicBool,
     report: Mutex<ShadowReport>,
+    /// Events not compared (an atomic: the check every event of a shadowed plugin makes).
+    skipped: AtomicU64,
+    skipped_total: Mutex<Option<metrics::Counter>>,
+}
+
+/// The right to run one shadow call: the running flag is held until it is spent, or
+/// released if the active call does not end in a comparison.
+pub(crate) struct Ticket {
+    shadow: Arc<Shadow>,
+    spent: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.shadow.running.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Ticket {
+    /// Compare the candidate with what the active version did to `event` (`active`, its
+    /// record, with the reads it made), in a task of its own.
+    pub(crate) fn compare(mut self, services: &HostServices, event: &Event, active: EffectRecord) {
+        let Some(candidate) = self.shadow.candidate() else {
+            return;
+        };
+        self.spent = true;
+        let (shadow, services, event) = (Arc::clone(&self.shadow), services.clone(), event.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            // A capture of its own per event: nothing carries over between events but what
+            // the active version applied.
+            let capture = Capture::new(&services);
+            let mine = capture.run(&candidate, &event, Some(&active)).await;
+            shadow.spend(started.elapsed());
+            shadow.record(active, mine);
+        });
+    }
 }
 
 impl std::fmt::Debug for Shadow {
@@ -101,6 +140,8 @@ impl Shadow {
             }),
             running: AtomicBool::new(false),
             report: Mutex::default(),
+            skipped: AtomicU64::new(0),
+            skipped_total: Mutex::default(),
         }
     }
 
@@ -125,6 +166,10 @@ impl Shadow {
             cpu_share: self.share,
             ..ShadowReport::default()
         };
+        self.skipped.store(0, Ordering::Relaxed);
+        *self.skipped_total.lock() = Some(
+            metrics::counter!(metric_names::SHADOW_EVENTS_TOTAL, "plugin" => plugin.to_owned(), "result" => "skipped"),
+        );
         self.candidate.store(candidate.map(Arc::new));
     }
 
@@ -140,22 +185,48 @@ impl Shadow {
 
     /// The report so far, if a candidate runs.
     pub fn report(&self) -> Option<ShadowReport> {
-        self.is_on().then(|| self.report.lock().clone())
+        self.is_on().then(|| {
+            let mut r = self.report.lock().clone();
+            r.skipped = self.skipped.load(Ordering::Relaxed);
+            r
+        })
     }
 
-    /// Whether a shadow call may start now: none is running and the budget has time left.
-    fn admit(&self) -> bool {
-        {
-            let mut b = self.budget.lock();
-            let now = Instant::now();
-            let earned = now.duration_since(b.refilled).mul_f64(self.share);
-            b.available = (b.available + earned).min(MAX_SAVED);
-            b.refilled = now;
-            if b.available.is_zero() {
-                return false;
-            }
+    /// The right to run a shadow call on the event about to be handled, if a candidate
+    /// runs, none of its calls is running and the budget has time left; otherwise the
+    /// event is counted as skipped. Cheap when it says no: one or two atomics.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<Ticket> {
+        if !self.is_on() {
+            return None;
         }
-        !self.running.swap(true, Ordering::AcqRel)
+        if self.running.load(Ordering::Acquire) || !self.budget_left() {
+            self.skip();
+            return None;
+        }
+        if self.running.swap(true, Ordering::AcqRel) {
+            self.skip();
+            return None;
+        }
+        Some(Ticket {
+            shadow: Arc::clone(self),
+            spent: false,
+        })
+    }
+
+    fn skip(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = &*self.skipped_total.lock() {
+            c.increment(1);
+        }
+    }
+
+    fn budget_left(&self) -> bool {
+        let mut b = self.budget.lock();
+        let now = Instant::now();
+        let earned = now.duration_since(b.refilled).mul_f64(self.share);
+        b.available = (b.available + earned).min(MAX_SAVED);
+        b.refilled = now;
+        !b.available.is_zero()
     }
 
     fn spend(&self, took: Duration) {
@@ -165,37 +236,7 @@ impl Shadow {
         self.running.store(false, Ordering::Release);
     }
 
-    /// Compare the candidate with what the active version did to `event` (`active`, its
-    /// record, with the reads it made), in a task of its own if the budget allows;
-    /// otherwise count the event as skipped.
-    pub(crate) fn compare(
-        self: &Arc<Self>,
-        services: &HostServices,
-        event: &Event,
-        active: EffectRecord,
-    ) {
-        let Some(candidate) = self.candidate() else {
-            return;
-        };
-        let plugin = self.report.lock().plugin.clone();
-        if !self.admit() {
-            self.report.lock().skipped += 1;
-            metrics::counter!(metric_names::SHADOW_EVENTS_TOTAL, "plugin" => plugin, "result" => "skipped").increment(1);
-            return;
-        }
-        let (shadow, services, event) = (Arc::clone(self), services.clone(), event.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            // A capture of its own per event: nothing carries over between events but what
-            // the active version applied.
-            let capture = Capture::new(&services);
-            let mine = capture.run(&candidate, &event, Some(&active)).await;
-            shadow.spend(started.elapsed());
-            shadow.record(&plugin, active, mine);
-        });
-    }
-
-    fn record(&self, plugin: &str, active: EffectRecord, candidate: EffectRecord) {
+    fn record(&self, active: EffectRecord, candidate: EffectRecord) {
         let diff = active.diff(&candidate);
         let trap = matches!(candidate.outcome, Outcome::Failed { .. })
             && !matches!(active.outcome, Outcome::Failed { .. });
@@ -206,8 +247,8 @@ impl Shadow {
         } else {
             "differing"
         };
-        metrics::counter!(metric_names::SHADOW_EVENTS_TOTAL, "plugin" => plugin.to_owned(), "result" => result).increment(1);
         let mut r = self.report.lock();
+        metrics::counter!(metric_names::SHADOW_EVENTS_TOTAL, "plugin" => r.plugin.clone(), "result" => result).increment(1);
         r.compared += 1;
         if diff.is_same() {
             r.identical += 1;
