@@ -78,7 +78,7 @@ use std::sync::Arc;
 
 /// The share of one core a shadow candidate's calls may take by default
 /// (`dispatch.shadow-cpu-share`).
-pub const DEFAULT_SHADOW_CPU_SHARE: f64 = 0.1;
+pub const DEFAULT_SHADOW_CPU_SHARE: f64 = 0.05;
 
 /// The version of a plugin that new events start on. Swapped atomically on upload,
 /// activation and rollback; events already started keep the version they loaded.

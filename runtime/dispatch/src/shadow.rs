@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const KEPT_DIVERGENCES: usize = 20;
 
 /// The most call time the budget saves up (a burst after an idle spell).
-const MAX_SAVED: Duration = Duration::from_millis(200);
+const MAX_SAVED: Duration = Duration::from_millis(10);
 
 /// How a candidate compares with the active version so far.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -65,9 +65,10 @@ pub struct Divergence {
     pub diff: Diff,
 }
 
-/// Call time a plugin's shadow may still spend.
+/// Call time a plugin's shadow may still spend, in seconds: negative while a call took
+/// more than was left (the debt is paid before the next one).
 struct Budget {
-    available: Duration,
+    available: f64,
     refilled: Instant,
 }
 
@@ -135,7 +136,7 @@ impl Shadow {
             candidate: arc_swap::ArcSwapOption::empty(),
             share: share.clamp(0.0, 1.0),
             budget: Mutex::new(Budget {
-                available: Duration::ZERO,
+                available: 0.0,
                 refilled: Instant::now(),
             }),
             running: AtomicBool::new(false),
@@ -223,15 +224,15 @@ impl Shadow {
     fn budget_left(&self) -> bool {
         let mut b = self.budget.lock();
         let now = Instant::now();
-        let earned = now.duration_since(b.refilled).mul_f64(self.share);
-        b.available = (b.available + earned).min(MAX_SAVED);
+        let earned = now.duration_since(b.refilled).as_secs_f64() * self.share;
+        b.available = (b.available + earned).min(MAX_SAVED.as_secs_f64());
         b.refilled = now;
-        !b.available.is_zero()
+        b.available > 0.0
     }
 
     fn spend(&self, took: Duration) {
         let mut b = self.budget.lock();
-        b.available = b.available.saturating_sub(took);
+        b.available -= took.as_secs_f64();
         drop(b);
         self.running.store(false, Ordering::Release);
     }
