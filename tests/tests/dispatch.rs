@@ -736,16 +736,6 @@ fn emits_by_key(out: &[spate_core::Event]) -> HashMap<String, Vec<serde_json::Va
 }
 
 /// The plugin's state, every key.
-async fn all_state(h: &Harness, ns: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
-    h.rt.backends
-        .state
-        .scan(ns, "", 100_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
 /// Park, fail a redrive, fix, redrive: the key's events are handled in order through the
 /// fixed version, ahead of its new events, and state and emits equal an uninterrupted
 /// run's; a redrive of a key no longer parked does nothing.
@@ -841,9 +831,9 @@ async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
         "original coordinates"
     );
     assert_eq!(header(redriven, headers::PLUGIN_VERSION), Some("2.0.0"));
-    let want = all_state(&reference, "chaos").await;
+    let want = state_of(&reference, "chaos").await;
     eventually("state equal to the uninterrupted run's", || async {
-        (all_state(&h, "chaos").await == want).then_some(())
+        (state_of(&h, "chaos").await == want).then_some(())
     })
     .await;
 

@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 use spate::api::replay::ReplayReport;
 use spate_core::host::record::{Bytes, Outcome, Verdict};
-use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
 
@@ -28,16 +27,6 @@ async fn replay(app: &axum::Router, plugin: &str, body: Value) -> ReplayReport {
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     serde_json::from_value(answer).unwrap()
-}
-
-async fn everything(h: &Harness, ns: &str) -> BTreeMap<String, Vec<u8>> {
-    h.rt.backends
-        .state
-        .scan(ns, "", 100_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,11 +58,11 @@ async fn replays_compare_with_the_effect_record_and_change_nothing() {
     h.wait_events("rec.dlq", 1, WAIT).await;
     let ns = spate_core::host::record::namespace("rec");
     let deadline = std::time::Instant::now() + WAIT;
-    while everything(&h, &ns).await.len() < inputs.len() {
+    while state_of(&h, &ns).await.len() < inputs.len() {
         assert!(std::time::Instant::now() < deadline, "records not written");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let state_before = everything(&h, "rec").await;
+    let state_before = state_of(&h, "rec").await;
     let out_before = h.events("out").await.len();
 
     // The same version: no differences, every event recorded.
@@ -152,7 +141,7 @@ async fn replays_compare_with_the_effect_record_and_change_nothing() {
     assert!(cache.replayed.to_string().contains("v2:c"), "{cache:?}");
 
     // Nothing applied, emitted or committed.
-    assert_eq!(everything(&h, "rec").await, state_before);
+    assert_eq!(state_of(&h, "rec").await, state_before);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.events("out").await.len(), out_before);
     assert_eq!(

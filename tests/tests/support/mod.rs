@@ -292,3 +292,14 @@ pub async fn api(
     };
     call(app, req.unwrap()).await
 }
+
+/// Every live entry of state namespace `ns` (at most 100,000), by key.
+pub async fn state_of(h: &Harness, ns: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    h.rt.backends
+        .state
+        .scan(ns, "", 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}

@@ -256,17 +256,7 @@ pub fn shadow_lines(r: &ShadowReport) -> Vec<String> {
     )];
     for d in &r.divergences {
         let a = &d.active;
-        let verdicts: Vec<String> = d
-            .diff
-            .verdicts
-            .iter()
-            .filter_map(|v| {
-                serde_json::to_value(v)
-                    .ok()?
-                    .as_str()
-                    .map(|s| s.replace('-', " "))
-            })
-            .collect();
+
         out.push(format!(
             "{}/{}/{}  active {} ({}), candidate {}: {}",
             a.topic,
@@ -275,19 +265,12 @@ pub fn shadow_lines(r: &ShadowReport) -> Vec<String> {
             a.outcome.class(),
             a.version,
             d.candidate.outcome.class(),
-            verdicts.join(", ")
+            super::replay::verdict_words(&d.diff)
         ));
-        for x in &d.diff.differences {
-            let at = x
-                .key
-                .as_deref()
-                .map(|k| format!(" {k}"))
-                .unwrap_or_default();
-            out.push(format!(
-                "  {}{at}: active {} -> candidate {}",
-                x.what, x.recorded, x.replayed
-            ));
-        }
+        out.extend(super::replay::difference_lines(
+            &d.diff,
+            ("active", "candidate"),
+        ));
     }
     out
 }

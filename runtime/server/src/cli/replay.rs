@@ -7,7 +7,7 @@ use super::parked::{parse_time, segment};
 use clap::Args;
 use reqwest::Method;
 use spate::api::replay::{MAX_LIMIT, ReplayReport, ReplayRequest, ReplayedEvent};
-use spate_core::host::record::{Bytes, EffectRecord, Outcome};
+use spate_core::host::record::{Bytes, Diff, EffectRecord, Outcome};
 
 /// Help text after `spate replay --help`.
 pub const HELP: &str = "\
@@ -127,17 +127,7 @@ fn event_lines(e: &ReplayedEvent) -> Vec<String> {
     let r = &e.replayed;
     let verdict = match &e.diff {
         None => "no record".to_owned(),
-        Some(d) => d
-            .verdicts
-            .iter()
-            .map(|v| {
-                serde_json::to_value(v)
-                    .ok()
-                    .and_then(|v| v.as_str().map(|s| s.replace('-', " ")))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+        Some(d) => verdict_words(d),
     };
     let recorded_version = e
         .recorded
@@ -157,19 +147,36 @@ fn event_lines(e: &ReplayedEvent) -> Vec<String> {
     }
     out.push(format!("  effects: {}", effects_json(r)));
     if let Some(d) = &e.diff {
-        for x in &d.differences {
+        out.extend(difference_lines(d, ("recorded", "replayed")));
+    }
+    out
+}
+
+/// A diff's verdicts as words (`outcome differs, state differs`).
+pub fn verdict_words(d: &Diff) -> String {
+    d.verdicts
+        .iter()
+        .filter_map(|v| Some(serde_json::to_value(v).ok()?.as_str()?.replace('-', " ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line per difference of `d`, its two sides named by `sides`.
+pub fn difference_lines(d: &Diff, (left, right): (&str, &str)) -> Vec<String> {
+    d.differences
+        .iter()
+        .map(|x| {
             let at = x
                 .key
                 .as_deref()
                 .map(|k| format!(" {k}"))
                 .unwrap_or_default();
-            out.push(format!(
-                "  {}{at}: recorded {} -> replayed {}",
+            format!(
+                "  {}{at}: {left} {} -> {right} {}",
                 x.what, x.recorded, x.replayed
-            ));
-        }
-    }
-    out
+            )
+        })
+        .collect()
 }
 
 /// A record's effects (state, cache, emits) as one line of JSON.
