@@ -48,7 +48,9 @@ async fn replays_compare_with_the_effect_record_and_change_nothing() {
         json!({"op": "emit", "n": 7}),
         json!({"op": "put", "key": "a", "value": "2"}),
         json!({"op": "reject", "reason": "no thanks"}),
-        json!({"op": "cache", "key": "c", "value": "w"}),
+        // Its own counter: what event 3 counted may or may not be in the cache yet when
+        // it runs (cache writes land at the checkpoint).
+        json!({"op": "cache", "key": "c", "value": "w", "counter": "d"}),
     ];
     for input in &inputs {
         h.send("in", "k", input.clone()).await;
@@ -125,8 +127,7 @@ async fn replays_compare_with_the_effect_record_and_change_nothing() {
             (4, vec![Verdict::Same]),
             (5, vec![Verdict::Same]),
             (6, vec![Verdict::Same]),
-            // Its counter is another key now, which event 3's replay counted to 1.
-            (7, vec![Verdict::CacheDiffers, Verdict::EmitsDiffer]),
+            (7, vec![Verdict::CacheDiffers]),
         ],
         "{changed:#?}"
     );
