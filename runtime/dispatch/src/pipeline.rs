@@ -1230,6 +1230,18 @@ pub(super) enum Called {
     Abandoned,
 }
 
+/// How one attempt ended.
+enum Step {
+    /// Handled: its effects are applied.
+    Done,
+    /// The pipeline is stopping, or the plugin is gone.
+    Abandoned,
+    /// Try again at once without counting (idle instances were evicted for a pool slot).
+    Again,
+    /// It failed.
+    Failed(Failure),
+}
+
 /// One event to call the plugin with until it is handled or cannot be.
 pub(super) struct Call<'a> {
     pub(super) version: &'a Arc<dyn PluginVersion>,
@@ -1249,15 +1261,7 @@ impl Call<'_> {
     /// manifest's retry policy allows (attempts counted durably, see
     /// [`parked::attempts_entry`]) and infrastructure failures without counting.
     pub(super) async fn run(self, ctx: &WorkerCtx, instance: &mut Box<dyn Instance>) -> Called {
-        let Call {
-            version,
-            info,
-            event,
-            prior,
-            at,
-            mut side,
-        } = self;
-        let policy = &info.manifest.retry;
+        let policy = &self.info.manifest.retry;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(policy.initial_backoff_ms))
             .with_max_delay(Duration::from_millis(policy.max_backoff_ms))
@@ -1271,134 +1275,13 @@ impl Call<'_> {
             .without_max_times()
             .build();
         // An event an earlier run already tried goes on from where it was.
-        let mut attempt: u32 = (prior + 1).min(policy.max_attempts.max(1));
+        let mut attempt: u32 = (self.prior + 1).min(policy.max_attempts.max(1));
         loop {
-            let failure = {
-                // A warm instance waiting for a permit would hold a pool slot it cannot
-                // use: lanes waiting outnumber the permits, and could exhaust the pool.
-                let permit = match ctx.permits.try_acquire() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        instance.release();
-                        let Ok(p) = ctx.permits.acquire().await else {
-                            return Called::Abandoned;
-                        };
-                        p
-                    }
-                };
-                let mut invocation = Invocation::new(
-                    Arc::clone(info),
-                    ctx.services.clone(),
-                    Arc::new(event.with_attempt(attempt)),
-                );
-                // A shadow candidate compared on this event is served what this call reads.
-                let ticket = match at {
-                    At::Event(_) => ctx.active.shadow().admit(),
-                    At::Partition(..) => None,
-                };
-                if ticket.is_some() {
-                    invocation.keep_reads();
-                }
-                let started = Instant::now();
-                // A panic in the host (ours or wasmtime's) must not take the lane down
-                // with it: it becomes a trap of this attempt, retried and dead-lettered
-                // as usual.
-                let result = match AssertUnwindSafe(instance.call(invocation))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        tracing::error!(panic = %what, "host panicked while handling an event");
-                        CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
-                    }
-                };
-                ctx.meters
-                    .handler_duration
-                    .record(started.elapsed().as_secs_f64());
-                // The permit bounds concurrent calls (sandboxes, CPU), not effects in
-                // flight: waiting for the broker to acknowledge emits must not hold
-                // another lane's call back. The lane itself still waits, so per-key order
-                // is kept. A warm instance keeps its pool slot until the lane finishes, so
-                // warm plugins keep the permit (and the pool stays bounded by their
-                // concurrency).
-                let _held_through_apply = match info.manifest.execution.mode {
-                    ExecutionMode::Fresh => {
-                        drop(permit);
-                        None
-                    }
-                    ExecutionMode::Warm => Some(permit),
-                };
-                match result {
-                    CallOutcome::Ok(journal) => {
-                        let mut effects = journal.into_effects(&info.namespace);
-                        effects.side.clone_from(&side);
-                        effects.side.extend(record::write_for(
-                            info,
-                            event,
-                            Outcome::Ok,
-                            attempt,
-                            Some(&effects),
-                        ));
-                        if let Some(ticket) = ticket {
-                            let label = info.manifest.version.to_string();
-                            let mine = EffectRecord::new(
-                                event,
-                                &label,
-                                Outcome::Ok,
-                                attempt,
-                                Some(&effects),
-                            );
-                            ticket.compare(&ctx.services, event, mine);
-                        }
-                        // Kept for the record only; the checkpoint applies no reads.
-                        effects.reads = Default::default();
-                        if attempt > 1 {
-                            effects.side.push(attempts_cleared(info, event));
-                        }
-                        match apply_effects(ctx, at, effects).await {
-                            Ok(()) => {
-                                ctx.meters.handled.increment(1);
-                                return Called::Done;
-                            }
-                            Err(f) => f,
-                        }
-                    }
-                    CallOutcome::Retry(reason) => {
-                        Failure::Retryable(DeadLetterKind::RetriesExhausted, reason)
-                    }
-                    CallOutcome::Reject(reason) => Failure::Fatal(DeadLetterKind::Rejected, reason),
-                    CallOutcome::Trap(kind, message) => {
-                        metrics::counter!(spate_core::metric_names::TRAPS_TOTAL, "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
-                        // A trapped instance is never reused.
-                        *instance = version.instance();
-                        match kind {
-                            TrapKind::Infrastructure => Failure::Infrastructure(message),
-                            TrapKind::PoolExhausted => {
-                                // Idle warm instances hold slots nobody is using: free
-                                // them before this event waits for one.
-                                let evicted = ctx.idle.evict_all();
-                                if evicted > 0 {
-                                    debug!(
-                                        evicted,
-                                        "sandbox pool full; evicted idle warm instances"
-                                    );
-                                    continue;
-                                }
-                                Failure::Infrastructure(message)
-                            }
-                            k if k.retryable() => {
-                                Failure::Retryable(DeadLetterKind::Trap(k), message)
-                            }
-                            k => Failure::Fatal(DeadLetterKind::Trap(k), message),
-                        }
-                    }
-                }
+            let failure = match self.attempt(ctx, instance, attempt).await {
+                Step::Done => return Called::Done,
+                Step::Abandoned => return Called::Abandoned,
+                Step::Again => continue,
+                Step::Failed(f) => f,
             };
             match failure {
                 Failure::Infrastructure(message) => {
@@ -1414,7 +1297,7 @@ impl Call<'_> {
                     metrics::counter!(spate_core::metric_names::RETRIES_TOTAL, "plugin" => ctx.plugin.clone())
                         .increment(1);
                     // Counted durably, so the event's next owner goes on from here.
-                    record_attempts(ctx, info, event, at, attempt).await;
+                    record_attempts(ctx, self.info, self.event, self.at, attempt).await;
                     let delay = backoff
                         .next()
                         .unwrap_or(Duration::from_millis(policy.max_backoff_ms));
@@ -1425,7 +1308,6 @@ impl Call<'_> {
                     attempt += 1;
                 }
                 Failure::Retryable(kind, reason) | Failure::Fatal(kind, reason) => {
-                    side.clear();
                     return Called::Failed {
                         kind,
                         reason,
@@ -1434,6 +1316,153 @@ impl Call<'_> {
                 }
             }
         }
+    }
+
+    /// One call of the handler (attempt number `attempt`) and, if it returns ok, its
+    /// effects applied.
+    async fn attempt(
+        &self,
+        ctx: &WorkerCtx,
+        instance: &mut Box<dyn Instance>,
+        attempt: u32,
+    ) -> Step {
+        let info = self.info;
+        // A warm instance waiting for a permit would hold a pool slot it cannot use:
+        // lanes waiting outnumber the permits, and could exhaust the pool.
+        let permit = match ctx.permits.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                instance.release();
+                let Ok(p) = ctx.permits.acquire().await else {
+                    return Step::Abandoned;
+                };
+                p
+            }
+        };
+        let mut invocation = Invocation::new(
+            Arc::clone(info),
+            ctx.services.clone(),
+            Arc::new(self.event.with_attempt(attempt)),
+        );
+        // A shadow candidate compared on this event is served what this call reads.
+        let ticket = match self.at {
+            At::Event(_) => ctx.active.shadow().admit(),
+            At::Partition(..) => None,
+        };
+        if ticket.is_some() {
+            invocation.keep_reads();
+        }
+        let started = Instant::now();
+        // A panic in the host (ours or wasmtime's) must not take the lane down with it: it
+        // becomes a trap of this attempt, retried and dead-lettered as usual.
+        let result = match AssertUnwindSafe(instance.call(invocation))
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(panic = %what, "host panicked while handling an event");
+                CallOutcome::Trap(TrapKind::Other, format!("host panic: {what}"))
+            }
+        };
+        ctx.meters
+            .handler_duration
+            .record(started.elapsed().as_secs_f64());
+        // The permit bounds concurrent calls (sandboxes, CPU), not effects in flight:
+        // waiting for the broker to acknowledge emits must not hold another lane's call
+        // back. The lane itself still waits, so per-key order is kept. A warm instance
+        // keeps its pool slot until the lane finishes, so warm plugins keep the permit
+        // (and the pool stays bounded by their concurrency).
+        let _held_through_apply = match info.manifest.execution.mode {
+            ExecutionMode::Fresh => {
+                drop(permit);
+                None
+            }
+            ExecutionMode::Warm => Some(permit),
+        };
+        let journal = match result {
+            CallOutcome::Ok(journal) => journal,
+            CallOutcome::Retry(reason) => {
+                return Step::Failed(Failure::Retryable(DeadLetterKind::RetriesExhausted, reason));
+            }
+            CallOutcome::Reject(reason) => {
+                return Step::Failed(Failure::Fatal(DeadLetterKind::Rejected, reason));
+            }
+            CallOutcome::Trap(kind, message) => return self.trapped(ctx, instance, kind, message),
+        };
+        let effects = self.effects_of(ctx, journal, attempt, ticket);
+        match apply_effects(ctx, self.at, effects).await {
+            Ok(()) => {
+                ctx.meters.handled.increment(1);
+                Step::Done
+            }
+            Err(f) => Step::Failed(f),
+        }
+    }
+
+    /// A successful call's effects, with the runtime's own writes of the same unit (the
+    /// call's `side`, its effect record, the end of its attempt count), compared with the
+    /// shadow candidate if `ticket` says so.
+    fn effects_of(
+        &self,
+        ctx: &WorkerCtx,
+        journal: spate_core::host::Journal,
+        attempt: u32,
+        ticket: Option<crate::shadow::Ticket>,
+    ) -> Effects {
+        let (info, event) = (self.info, self.event);
+        let mut effects = journal.into_effects(&info.namespace);
+        effects.side.clone_from(&self.side);
+        effects.side.extend(record::write_for(
+            info,
+            event,
+            Outcome::Ok,
+            attempt,
+            Some(&effects),
+        ));
+        if let Some(ticket) = ticket {
+            let label = info.manifest.version.to_string();
+            let mine = EffectRecord::new(event, &label, Outcome::Ok, attempt, Some(&effects));
+            ticket.compare(&ctx.services, event, mine);
+        }
+        // Kept for the record only; the checkpoint applies no reads.
+        effects.reads = Default::default();
+        if attempt > 1 {
+            effects.side.push(attempts_cleared(info, event));
+        }
+        effects
+    }
+
+    /// What a trap of kind `kind` means for the event; a trapped instance is never reused.
+    fn trapped(
+        &self,
+        ctx: &WorkerCtx,
+        instance: &mut Box<dyn Instance>,
+        kind: TrapKind,
+        message: String,
+    ) -> Step {
+        metrics::counter!(spate_core::metric_names::TRAPS_TOTAL, "plugin" => ctx.plugin.clone(), "kind" => kind.as_str()).increment(1);
+        *instance = self.version.instance();
+        Step::Failed(match kind {
+            TrapKind::Infrastructure => Failure::Infrastructure(message),
+            TrapKind::PoolExhausted => {
+                // Idle warm instances hold slots nobody is using: free them before this
+                // event waits for one.
+                let evicted = ctx.idle.evict_all();
+                if evicted > 0 {
+                    debug!(evicted, "sandbox pool full; evicted idle warm instances");
+                    return Step::Again;
+                }
+                Failure::Infrastructure(message)
+            }
+            k if k.retryable() => Failure::Retryable(DeadLetterKind::Trap(k), message),
+            k => Failure::Fatal(DeadLetterKind::Trap(k), message),
+        })
     }
 }
 
