@@ -23,6 +23,16 @@ async fn report(app: &axum::Router, plugin: &str) -> ShadowReport {
     serde_json::from_value(body).unwrap()
 }
 
+/// Waits until this runtime's pipelines run `candidate` (the registry names it at once;
+/// the pipelines follow a moment later), so every event sent after it reaches it.
+async fn running(h: &Harness, plugin: &str, candidate: &str) {
+    let deadline = Instant::now() + WAIT;
+    while h.rt.shadow_report(plugin).map(|r| r.candidate).as_deref() != Some(candidate) {
+        assert!(Instant::now() < deadline, "{candidate} never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until the candidate has compared or skipped `n` events.
 async fn settled(app: &axum::Router, plugin: &str, n: u64) -> ShadowReport {
     let deadline = Instant::now() + WAIT;
@@ -85,6 +95,7 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
     h.rt.registry.set_shadow("sh", Some("1.1.0")).await.unwrap();
     let r = report(&app, "sh").await;
     assert_eq!(r.candidate, "1.1.0");
+    running(&h, "sh", "1.1.0").await;
     send(&h, 0..10_000).await;
     let out = h.wait_events("out", 10_000, WAIT).await;
     let r = settled(&app, "sh", 10_000).await;
@@ -129,6 +140,7 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
         ("2.0.0", 0),
         "a new report: {r:?}"
     );
+    running(&h, "sh", "2.0.0").await;
     send(&h, 10_000..11_000).await;
     h.wait_events("out", 1_100, WAIT).await;
     let r = settled(&app, "sh", 1_000).await;

@@ -288,19 +288,20 @@ pub(super) async fn shadow_report(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<ShadowReport>> {
     let Path(name) = name.map_err(path_error)?;
-    no_shadow(&state, &name).await?;
-    // Set in the registry, but its pipelines have not picked it up yet (or the plugin has
-    // no active version): an empty report.
-    let record = state.runtime.registry.show(&name).await;
-    let candidate = record.and_then(|r| r.shadow).unwrap_or_default();
-    Ok(Json(state.runtime.shadow_report(&name).unwrap_or(
-        ShadowReport {
-            plugin: name,
-            candidate,
-            cpu_share: state.runtime.config.dispatch.shadow_cpu_share,
-            ..ShadowReport::default()
-        },
-    )))
+    let candidate = no_shadow(&state, &name).await?;
+    // The registry names the candidate; the pipelines learn of it a moment later. Until
+    // they run it (or when the plugin has no active version), its report is empty, never
+    // the previous candidate's.
+    let running = state
+        .runtime
+        .shadow_report(&name)
+        .filter(|r| r.candidate == candidate);
+    Ok(Json(running.unwrap_or(ShadowReport {
+        plugin: name,
+        candidate,
+        cpu_share: state.runtime.config.dispatch.shadow_cpu_share,
+        ..ShadowReport::default()
+    })))
 }
 
 /// 404 unless `name` exists and has a shadow candidate.
