@@ -172,3 +172,21 @@ async fn the_read_through_tier_cuts_store_reads_on_a_skewed_workload() {
         "the tier changed what handlers read"
     );
 }
+
+/// The effect record in Cassandra: written in the checkpoint's batch (no read-through tier,
+/// so the store takes the checkpoints) and replayed with a diff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_effect_record_is_kept_in_the_cql_store_and_replays() {
+    let c = Cluster::start(false).await;
+    assert!(c.rt.backends.tier.for_plugin("rec").checkpoints());
+    let _app = support::replay::record_and_replay(&c.rt).await;
+}
+
+/// The same with the read-through tier, which takes no checkpoints: the records go to
+/// Cassandra beside each event's own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_effect_record_is_kept_beside_a_read_through_tier_and_replays() {
+    let c = Cluster::start(true).await;
+    assert!(!c.rt.backends.tier.for_plugin("rec").checkpoints());
+    let _app = support::replay::record_and_replay(&c.rt).await;
+}

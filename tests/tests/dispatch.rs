@@ -831,9 +831,9 @@ async fn a_parked_key_redriven_after_the_fix_ends_as_an_uninterrupted_run() {
         "original coordinates"
     );
     assert_eq!(header(redriven, headers::PLUGIN_VERSION), Some("2.0.0"));
-    let want = state_of(&reference, "chaos").await;
+    let want = state_of(&reference.rt, "chaos").await;
     eventually("state equal to the uninterrupted run's", || async {
-        (state_of(&h, "chaos").await == want).then_some(())
+        (state_of(&h.rt, "chaos").await == want).then_some(())
     })
     .await;
 

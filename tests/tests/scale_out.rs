@@ -3,7 +3,9 @@
 //! CQL server and the cache in Redis — all real services on loopback. An upload to one
 //! runtime reaches the others within 2 s; a runtime restarted with an empty data
 //! directory loads the active version before it consumes; a SIGKILLed runtime loses
-//! nothing; a rollback switches every runtime.
+//! nothing; a rollback switches every runtime. A shadow candidate runs on every runtime and
+//! any runtime reports on the whole cluster; promoting it cuts each partition at an offset
+//! across the runtimes. The two tests take turns (each runs a broker and three nodes).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
@@ -16,7 +18,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::kafka::*;
-use support::node::{Node, handled_ok, spawn_node_with, upload};
+use support::node::{Node, handled_ok, spawn_node_with, upload, upload_query};
 use support::{TOKEN, chaos_manifest};
 
 /// The cluster configuration every runtime gets (each its own data directory).
@@ -142,6 +144,19 @@ impl Cluster {
         started.elapsed()
     }
 
+    /// `GET path` on `node`: the status and the JSON body.
+    async fn get(&self, node: &Node, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", node.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     async fn post(&self, node: &Node, path: &str) -> Value {
         let r = self
             .http
@@ -197,8 +212,13 @@ async fn wait_ready(http: &reqwest::Client, node: &Node, dir: &Path) {
     }
 }
 
+/// The tests of this binary take turns: each runs a broker and three runtimes, and two at
+/// once on two cores would make the timed switches flaky.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtimes_share_the_registry_scale_out_and_lose_nothing() {
+    let _turn = TURN.lock().await;
     let c = Cluster::start().await;
     let b = c.bootstrap();
     let mut nodes = vec![c.node("n0").await, c.node("n1").await, c.node("n2").await];
@@ -299,4 +319,116 @@ async fn runtimes_share_the_registry_scale_out_and_lose_nothing() {
         HashMap::from([("1.0.0".into(), 600)]),
         "every event after the rollback handled by the old version"
     );
+}
+
+/// Waits until `f` of the shadow report `node` answers holds; returns that report.
+async fn shadow_until(c: &Cluster, node: &Node, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, r) = c.get(node, "/v1/plugins/chaos/shadow").await;
+        if status == 200 && f(&r) {
+            return r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: {status} {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn seen(r: &Value) -> u64 {
+    r["compared"].as_u64().unwrap_or(0) + r["skipped"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_is_reported_and_promoted_across_the_cluster() {
+    let _turn = TURN.lock().await;
+    let c = Cluster::start().await;
+    let b = c.bootstrap();
+    let nodes = [c.node("n0").await, c.node("n1").await, c.node("n2").await];
+    upload(&c.http, &nodes[0], manifest("1.0.0")).await;
+    c.wait_active(&[&nodes[1], &nodes[2]], "chaos", "1.0.0")
+        .await;
+    for (i, n) in nodes.iter().enumerate() {
+        wait_ready(&c.http, n, &c.dir(&format!("n{i}"))).await;
+    }
+
+    // The candidate, uploaded to n1, runs on every runtime: n2's report names all three.
+    let body = upload_query(&c.http, &nodes[1], manifest("2.0.0"), "shadow=true").await;
+    assert_eq!(body["shadow"], true, "{body}");
+    shadow_until(&c, &nodes[2], "every runtime runs the candidate", |r| {
+        r["candidate"] == "2.0.0" && r["runtimes"].as_array().map_or(0, Vec::len) == 3
+    })
+    .await;
+    produce(&b, "chaos", &op_events(0..1500, 30)).await;
+    let out = read_all_seqs(&b, "out", 1500, Duration::from_secs(60)).await;
+    assert_eq!(
+        versions_of(&out, 0..1500),
+        HashMap::from([("1.0.0".into(), 1500)]),
+        "the candidate emitted nothing"
+    );
+    // Each runtime saw its own partitions' events; any runtime sums them.
+    let r = shadow_until(&c, &nodes[0], "every event compared or skipped", |r| {
+        seen(r) >= 1500
+    })
+    .await;
+    eprintln!("cluster shadow report from n0: {r}");
+    assert_eq!(seen(&r), 1500, "{r}");
+    let compared = r["compared"].as_u64().unwrap();
+    assert!(compared > 0, "{r}");
+    assert_eq!(r["identical"].as_u64(), Some(compared), "{r}");
+    let (_, local) = c.get(&nodes[1], "/v1/plugins/chaos/shadow").await;
+    assert_eq!(
+        seen(&local),
+        1500,
+        "n1 answers for the cluster too: {local}"
+    );
+
+    // Promote on n2 while events flow: each partition is cut at an offset, whichever
+    // runtime owns it, and every event is handled once, by the version its cut says.
+    let producer = {
+        let b = b.clone();
+        tokio::spawn(async move { produce_paced(&b, 1500..4500, Duration::from_secs(4)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = c.post(&nodes[2], "/v1/plugins/chaos/promote").await;
+    assert_eq!(
+        (body["active"].as_str(), body["from"].as_str()),
+        (Some("2.0.0"), Some("1.0.0")),
+        "{body}"
+    );
+    producer.await.unwrap();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    c.wait_active(&refs, "chaos", "2.0.0").await;
+    let out = read_all_seqs(&b, "out", 4500, Duration::from_secs(60)).await;
+    let counts = seq_counts(&out);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handled twice: {twice:?}");
+    assert_eq!(counts.len(), 4500, "every event handled");
+    let (status, show) = c.get(&nodes[0], "/v1/plugins/chaos").await;
+    assert_eq!(status, 200, "{show}");
+    let cuts = &show["promotions"][0]["cuts"];
+    let (mut old, mut new) = (0, 0);
+    for r in &out {
+        let source = header(r, "spate-source").unwrap();
+        let (tp, offset) = source.rsplit_once('/').unwrap();
+        let offset: u64 = offset.parse().unwrap();
+        let cut = cuts[tp]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cut for {tp}: {show}"));
+        let want = if offset < cut { "1.0.0" } else { "2.0.0" };
+        assert_eq!(
+            header(r, "spate-plugin-version"),
+            Some(want),
+            "{source} (cut {cut})"
+        );
+        if offset < cut { old += 1 } else { new += 1 }
+    }
+    eprintln!("cuts {cuts}: {old} events on 1.0.0, {new} on 2.0.0");
+    assert!(old >= 1500 && new > 0, "old {old}, new {new}");
+    for n in &nodes {
+        let (status, r) = c.get(n, "/v1/plugins/chaos/shadow").await;
+        assert_eq!(status, 404, "no shadow after the promotion: {r}");
+    }
 }

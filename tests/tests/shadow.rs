@@ -100,6 +100,7 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
     let out = h.wait_events("out", 10_000, WAIT).await;
     let r = settled(&app, "sh", 10_000).await;
     assert_eq!(r.compared + r.skipped, 10_000, "{r:?}");
+    assert_eq!(r.runtimes, std::slice::from_ref(&h.rt.instance), "{r:?}");
     assert!(r.compared > 0, "{r:?}");
     assert_eq!(
         (r.identical, r.differing, r.traps),
@@ -168,6 +169,8 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = api(&app, "POST", "/v1/plugins/sh/promote", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let published = state_of(&h.rt, "_spate/shadow/sh").await;
+    assert!(published.is_empty(), "reports dropped: {published:?}");
 }
 
 /// Promote while events flow: each partition is cut at an offset, every event below it is

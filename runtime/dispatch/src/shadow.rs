@@ -9,6 +9,14 @@
 //! token bucket refilled at `share` seconds of call time per second, so at most that share
 //! of one core), so the active version is never held up; events over the budget are
 //! counted as skipped.
+//!
+//! Each runtime compares the events of its own partitions. So that any runtime can answer
+//! for the cluster, each one publishes its report to the state store ([`publish`], every
+//! second while a candidate runs) and a report is the sum of every runtime's
+//! ([`cluster_report`]). Layout, in the reserved namespace `_spate/shadow/<plugin>`:
+//! `<candidate>@<set at, Unix ms>/<instance>` = that runtime's report as JSON, with a TTL of
+//! a week. The [generation] (`<candidate>@<set at>`) comes from the registry, so a report a
+//! runtime publishes late, after the candidate was stopped, never counts for a later run.
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -18,6 +26,7 @@ use spate_core::host::record::{Diff, EffectRecord, Outcome};
 use spate_core::metric_names;
 use spate_core::plugin::PluginVersion;
 use spate_core::types::Event;
+use spate_core::{BackendError, BackendResult, StateStore, StateWrite};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -52,6 +61,27 @@ pub struct ShadowReport {
     pub skipped: u64,
     /// The first divergences, with both records and the diff.
     pub divergences: Vec<Divergence>,
+    /// The runtimes (instance ids) whose comparisons are summed here.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+}
+
+impl ShadowReport {
+    /// Add `other`'s comparisons (another runtime's, of the same candidate) to these.
+    fn absorb(&mut self, other: ShadowReport) {
+        if self.since_ms == 0 || (other.since_ms != 0 && other.since_ms < self.since_ms) {
+            self.since_ms = other.since_ms;
+        }
+        self.compared += other.compared;
+        self.identical += other.identical;
+        self.differing += other.differing;
+        self.traps += other.traps;
+        self.skipped += other.skipped;
+        let room = KEPT_DIVERGENCES.saturating_sub(self.divergences.len());
+        self.divergences
+            .extend(other.divergences.into_iter().take(room));
+        self.runtimes.extend(other.runtimes);
+    }
 }
 
 /// One event on which the candidate differed.
@@ -274,4 +304,248 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// How long a published report outlives its last update (a runtime that stopped, or a
+/// candidate whose reports were not [forgotten](forget)).
+pub const PUBLISHED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The most bytes one published report takes: divergences past it are left out (the
+/// counts always stay).
+pub const PUBLISHED_MAX_BYTES: usize = 256 * 1024;
+
+/// Where the runtimes keep plugin `plugin`'s shadow reports.
+pub fn namespace(plugin: &str) -> String {
+    format!(
+        "{}/shadow/{plugin}",
+        spate_core::manifest::RESERVED_NAMESPACE_PREFIX
+    )
+}
+
+/// What a candidate's reports are kept under: its version and when the registry set it.
+pub fn generation(candidate: &str, since_ms: u64) -> String {
+    format!("{candidate}@{since_ms}")
+}
+
+/// Store this runtime's (`instance`'s) report on the candidate of `generation` for the
+/// others to sum.
+pub async fn publish(
+    store: &dyn StateStore,
+    instance: &str,
+    generation: &str,
+    report: &ShadowReport,
+) -> BackendResult<()> {
+    let mut report = report.clone();
+    report.runtimes = vec![instance.to_owned()];
+    let mut value = to_json(&report)?;
+    while value.len() > PUBLISHED_MAX_BYTES && !report.divergences.is_empty() {
+        let keep = report.divergences.len() / 2;
+        report.divergences.truncate(keep);
+        value = to_json(&report)?;
+    }
+    let write = StateWrite {
+        key: format!("{generation}/{instance}"),
+        value: Some(value),
+        ttl: Some(PUBLISHED_TTL),
+        condition: None,
+    };
+    store
+        .apply(&namespace(&report.plugin), std::slice::from_ref(&write))
+        .await?;
+    Ok(())
+}
+
+fn to_json(report: &ShadowReport) -> BackendResult<Vec<u8>> {
+    serde_json::to_vec(report)
+        .map_err(|e| BackendError::Corrupt(format!("a shadow report does not encode: {e}")))
+}
+
+/// The cluster's report on the candidate of `generation`: the sum of every runtime's
+/// published report, with this runtime's (`instance`) taken live from `local` (its
+/// published copy may be a second old). Reports that no longer decode are left out.
+pub async fn cluster_report(
+    store: &dyn StateStore,
+    instance: &str,
+    generation: &str,
+    mut local: ShadowReport,
+) -> BackendResult<ShadowReport> {
+    let prefix = format!("{generation}/");
+    local.runtimes = vec![instance.to_owned()];
+    let published = store
+        .scan(&namespace(&local.plugin), &prefix, MAX_RUNTIMES)
+        .await?;
+    for (key, value) in published {
+        if &key[prefix.len()..] == instance {
+            continue;
+        }
+        match serde_json::from_slice::<ShadowReport>(&value) {
+            Ok(other) => local.absorb(other),
+            Err(e) => {
+                tracing::warn!(plugin = %local.plugin, %key, error = %e, "a published shadow report does not decode; left out")
+            }
+        }
+    }
+    local.runtimes.sort();
+    Ok(local)
+}
+
+/// Most runtimes' reports one cluster report sums.
+const MAX_RUNTIMES: u32 = 1_000;
+
+/// Drop the published reports of `plugin`'s candidates but the one of generation `keep`
+/// (the candidate running now, if any).
+pub async fn forget(store: &dyn StateStore, plugin: &str, keep: Option<&str>) -> BackendResult<()> {
+    let ns = namespace(plugin);
+    let kept = keep.map(|g| format!("{g}/"));
+    let deletes: Vec<StateWrite> = store
+        .scan(&ns, "", MAX_RUNTIMES * 10)
+        .await?
+        .into_iter()
+        .filter(|(key, _)| kept.as_deref().is_none_or(|k| !key.starts_with(k)))
+        .map(|(key, _)| StateWrite {
+            key,
+            value: None,
+            ttl: None,
+            condition: None,
+        })
+        .collect();
+    if !deletes.is_empty() {
+        store.apply(&ns, &deletes).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use spate_core::host::record::{Bytes, EmitEffect};
+    use spate_core::state::EmbeddedStateStore;
+
+    const G: &str = "2.0.0@42";
+
+    fn record(offset: u64, payload: &str) -> EffectRecord {
+        EffectRecord {
+            topic: "in".into(),
+            partition: 0,
+            offset,
+            key: None,
+            timestamp_ms: 0,
+            version: "1".into(),
+            outcome: Outcome::Ok,
+            attempts: 1,
+            state: Vec::new(),
+            cache: Vec::new(),
+            emits: vec![EmitEffect {
+                topic: "out".into(),
+                key: None,
+                payload: Bytes::Text(payload.into()),
+                headers: Default::default(),
+            }],
+            reads: None,
+            effects_sha256: None,
+        }
+    }
+
+    fn report(compared: u64, differing: u64, since_ms: u64, payload: &str) -> ShadowReport {
+        let divergences = (0..differing)
+            .map(|i| {
+                let (active, candidate) = (record(i, "a"), record(i, payload));
+                let diff = active.diff(&candidate);
+                Divergence {
+                    active,
+                    candidate,
+                    diff,
+                }
+            })
+            .collect();
+        ShadowReport {
+            plugin: "p".into(),
+            candidate: "2.0.0".into(),
+            since_ms,
+            cpu_share: 0.05,
+            compared,
+            identical: compared - differing,
+            differing,
+            traps: 0,
+            skipped: 7,
+            divergences,
+            runtimes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cluster_report_sums_every_runtime_and_takes_its_own_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStateStore::open(dir.path()).unwrap();
+        publish(&*store, "r1", G, &report(10, 2, 300, "b"))
+            .await
+            .unwrap();
+        publish(&*store, "r2", G, &report(20, 15, 200, "b"))
+            .await
+            .unwrap();
+        // Its own stale copy is replaced by the live report.
+        publish(&*store, "me", G, &report(1, 0, 100, "b"))
+            .await
+            .unwrap();
+        // Another candidate's report, or the same candidate's from an earlier run, is
+        // not summed.
+        let mut other = report(1_000, 0, 1, "b");
+        other.candidate = "3.0.0".into();
+        publish(&*store, "r3", &generation("3.0.0", 1), &other)
+            .await
+            .unwrap();
+        let earlier = generation("2.0.0", 1);
+        publish(&*store, "r4", &earlier, &report(1_000, 0, 1, "b"))
+            .await
+            .unwrap();
+
+        let sum = cluster_report(&*store, "me", G, report(5, 5, 250, "b"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (sum.compared, sum.identical, sum.differing, sum.skipped),
+            (35, 13, 22, 21)
+        );
+        assert_eq!(sum.since_ms, 200);
+        assert_eq!(sum.runtimes, ["me", "r1", "r2"]);
+        assert_eq!(sum.divergences.len(), KEPT_DIVERGENCES);
+
+        // Forgetting the others keeps this run's.
+        forget(&*store, "p", Some(G)).await.unwrap();
+        let left = store.scan(&namespace("p"), "", 10).await.unwrap();
+        assert_eq!(left.len(), 3, "{left:?}");
+        forget(&*store, "p", None).await.unwrap();
+        assert!(
+            store
+                .scan(&namespace("p"), "", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let alone = cluster_report(&*store, "me", G, report(5, 0, 250, "b"))
+            .await
+            .unwrap();
+        assert_eq!((alone.compared, alone.runtimes.len()), (5, 1));
+    }
+
+    #[tokio::test]
+    async fn a_published_report_keeps_its_counts_within_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStateStore::open(dir.path()).unwrap();
+        let big = "x".repeat(40_000);
+        publish(&*store, "r1", G, &report(30, 20, 1, &big))
+            .await
+            .unwrap();
+        let stored = store.scan(&namespace("p"), "", 10).await.unwrap();
+        assert_eq!(stored[0].0, "2.0.0@42/r1");
+        assert!(
+            stored[0].1.len() <= PUBLISHED_MAX_BYTES,
+            "{}",
+            stored[0].1.len()
+        );
+        let back: ShadowReport = serde_json::from_slice(&stored[0].1).unwrap();
+        assert_eq!((back.compared, back.differing), (30, 20));
+        assert!(!back.divergences.is_empty() && back.divergences.len() < 20);
+    }
 }

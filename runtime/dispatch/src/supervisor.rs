@@ -53,6 +53,12 @@ impl PipelineBoard {
     pub fn shadow_report(&self, plugin: &str) -> Option<crate::shadow::ShadowReport> {
         self.shadows.lock().get(plugin)?.report()
     }
+
+    /// The reports of every shadow candidate running here.
+    pub fn shadow_reports(&self) -> Vec<crate::shadow::ShadowReport> {
+        let shadows: Vec<_> = self.shadows.lock().values().map(Arc::clone).collect();
+        shadows.iter().filter_map(|s| s.report()).collect()
+    }
 }
 
 /// What decides a plugin's pipelines: when it changes, the pipelines restart.

@@ -63,6 +63,10 @@ pub struct PluginRecord {
     /// deploy --shadow`), compared with it event by event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<String>,
+    /// When the shadow candidate was set (Unix ms): the runtimes' reports on it are kept
+    /// under it, so a candidate stopped and run again starts a new report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_since_ms: Option<u64>,
     /// Shadow candidates promoted to active at an offset cut, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub promotions: Vec<Promotion>,

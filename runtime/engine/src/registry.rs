@@ -228,6 +228,7 @@ impl Registry {
         let mut new_file = file.clone();
         if let Some(rec) = new_file.plugins.get_mut(name) {
             rec.shadow = version.map(str::to_owned);
+            rec.shadow_since_ms = version.map(|_| now_ms().max(0) as u64);
         }
         self.persist(&new_file, name).await?;
         *file = new_file;
@@ -638,6 +639,7 @@ impl Registry {
             // A candidate that becomes active is no longer a shadow.
             if rec.shadow.as_deref() == Some(version) {
                 rec.shadow = None;
+                rec.shadow_since_ms = None;
                 unshadowed = true;
             }
         }

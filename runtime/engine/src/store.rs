@@ -333,6 +333,7 @@ mod tests {
             active: Some("1.0.0".into()),
             history: vec![],
             shadow: None,
+            shadow_since_ms: None,
             promotions: vec![],
         };
         let empty = BTreeMap::new();

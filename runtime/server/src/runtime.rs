@@ -152,6 +152,12 @@ pub struct Runtime {
     pub backends: Backends,
     /// Plugin registry.
     pub registry: Arc<Registry>,
+    /// This runtime's instance id (kept in the data directory, or the static-membership
+    /// id): its name in the cluster's shadow reports and promotion records.
+    pub instance: String,
+    /// Held while a shadow report is checked against the registry and published, and while
+    /// reports are dropped, so this runtime never publishes one it has just dropped.
+    publishing: Arc<tokio::sync::Mutex<()>>,
     ready: Arc<AtomicBool>,
     pipelines: Arc<PipelineBoard>,
     shutdown: CancellationToken,
@@ -216,6 +222,12 @@ impl Runtime {
         .await?;
         let ready = Arc::new(AtomicBool::new(false));
         let pipelines = Arc::new(PipelineBoard::default());
+        let instance = config.instance_id().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot keep this runtime's instance id in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
         let shutdown = CancellationToken::new();
         let cx = DispatchContext {
             // Idle warm instances of every pipeline: one budget and one timeout.
@@ -228,12 +240,7 @@ impl Runtime {
                 .kafka
                 .clone()
                 .map(|k| k as Arc<dyn spate_core::Transactional>),
-            instance: config.instance_id().map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot keep this runtime's instance id in {}: {e}",
-                    config.data_dir.display()
-                )
-            })?,
+            instance: instance.clone(),
             ..DispatchContext::new(
                 Arc::clone(&backends.source),
                 Arc::clone(&backends.bus),
@@ -257,15 +264,62 @@ impl Runtime {
             Arc::clone(&backends.store),
             shutdown.clone(),
         ));
+        let publishing = Arc::new(tokio::sync::Mutex::new(()));
+        tokio::spawn(publish_shadow_reports(
+            Arc::clone(&publishing),
+            Arc::clone(&registry),
+            Arc::clone(&pipelines),
+            Arc::clone(&backends.store),
+            instance.clone(),
+            shutdown.clone(),
+        ));
         Ok(Arc::new(Self {
             config,
             backends,
             registry,
+            instance,
+            publishing,
             ready,
             pipelines,
             shutdown,
             supervisor: tokio::sync::Mutex::new(Some(handle)),
         }))
+    }
+
+    /// How `name`'s shadow `candidate` compares with its active version on the events
+    /// every runtime of the cluster handled: this runtime's live report (an empty one
+    /// while its pipelines have not picked the candidate up) plus the ones the others
+    /// published for this run of it (`generation`).
+    pub async fn cluster_shadow_report(
+        &self,
+        name: &str,
+        (candidate, generation): (&str, &str),
+    ) -> spate_core::BackendResult<spate_dispatch::shadow::ShadowReport> {
+        use spate_dispatch::shadow::{ShadowReport, cluster_report};
+        let local = self
+            .shadow_report(name)
+            .filter(|r| r.candidate == candidate)
+            .unwrap_or_else(|| ShadowReport {
+                plugin: name.to_owned(),
+                candidate: candidate.to_owned(),
+                cpu_share: self.config.dispatch.shadow_cpu_share,
+                ..ShadowReport::default()
+            });
+        cluster_report(&*self.backends.store, &self.instance, generation, local).await
+    }
+
+    /// `name`'s shadow candidate in the registry and the generation its reports are kept
+    /// under, if it has one.
+    pub async fn shadow_generation(&self, name: &str) -> Option<(String, String)> {
+        shadow_generation(&self.registry, name).await
+    }
+
+    /// Drop the reports the runtimes published on `name`'s earlier shadow candidates (one
+    /// stopped, was promoted or was replaced), keeping the running one's.
+    pub async fn forget_shadow_reports(&self, name: &str) -> spate_core::BackendResult<()> {
+        let _publishing = self.publishing.lock().await;
+        let keep = self.shadow_generation(name).await.map(|(_, g)| g);
+        spate_dispatch::shadow::forget(&*self.backends.store, name, keep.as_deref()).await
     }
 
     /// How `name`'s shadow candidate compares with its active version on the events this
@@ -315,6 +369,19 @@ impl Runtime {
 
     /// Stop reading, drain in-flight events, commit, and return when done.
     pub async fn shutdown(&self) {
+        // The shadow reports as they stand: the comparisons of the drain are not published
+        // (its pipelines and their reports are gone once it ends).
+        {
+            let _publishing = self.publishing.lock().await;
+            for report in self.pipelines.shadow_reports() {
+                let store = &*self.backends.store;
+                if let Err(e) =
+                    publish_shadow_report(&self.registry, store, &self.instance, &report).await
+                {
+                    tracing::warn!(plugin = %report.plugin, error = %e, "cannot publish the shadow report at shutdown");
+                }
+            }
+        }
         self.shutdown.cancel();
         if let Some(h) = self.supervisor.lock().await.take() {
             let _ = h.await;
@@ -380,6 +447,84 @@ fn instance_name(config: &Config) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("spate-{:016x}", rand::random::<u64>()))
+}
+
+/// How often each runtime publishes its shadow reports for the others.
+const SHADOW_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Publish the report of every shadow candidate running here whenever it changed (at most
+/// once a [`SHADOW_PUBLISH_INTERVAL`]; [`Runtime::shutdown`] publishes the last), so any runtime's
+/// `GET /v1/plugins/{name}/shadow` sums the cluster's.
+async fn publish_shadow_reports(
+    publishing: Arc<tokio::sync::Mutex<()>>,
+    registry: Arc<Registry>,
+    pipelines: Arc<PipelineBoard>,
+    store: Arc<dyn spate_core::StateStore>,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    use std::collections::HashMap;
+    // What was last published of each run of a candidate here: (plugin, candidate, since).
+    let mut published: HashMap<(String, String, u64), (u64, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(SHADOW_PUBLISH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for report in pipelines.shadow_reports() {
+            let id = (
+                report.plugin.clone(),
+                report.candidate.clone(),
+                report.since_ms,
+            );
+            let seen = (report.compared, report.skipped);
+            if published.get(&id) == Some(&seen) {
+                continue;
+            }
+            let outcome = {
+                let _publishing = publishing.lock().await;
+                publish_shadow_report(&registry, &*store, &instance, &report).await
+            };
+            match outcome {
+                Ok(true) => {
+                    published.insert(id, seen);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(plugin = %report.plugin, error = %e, "cannot publish the shadow report; next round");
+                }
+            }
+        }
+    }
+}
+
+/// Publish `report` under its candidate's generation in the registry; `false` when the
+/// registry runs another candidate or none (stopped or promoted, and the pipelines have
+/// not caught up): nothing is published.
+async fn publish_shadow_report(
+    registry: &Registry,
+    store: &dyn spate_core::StateStore,
+    instance: &str,
+    report: &spate_dispatch::shadow::ShadowReport,
+) -> spate_core::BackendResult<bool> {
+    match shadow_generation(registry, &report.plugin).await {
+        Some((candidate, generation)) if candidate == report.candidate => {
+            spate_dispatch::shadow::publish(store, instance, &generation, report).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// `name`'s shadow candidate in `registry` and the generation its reports are kept under.
+async fn shadow_generation(registry: &Registry, name: &str) -> Option<(String, String)> {
+    let record = registry.show(name).await?;
+    let candidate = record.shadow?;
+    let generation =
+        spate_dispatch::shadow::generation(&candidate, record.shadow_since_ms.unwrap_or(0));
+    Some((candidate, generation))
 }
 
 /// How often the parked-key gauges are recomputed.

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod kafka;
 pub mod node;
+pub mod replay;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header as http};
@@ -294,8 +295,8 @@ pub async fn api(
 }
 
 /// Every live entry of state namespace `ns` (at most 100,000), by key.
-pub async fn state_of(h: &Harness, ns: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
-    h.rt.backends
+pub async fn state_of(rt: &Runtime, ns: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    rt.backends
         .state
         .scan(ns, "", 100_000)
         .await

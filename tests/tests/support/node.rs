@@ -70,6 +70,16 @@ pub async fn spawn_node_with(
 }
 
 pub async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
+    upload_query(http, node, manifest, "").await;
+}
+
+/// Uploads a test-chaos version through `POST /v1/plugins?{query}`; its JSON answer.
+pub async fn upload_query(
+    http: &reqwest::Client,
+    node: &Node,
+    manifest: String,
+    query: &str,
+) -> serde_json::Value {
     let form = reqwest::multipart::Form::new()
         .part("manifest", reqwest::multipart::Part::text(manifest))
         .part(
@@ -77,13 +87,16 @@ pub async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
             reqwest::multipart::Part::bytes(chaos_wasm()).file_name("chaos.wasm"),
         );
     let r = http
-        .post(format!("{}/v1/plugins", node.base))
+        .post(format!("{}/v1/plugins?{query}", node.base))
         .bearer_auth(TOKEN)
         .multipart(form)
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 /// POSTs `events` to `topic` over a node's API; the status and the JSON body.

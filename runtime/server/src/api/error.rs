@@ -230,6 +230,21 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A state-store failure (`From<BackendError>` words it for the event log): a 503
+    /// saying the store is unavailable, then `retry` (what retrying means for this
+    /// request); anything else is a 500.
+    pub fn store(e: BackendError, retry: &str) -> Self {
+        match e {
+            BackendError::Unavailable(m) => {
+                tracing::warn!(error = %m, "state store unavailable");
+                Self::Unavailable(format!("the state store is unavailable ({m}); {retry}"))
+            }
+            e => Self::internal(e),
+        }
+    }
+}
+
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {

@@ -316,16 +316,10 @@ async fn active_info(state: &ApiState, name: &str) -> ApiResult<Arc<PluginInfo>>
 
 /// A state-store failure: the bus's wording of `From<BackendError>` would blame the log.
 fn store_error(e: BackendError) -> ApiError {
-    match e {
-        BackendError::Unavailable(m) => {
-            tracing::warn!(error = %m, "state store unavailable");
-            ApiError::Unavailable(
-                "the state store is unavailable; retry shortly (requests already filed stay filed, and filing one again is harmless)"
-                    .into(),
-            )
-        }
-        e => ApiError::internal(e),
-    }
+    ApiError::store(
+        e,
+        "retry shortly (requests already filed stay filed, and filing one again is harmless)",
+    )
 }
 
 /// `GET /v1/plugins/{name}/parked`.

@@ -188,6 +188,8 @@ pub(super) async fn upload_plugin(
         registry
             .set_shadow(&outcome.name, Some(&outcome.version))
             .await?;
+        // A new candidate starts with an empty report: the earlier ones' are dropped.
+        forget_reports(&state, &outcome.name).await;
         outcome.shadow = true;
     }
     tracing::info!(plugin = %outcome.name, version = %outcome.version, active = outcome.active, unchanged = outcome.unchanged, "plugin uploaded");
@@ -282,36 +284,47 @@ pub(super) async fn rollback_plugin(
 }
 
 /// `GET /v1/plugins/{name}/shadow`: how the shadow candidate compares with the active
-/// version on the events this runtime handled since it started.
+/// version on the events every runtime of the cluster handled since it started running it
+/// (this runtime's comparisons live, the others' as they published them, at most a second
+/// old). Until this runtime's pipelines run the candidate its own share is empty, never
+/// the previous candidate's.
 pub(super) async fn shadow_report(
     State(state): State<ApiState>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<ShadowReport>> {
     let Path(name) = name.map_err(path_error)?;
-    let candidate = no_shadow(&state, &name).await?;
-    // The registry names the candidate; the pipelines learn of it a moment later. Until
-    // they run it (or when the plugin has no active version), its report is empty, never
-    // the previous candidate's.
-    let running = state
+    let (candidate, generation) = no_shadow(&state, &name).await?;
+    let report = state
         .runtime
-        .shadow_report(&name)
-        .filter(|r| r.candidate == candidate);
-    Ok(Json(running.unwrap_or(ShadowReport {
-        plugin: name,
-        candidate,
-        cpu_share: state.runtime.config.dispatch.shadow_cpu_share,
-        ..ShadowReport::default()
-    })))
+        .cluster_shadow_report(&name, (&candidate, &generation))
+        .await
+        .map_err(|e| ApiError::store(e, "retry shortly"))?;
+    Ok(Json(report))
 }
 
-/// 404 unless `name` exists and has a shadow candidate.
-async fn no_shadow(state: &ApiState, name: &str) -> ApiResult<String> {
+/// Drop the shadow reports the runtimes published on `name`'s earlier candidates. A failure
+/// is logged, not returned: the registry change it follows stands, and the reports left
+/// behind are never summed again (their TTL removes them).
+async fn forget_reports(state: &ApiState, name: &str) {
+    if let Err(e) = state.runtime.forget_shadow_reports(name).await {
+        tracing::warn!(plugin = %name, error = %e, "cannot drop the published shadow reports");
+    }
+}
+
+/// 404 unless `name` exists and has a shadow candidate; the candidate and the generation
+/// its reports are kept under.
+async fn no_shadow(state: &ApiState, name: &str) -> ApiResult<(String, String)> {
+    if let Some(found) = state.runtime.shadow_generation(name).await {
+        return Ok(found);
+    }
     match state.runtime.registry.show(name).await {
         None => Err(ApiError::NotFound {
             code: "not_found",
-            message: format!("no plugin named `{name}`; `GET /v1/plugins` (`spate plugin ls`) lists them"),
+            message: format!(
+                "no plugin named `{name}`; `GET /v1/plugins` (`spate plugin ls`) lists them"
+            ),
         }),
-        Some(r) => r.shadow.ok_or_else(|| ApiError::NotFound {
+        Some(_) => Err(ApiError::NotFound {
             code: "no_shadow",
             message: format!(
                 "plugin `{name}` has no shadow candidate; upload one with `POST /v1/plugins?shadow=true` (`spate plugin deploy --shadow`)"
@@ -328,6 +341,7 @@ pub(super) async fn stop_shadow(
     let Path(name) = name.map_err(path_error)?;
     no_shadow(&state, &name).await?;
     state.runtime.registry.set_shadow(&name, None).await?;
+    forget_reports(&state, &name).await;
     tracing::info!(plugin = %name, "shadow candidate stopped");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -368,6 +382,7 @@ pub(super) async fn promote_plugin(
     let Path(name) = name.map_err(path_error)?;
     no_shadow(&state, &name).await?;
     let p = state.runtime.registry.promote(&name).await?;
+    forget_reports(&state, &name).await;
     tracing::info!(plugin = %name, from = %p.from, to = %p.to, promotion = p.id, "shadow candidate promoted");
     Ok(Json(Promoted {
         active: p.to,

@@ -253,12 +253,7 @@ async fn lookup(
         (&event.topic, event.partition, event.offset),
     )
     .await
-    .map_err(|e| match e {
-        spate_core::BackendError::Unavailable(m) => ApiError::Unavailable(format!(
-            "the state store is unavailable ({m}); retry shortly"
-        )),
-        other => ApiError::internal(other),
-    })
+    .map_err(|e| ApiError::store(e, "retry shortly"))
 }
 
 /// Checks the request against the plugin and the log.

@@ -254,6 +254,13 @@ pub fn shadow_lines(r: &ShadowReport) -> Vec<String> {
         r.skipped,
         r.cpu_share
     )];
+    if !r.runtimes.is_empty() {
+        out.push(format!(
+            "summed over {} runtime(s): {}",
+            r.runtimes.len(),
+            r.runtimes.join(", ")
+        ));
+    }
     for d in &r.divergences {
         let a = &d.active;
 
