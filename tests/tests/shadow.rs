@@ -130,6 +130,23 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
         9_000
     );
 
+    // Events retried before they succeed are compared or skipped once each, whatever the
+    // attempts: 20 that succeed on their third.
+    let flaky: Vec<NewEvent> = (0..20)
+        .map(|i| NewEvent {
+            key: Some(format!("f{i}").into_bytes()),
+            payload: serde_json::to_vec(&json!({"op": "flaky", "succeed-on": 3})).unwrap(),
+            headers: Vec::new(),
+        })
+        .collect();
+    h.bus().append("in", flaky).await.unwrap();
+    h.wait_events("out", 10_020, WAIT).await;
+    settled(&app, "sh", 10_020).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = report(&app, "sh").await;
+    assert_eq!(r.compared + r.skipped, 10_020, "{r:?}");
+    assert_eq!(r.identical, r.compared, "{r:?}");
+
     // A candidate that may not emit: every event it sees differs, as a trap.
     let mute = chaos_manifest("sh", "2.0.0", "in", "[limits]\nmax-emits = 0\n");
     let (status, body) = upload_chaos_query(&app, &mute, "shadow=true").await;

@@ -1197,11 +1197,14 @@ fn shadow_failed(
     (kind, reason, attempts): (DeadLetterKind, &str, u32),
     then: &str,
 ) {
-    if let Some(ticket) = ctx.active.shadow().admit() {
-        let label = info.manifest.version.to_string();
-        let outcome = Outcome::failed(kind, reason, then);
-        let mine = EffectRecord::new(event, &label, outcome, attempts, None);
-        ticket.compare(&ctx.services, event, mine);
+    match ctx.active.shadow().admit() {
+        Some(ticket) => {
+            let label = info.manifest.version.to_string();
+            let outcome = Outcome::failed(kind, reason, then);
+            let mine = EffectRecord::new(event, &label, outcome, attempts, None);
+            ticket.compare(&ctx.services, event, mine);
+        }
+        None => ctx.active.shadow().passed_over(),
     }
 }
 
@@ -1425,10 +1428,14 @@ impl Call<'_> {
             attempt,
             Some(&effects),
         ));
-        if let Some(ticket) = ticket {
-            let label = info.manifest.version.to_string();
-            let mine = EffectRecord::new(event, &label, Outcome::Ok, attempt, Some(&effects));
-            ticket.compare(&ctx.services, event, mine);
+        match ticket {
+            Some(ticket) => {
+                let label = info.manifest.version.to_string();
+                let mine = EffectRecord::new(event, &label, Outcome::Ok, attempt, Some(&effects));
+                ticket.compare(&ctx.services, event, mine);
+            }
+            None if matches!(self.at, At::Event(_)) => ctx.active.shadow().passed_over(),
+            None => {}
         }
         // Kept for the record only; the checkpoint applies no reads.
         effects.reads = Default::default();

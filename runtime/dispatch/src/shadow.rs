@@ -57,7 +57,8 @@ pub struct ShadowReport {
     /// Events the candidate failed on (a trap, retry or reject) while the active version
     /// did not; counted in `differing` too.
     pub traps: u64,
-    /// Events not compared: the CPU budget was spent, or a shadow call was running.
+    /// Events not compared (each once, however many attempts it took): the CPU budget was
+    /// spent, or a shadow call was running.
     pub skipped: u64,
     /// The first divergences, with both records and the diff.
     pub divergences: Vec<Divergence>,
@@ -223,19 +224,16 @@ impl Shadow {
         })
     }
 
-    /// The right to run a shadow call on the event about to be handled, if a candidate
-    /// runs, none of its calls is running and the budget has time left; otherwise the
-    /// event is counted as skipped. Cheap when it says no: one or two atomics.
+    /// The right to run a shadow call on the event about to be handled (one attempt of
+    /// it), if a candidate runs, none of its calls is running and the budget has time
+    /// left. Cheap when it says no: one or two atomics. An event that ends without a
+    /// comparison is counted by [`Shadow::passed_over`], once, however many attempts it
+    /// took.
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Ticket> {
-        if !self.is_on() {
-            return None;
-        }
-        if self.running.load(Ordering::Acquire) || !self.budget_left() {
-            self.skip();
+        if !self.is_on() || self.running.load(Ordering::Acquire) || !self.budget_left() {
             return None;
         }
         if self.running.swap(true, Ordering::AcqRel) {
-            self.skip();
             return None;
         }
         Some(Ticket {
@@ -244,7 +242,12 @@ impl Shadow {
         })
     }
 
-    fn skip(&self) {
+    /// An event ended (handled or failed for good) without a comparison: counted as
+    /// skipped while a candidate runs.
+    pub(crate) fn passed_over(&self) {
+        if !self.is_on() {
+            return;
+        }
         self.skipped.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = &*self.skipped_total.lock() {
             c.increment(1);

@@ -207,7 +207,9 @@ impl Capture {
 
     /// Run `event` through `version` once: what it did, as a record. A successful call's
     /// state and cache writes are seen by this capture's later events. With `recorded`
-    /// (the event's effect record), the keys it read then read the same values now.
+    /// (the event's effect record), the keys it read then read the same values now, and
+    /// the call sees the attempt number the recorded call saw (`spate-attempt`), so a
+    /// handler that behaves by attempt behaves the same.
     pub async fn run(
         &self,
         version: &Arc<dyn PluginVersion>,
@@ -220,13 +222,19 @@ impl Capture {
             .as_ref()
             .map(|r| (info.namespace.clone(), Arc::clone(r)));
         *self.cache.pins.lock() = reads;
-        let record = self.call(version, event).await;
+        let attempt = recorded.map_or(1, |r| r.attempts.max(1));
+        let record = self.call(version, event, attempt).await;
         *self.state.pins.lock() = None;
         *self.cache.pins.lock() = None;
         record
     }
 
-    async fn call(&self, version: &Arc<dyn PluginVersion>, event: &Event) -> EffectRecord {
+    async fn call(
+        &self,
+        version: &Arc<dyn PluginVersion>,
+        event: &Event,
+        attempt: u32,
+    ) -> EffectRecord {
         let info = version.info();
         let label = info.manifest.version.to_string();
         if !info.manifest.filter.matches(event) {
@@ -235,14 +243,14 @@ impl Capture {
         let invocation = Invocation::new(
             Arc::clone(info),
             self.services.clone(),
-            Arc::new(event.with_attempt(1)),
+            Arc::new(event.with_attempt(attempt)),
         );
         let failed = |kind: DeadLetterKind, reason: String| {
             EffectRecord::new(
                 event,
                 &label,
                 Outcome::failed(kind, &reason, "not-retried"),
-                1,
+                attempt,
                 None,
             )
         };
@@ -277,7 +285,7 @@ impl Capture {
                 CacheOp::Incr { key, delta } => self.cache.incr(key, *delta).await.map(|_| ()),
             };
         }
-        EffectRecord::new(event, &label, Outcome::Ok, 1, Some(&effects))
+        EffectRecord::new(event, &label, Outcome::Ok, attempt, Some(&effects))
     }
 }
 
