@@ -145,30 +145,15 @@ impl Cluster {
         started.elapsed()
     }
 
-    /// `GET path` on `node`: the status and the JSON body.
     async fn get(&self, node: &Node, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", node.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        support::node::get(&self.http, node, path).await
     }
 
+    /// `POST path` on `node`, which must succeed: the JSON body.
     async fn post(&self, node: &Node, path: &str) -> Value {
-        let r = self
-            .http
-            .post(format!("{}{path}", node.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {body}");
+        let (status, body) =
+            support::node::request(&self.http, reqwest::Method::POST, node, path).await;
+        assert!((200..300).contains(&status), "{path}: {status} {body}");
         body
     }
 }

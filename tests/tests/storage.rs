@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::node::{Node, handled_ok, metric, post_events, spawn_node, upload};
+use support::node::{Node, get, handled_ok, metric, post_events, spawn_node, upload};
 use support::{TOKEN, chaos_manifest};
 
 /// A tmpfs of `size` mounted at a directory for the life of the value.
@@ -60,18 +60,6 @@ fn fill(dir: &Path) -> PathBuf {
     }
     let _ = f.sync_all();
     path
-}
-
-/// POSTs `events` to `topic`; the status and body.
-async fn get(http: &reqwest::Client, node: &Node, path: &str) -> (u16, Value) {
-    let r = http
-        .get(format!("{}{path}", node.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// Every event of `topic`, read through the API's cursors, `limit` at a time.

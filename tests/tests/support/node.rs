@@ -69,6 +69,28 @@ pub async fn spawn_node_with(
     }
 }
 
+/// `method path` on `node` with the token: the status and the JSON body (null if none).
+pub async fn request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    node: &Node,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .request(method, format!("{}{path}", node.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `GET path` on `node`: the status and the JSON body.
+pub async fn get(http: &reqwest::Client, node: &Node, path: &str) -> (u16, serde_json::Value) {
+    request(http, reqwest::Method::GET, node, path).await
+}
+
 pub async fn upload(http: &reqwest::Client, node: &Node, manifest: String) {
     upload_query(http, node, manifest, "").await;
 }
