@@ -56,8 +56,13 @@ impl PipelineBoard {
 
     /// The reports of every shadow candidate running here.
     pub fn shadow_reports(&self) -> Vec<crate::shadow::ShadowReport> {
-        let shadows: Vec<_> = self.shadows.lock().values().map(Arc::clone).collect();
-        shadows.iter().filter_map(|s| s.report()).collect()
+        self.shadows().iter().filter_map(|s| s.report()).collect()
+    }
+
+    /// Every running plugin's shadow slot (kept by the caller, its report outlives the
+    /// pipelines: what a shutdown publishes after the drain).
+    pub fn shadows(&self) -> Vec<Arc<crate::shadow::Shadow>> {
+        self.shadows.lock().values().map(Arc::clone).collect()
     }
 }
 

@@ -369,22 +369,26 @@ impl Runtime {
 
     /// Stop reading, drain in-flight events, commit, and return when done.
     pub async fn shutdown(&self) {
-        // The shadow reports as they stand: the comparisons of the drain are not published
-        // (its pipelines and their reports are gone once it ends).
-        {
-            let _publishing = self.publishing.lock().await;
-            for report in self.pipelines.shadow_reports() {
-                let store = &*self.backends.store;
-                if let Err(e) =
-                    publish_shadow_report(&self.registry, store, &self.instance, &report).await
-                {
-                    tracing::warn!(plugin = %report.plugin, error = %e, "cannot publish the shadow report at shutdown");
-                }
-            }
-        }
+        // The shadow slots outlive their pipelines: their reports, with the drain's
+        // comparisons, are published once it ended.
+        let shadows = self.pipelines.shadows();
         self.shutdown.cancel();
         if let Some(h) = self.supervisor.lock().await.take() {
             let _ = h.await;
+        }
+        let _publishing = self.publishing.lock().await;
+        for report in shadows.iter().filter_map(|s| s.report()) {
+            let store = &*self.backends.store;
+            let publish = publish_shadow_report(&self.registry, store, &self.instance, &report);
+            match tokio::time::timeout(SHADOW_PUBLISH_INTERVAL * 2, publish).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(plugin = %report.plugin, error = %e, "cannot publish the shadow report at shutdown");
+                }
+                Err(_) => {
+                    tracing::warn!(plugin = %report.plugin, "the state store did not take the shadow report at shutdown in time");
+                }
+            }
         }
     }
 }
@@ -453,8 +457,8 @@ fn instance_name(config: &Config) -> String {
 const SHADOW_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publish the report of every shadow candidate running here whenever it changed (at most
-/// once a [`SHADOW_PUBLISH_INTERVAL`]; [`Runtime::shutdown`] publishes the last), so any runtime's
-/// `GET /v1/plugins/{name}/shadow` sums the cluster's.
+/// once a [`SHADOW_PUBLISH_INTERVAL`]; [`Runtime::shutdown`] publishes the last, after the
+/// drain), so any runtime's `GET /v1/plugins/{name}/shadow` sums the cluster's.
 async fn publish_shadow_reports(
     publishing: Arc<tokio::sync::Mutex<()>>,
     registry: Arc<Registry>,
