@@ -577,10 +577,7 @@ impl Pipeline {
                 // is void. Stop without committing; the plugin restarts from it.
                 _ = failed.cancelled() => {
                     st.tasks.abort_all();
-                    self.ctx.ckpt.leave().await;
-                    sub.close().await;
-                    st.lanes.idle.forget(st.lanes.owner, |_| true);
-                    self.health.set_joined(false);
+                    self.close(&mut *sub, &mut st).await;
                     return Err(BackendError::Unavailable(
                         "an exactly-once transaction failed; restarting from the last checkpoint".into(),
                     ));
@@ -607,34 +604,7 @@ impl Pipeline {
                     }
                     Ok(SourceMessage::Events(events)) => {
                         self.follow_promotion(&mut st).await;
-                        for event in events {
-                            let next = st.read_next.entry(event.partition).or_default();
-                            *next = (*next).max(event.offset + 1);
-                            // A re-delivery, a revoked partition, or an event a checkpoint
-                            // recorded as done before a restart: not handled again.
-                            if self.ctx.ckpt.track(&cfg.topic, event.partition, event.offset) != Track::New {
-                                continue;
-                            }
-                            // The active version's filter: a passed-over event is done, with
-                            // no sandbox and no effects.
-                            if !self.ctx.active.admits(&event) {
-                                self.ctx.ckpt.skip(&cfg.topic, event.partition, event.offset);
-                                self.ctx.meters.filtered.increment(1);
-                                continue;
-                            }
-                            let partition = event.partition;
-                            let key = lane_key(cfg.ordering, &event);
-                            if let Some(lane) = st.lanes.push(&key, event) {
-                                self.start_next(key, lane, &mut st.tasks);
-                            }
-                            if st.lanes.buffered_in(partition) >= cfg.max_buffered_per_partition
-                                && st.paused.insert(partition)
-                            {
-                                debug!(plugin = %cfg.plugin, partition, "partition full; pausing it");
-                                sub.pause(&TopicPartition::new(cfg.topic.clone(), partition));
-                                metrics::counter!(spate_core::metric_names::PARTITION_PAUSES_TOTAL, "plugin" => cfg.plugin.clone()).increment(1);
-                            }
-                        }
+                        self.dispatch(&mut *sub, &mut st, events);
                     }
                     Err(e) => {
                         warn!(plugin = %cfg.plugin, topic = %cfg.topic, error = %e, "subscription failed; retrying");
@@ -644,24 +614,83 @@ impl Pipeline {
                         }
                     }
                 },
-                _ = ticker.tick() => {
-                    self.follow_promotion(&mut st).await;
-                    self.health.beat();
-                    self.health.set_joined(sub.joined());
-                    self.ctx.idle.expire();
-                    self.commit(&mut *sub, &mut st.committed).await;
-                    self.report_lag(&mut st).await;
-                    if st.last_requests.elapsed() >= REQUESTS_INTERVAL {
-                        st.last_requests = Instant::now();
-                        self.take_requests(&mut st).await;
-                    }
-                }
+                _ = ticker.tick() => self.tick(&mut *sub, &mut st).await,
             }
         }
+        self.drain(&mut *sub, &mut st, &mut ticker).await;
+        self.checkpoint_now().await;
+        self.commit(&mut *sub, &mut st.committed).await;
+        self.close(&mut *sub, &mut st).await;
+        Ok(())
+    }
 
-        // Drain: keep handling what was read, lanes included, so the final commit covers
-        // it all. At the deadline, back-offs are abandoned and calls already running get
-        // a short grace (each is bounded by its own deadline); the rest is redelivered.
+    /// Put events just read in their key lanes (starting the lanes that were idle), but
+    /// those already handled and those the filter passes over; pause a partition whose
+    /// share of the buffer is full.
+    fn dispatch(&self, sub: &mut dyn Subscription, st: &mut RunState, events: Vec<Event>) {
+        let cfg = &self.config;
+        for event in events {
+            let next = st.read_next.entry(event.partition).or_default();
+            *next = (*next).max(event.offset + 1);
+            // A re-delivery, a revoked partition, or an event a checkpoint recorded as done
+            // before a restart: not handled again.
+            if self
+                .ctx
+                .ckpt
+                .track(&cfg.topic, event.partition, event.offset)
+                != Track::New
+            {
+                continue;
+            }
+            // The active version's filter: a passed-over event is done, with no sandbox
+            // and no effects.
+            if !self.ctx.active.admits(&event) {
+                self.ctx
+                    .ckpt
+                    .skip(&cfg.topic, event.partition, event.offset);
+                self.ctx.meters.filtered.increment(1);
+                continue;
+            }
+            let partition = event.partition;
+            let key = lane_key(cfg.ordering, &event);
+            if let Some(lane) = st.lanes.push(&key, event) {
+                self.start_next(key, lane, &mut st.tasks);
+            }
+            if st.lanes.buffered_in(partition) >= cfg.max_buffered_per_partition
+                && st.paused.insert(partition)
+            {
+                debug!(plugin = %cfg.plugin, partition, "partition full; pausing it");
+                sub.pause(&TopicPartition::new(cfg.topic.clone(), partition));
+                metrics::counter!(spate_core::metric_names::PARTITION_PAUSES_TOTAL, "plugin" => cfg.plugin.clone()).increment(1);
+            }
+        }
+    }
+
+    /// A commit interval went by: promotions, probes, idle instances, the commit, the lag,
+    /// and (less often) the operators' requests.
+    async fn tick(&self, sub: &mut dyn Subscription, st: &mut RunState) {
+        self.follow_promotion(st).await;
+        self.health.beat();
+        self.health.set_joined(sub.joined());
+        self.ctx.idle.expire();
+        self.commit(sub, &mut st.committed).await;
+        self.report_lag(st).await;
+        if st.last_requests.elapsed() >= REQUESTS_INTERVAL {
+            st.last_requests = Instant::now();
+            self.take_requests(st).await;
+        }
+    }
+
+    /// Keep handling what was read, lanes included, so the final commit covers it all. At
+    /// the deadline, back-offs are abandoned and calls already running get a short grace
+    /// (each is bounded by its own deadline); the rest is redelivered.
+    async fn drain(
+        &self,
+        sub: &mut dyn Subscription,
+        st: &mut RunState,
+        ticker: &mut tokio::time::Interval,
+    ) {
+        let cfg = &self.config;
         let drain = tokio::time::sleep(cfg.drain_timeout);
         tokio::pin!(drain);
         let mut abandoning = false;
@@ -669,7 +698,7 @@ impl Pipeline {
             tokio::select! {
                 Some(joined) = st.tasks.join_next() => {
                     if let Ok(report) = joined {
-                        self.finish(report, &mut st, !abandoning);
+                        self.finish(report, st, !abandoning);
                     }
                 }
                 _ = &mut drain => {
@@ -685,18 +714,19 @@ impl Pipeline {
                 }
                 _ = ticker.tick() => {
                     self.health.beat();
-                    self.commit(&mut *sub, &mut st.committed).await;
+                    self.commit(sub, &mut st.committed).await;
                 }
             }
         }
-        self.checkpoint_now().await;
-        self.commit(&mut *sub, &mut st.committed).await;
+    }
+
+    /// Leave the checkpoints and the group; a stopped pipeline (plugin removed, runtime
+    /// stopping, a failed transaction) keeps no instance.
+    async fn close(&self, sub: &mut dyn Subscription, st: &mut RunState) {
         self.ctx.ckpt.leave().await;
         sub.close().await;
-        // A stopped pipeline (plugin removed, runtime stopping) keeps no instance.
         st.lanes.idle.forget(st.lanes.owner, |_| true);
         self.health.set_joined(false);
-        Ok(())
     }
 
     /// Partitions taken away: their queued events are dropped (the next owner reads them
