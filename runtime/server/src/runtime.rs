@@ -153,7 +153,7 @@ pub struct Runtime {
     /// Plugin registry.
     pub registry: Arc<Registry>,
     /// This runtime's instance id (kept in the data directory, or the static-membership
-    /// id): its name in the cluster's shadow reports and promotion records.
+    /// id): its name in the cluster's shadow reports and in its Kafka transactional id.
     pub instance: String,
     /// Held while a shadow report is checked against the registry and published, and while
     /// reports are dropped, so this runtime never publishes one it has just dropped.
