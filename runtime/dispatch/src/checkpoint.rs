@@ -239,6 +239,70 @@ fn expires_at(now: u64, ttl: Option<Duration>) -> u64 {
 }
 
 /// The overlay's answer for `key`: `Some(value or absence)` if it holds a write of it.
+/// The first key of `writes` whose condition does not hold against the view (or, for a
+/// key it does not hold, the `stored` value).
+fn conflict(
+    inner: &Inner,
+    namespace: &str,
+    writes: &[StateWrite],
+    stored: &HashMap<String, Option<Vec<u8>>>,
+    now: u64,
+) -> Option<String> {
+    writes.iter().find_map(|w| {
+        let expected = w.condition.as_ref()?;
+        let current = match overlay_get(inner, namespace, &w.key, now) {
+            Some(v) => v.cloned(),
+            None => stored.get(&w.key).cloned().flatten(),
+        };
+        (current.as_ref() != expected.as_ref()).then(|| w.key.clone())
+    })
+}
+
+impl Inner {
+    /// Take one unit's effects: its state and side writes into the view, its emits into
+    /// the sender's queue, its cache writes for the checkpoint.
+    fn take(
+        &mut self,
+        now: u64,
+        (namespace, writes): (String, Vec<StateWrite>),
+        side: Vec<(String, StateWrite)>,
+        emits: Vec<spate_core::host::PendingEmit>,
+        cache: Vec<CacheOp>,
+    ) {
+        let pending = |w: StateWrite| {
+            let p = Pending {
+                expires_at: expires_at(now, w.ttl),
+                value: w.value,
+            };
+            (p.bytes(&w.key), w.key, p)
+        };
+        for (ns, w) in side {
+            let (bytes, key, p) = pending(w);
+            self.dirty_bytes += bytes;
+            self.dirty.entry(ns).or_default().insert(key, p);
+        }
+        if !writes.is_empty() {
+            let ns = self.dirty.entry(namespace).or_default();
+            for w in writes {
+                let (bytes, key, p) = pending(w);
+                self.dirty_bytes += bytes;
+                ns.insert(key, p);
+            }
+        }
+        for e in emits {
+            self.seq += 1;
+            self.unacked_bytes += e.event.payload.len() + 64;
+            self.queue.push_back(Queued {
+                seq: self.seq,
+                topic: e.topic,
+                event: e.event,
+            });
+        }
+        self.cache.extend(cache);
+        self.events += 1;
+    }
+}
+
 fn overlay_get<'a>(
     inner: &'a Inner,
     namespace: &str,
@@ -579,44 +643,15 @@ impl Checkpointer {
             side.clear();
         }
         loop {
-            // Conditions on keys the view does not hold are checked against the store,
-            // read before taking the lock; a checkpoint landing meanwhile means read again.
-            let (generation, missing) = {
-                let g = self.inner.lock();
-                let now = now_ms();
-                let missing: Vec<&str> = writes
-                    .iter()
-                    .filter(|w| w.condition.is_some())
-                    .filter(|w| overlay_get(&g, &namespace, &w.key, now).is_none())
-                    .map(|w| w.key.as_str())
-                    .collect();
-                (g.generation, missing)
-            };
-            let mut stored = HashMap::with_capacity(missing.len());
-            for key in missing {
-                let value = self
-                    .state
-                    .get(&namespace, key)
-                    .await
-                    .map_err(FinishError::Backend)?;
-                stored.insert(key.to_owned(), value);
-            }
+            let (generation, stored) = self.read_missing(&namespace, &writes).await?;
             let mut g = self.inner.lock();
             if !stored.is_empty() && g.generation != generation {
+                // A checkpoint landed meanwhile: what was read may be stale.
                 continue;
             }
             let now = now_ms();
-            for w in &writes {
-                let Some(expected) = &w.condition else {
-                    continue;
-                };
-                let current = match overlay_get(&g, &namespace, &w.key, now) {
-                    Some(v) => v.cloned(),
-                    None => stored.get(&w.key).cloned().flatten(),
-                };
-                if current.as_ref() != expected.as_ref() {
-                    return Err(FinishError::Conflict(w.key.clone()));
-                }
+            if let Some(key) = conflict(&g, &namespace, &writes, &stored, now) {
+                return Err(FinishError::Conflict(key));
             }
             let Some(mark) = g.marks.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
                 // Revoked meanwhile: its next owner handles the event again.
@@ -630,39 +665,9 @@ impl Checkpointer {
             if let Some(offset) = offset {
                 mark.complete(offset);
             }
-            let inner = &mut *g;
-            for (ns, w) in side {
-                let p = Pending {
-                    expires_at: expires_at(now, w.ttl),
-                    value: w.value,
-                };
-                inner.dirty_bytes += p.bytes(&w.key);
-                inner.dirty.entry(ns).or_default().insert(w.key, p);
-            }
-            if !writes.is_empty() {
-                let ns = inner.dirty.entry(namespace).or_default();
-                for w in writes {
-                    let p = Pending {
-                        expires_at: expires_at(now, w.ttl),
-                        value: w.value,
-                    };
-                    inner.dirty_bytes += p.bytes(&w.key);
-                    ns.insert(w.key, p);
-                }
-            }
             let had_emits = !emits.is_empty();
-            for e in emits {
-                inner.seq += 1;
-                inner.unacked_bytes += e.event.payload.len() + 64;
-                inner.queue.push_back(Queued {
-                    seq: inner.seq,
-                    topic: e.topic,
-                    event: e.event,
-                });
-            }
-            inner.cache.extend(cache);
-            inner.events += 1;
-            let due = inner.events >= self.config.max_events;
+            g.take(now, (namespace, writes), side, emits, cache);
+            let due = g.events >= self.config.max_events;
             drop(g);
             if had_emits {
                 self.queued.notify_one();
@@ -672,6 +677,36 @@ impl Checkpointer {
             }
             return Ok(());
         }
+    }
+
+    /// The stored values of the keys `writes` has conditions on and the view does not
+    /// hold (read without the lock), with the view's generation when it was checked.
+    async fn read_missing(
+        &self,
+        namespace: &str,
+        writes: &[StateWrite],
+    ) -> Result<(u64, HashMap<String, Option<Vec<u8>>>), FinishError> {
+        let (generation, missing) = {
+            let g = self.inner.lock();
+            let now = now_ms();
+            let missing: Vec<String> = writes
+                .iter()
+                .filter(|w| w.condition.is_some())
+                .filter(|w| overlay_get(&g, namespace, &w.key, now).is_none())
+                .map(|w| w.key.clone())
+                .collect();
+            (g.generation, missing)
+        };
+        let mut stored = HashMap::with_capacity(missing.len());
+        for key in missing {
+            let value = self
+                .state
+                .get(namespace, &key)
+                .await
+                .map_err(FinishError::Backend)?;
+            stored.insert(key, value);
+        }
+        Ok((generation, stored))
     }
 
     async fn wait_for_room(&self) {
