@@ -367,9 +367,11 @@ max-backoff-ms = 3000
         metric_peak > 50_000_000.0,
         "the metric saw the peak: {metric_peak}"
     );
+    // The same bound the wait above used: redb's compaction leaves some free pages behind
+    // (about a third of the peak stays, in CI runs: 41 MB of 122 MB, 45 MB of 130 MB).
     assert!(
-        file_metric < peak as f64 / 3.0,
-        "the metric saw the shrink: {file_metric}"
+        file_metric < peak as f64 / 2.0,
+        "the metric saw the shrink: {file_metric} of a {peak}-byte peak"
     );
     assert!(in_peak > 50_000_000.0, "{in_peak}");
 
