@@ -209,13 +209,14 @@ async fn traps_are_classified_retried_and_dead_lettered_without_stalling_other_k
     )
     .await;
     h.send("in-mem", "bad-mem", json!({"op": "membomb"})).await;
-    for (key, op) in [("bad-loop", "loop"), ("bad-panic", "panic")] {
-        h.send("in", key, json!({"op": op})).await;
-    }
-    for i in 0..50 {
-        h.send("in", &format!("good-{i}"), json!({"op": "emit", "seq": i}))
-            .await;
-    }
+    // One append (one fsync), bad events first: the good events are there as the loop
+    // starts, however slow the disk, so only handling can order them after it.
+    let mut batch: Vec<(String, serde_json::Value)> = vec![
+        ("bad-loop".into(), json!({"op": "loop"})),
+        ("bad-panic".into(), json!({"op": "panic"})),
+    ];
+    batch.extend((0..50).map(|i| (format!("good-{i}"), json!({"op": "emit", "seq": i}))));
+    send_all(&h, "in", &batch).await;
     let out = h.wait_events("out", 50, WAIT).await;
     let mut dlq = h.wait_events("chaos.dlq", 2, WAIT).await;
     dlq.extend(h.wait_events("chaos-mem.dlq", 1, WAIT).await);

@@ -326,12 +326,24 @@ async fn example_scenario(ex: Example) {
         assert_eq!(reviews, expected, "{}: review-order runs", ex.name);
 
         for (customer, count, total, last) in EXPECTED_TOTALS {
-            assert_eq!(
-                state_json(&rt, ns, &format!("totals/{customer}")).await,
-                json!({"order_count": count, "total_cents": total, "last_order_id": last}),
-                "{}: totals/{customer}",
-                ex.name
-            );
+            let key = format!("totals/{customer}");
+            let want = json!({"order_count": count, "total_cents": total, "last_order_id": last});
+            // The state is checkpointed after the emits are published: wait for it, not a
+            // sleep.
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let got = rt.backends.state.get(ns, &key).await.unwrap();
+                let got = got.map(|b| serde_json::from_slice::<Value>(&b).unwrap());
+                if got.as_ref() == Some(&want) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: {key} is {got:?}, not {want}",
+                    ex.name
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let last_update: BTreeMap<String, Value> = updates
             .iter()

@@ -118,7 +118,8 @@ async fn spinning_plugins_leave_the_api_and_other_plugins_running() {
     let dir = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
     let node = spawn_node(dir.path(), &http, &[("TOKIO_WORKER_THREADS", "2")]).await;
-    let spin = "[limits]\ntimeout-ms = 20000\n[retry]\nmax-attempts = 1\n";
+    // The manifest ceiling (60 s): the spinners outlast the bystander's 30 s wait below.
+    let spin = "[limits]\ntimeout-ms = 60000\n[retry]\nmax-attempts = 1\n";
     upload(
         &http,
         &node,
@@ -168,7 +169,9 @@ async fn spinning_plugins_leave_the_api_and_other_plugins_running() {
         &node,
         "bystander",
         10,
-        Duration::from_secs(10),
+        // Room for a node sharing two cores with a heavier test; still well within the
+        // spinners' 60 s, so a frozen runtime fails.
+        Duration::from_secs(30),
         || {},
     )
     .await;
@@ -640,4 +643,60 @@ emit-topics = ["out"]
         "purged state is gone: {:?}",
         out.iter().map(json).collect::<Vec<_>>()
     );
+}
+
+/// A purge in the same request as the delete waits for the plugin's pipelines to drain:
+/// the last checkpoint of a stopping pipeline writes state, and before, a purge that ran
+/// beside it left that state behind for the namespace's next owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_waits_for_the_plugins_last_checkpoint() {
+    let h = Harness::start().await;
+    let app = spate::api::router(spate::api::ApiState::new(
+        h.rt.clone(),
+        TOKEN,
+        spate::telemetry::metrics(),
+    ));
+    h.deploy(
+        &chaos_manifest("busy", "1.0.0", "busy-in", ""),
+        chaos_wasm(),
+    )
+    .await;
+    let puts = (0..2_000)
+        .map(|i| spate_core::NewEvent {
+            key: Some(format!("k{i}").into_bytes()),
+            payload: serde_json::to_vec(
+                &json!({ "op": "put", "key": format!("s{i}"), "value": "x" }),
+            )
+            .unwrap(),
+            headers: vec![],
+        })
+        .collect();
+    h.bus().append("busy-in", puts).await.unwrap();
+    // Mid-stream: handled events are still being checkpointed when the purge arrives.
+    h.wait_events("out", 1, WAIT).await;
+    let resp = app
+        .oneshot(
+            Request::delete("/v1/plugins/busy?purge=true")
+                .header(http_header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let handled = read_all(h.bus(), "out").await.len();
+    let left = h.rt.backends.state.scan("busy", "", 10_000).await.unwrap();
+    assert!(
+        left.is_empty(),
+        "{} keys outlived the purge ({handled} events handled)",
+        left.len()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = h.rt.backends.state.scan("busy", "", 10_000).await.unwrap();
+    assert!(
+        late.is_empty(),
+        "{} keys written after the purge",
+        late.len()
+    );
+    eprintln!("purged while {handled} of 2000 events had been handled");
 }

@@ -62,13 +62,6 @@ async fn create_chaos_topics(broker: &KafkaBroker, partitions: i32) {
     }
 }
 
-/// The last `n` lines of a runtime process's log, for failure messages.
-fn log_tail(dir: &Path, n: usize) -> String {
-    let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 async fn assert_no_dead_letters(bootstrap: &str) {
     let dlq = read(bootstrap, "chaos.dlq", 1, Duration::from_millis(500)).await;
     assert!(dlq.is_empty(), "unexpected dead letters: {dlq:?}");
@@ -106,25 +99,7 @@ async fn wait_committed_to_end_of(
     timeout: Duration,
     node_dir: Option<&Path>,
 ) {
-    let started = Instant::now();
-    loop {
-        let (b, t) = (bootstrap.to_string(), topic.to_string());
-        let (ends, committed) = tokio::task::spawn_blocking(move || {
-            (end_offsets(&b, &t), committed_offsets(&b, GROUP, &t))
-        })
-        .await
-        .unwrap();
-        let committed: Vec<i64> = committed.iter().map(|c| c.unwrap_or(0)).collect();
-        if committed == ends {
-            return;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "committed offsets {committed:?} never reached the end offsets {ends:?}; node log:\n{}",
-            node_dir.map(|d| log_tail(d, 80)).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_group_at_end(bootstrap, GROUP, topic, timeout, node_dir).await
 }
 
 /// Wait until `node` has handled `n` events of `chaos` (mid-stream, for a fault).
@@ -340,8 +315,10 @@ async fn three_processes_share_partitions_a_sigkill_loses_nothing_and_a_new_one_
         let b = b.clone();
         tokio::spawn(async move { produce_paced(&b, 0..FIRST, Duration::from_secs(6)).await })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut victim = nodes[1].take().unwrap();
+    // Mid-stream, and far enough in that "redo everything" (at least 500) cannot pass;
+    // a fixed 2 s sleep could come before a slow box had handled anything.
+    wait_handled(&http, &victim, 500).await;
     let handled_by_victim = handled_ok(&http, &victim, "chaos").await;
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
@@ -363,11 +340,13 @@ async fn three_processes_share_partitions_a_sigkill_loses_nothing_and_a_new_one_
     eprintln!(
         "SIGKILL of a process that had handled {handled_by_victim} events: {duplicates} duplicated emits"
     );
-    // Only events the killed process had read and not committed can be redone: at most
-    // its read-ahead, plus what it finished within one commit interval.
+    // Only events the killed process had read and not committed can be redone: its
+    // read-ahead plus what it finished before its last commit. That is a latency, not a
+    // count: a few bursts of a commit interval each (a slow commit on a loaded box spans
+    // two), never everything the victim had handled.
     assert!(
-        duplicates <= 2 * MAX_BUFFERED,
-        "{duplicates} duplicates exceed the in-flight bound"
+        duplicates <= 4 * MAX_BUFFERED && (duplicates as u64) < handled_by_victim,
+        "{duplicates} duplicates exceed the in-flight bound ({handled_by_victim} handled by the killed process)"
     );
     assert!(handled_by_victim > 0, "the killed process had taken part");
 
@@ -444,9 +423,13 @@ async fn sigterm_under_load_drains_commits_and_a_restart_duplicates_nothing() {
     }
     // Give a duplicate time to show up, then read everything again.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let out_again = read(&b, "out", N + 1, Duration::from_secs(2)).await;
+    // Counted by end offsets (no transactions: one offset per record), then read with a
+    // long timeout: a 2 s budget for a full re-read could cut it short on a loaded broker.
     assert_eq!(out.len(), N);
-    assert_eq!(out_again.len(), N, "a restart after SIGTERM redid nothing");
+    let written: i64 = end_offsets(&b, "out").iter().sum();
+    assert_eq!(written, N as i64, "a restart after SIGTERM redid nothing");
+    let out_again = read(&b, "out", N, Duration::from_secs(60)).await;
+    assert_eq!(out_again.len(), N, "every emit read back");
     assert!(seq_counts(&out_again).values().all(|&c| c == 1));
     assert_key_order(&out_again);
     wait_committed_to_end(&b, "chaos", Duration::from_secs(20)).await;
@@ -736,6 +719,7 @@ async fn count_job_killed_five_times(exactly_once: bool) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos() as u64;
+    eprintln!("kill seed {seed}");
     let mut kills = 0;
     while kills < 5 {
         wait_handled(&http, &node, 100).await;
@@ -917,11 +901,11 @@ async fn wait_parked<F: Fn(&BTreeMap<String, serde_json::Value>) -> bool>(
 /// handles the key's events once, in order; a second redrive does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_key_survives_sigkill_and_rebalance_and_redrives_once() {
-    use support::node::{cql_state_config, spawn_node_with};
+    use support::node::{cql_state_config_with_keyspace, spawn_node_with};
     let broker = chaos_broker(4).await;
     let b = broker.bootstrap();
     let root = tempfile::tempdir().unwrap();
-    let config = cql_state_config(root.path());
+    let (config, keyspace) = cql_state_config_with_keyspace(root.path());
     let env = kafka_env(&b);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let http = reqwest::Client::new();
@@ -978,7 +962,34 @@ async fn a_parked_key_survives_sigkill_and_rebalance_and_redrives_once() {
         assert!(started.elapsed() < Duration::from_secs(60), "no retry");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // its record, with a checkpoint
+    // Its attempt record must be durable before the kill: the counter moves before the
+    // record is even applied, and the record lands with a checkpoint, which a loaded box
+    // can take longer than any fixed wait to write. Only `r` is retried (the poison fails
+    // a limit, which is not retried), so any `a/` entry is its record.
+    let store = spate_state_cql::CqlStateStore::connect(spate_state_cql::CqlOptions {
+        nodes: vec![spate_conformance::cassandra::cql_node()],
+        keyspace,
+        // The node created it; no DDL from here.
+        create_schema: false,
+        request_timeout: Duration::from_secs(30),
+        ..spate_state_cql::CqlOptions::default()
+    })
+    .await
+    .unwrap();
+    let ns = spate_core::state::parked::namespace("chaos");
+    let started = Instant::now();
+    while spate_core::StateStore::scan(&store, &ns, "a/", 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the retried event's attempt record never reached the store; log: {}",
+            log_tail(&d1, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let retries_before = metric(&http, &n1, "spate_retries_total", &["plugin=\"chaos\""]).await;
     let mut n1 = n1;
     n1.child.kill().unwrap();

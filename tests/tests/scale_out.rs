@@ -231,7 +231,8 @@ async fn runtimes_share_the_registry_scale_out_and_lose_nothing() {
         .wait_active(&[&nodes[0], &nodes[2]], "chaos", "2.0.0")
         .await;
     eprintln!("2.0.0 uploaded to n1 served by n0 and n2 after {took:?}");
-    assert!(took <= Duration::from_secs(2), "switch took {took:?}");
+    // Notices, not the 30 s re-read (RESYNC_INTERVAL): well under it even on a loaded box.
+    assert!(took <= Duration::from_secs(10), "switch took {took:?}");
     // Every consumer is in the group again before the next events (a node that is still
     // rejoining would leave its share to the others).
     for (i, n) in nodes.iter().enumerate() {
@@ -297,7 +298,8 @@ async fn runtimes_share_the_registry_scale_out_and_lose_nothing() {
     let refs: Vec<&Node> = nodes.iter().collect();
     let took = c.wait_active(&refs, "chaos", "1.0.0").await;
     eprintln!("rollback on n0 served by all after {took:?}");
-    assert!(took <= Duration::from_secs(2), "rollback took {took:?}");
+    // Notices, not the 30 s re-read (RESYNC_INTERVAL): well under it even on a loaded box.
+    assert!(took <= Duration::from_secs(10), "rollback took {took:?}");
     produce(&b, "chaos", &op_events(4200..4800, 30)).await;
     let out = read_all_seqs(&b, "out", 4800, Duration::from_secs(60)).await;
     assert_eq!(
@@ -443,6 +445,25 @@ async fn a_shadow_candidate_is_reported_and_promoted_across_the_cluster() {
     n2.child.kill().unwrap();
     n2.child.wait().unwrap();
     eprintln!("n2 killed {jitter} ms after the promotion");
+    // n2's partitions are cut (and re-handled above the cut) only by their next owners,
+    // once n2's session expires; if n2 had emitted all of its events before it died, every
+    // seq is in `out` before that. Wait for every cut and every commit first.
+    let started = Instant::now();
+    let show = loop {
+        let (_, show) = c.get(&n0, "/v1/plugins/chaos").await;
+        let cuts = show["promotions"][1]["cuts"]
+            .as_object()
+            .map_or(0, |m| m.len());
+        if cuts == 6 {
+            break show;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the cuts never completed: {show}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_group_at_end(&b, "spate.chaos", "chaos", Duration::from_secs(90), None).await;
     let out = read_all_seqs(&b, "out", 7500, Duration::from_secs(90)).await;
     let counts = seq_counts(&out);
     assert_eq!(
@@ -450,7 +471,6 @@ async fn a_shadow_candidate_is_reported_and_promoted_across_the_cluster() {
         0,
         "events lost"
     );
-    let (_, show) = c.get(&n0, "/v1/plugins/chaos").await;
     let cuts = &show["promotions"][1]["cuts"];
     assert_eq!(show["promotions"][1]["to"], "3.0.0", "{show}");
     let mut right: std::collections::HashSet<u64> = std::collections::HashSet::new();

@@ -118,17 +118,23 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
             .all(|e| header(e, headers::PLUGIN_VERSION) == Some("1.0.0")),
         "only the active version emitted"
     );
+    // The state is checkpointed after the emits are published: wait for it, not a sleep.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stored = h.rt.backends.state.scan("sh", "", 100_000).await.unwrap();
+        if stored.len() >= 9_000 {
+            assert_eq!(stored.len(), 9_000);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 9000 keys stored",
+            stored.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let leaked = h.rt.backends.state.scan("sh-shadow", "", 10).await.unwrap();
     assert!(leaked.is_empty(), "the candidate wrote state: {leaked:?}");
-    assert_eq!(
-        h.rt.backends
-            .state
-            .scan("sh", "", 100_000)
-            .await
-            .unwrap()
-            .len(),
-        9_000
-    );
 
     // Events retried before they succeed are compared or skipped once each, whatever the
     // attempts: 20 that succeed on their third.
@@ -159,9 +165,18 @@ async fn a_shadow_candidate_changes_nothing_and_reports_how_it_differs() {
         "a new report: {r:?}"
     );
     running(&h, "sh", "2.0.0").await;
-    send(&h, 10_000..11_000).await;
+    // One stalled shadow call can leave the budget in debt for a whole batch: send batches
+    // until the candidate compared some (at most ten).
+    let mut sent = 0u64;
+    let r = loop {
+        send(&h, 10_000 + sent..11_000 + sent).await;
+        sent += 1_000;
+        let r = settled(&app, "sh", sent).await;
+        if r.compared > 0 || sent == 10_000 {
+            break r;
+        }
+    };
     h.wait_events("out", 1_100, WAIT).await;
-    let r = settled(&app, "sh", 1_000).await;
     assert!(r.compared > 0, "{r:?}");
     assert_eq!(r.identical + r.differing, r.compared, "{r:?}");
     assert_eq!(r.traps, r.differing, "{r:?}");
@@ -211,8 +226,15 @@ async fn promote_splits_each_partition_at_a_recorded_offset_cut() {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let bus = h.bus().clone();
+    // The second half is held until the promotion's cuts are stored, so events arrive
+    // above the cuts however slowly this machine handles the first half.
+    let (go_on, held) = tokio::sync::oneshot::channel::<()>();
     let producer = tokio::spawn(async move {
+        let mut held = Some(held);
         for batch in 0..40u64 {
+            if batch == 20 {
+                let _ = held.take().unwrap().await;
+            }
             let events: Vec<NewEvent> = (0..100)
                 .map(|i| NewEvent {
                     key: Some(format!("k{}", i % 37).into_bytes()),
@@ -233,6 +255,18 @@ async fn promote_splits_each_partition_at_a_recorded_offset_cut() {
         (body["active"].as_str(), body["from"].as_str()),
         (Some("2.0.0"), Some("1.0.0"))
     );
+    let partitions = h.bus().partitions("in").await.unwrap().unwrap() as usize;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, show) = api(&app, "GET", "/v1/plugins/cut", None).await;
+        let cuts = show["promotions"][0]["cuts"].as_object();
+        if cuts.is_some_and(|c| c.len() == partitions) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cuts never taken: {show}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    go_on.send(()).unwrap();
     producer.await.unwrap();
     let out = h.wait_events("out", 4_000, WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -267,6 +301,7 @@ async fn promote_splits_each_partition_at_a_recorded_offset_cut() {
             new += 1;
         }
     }
-    assert!(old >= 1_000 && new > 0, "old {old}, new {new}");
+    // The second half (2,000 events) was sent only after every cut was stored.
+    assert!(old >= 1_000 && new >= 2_000, "old {old}, new {new}");
     eprintln!("cuts {cuts}: {old} events on 1.0.0, {new} on 2.0.0");
 }

@@ -328,6 +328,26 @@ impl Runtime {
         self.pipelines.shadow_report(name)
     }
 
+    /// Waits up to `limit` until no pipeline of `name` runs here: each one drained and made
+    /// its last checkpoint. Whether they all stopped.
+    pub async fn stopped_here(&self, name: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if !self
+                .pipelines
+                .snapshot()
+                .iter()
+                .any(|((p, _), _)| p == name)
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether active plugins are loaded, their pipelines started and every consumer
     /// joined its group.
     pub fn is_ready(&self) -> bool {

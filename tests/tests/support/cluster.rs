@@ -55,14 +55,32 @@ pub fn cluster_config(
 
 impl Cluster {
     pub async fn start(read_through: bool) -> Self {
+        Self::start_with(read_through, |_| {}).await
+    }
+
+    /// [`Cluster::start`] with `tweak` applied to the configuration first.
+    pub async fn start_with(read_through: bool, tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start();
         let node = cql_node()
             .parse()
             .expect("SPATE_TEST_CQL must be host:port");
         let cql_proxy = FaultProxy::start(node);
-        let config = cluster_config(dir.path(), &redis, &cql_proxy, read_through);
+        let mut config = cluster_config(dir.path(), &redis, &cql_proxy, read_through);
+        tweak(&mut config);
         config.validate().unwrap();
+        // DDL on a loaded single Cassandra node can take seconds; the runtime's 2 s request
+        // timeout is for noticing outages, not for schema changes. (The runtime's own
+        // `CREATE ... IF NOT EXISTS` is then a no-op.)
+        if let StateConfig::Cql(o) = &config.state {
+            spate_state_cql::CqlStateStore::connect(spate_state_cql::CqlOptions {
+                request_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+                ..o.clone()
+            })
+            .await
+            .unwrap();
+        }
         let backends = Backends::from_config(&config).await.unwrap();
         let rt = Runtime::start(config, backends).await.unwrap();
         Self {

@@ -3,7 +3,7 @@
 
 use super::node::{Node, metric};
 use serde_json::{Value, json};
-use spate_conformance::kafka::{Record, consume_all, end_offsets, produce};
+use spate_conformance::kafka::{Record, committed_offsets, consume_all, end_offsets, produce};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -89,6 +89,43 @@ pub async fn read_all_seqs(
             return records;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The last `n` lines of a runtime process's log, for failure messages.
+pub fn log_tail(dir: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Wait until consumer group `group`'s committed offsets on `topic` equal the topic's end
+/// offsets, with the tail of `node_dir`'s log (if given) in the failure message.
+pub async fn wait_group_at_end(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+    node_dir: Option<&Path>,
+) {
+    let started = Instant::now();
+    loop {
+        let (b, g, t) = (bootstrap.to_string(), group.to_string(), topic.to_string());
+        let (ends, committed) = tokio::task::spawn_blocking(move || {
+            (end_offsets(&b, &t), committed_offsets(&b, &g, &t))
+        })
+        .await
+        .unwrap();
+        let committed: Vec<i64> = committed.iter().map(|c| c.unwrap_or(0)).collect();
+        if committed == ends {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{group}'s committed offsets {committed:?} never reached the end offsets {ends:?}; node log:\n{}",
+            node_dir.map(|d| log_tail(d, 80)).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

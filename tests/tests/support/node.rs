@@ -182,17 +182,23 @@ pub async fn metric(http: &reqwest::Client, node: &Node, name: &str, labels: &[&
 /// A configuration file in `dir` putting the state in a fresh keyspace of the test binary's
 /// Cassandra node (`spate_conformance::cassandra`); for [`spawn_node_with`].
 pub fn cql_state_config(dir: &Path) -> std::path::PathBuf {
+    cql_state_config_with_keyspace(dir).0
+}
+
+/// [`cql_state_config`], and the keyspace it names (for a test reading the store itself).
+pub fn cql_state_config_with_keyspace(dir: &Path) -> (std::path::PathBuf, String) {
     use spate_conformance::cassandra::{cql_node, fresh_keyspace};
     let config = dir.join("spate.toml");
+    let keyspace = fresh_keyspace();
     std::fs::write(
         &config,
         format!(
             "[state]\ntype = \"cql\"\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
              replication = \"{{'class': 'SimpleStrategy', 'replication_factor': 1}}\"\n",
             cql_node(),
-            fresh_keyspace()
+            keyspace
         ),
     )
     .unwrap();
-    config
+    (config, keyspace)
 }

@@ -69,6 +69,22 @@ pub async fn record_and_replay(rt: &Arc<Runtime>) -> axum::Router {
         assert!(std::time::Instant::now() < deadline, "records not written");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // On Cassandra a checkpoint writes the record namespace before the plugin's own, and
+    // commits the position after both: wait for the position to cover every input (one
+    // key, so one partition), or `state_before` could miss the last checkpoint's writes.
+    let group = format!("{}.rec", rt.config.events.group_prefix());
+    while super::cluster::committed(rt, &group, "in")
+        .await
+        .iter()
+        .sum::<u64>()
+        < inputs.len() as u64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inputs never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let state_before = state_of(rt, "rec").await;
     let out_before = read_all(bus, "out").await.len();
 

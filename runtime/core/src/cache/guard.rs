@@ -213,7 +213,8 @@ mod tests {
             down: AtomicBool::new(false),
             calls: AtomicU64::new(0),
         });
-        let guard = GuardedCache::new(flaky.clone(), "test", Duration::from_millis(100));
+        // 1 s, not 100 ms: the 20 degraded calls below must all fall within one interval.
+        let guard = GuardedCache::new(flaky.clone(), "test", Duration::from_secs(1));
         guard
             .set("k", b"v".to_vec(), Duration::from_secs(60))
             .await
@@ -241,13 +242,13 @@ mod tests {
         assert!(guard.skipped_calls() >= 20);
 
         // Still down at the probe: degraded for another interval, one call spent.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert_eq!(guard.get("k").await.unwrap(), None);
         assert_eq!(flaky.calls.load(Ordering::Relaxed), calls + 1);
         assert!(guard.is_degraded());
 
         flaky.down.store(false, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert_eq!(guard.get("k").await.unwrap(), Some(b"v".to_vec()));
         assert!(!guard.is_degraded());
         assert_eq!(guard.outages(), 1);

@@ -221,12 +221,13 @@ mod tests {
     #[tokio::test]
     async fn incr_keeps_an_existing_ttl_and_new_counters_do_not_expire() {
         let c = MokaCache::default();
-        c.set("ttl", b"1".to_vec(), Duration::from_millis(50))
+        // 1 s, not 50 ms: the incr below must come before the expiry on a loaded machine.
+        c.set("ttl", b"1".to_vec(), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(c.incr("ttl", 1).await.unwrap(), 2);
         assert_eq!(c.incr("counter", 1).await.unwrap(), 1);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
         assert_eq!(c.get("ttl").await.unwrap(), None);
         assert_eq!(c.get("counter").await.unwrap(), Some(b"1".to_vec()));
         // An expired value counts as missing.

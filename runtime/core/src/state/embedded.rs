@@ -751,7 +751,8 @@ mod tests {
         s.apply(
             "ns",
             &[
-                put_ttl("short", "x", Duration::from_millis(50)),
+                // 1 s, not 50 ms: the commit's fsync and the read must fit in it under load.
+                put_ttl("short", "x", Duration::from_millis(1_000)),
                 put_ttl("long", "y", Duration::from_secs(3600)),
                 put("forever", "z"),
             ],
@@ -759,7 +760,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(s.get("ns", "short").await.unwrap(), val("x"));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
         assert_eq!(s.get("ns", "short").await.unwrap(), None);
         assert_eq!(s.get("ns", "long").await.unwrap(), val("y"));
         let keys: Vec<_> = s

@@ -412,6 +412,9 @@ async fn promotion_views(
     Ok(out)
 }
 
+/// How long a purge waits for the deleted plugin's pipelines here to drain.
+const PURGE_DRAIN: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Deserialize)]
 pub(super) struct DeleteQuery {
     /// Also delete the plugin's state and release its namespace and cache prefix.
@@ -442,6 +445,14 @@ pub(super) async fn delete_plugin(
         let Some(namespaces) = registry.deleted_namespaces(&name).await else {
             return Err(RegistryError::NotFound(format!("plugin `{name}`")).into());
         };
+        // A stopping pipeline's last checkpoint writes state: purging before it would let
+        // that state outlive the purge, to be read by the namespace's next owner.
+        if !state.runtime.stopped_here(&name, PURGE_DRAIN).await {
+            return Err(ApiError::Unavailable(format!(
+                "plugin `{name}` is deleted but its pipelines are still draining; \
+                 retry the purge shortly"
+            )));
+        }
         let store = &state.runtime.backends.state;
         let mut removed = 0usize;
         for ns in &namespaces {

@@ -661,12 +661,14 @@ mod tests {
             store.inner.apply("ns", &[put("k", "old")]).await.unwrap();
             let t = tier(store.clone(), Arc::new(MokaCache::default()), policy);
             let s = t.for_plugin("p");
-            store.set_delay(Duration::from_millis(300));
+            // The reader has 300 ms (not 50) to reach the store before the write, and is
+            // still in its pause when the write lands.
+            store.set_delay(Duration::from_millis(1_000));
             let slow = {
                 let s = s.clone();
                 tokio::spawn(async move { s.get("ns", "k").await.unwrap() })
             };
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             store.set_delay(Duration::ZERO);
             s.apply("ns", &[put("k", "new")]).await.unwrap();
             // After the write returned: never the old value, from the cache or the flight.
@@ -681,7 +683,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SlowStore::new(dir.path());
         store.inner.apply("ns", &[put("k", "v")]).await.unwrap();
-        store.set_delay(Duration::from_millis(300));
+        // The leader's read lasts 1 s, and each step below gets 250 ms (not 50) to happen in.
+        store.set_delay(Duration::from_millis(1_000));
         let t = tier(
             store.clone(),
             Arc::new(MokaCache::default()),
@@ -692,12 +695,12 @@ mod tests {
             let s = s.clone();
             tokio::spawn(async move { s.get("ns", "k").await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         let follower = {
             let s = s.clone();
             tokio::spawn(async move { s.get("ns", "k").await.unwrap() })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         leader.abort();
         let got = tokio::time::timeout(Duration::from_secs(5), follower)
             .await
@@ -717,11 +720,12 @@ mod tests {
             WritePolicy::Update,
         );
         let s = t.for_plugin("p");
-        // Written through the tier: the copy gets the value's TTL.
+        // Written through the tier: the copy gets the value's TTL. The TTLs are long enough
+        // for the two fsyncs and the reads below on a loaded machine.
         s.apply(
             "ns",
             &[StateWrite {
-                ttl: Some(Duration::from_millis(200)),
+                ttl: Some(Duration::from_millis(1_000)),
                 ..put("short", "x")
             }],
         )
@@ -733,7 +737,7 @@ mod tests {
             .apply(
                 "ns",
                 &[StateWrite {
-                    ttl: Some(Duration::from_millis(300)),
+                    ttl: Some(Duration::from_millis(1_500)),
                     ..put("other", "y")
                 }],
             )
@@ -743,7 +747,7 @@ mod tests {
         assert_eq!(s.get("ns", "other").await.unwrap(), val("y"));
         assert_eq!(s.get("ns", "other").await.unwrap(), val("y"));
         assert_eq!(t.stats("p").cache_hits, 2);
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
         assert_eq!(s.get("ns", "short").await.unwrap(), None);
         assert_eq!(s.get("ns", "other").await.unwrap(), None);
     }
@@ -842,7 +846,8 @@ mod tests {
             store.clone(),
             cache.clone(),
             ReadThroughConfig {
-                ttl: Duration::from_millis(300),
+                // 1 s, not 300 ms: the three gets below must fall within one bypass window.
+                ttl: Duration::from_millis(1_000),
                 max_suspect_keys: 2,
                 ..ReadThroughConfig::default()
             },
@@ -861,7 +866,7 @@ mod tests {
             assert_eq!(s.get("ns", k).await.unwrap(), val("2"), "{k}");
         }
         assert!(t.stats("p").bypassed >= 3);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
         // Every copy older than the failure has expired; the cache is trusted again.
         for k in ["a", "b", "c"] {
             assert_eq!(s.get("ns", k).await.unwrap(), val("2"), "{k}");
