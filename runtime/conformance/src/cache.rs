@@ -63,6 +63,13 @@ impl CacheCtx {
 
 const LONG: Duration = Duration::from_secs(3600);
 
+/// The TTL of a value a case reads back before it expires: one or more round trips after
+/// the write, each of which may stall for hundreds of milliseconds on a loaded machine.
+const SHORT: Duration = Duration::from_secs(2);
+
+/// Long enough after a write with [`SHORT`] for the value to be gone.
+const PAST_SHORT: Duration = Duration::from_millis(2_600);
+
 /// A key never set reads as `None`.
 pub async fn get_missing_is_none(cx: CacheCtx) {
     assert_eq!(cx.get("nothing").await, None);
@@ -149,12 +156,14 @@ pub async fn concurrent_increments_all_count(cx: CacheCtx) {
 
 /// Values disappear after their TTL; a rewrite sets a new TTL.
 pub async fn values_expire_after_their_ttl(cx: CacheCtx) {
-    cx.set("short", b"x", Duration::from_millis(300)).await;
+    // `short` is read back after three more round trips, so its TTL is `SHORT`, not
+    // 300 ms: a stall there could expire it before the presence check on a loaded machine.
+    cx.set("short", b"x", SHORT).await;
     cx.set("long", b"y", LONG).await;
     cx.set("renewed", b"1", Duration::from_millis(300)).await;
     cx.set("renewed", b"2", LONG).await;
     assert_eq!(cx.get("short").await, Some(b"x".to_vec()));
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(PAST_SHORT).await;
     assert_eq!(cx.get("short").await, None);
     assert_eq!(cx.get("long").await, Some(b"y".to_vec()));
     assert_eq!(cx.get("renewed").await, Some(b"2".to_vec()));
@@ -174,10 +183,11 @@ pub async fn a_zero_ttl_set_is_absent(cx: CacheCtx) {
 /// `incr` keeps the TTL of the value it changes; a counter it creates never expires; an
 /// expired counter starts again from zero.
 pub async fn incr_keeps_an_existing_ttl_and_new_counters_persist(cx: CacheCtx) {
-    cx.set("ttl", b"1", Duration::from_millis(300)).await;
+    // The `incr` must land before the TTL ends (a round trip later): `SHORT`, not 300 ms.
+    cx.set("ttl", b"1", SHORT).await;
     assert_eq!(cx.incr("ttl", 1).await, 2);
     assert_eq!(cx.incr("counter", 1).await, 1);
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(PAST_SHORT).await;
     assert_eq!(cx.get("ttl").await, None);
     assert_eq!(cx.get("counter").await, Some(b"1".to_vec()));
     assert_eq!(cx.incr("ttl", 1).await, 1);

@@ -19,6 +19,10 @@ use tokio::sync::{oneshot, watch};
 /// How long a started service gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a new Redis Cluster gets until every node reports every slot served: its nodes
+/// learn of each other by gossip, which a loaded machine slows down.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What to run when `redis-server` is missing.
 pub const REDIS_INSTALL_HINT: &str = "redis-server is not installed (or not on PATH); the Redis \
      backend tests start their own on a free loopback port. Install Debian's package with \
@@ -197,7 +201,7 @@ impl RedisCluster {
                     break;
                 }
                 assert!(
-                    started.elapsed() < START_TIMEOUT,
+                    started.elapsed() < CLUSTER_READY_TIMEOUT,
                     "the Redis cluster did not become ready: {info}"
                 );
                 std::thread::sleep(Duration::from_millis(50));

@@ -20,9 +20,9 @@ use spate_core::{
 use spate_dispatch::{
     ActiveVersion, CallOutcome, DispatchContext, DispatchSettings, PluginVersion,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// What the pipeline did to its subscription, in order.
@@ -127,11 +127,23 @@ impl EventSource for ScriptedSource {
     }
 }
 
-/// Sleeps for the milliseconds its payload names (u16, big-endian), then emits it.
+/// The payload delay that means "until the test opens [`GATE`]".
+const GATED: u16 = u16::MAX;
+
+/// Shut until a test adds a permit: a gated call runs exactly until the test lets it end,
+/// however slow the machine. One test uses it.
+static GATE: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
+
+/// Sleeps for the milliseconds its payload names (u16, big-endian; [`GATED`] waits for the
+/// gate instead), then emits it.
 async fn sleep_then_echo(inv: Invocation) -> CallOutcome {
     let payload = &inv.event().payload;
     let ms = u16::from_be_bytes([payload[0], payload[1]]);
-    tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+    if ms == GATED {
+        let _open = GATE.acquire().await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+    }
     echo(inv, "out")
 }
 
@@ -173,8 +185,9 @@ impl Rig {
             script: script.clone(),
             rx: Mutex::new(Some(rx)),
         });
+        // Calls get 30 s: a held (gated) or long call never ends at its own deadline here.
         let version: Arc<dyn PluginVersion> = FnPlugin::new(
-            "name = \"sleeper\"\nversion = \"1.0.0\"\nsubscriptions = [{ topic = \"in\" }]\n[capabilities]\nemit-topics = [\"out\"]\n[limits]\nconcurrency = 8\ntimeout-ms = 10000\n",
+            "name = \"sleeper\"\nversion = \"1.0.0\"\nsubscriptions = [{ topic = \"in\" }]\n[capabilities]\nemit-topics = [\"out\"]\n[limits]\nconcurrency = 8\ntimeout-ms = 30000\n",
             sleep_then_echo,
         );
         let mut settings = DispatchSettings {
@@ -231,6 +244,19 @@ impl Rig {
         }
     }
 
+    /// Waits until every one of `tags` was emitted to `out`.
+    async fn wait_emitted(&self, tags: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.emitted().await;
+            if tags.iter().all(|t| out.iter().any(|o| o.as_str() == *t)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never emitted {tags:?}: {out:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Payload tags (`partition/offset`) emitted to `out`.
     async fn emitted(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -252,17 +278,28 @@ impl Rig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_waits_for_running_events_and_releases_what_finished() {
-    let rig = Rig::start(|c| c.revoke_timeout = Duration::from_secs(5));
+    // The revoke timeout only has to outlast the test's hold on event 0 below.
+    let rig = Rig::start(|c| c.revoke_timeout = Duration::from_secs(60));
     rig.assign(&[0, 1]);
     rig.send(SourceMessage::Events(vec![
-        event(0, 0, "a", 300), // running when the revocation comes
-        event(0, 1, "a", 0),   // queued behind it in lane `a`: left to the next owner
-        event(0, 2, "b", 0),   // finishes at once
-        event(1, 0, "c", 0),   // another partition, unaffected
+        event(0, 0, "a", GATED), // running when the revocation comes
+        event(0, 1, "a", 0),     // queued behind it in lane `a`: left to the next owner
+        event(0, 2, "b", 0),     // finishes at once
+        event(1, 0, "c", 0),     // another partition, unaffected
     ]));
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    let revoked_at = rig.script.started.elapsed();
+    // Event 0 runs until the gate opens (it was a 300 ms sleep against an 80 ms wait here,
+    // which a stalled machine could overrun: event 0 done, and 1 run, before the revocation).
+    rig.wait_emitted(&["0/2", "1/0"]).await;
     rig.send(SourceMessage::Revoked(vec![TopicPartition::new("in", 0)]));
+    // Time for a release that does not wait for event 0 to show.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let early = rig.script.calls();
+    assert!(
+        !early.iter().any(|x| matches!(x, Call::Release(..))),
+        "released while event 0 was running: {early:?}"
+    );
+    let opened_at = rig.script.started.elapsed();
+    GATE.add_permits(1);
     let calls = rig
         .wait_for("the release", |c| {
             c.iter().any(|x| matches!(x, Call::Release(..)))
@@ -275,8 +312,8 @@ async fn a_revocation_waits_for_running_events_and_releases_what_finished() {
     // Offset 0 finished and 2 finished, but 1 was never run: the next owner resumes at 1.
     assert_eq!(offsets, &vec![(0, 1)]);
     assert!(
-        *at >= Duration::from_millis(290) && *at > revoked_at,
-        "released at {at:?}, before the running event finished"
+        *at >= opened_at,
+        "released at {at:?}, before the running event finished (at {opened_at:?} or later)"
     );
     assert_eq!(rig.emitted().await, ["0/0", "0/2", "1/0"]);
     rig.stop().await;
@@ -286,11 +323,14 @@ async fn a_revocation_waits_for_running_events_and_releases_what_finished() {
 async fn an_event_still_running_at_the_revoke_timeout_is_abandoned_uncommitted() {
     let rig = Rig::start(|c| c.revoke_timeout = Duration::from_millis(150));
     rig.assign(&[0]);
+    // Offset 1 would run 9 s (inside its 30 s deadline) if the revocation waited for it.
     rig.send(SourceMessage::Events(vec![
         event(0, 0, "a", 0),
-        event(0, 1, "b", 5000),
+        event(0, 1, "b", 9000),
     ]));
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    // Offset 0 is finished once it is out (an 80 ms sleep here left it to the pace of
+    // the machine); offset 1 is running, dispatched with it.
+    rig.wait_emitted(&["0/0"]).await;
     rig.send(SourceMessage::Revoked(vec![TopicPartition::new("in", 0)]));
     let calls = rig
         .wait_for("the release", |c| {
@@ -302,7 +342,9 @@ async fn an_event_still_running_at_the_revoke_timeout_is_abandoned_uncommitted()
         unreachable!()
     };
     assert_eq!(offsets, &vec![(0, 1)], "only the finished prefix");
-    assert!(*at < Duration::from_millis(1000), "released at {at:?}");
+    // At the 150 ms revoke timeout, not when offset 1 would end (9 s after the start at
+    // the earliest); the bound leaves a loaded machine room.
+    assert!(*at < Duration::from_secs(6), "released at {at:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         rig.emitted().await,

@@ -21,11 +21,17 @@ use spate_state_cql::{ConnectError, CqlOptions, CqlStateStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Options for a store in a keyspace of its own on the test node.
+/// Options for a store in a keyspace of its own on the test node. The client waits longer
+/// than the node itself does (10 s, `spate_conformance::cassandra`): every case creates a
+/// keyspace and a table (schema changes, two tests at a time on one node) and writes 1 MiB
+/// values on a loaded machine, and any error fails the case. The default 5 s is for
+/// noticing outages, which no suite case is about.
 fn options() -> CqlOptions {
     CqlOptions {
         nodes: vec![cql_node()],
         keyspace: fresh_keyspace(),
+        request_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(30),
         ..CqlOptions::default()
     }
 }
@@ -79,9 +85,12 @@ fn put(key: &str, value: &str) -> StateWrite {
 async fn an_unreachable_node_is_unavailable_and_the_store_recovers() {
     let node: std::net::SocketAddr = cql_node().parse().unwrap();
     let proxy = FaultProxy::start(node);
+    // Cut off, requests fail at once (the proxy drops and refuses connections), so this
+    // timeout is not what makes them `Unavailable`; it bounds the schema DDL at connect and
+    // the writes before the cut and after the restore, which a loaded node can take over 1 s.
     let store = CqlStateStore::connect(CqlOptions {
         nodes: vec![proxy.addr().to_string()],
-        request_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(10),
         ..options()
     })
     .await
